@@ -1,0 +1,1157 @@
+//! The bus: its builder, the publish paths, flush, shutdown and the report.
+//!
+//! Ground rules: [`Core`] is shared by user handles, subscriptions, workers and the timer
+//! thread. Only user handles ([`Bus`] values) count towards its lifetime: dropping the last
+//! one shuts the bus down. Publishing goes through the shard's [`Gate`](crate::ledger::Gate)
+//! (see `ledger`); a publisher that finds its shard full blocks in a `select` on the channel
+//! and the shutdown signal, a channel that is never sent on and whose sender shutdown drops, so
+//! shutdown wakes every blocked publisher and hands its event back.
+
+use std::any::TypeId;
+use std::cell::Cell;
+use std::fmt;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Select, Sender, TrySendError};
+use crossbeam_utils::CachePadded;
+use parking_lot::{Condvar, Mutex};
+
+use crate::config::{Config, check_name};
+use crate::error::{
+    ConfigError, FlushError, Pending, PublishError, PublishTimeoutError, ShutdownError,
+    SubscribeError, TryPublishError,
+};
+use crate::event::{Envelope, Event, EventId, NameId, Publish};
+use crate::handler::{Context, Handler, HandlerResult};
+use crate::ledger::{Gate, Quiescence, outstanding};
+use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subscription};
+use crate::shard::{
+    ABANDONED, IDLE, Msg, Publication, Routed, STOPPED, Shard, WorkerShared, into_event,
+    run_worker,
+};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use crate::timer::Timer;
+
+thread_local! {
+    /// The bus whose worker or timer thread this is (0: none), and the worker's index.
+    static OWN: Cell<(u64, usize)> = const { Cell::new((0, usize::MAX)) };
+    /// Where this thread's unkeyed events go next.
+    static ROUND_ROBIN: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as one of a bus's own threads while it lives.
+pub(crate) struct OwnThread(());
+
+impl OwnThread {
+    pub(crate) fn enter(bus: u64, worker: Option<usize>) -> OwnThread {
+        OWN.with(|own| own.set((bus, worker.unwrap_or(usize::MAX))));
+        OwnThread(())
+    }
+
+    /// Whether the current thread is a worker or the timer of bus `bus`.
+    fn is_own(bus: u64) -> bool {
+        OWN.with(|own| own.get().0 == bus)
+    }
+
+    /// The index of the current thread if it is a worker of bus `bus`.
+    fn worker_of(bus: u64) -> Option<usize> {
+        OWN.with(|own| {
+            let (b, index) = own.get();
+            (b == bus && index != usize::MAX).then_some(index)
+        })
+    }
+}
+
+impl Drop for OwnThread {
+    fn drop(&mut self) {
+        OWN.with(|own| own.set((0, usize::MAX)));
+    }
+}
+
+static NEXT_BUS_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How a publisher waits when its shard is full.
+#[derive(Clone, Copy)]
+pub(crate) enum Mode {
+    Block,
+    Try,
+    Until(Instant),
+}
+
+/// Why an event was handed back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    Full,
+    Timeout,
+    Shutdown,
+}
+
+enum Lifecycle {
+    Running,
+    Stopping,
+    Done(Box<ShutdownReport>),
+}
+
+/// Counts of what the bus did with its deliveries (one event × one subscription it matched).
+///
+/// The terms add up: `delivered = succeeded + discarded + cancelled + abandoned + left +
+/// in_flight`, which [`is_balanced`](Self::is_balanced) checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BusStats {
+    /// Deliveries accepted: each published event times the subscriptions it matched.
+    pub delivered: u64,
+    /// Deliveries whose handler returned `Ok`.
+    pub succeeded: u64,
+    /// Failed attempts: handler errors and panics.
+    pub failed: u64,
+    /// Of the failed attempts, how many were panics.
+    pub panicked: u64,
+    /// Failed deliveries that were dropped.
+    pub discarded: u64,
+    /// Deliveries whose subscription ended before they ran.
+    pub cancelled: u64,
+    /// Deliveries still running when the shutdown deadline passed.
+    pub abandoned: u64,
+    /// Deliveries that never ran because the shutdown deadline passed.
+    pub left: u64,
+    /// Deliveries accepted and not yet settled.
+    pub in_flight: u64,
+    /// Events published that matched no subscription.
+    pub unmatched: u64,
+    /// Events handed back to their publisher because the bus was shutting down.
+    pub refused: u64,
+}
+
+impl BusStats {
+    /// Whether every accepted delivery is accounted for by exactly one outcome.
+    pub fn is_balanced(&self) -> bool {
+        self.delivered
+            == self.succeeded
+                + self.discarded
+                + self.cancelled
+                + self.abandoned
+                + self.left
+                + self.in_flight
+    }
+}
+
+/// A delivery that was still running when the shutdown deadline passed. Its worker thread was
+/// detached (a thread cannot be stopped from outside) and exits when the handler returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbandonedDelivery {
+    /// The detached worker thread's name.
+    pub worker: String,
+    /// The [`Event::NAME`] of the event.
+    pub event: &'static str,
+    /// The event's id.
+    pub event_id: Option<EventId>,
+    /// The handler's name.
+    pub handler: String,
+}
+
+/// What [`Bus::shutdown`] did: the final statistics, and what did not finish in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// The final counts; `in_flight` is 0 and the terms add up.
+    pub stats: BusStats,
+    /// Whether the deadline passed before everything accepted was handled.
+    pub deadline_passed: bool,
+    /// Deliveries given up at the deadline, with their detached workers.
+    pub abandoned: Vec<AbandonedDelivery>,
+    /// How long the shutdown took.
+    pub elapsed: Duration,
+}
+
+impl ShutdownReport {
+    /// Whether the accepted deliveries equal the sum of the outcomes.
+    pub fn is_balanced(&self) -> bool {
+        self.stats.in_flight == 0 && self.stats.is_balanced()
+    }
+}
+
+impl fmt::Display for ShutdownReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.stats;
+        writeln!(f, "shutdown in {:?}", self.elapsed)?;
+        for (label, value) in [
+            ("delivered", s.delivered),
+            ("succeeded", s.succeeded),
+            ("discarded", s.discarded),
+            ("cancelled", s.cancelled),
+            ("abandoned", s.abandoned),
+            ("left", s.left),
+            ("failed attempts", s.failed),
+            ("panics", s.panicked),
+            ("unmatched events", s.unmatched),
+            ("refused events", s.refused),
+        ] {
+            writeln!(f, "  {label:<17}{value:>12}")?;
+        }
+        for a in &self.abandoned {
+            let id = a.event_id.map(|id| id.to_string()).unwrap_or_default();
+            writeln!(
+                f,
+                "  abandoned: {} {id} in {} on {}",
+                a.event, a.handler, a.worker
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The state shared by every handle, subscription and thread of one bus.
+pub(crate) struct Core {
+    pub(crate) id: u64,
+    pub(crate) config: Config,
+    spill_capacity: usize,
+    pub(crate) registry: Registry,
+    pub(crate) shards: Box<[Shard]>,
+    timer: Timer,
+    signal_tx: Mutex<Option<Sender<()>>>,
+    signal_rx: Receiver<()>,
+    closing: AtomicBool,
+    stopped: AtomicBool,
+    unmatched: CachePadded<AtomicU64>,
+    refused: AtomicU64,
+    idle_lock: Mutex<()>,
+    idle_cv: Condvar,
+    idle_waiters: AtomicUsize,
+    lifecycle: Mutex<Lifecycle>,
+    lifecycle_cv: Condvar,
+    worker_threads: Mutex<Vec<JoinHandle<()>>>,
+    timer_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Backs off in a wait loop that expects to be short: spin, then yield, then sleep briefly.
+fn backoff(step: &mut u32) {
+    *step += 1;
+    match *step {
+        0..=16 => std::hint::spin_loop(),
+        17..=64 => std::thread::yield_now(),
+        _ => std::thread::sleep(Duration::from_micros(50)),
+    }
+}
+
+impl Core {
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn shard_for(&self, envelope: &Envelope) -> usize {
+        let shards = self.shards.len();
+        match envelope.key() {
+            Some(key) => key.shard(shards),
+            None if shards == 1 => 0,
+            None => ROUND_ROBIN.with(|rr| {
+                let next = rr.get();
+                rr.set(next.wrapping_add(1));
+                next % shards
+            }),
+        }
+    }
+
+    fn unmatched<E>(&self, event: E) -> Result<(), (Refusal, E)> {
+        if self.is_closing() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err((Refusal::Shutdown, event));
+        }
+        self.unmatched.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Publishes from outside a handler's outbox: through the gate.
+    pub(crate) fn publish<E: Event>(
+        &self,
+        source: NameId,
+        event: E,
+        options: Publish,
+        mode: Mode,
+    ) -> Result<(), (Refusal, E)> {
+        let Some(table) = self.registry.table::<E>() else {
+            return self.unmatched(event);
+        };
+        let deliveries = table.matching(source);
+        if deliveries == 0 {
+            return self.unmatched(event);
+        }
+        let envelope = Envelope::stamp(source, options);
+        let index = self.shard_for(&envelope);
+        let shard = &self.shards[index];
+        if !shard.gate.enter() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err((Refusal::Shutdown, event));
+        }
+        let msg = Msg::Task(Box::new(Publication {
+            envelope,
+            table,
+            event,
+        }));
+        let sent = match shard.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(msg)) => self.send_full(index, msg, deliveries, mode),
+            Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
+        };
+        match sent {
+            Ok(()) => {
+                shard.gate.leave_accepted(deliveries);
+                Ok(())
+            }
+            Err((why, msg)) => {
+                shard.gate.leave_refused();
+                if why == Refusal::Shutdown {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                }
+                Err((why, into_event(msg)))
+            }
+        }
+    }
+
+    /// The slow path of a publish that found its shard full.
+    #[cold]
+    fn send_full(
+        &self,
+        index: usize,
+        msg: Msg,
+        deliveries: usize,
+        mode: Mode,
+    ) -> Result<(), (Refusal, Msg)> {
+        if let Mode::Try = mode {
+            return Err((Refusal::Full, msg));
+        }
+        if let Some(worker) = OwnThread::worker_of(self.id) {
+            // A worker never blocks on a channel: that is how buses deadlock. The event is
+            // accepted and waits in this worker's spill queue or on the timer.
+            let Msg::Task(job) = msg else {
+                unreachable!("publishers send tasks")
+            };
+            let routed = Routed {
+                shard: index,
+                deliveries,
+                job,
+            };
+            let left = self.spill_or_wait(worker, routed);
+            self.shards[worker].worker.settle_left(left);
+            return Ok(());
+        }
+        let tx = &self.shards[index].tx;
+        let mut select = Select::new();
+        let send = select.send(tx);
+        select.recv(&self.signal_rx);
+        let oper = match mode {
+            Mode::Until(deadline) => match select.select_deadline(deadline) {
+                Ok(oper) => oper,
+                Err(_) => return Err((Refusal::Timeout, msg)),
+            },
+            _ => select.select(),
+        };
+        if oper.index() == send {
+            oper.send(tx, msg)
+                .map_err(|e| (Refusal::Shutdown, e.into_inner()))
+        } else {
+            let _ = oper.recv(&self.signal_rx);
+            Err((Refusal::Shutdown, msg))
+        }
+    }
+
+    /// Prepares an event published by a handler: matched now, sent when the handler succeeds.
+    /// `Ok(None)` when it matched no subscription (counted); `Err` once the bus has stopped.
+    pub(crate) fn prepare<E: Event>(
+        &self,
+        source: NameId,
+        event: E,
+        options: Publish,
+    ) -> Result<Option<Routed>, E> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(event);
+        }
+        let Some(table) = self.registry.table::<E>() else {
+            self.unmatched.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        };
+        let deliveries = table.matching(source);
+        if deliveries == 0 {
+            self.unmatched.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        let envelope = Envelope::stamp(source, options);
+        let shard = self.shard_for(&envelope);
+        Ok(Some(Routed {
+            shard,
+            deliveries,
+            job: Box::new(Publication {
+                envelope,
+                table,
+                event,
+            }),
+        }))
+    }
+
+    /// Offers an accepted event to its shard without blocking; when the shard is full it waits
+    /// in worker `from`'s spill queue, or on the timer. Returns the deliveries that could not
+    /// be kept (the timer has stopped), which the caller settles as left.
+    pub(crate) fn offer(&self, from: usize, routed: Routed) -> usize {
+        match self.shards[routed.shard].tx.try_send(Msg::Task(routed.job)) {
+            Ok(()) => 0,
+            Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
+                let Msg::Task(job) = msg else {
+                    unreachable!("a task was sent")
+                };
+                self.spill_or_wait(from, Routed { job, ..routed })
+            }
+        }
+    }
+
+    fn spill_or_wait(&self, from: usize, routed: Routed) -> usize {
+        let Err(routed) = self.shards[from]
+            .worker
+            .spill(routed, self.spill_capacity)
+        else {
+            return 0;
+        };
+        match self.timer.schedule(routed) {
+            Ok(()) => 0,
+            Err(routed) => routed.deliveries,
+        }
+    }
+
+    /// Called by a worker about to wait for work: wakes anyone waiting for quiescence.
+    pub(crate) fn notify_idle(&self) {
+        if self.idle_waiters.load(Ordering::SeqCst) > 0 {
+            let _guard = self.idle_lock.lock();
+            self.idle_cv.notify_all();
+        }
+    }
+
+    fn settled(&self) -> u64 {
+        self.shards.iter().fold(0u64, |sum, s| {
+            sum.wrapping_add(s.worker.stats.settled.load(Ordering::Acquire))
+        })
+    }
+
+    fn is_quiescent(&self) -> bool {
+        Quiescence::check(self.shards.iter().map(|s| &*s.gate), || self.settled())
+    }
+
+    /// Waits until the bus is quiescent or `deadline` passes (`None`: no deadline).
+    fn wait_quiescent(&self, deadline: Option<Instant>) -> bool {
+        self.idle_waiters.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.idle_lock.lock();
+        let quiet = loop {
+            if self.is_quiescent() {
+                break true;
+            }
+            let now = Instant::now();
+            let wait = match deadline {
+                Some(d) if d <= now => break false,
+                Some(d) => (d - now).min(Duration::from_millis(10)),
+                None => Duration::from_millis(10),
+            };
+            self.idle_cv.wait_for(&mut guard, wait);
+        };
+        drop(guard);
+        self.idle_waiters.fetch_sub(1, Ordering::SeqCst);
+        quiet
+    }
+
+    /// Waits until no worker other than the current thread runs subscription `id`.
+    pub(crate) fn wait_not_running(&self, id: u64) {
+        let own = OwnThread::worker_of(self.id);
+        for (index, shard) in self.shards.iter().enumerate() {
+            if own == Some(index) {
+                continue;
+            }
+            let mut step = 0;
+            while shard.worker.state.load(Ordering::SeqCst) == id {
+                backoff(&mut step);
+            }
+        }
+    }
+
+    fn pending(&self) -> Pending {
+        let now = Instant::now();
+        Pending {
+            queued: self
+                .shards
+                .iter()
+                .map(|s| s.rx.len() + s.worker.spill_len.load(Ordering::Relaxed))
+                .sum(),
+            running: self
+                .shards
+                .iter()
+                .filter(|s| {
+                    let state = s.worker.state.load(Ordering::Relaxed);
+                    !matches!(state, IDLE | STOPPED | ABANDONED)
+                })
+                .count(),
+            waiting: self.timer.len(),
+            next_due_in: self
+                .timer
+                .earliest()
+                .map(|due| due.saturating_duration_since(now)),
+        }
+    }
+
+    fn flush(&self, timeout: Duration) -> Result<(), FlushError> {
+        if OwnThread::is_own(self.id) {
+            return Err(FlushError::in_handler());
+        }
+        if self.wait_quiescent(Instant::now().checked_add(timeout)) {
+            Ok(())
+        } else {
+            Err(FlushError::timeout(self.pending()))
+        }
+    }
+
+    /// The counts, with what shutdown itself settled (`abandoned`, `swept`).
+    fn stats_with(&self, abandoned: u64, swept: u64) -> BusStats {
+        let mut stats = BusStats {
+            abandoned,
+            left: swept,
+            unmatched: self.unmatched.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            ..BusStats::default()
+        };
+        let mut settled = abandoned + swept;
+        for shard in self.shards.iter() {
+            let w = &shard.worker.stats;
+            settled += w.settled.load(Ordering::Acquire);
+            stats.succeeded += w.succeeded.load(Ordering::Relaxed);
+            stats.failed += w.failed.load(Ordering::Relaxed);
+            stats.panicked += w.panicked.load(Ordering::Relaxed);
+            stats.discarded += w.discarded.load(Ordering::Relaxed);
+            stats.cancelled += w.cancelled.load(Ordering::Relaxed);
+            stats.left += w.left.load(Ordering::Relaxed);
+        }
+        let accepted = self
+            .shards
+            .iter()
+            .fold(0u64, |sum, s| sum.wrapping_add(s.gate.read().accepted));
+        let out = outstanding(accepted, settled);
+        stats.in_flight = out.max(0) as u64;
+        stats.delivered = settled.wrapping_add_signed(out);
+        stats
+    }
+
+    fn stats(&self) -> BusStats {
+        if let Lifecycle::Done(report) = &*self.lifecycle.lock() {
+            return BusStats {
+                refused: self.refused.load(Ordering::Relaxed),
+                ..report.stats.clone()
+            };
+        }
+        let stats = self.stats_with(0, 0);
+        BusStats {
+            // A worker may settle an event a moment before its publisher counts it accepted:
+            // live counts never show fewer deliveries than outcomes.
+            delivered: stats.succeeded
+                + stats.discarded
+                + stats.cancelled
+                + stats.left
+                + stats.in_flight,
+            ..stats
+        }
+    }
+
+    pub(crate) fn shutdown(&self, timeout: Duration) -> Result<ShutdownReport, ShutdownError> {
+        if OwnThread::is_own(self.id) {
+            return Err(ShutdownError::InHandler);
+        }
+        {
+            let mut lifecycle = self.lifecycle.lock();
+            loop {
+                match &*lifecycle {
+                    Lifecycle::Running => break,
+                    Lifecycle::Stopping => self.lifecycle_cv.wait(&mut lifecycle),
+                    Lifecycle::Done(report) => return Ok((**report).clone()),
+                }
+            }
+            *lifecycle = Lifecycle::Stopping;
+        }
+        let report = self.stop(timeout);
+        *self.lifecycle.lock() = Lifecycle::Done(Box::new(report.clone()));
+        self.lifecycle_cv.notify_all();
+        Ok(report)
+    }
+
+    fn stop(&self, timeout: Duration) -> ShutdownReport {
+        let started = Instant::now();
+        let deadline = started.checked_add(timeout);
+        self.closing.store(true, Ordering::SeqCst);
+        for shard in self.shards.iter() {
+            shard.gate.close();
+        }
+        drop(self.signal_tx.lock().take());
+        // Publishers inside a gate leave promptly: their send went through, or the signal
+        // woke them and they took their event back.
+        let mut step = 0;
+        while self.shards.iter().any(|s| s.gate.read().inside > 0) {
+            backoff(&mut step);
+        }
+        let quiet = self.wait_quiescent(deadline);
+
+        self.timer.stop();
+        if let Some(thread) = self.timer_thread.lock().take() {
+            let _ = thread.join();
+        }
+        let mut swept: usize = self.timer.take().iter().map(|r| r.deliveries).sum();
+
+        let mut abandoned = Vec::new();
+        for (index, shard) in self.shards.iter().enumerate() {
+            let state = &shard.worker.state;
+            let mut step = 0;
+            loop {
+                let s = state.load(Ordering::SeqCst);
+                if s == STOPPED || s == ABANDONED {
+                    break;
+                }
+                if s == IDLE {
+                    if state
+                        .compare_exchange(IDLE, STOPPED, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                    {
+                        break;
+                    }
+                    continue;
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    if state
+                        .compare_exchange(s, ABANDONED, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                    {
+                        abandoned.push((index, s));
+                        break;
+                    }
+                    continue;
+                }
+                backoff(&mut step);
+            }
+            let _ = shard.tx.try_send(Msg::Wake);
+        }
+        let threads = std::mem::take(&mut *self.worker_threads.lock());
+        for (index, thread) in threads.into_iter().enumerate() {
+            if !abandoned.iter().any(|&(i, _)| i == index) {
+                let _ = thread.join();
+            }
+        }
+        self.stopped.store(true, Ordering::SeqCst);
+
+        for shard in self.shards.iter() {
+            while let Ok(msg) = shard.rx.try_recv() {
+                if let Msg::Task(job) = msg {
+                    swept += job.deliveries();
+                }
+            }
+            swept += shard
+                .worker
+                .take_spill()
+                .iter()
+                .map(|r| r.deliveries)
+                .sum::<usize>();
+        }
+        let mut detached = Vec::new();
+        for &(index, sub) in &abandoned {
+            let worker: &WorkerShared = &self.shards[index].worker;
+            swept += worker.remaining.load(Ordering::Relaxed) as usize;
+            let meta = self.registry.lookup(sub);
+            detached.push(AbandonedDelivery {
+                worker: format!("microbus-worker-{index}"),
+                event: meta.as_ref().map_or("?", |m| m.event_name),
+                event_id: worker.current_event(),
+                handler: meta.map_or_else(|| "?".to_owned(), |m| m.name.to_string()),
+            });
+        }
+        ShutdownReport {
+            stats: self.stats_with(abandoned.len() as u64, swept as u64),
+            deadline_passed: !quiet,
+            abandoned: detached,
+            elapsed: started.elapsed(),
+        }
+    }
+}
+
+/// The user handle's share of the bus: dropping the last one shuts the bus down.
+struct Handle {
+    core: Arc<Core>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let timeout = self.core.config.shutdown_timeout;
+        if OwnThread::is_own(self.core.id) {
+            // The last handle went away on one of the bus's own threads (a handler held it):
+            // that thread cannot join itself, so another one shuts the bus down.
+            let core = self.core.clone();
+            let _ = std::thread::Builder::new()
+                .name("microbus-shutdown".to_owned())
+                .spawn(move || {
+                    let _ = core.shutdown(timeout);
+                });
+        } else {
+            let _ = self.core.shutdown(timeout);
+        }
+    }
+}
+
+/// Builds a [`Bus`]: `Bus::builder().workers(4).build()?`.
+///
+/// Every setting is checked by [`build`](Self::build), which names the field it refuses.
+#[derive(Debug, Clone, Default)]
+pub struct BusBuilder {
+    config: Config,
+}
+
+impl BusBuilder {
+    /// The service name stamped as the source of events published through the bus handle
+    /// itself (default [`DEFAULT_SERVICE_NAME`](crate::DEFAULT_SERVICE_NAME)).
+    pub fn service_name(mut self, name: impl Into<String>) -> Self {
+        self.config.service_name = name.into();
+        self
+    }
+
+    /// The number of worker threads, which is also the number of shards and the most handlers
+    /// that run at once (default: the number of cores; at most
+    /// [`MAX_WORKERS`](crate::MAX_WORKERS)).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.config.workers = workers;
+        self
+    }
+
+    /// Each shard's channel capacity, in events (default
+    /// [`DEFAULT_CHANNEL_CAPACITY`](crate::DEFAULT_CHANNEL_CAPACITY)). A full shard makes
+    /// `publish` wait.
+    pub fn channel_capacity(mut self, capacity: usize) -> Self {
+        self.config.channel_capacity = capacity;
+        self
+    }
+
+    /// How many events published by handlers a worker keeps aside while their shard is full,
+    /// before it hands them to the timer (default: the channel capacity; 0 sends them straight
+    /// to the timer).
+    pub fn spill_capacity(mut self, capacity: usize) -> Self {
+        self.config.spill_capacity = Some(capacity);
+        self
+    }
+
+    /// How long [`Bus::shutdown`] (and dropping the last handle) lets handlers finish what was
+    /// accepted (default [`DEFAULT_SHUTDOWN_TIMEOUT`](crate::DEFAULT_SHUTDOWN_TIMEOUT)).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Checks the settings and starts the worker threads and the timer thread.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first invalid field: zero or too many `workers`, a zero or
+    /// too large `channel_capacity` or `spill_capacity`, an empty or malformed `service_name`,
+    /// a `shutdown_timeout` over a day. If the system refuses to start a thread, the error
+    /// names `workers`.
+    pub fn build(self) -> Result<Bus, ConfigError> {
+        let config = self.config;
+        config.validate()?;
+        let (signal_tx, signal_rx) = crossbeam_channel::bounded(0);
+        let shards = (0..config.workers)
+            .map(|_| {
+                let (tx, rx) = crossbeam_channel::bounded(config.channel_capacity);
+                Shard {
+                    gate: CachePadded::new(Gate::new()),
+                    tx,
+                    rx,
+                    worker: CachePadded::new(WorkerShared::default()),
+                }
+            })
+            .collect();
+        let source = NameId::intern(&config.service_name);
+        let core = Arc::new(Core {
+            id: NEXT_BUS_ID.fetch_add(1, Ordering::Relaxed),
+            spill_capacity: config.spill_capacity(),
+            config,
+            registry: Registry::new(),
+            shards,
+            timer: Timer::default(),
+            signal_tx: Mutex::new(Some(signal_tx)),
+            signal_rx,
+            closing: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            unmatched: CachePadded::new(AtomicU64::new(0)),
+            refused: AtomicU64::new(0),
+            idle_lock: Mutex::new(()),
+            idle_cv: Condvar::new(),
+            idle_waiters: AtomicUsize::new(0),
+            lifecycle: Mutex::new(Lifecycle::Running),
+            lifecycle_cv: Condvar::new(),
+            worker_threads: Mutex::new(Vec::new()),
+            timer_thread: Mutex::new(None),
+        });
+        // From here on the handle owns the bus: if a thread fails to start, dropping it stops
+        // the threads already running.
+        let bus = Bus {
+            handle: Arc::new(Handle { core: core.clone() }),
+            source,
+        };
+        let spawn_error =
+            |e: std::io::Error| ConfigError::new("workers", format!("could not start a thread: {e}"));
+        for index in 0..core.shards.len() {
+            let worker_core = core.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("microbus-worker-{index}"))
+                .spawn(move || run_worker(worker_core, index))
+                .map_err(spawn_error)?;
+            core.worker_threads.lock().push(thread);
+        }
+        let timer_core = core.clone();
+        let thread = std::thread::Builder::new()
+            .name("microbus-timer".to_owned())
+            .spawn(move || {
+                let _own = OwnThread::enter(timer_core.id, None);
+                let senders: Vec<_> = timer_core.shards.iter().map(|s| s.tx.clone()).collect();
+                timer_core.timer.run(&senders);
+            })
+            .map_err(spawn_error)?;
+        *core.timer_thread.lock() = Some(thread);
+        Ok(bus)
+    }
+}
+
+/// A handle to an event bus, as seen from one service.
+///
+/// Handles are cheap to clone and share one bus. Events published through a handle come from
+/// its service: the bus's own [`service_name`](BusBuilder::service_name), or the name given to
+/// [`Bus::service`]. Dropping the last handle shuts the bus down as [`Bus::shutdown`] does.
+///
+/// # Examples
+///
+/// ```
+/// use microbus::{Bus, Context, Event, HandlerResult};
+/// use serde::{Deserialize, Serialize};
+/// use std::time::Duration;
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// struct OrderCreated { order_id: u64 }
+/// impl Event for OrderCreated { const NAME: &'static str = "OrderCreated"; }
+///
+/// let bus = Bus::builder().service_name("OrderService").workers(2).build()?;
+/// let payments = bus.service("PaymentService")?;
+/// payments.subscribe_from("OrderService", |order: &OrderCreated, ctx: &Context| -> HandlerResult {
+///     assert_eq!(ctx.source(), "OrderService");
+///     assert_eq!(ctx.service(), "PaymentService");
+///     Ok(())
+/// })?;
+/// bus.publish(OrderCreated { order_id: 1 })?;
+/// bus.flush(Duration::from_secs(5))?;
+/// let report = bus.shutdown()?;
+/// assert_eq!(report.stats.succeeded, 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct Bus {
+    handle: Arc<Handle>,
+    source: NameId,
+}
+
+impl Bus {
+    /// A builder with the default settings.
+    pub fn builder() -> BusBuilder {
+        BusBuilder::default()
+    }
+
+    fn core(&self) -> &Arc<Core> {
+        &self.handle.core
+    }
+
+    /// A handle for service `name` on the same bus: what it publishes comes from `name`, and
+    /// what it subscribes is reported under `name`.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] for field `service` when the name is empty, padded with white space,
+    /// has control characters or is longer than [`MAX_NAME_LEN`](crate::MAX_NAME_LEN) bytes.
+    pub fn service(&self, name: &str) -> Result<Bus, ConfigError> {
+        check_name("service", name)?;
+        Ok(Bus {
+            handle: self.handle.clone(),
+            source: NameId::intern(name),
+        })
+    }
+
+    /// The service this handle publishes as.
+    pub fn service_name(&self) -> &'static str {
+        self.source.as_str()
+    }
+
+    /// The number of workers (and shards).
+    pub fn workers(&self) -> usize {
+        self.core().shards.len()
+    }
+
+    /// Publishes `event`, waiting while its shard is full.
+    ///
+    /// The event is stamped with a new id, its own correlation, this handle's service as its
+    /// source and the current time, and matched against the subscriptions of its type now.
+    /// Its handlers run later, on a worker. An event that matches no subscription is counted
+    /// in [`BusStats::unmatched`] and dropped. Called from inside a handler (through a
+    /// captured handle), it never waits: a full shard's event waits in the worker's spill queue
+    /// instead.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Shutdown`] with the event when the bus is shutting down, including
+    /// when shutdown starts while this call waits for room.
+    pub fn publish<E: Event>(&self, event: E) -> Result<(), PublishError<E>> {
+        self.publish_with(event, Publish::new())
+    }
+
+    /// Publishes `event` with options (key, correlation, causation, headers), waiting while
+    /// its shard is full.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Self::publish).
+    pub fn publish_with<E: Event>(&self, event: E, options: Publish) -> Result<(), PublishError<E>> {
+        self.core()
+            .publish(self.source, event, options, Mode::Block)
+            .map_err(|(_, e)| PublishError::Shutdown(e))
+    }
+
+    /// Publishes `event` if its shard has room now; never waits.
+    ///
+    /// # Errors
+    ///
+    /// [`TryPublishError::Full`] or [`TryPublishError::Shutdown`], with the event.
+    pub fn try_publish<E: Event>(&self, event: E) -> Result<(), TryPublishError<E>> {
+        self.try_publish_with(event, Publish::new())
+    }
+
+    /// [`try_publish`](Self::try_publish) with options.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_publish`](Self::try_publish).
+    pub fn try_publish_with<E: Event>(
+        &self,
+        event: E,
+        options: Publish,
+    ) -> Result<(), TryPublishError<E>> {
+        self.core()
+            .publish(self.source, event, options, Mode::Try)
+            .map_err(|(why, e)| match why {
+                Refusal::Shutdown => TryPublishError::Shutdown(e),
+                Refusal::Full | Refusal::Timeout => TryPublishError::Full(e),
+            })
+    }
+
+    /// Publishes `event`, waiting at most `timeout` for room in its shard.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishTimeoutError::Timeout`] or [`PublishTimeoutError::Shutdown`], with the event.
+    pub fn publish_timeout<E: Event>(
+        &self,
+        event: E,
+        timeout: Duration,
+    ) -> Result<(), PublishTimeoutError<E>> {
+        self.publish_timeout_with(event, Publish::new(), timeout)
+    }
+
+    /// [`publish_timeout`](Self::publish_timeout) with options.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish_timeout`](Self::publish_timeout).
+    pub fn publish_timeout_with<E: Event>(
+        &self,
+        event: E,
+        options: Publish,
+        timeout: Duration,
+    ) -> Result<(), PublishTimeoutError<E>> {
+        let mode = match Instant::now().checked_add(timeout) {
+            Some(deadline) => Mode::Until(deadline),
+            None => Mode::Block,
+        };
+        self.core()
+            .publish(self.source, event, options, mode)
+            .map_err(|(why, e)| match why {
+                Refusal::Shutdown => PublishTimeoutError::Shutdown(e),
+                Refusal::Full | Refusal::Timeout => PublishTimeoutError::Timeout(e),
+            })
+    }
+
+    fn subscribe_boxed<E: Event>(
+        &self,
+        options: SubscribeOptions,
+        default_name: &str,
+        handler: HandlerFn<E>,
+    ) -> Result<Subscription, SubscribeError> {
+        let core = self.core();
+        if core.is_closing() {
+            return Err(SubscribeError::Shutdown);
+        }
+        let filter = match &options.from {
+            Some(name) => {
+                check_name("source", name).map_err(|_| SubscribeError::InvalidSource)?;
+                Some(NameId::intern(name))
+            }
+            None => None,
+        };
+        let meta = Arc::new(SubMeta {
+            id: core.registry.next_id(),
+            name: options.name.as_deref().unwrap_or(default_name).into(),
+            service: self.source,
+            filter,
+            event_name: E::NAME,
+            type_id: TypeId::of::<E>(),
+            active: AtomicBool::new(true),
+            failed: AtomicU64::new(0),
+            panicked: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        });
+        let meta = core.registry.insert(Sub { meta, handler });
+        Ok(Subscription {
+            core: core.clone(),
+            meta,
+        })
+    }
+
+    /// Subscribes `handler` to events of type `E` from every service.
+    ///
+    /// Only the event type needs writing: `bus.subscribe(|e: &OrderPaid, ctx| Ok(()))`. The
+    /// handler runs on the workers, possibly on several at once for events on different
+    /// shards. Events already published are not delivered to it.
+    ///
+    /// # Errors
+    ///
+    /// [`SubscribeError::Shutdown`] when the bus is shutting down.
+    pub fn subscribe<E, F>(&self, handler: F) -> Result<Subscription, SubscribeError>
+    where
+        E: Event,
+        F: Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync + 'static,
+    {
+        self.subscribe_with(SubscribeOptions::new(), handler)
+    }
+
+    /// Subscribes `handler` to events of type `E` published by service `source` only.
+    ///
+    /// # Errors
+    ///
+    /// [`SubscribeError::Shutdown`], or [`SubscribeError::InvalidSource`] for a malformed name.
+    pub fn subscribe_from<E, F>(&self, source: &str, handler: F) -> Result<Subscription, SubscribeError>
+    where
+        E: Event,
+        F: Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync + 'static,
+    {
+        self.subscribe_with(SubscribeOptions::new().from(source), handler)
+    }
+
+    /// Subscribes `handler` with options (its name, its source service).
+    ///
+    /// # Errors
+    ///
+    /// As [`subscribe_from`](Self::subscribe_from).
+    pub fn subscribe_with<E, F>(
+        &self,
+        options: SubscribeOptions,
+        handler: F,
+    ) -> Result<Subscription, SubscribeError>
+    where
+        E: Event,
+        F: Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync + 'static,
+    {
+        self.subscribe_boxed(options, std::any::type_name::<F>(), Box::new(handler))
+    }
+
+    /// Subscribes a [`Handler`] type, named by [`Handler::name`].
+    ///
+    /// # Errors
+    ///
+    /// As [`subscribe`](Self::subscribe).
+    pub fn subscribe_handler<E, H>(&self, handler: H) -> Result<Subscription, SubscribeError>
+    where
+        E: Event,
+        H: Handler<E>,
+    {
+        self.subscribe_handler_with(SubscribeOptions::new(), handler)
+    }
+
+    /// Subscribes a [`Handler`] type with options.
+    ///
+    /// # Errors
+    ///
+    /// As [`subscribe_from`](Self::subscribe_from).
+    pub fn subscribe_handler_with<E, H>(
+        &self,
+        options: SubscribeOptions,
+        handler: H,
+    ) -> Result<Subscription, SubscribeError>
+    where
+        E: Event,
+        H: Handler<E>,
+    {
+        let name = handler.name().to_owned();
+        self.subscribe_boxed(
+            options,
+            &name,
+            Box::new(move |event: &E, ctx: &Context<'_>| handler.handle(event, ctx)),
+        )
+    }
+
+    /// Waits until nothing is queued, running or waiting to be offered again: every event
+    /// accepted so far, and everything its handlers published, has been handled. What the
+    /// handlers did is visible to the caller when it returns `Ok`.
+    ///
+    /// # Errors
+    ///
+    /// On timeout, a [`FlushError`] that says what remains ([`FlushError::pending`]). Called
+    /// from a handler of this bus, an error at once (it would wait for itself).
+    pub fn flush(&self, timeout: Duration) -> Result<(), FlushError> {
+        self.core().flush(timeout)
+    }
+
+    /// Shuts the bus down with the configured
+    /// [`shutdown_timeout`](BusBuilder::shutdown_timeout). See
+    /// [`shutdown_timeout`](Self::shutdown_timeout).
+    ///
+    /// # Errors
+    ///
+    /// As [`shutdown_timeout`](Self::shutdown_timeout).
+    pub fn shutdown(&self) -> Result<ShutdownReport, ShutdownError> {
+        self.shutdown_timeout(self.core().config.shutdown_timeout)
+    }
+
+    /// Shuts the bus down, giving handlers `timeout` to finish what was accepted.
+    ///
+    /// It closes intake (publishers waiting on a full shard get their event back, and every
+    /// later publish returns it), lets the workers handle what was accepted and what their
+    /// handlers publish until the bus is idle or the deadline passes, then stops the workers
+    /// and the timer and joins them. Past the deadline, deliveries never started are counted as
+    /// `left`, and a worker still inside a handler is detached and its delivery reported as
+    /// abandoned. The report's terms add up. Calling it again returns the same report.
+    ///
+    /// # Errors
+    ///
+    /// [`ShutdownError::InHandler`] when called from a handler of this bus.
+    pub fn shutdown_timeout(&self, timeout: Duration) -> Result<ShutdownReport, ShutdownError> {
+        self.core().shutdown(timeout)
+    }
+
+    /// The counts so far (after shutdown: the final ones).
+    pub fn stats(&self) -> BusStats {
+        self.core().stats()
+    }
+}
+
+impl fmt::Debug for Bus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bus")
+            .field("service", &self.source)
+            .field("workers", &self.workers())
+            .field("channel_capacity", &self.core().config.channel_capacity)
+            .field("closing", &self.core().is_closing())
+            .finish()
+    }
+}

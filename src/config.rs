@@ -1,0 +1,119 @@
+//! Validated settings and their defaults.
+
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// The default per-shard channel capacity, in events.
+pub const DEFAULT_CHANNEL_CAPACITY: usize = 1024;
+/// The largest per-shard channel capacity, in events.
+pub const MAX_CHANNEL_CAPACITY: usize = 1 << 24;
+/// The largest number of workers (shards).
+pub const MAX_WORKERS: usize = 1024;
+/// The default time `shutdown` gives handlers to finish what was accepted.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default name stamped as the source of events published through the bus itself.
+pub const DEFAULT_SERVICE_NAME: &str = "app";
+/// The longest service name, in bytes.
+pub const MAX_NAME_LEN: usize = 256;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) service_name: String,
+    pub(crate) workers: usize,
+    pub(crate) channel_capacity: usize,
+    /// `None`: as large as the channel capacity.
+    pub(crate) spill_capacity: Option<usize>,
+    pub(crate) shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            service_name: DEFAULT_SERVICE_NAME.to_owned(),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            channel_capacity: DEFAULT_CHANNEL_CAPACITY,
+            spill_capacity: None,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+        }
+    }
+}
+
+/// Checks a service name: not empty, not padded with spaces, no control characters, at most
+/// [`MAX_NAME_LEN`] bytes.
+pub(crate) fn check_name(field: &'static str, name: &str) -> Result<(), ConfigError> {
+    if name.trim().is_empty() {
+        return Err(ConfigError::new(field, "must not be empty"));
+    }
+    if name.trim() != name {
+        return Err(ConfigError::new(
+            field,
+            format!("must not start or end with white space (got {name:?})"),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(ConfigError::new(
+            field,
+            format!("must not contain control characters (got {name:?})"),
+        ));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(ConfigError::new(
+            field,
+            format!("must be at most {MAX_NAME_LEN} bytes (got {})", name.len()),
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        check_name("service_name", &self.service_name)?;
+        if self.workers == 0 {
+            return Err(ConfigError::new("workers", "must be at least 1 (got 0)"));
+        }
+        if self.workers > MAX_WORKERS {
+            return Err(ConfigError::new(
+                "workers",
+                format!("must be at most {MAX_WORKERS} (got {})", self.workers),
+            ));
+        }
+        if self.channel_capacity == 0 {
+            return Err(ConfigError::new(
+                "channel_capacity",
+                "must be at least 1 (got 0)",
+            ));
+        }
+        if self.channel_capacity > MAX_CHANNEL_CAPACITY {
+            return Err(ConfigError::new(
+                "channel_capacity",
+                format!(
+                    "must be at most {MAX_CHANNEL_CAPACITY} (got {})",
+                    self.channel_capacity
+                ),
+            ));
+        }
+        if let Some(spill) = self.spill_capacity
+            && spill > MAX_CHANNEL_CAPACITY
+        {
+            return Err(ConfigError::new(
+                "spill_capacity",
+                format!("must be at most {MAX_CHANNEL_CAPACITY} (got {spill})"),
+            ));
+        }
+        if self.shutdown_timeout > Duration::from_secs(24 * 3600) {
+            return Err(ConfigError::new(
+                "shutdown_timeout",
+                format!(
+                    "must be at most 24 hours (got {:?})",
+                    self.shutdown_timeout
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn spill_capacity(&self) -> usize {
+        self.spill_capacity.unwrap_or(self.channel_capacity)
+    }
+}

@@ -1,0 +1,293 @@
+//! Every public error type. Errors about an event that was not accepted carry the event.
+
+use std::fmt;
+use std::time::Duration;
+
+/// An invalid setting: which field, and why.
+///
+/// # Examples
+///
+/// ```
+/// use microbus::Bus;
+///
+/// let err = Bus::builder().workers(0).build().unwrap_err();
+/// assert_eq!(err.field(), "workers");
+/// assert_eq!(err.to_string(), "invalid `workers`: must be at least 1 (got 0)");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    field: &'static str,
+    reason: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: &'static str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// The name of the setting, as the builder method that sets it.
+    pub fn field(&self) -> &'static str {
+        self.field
+    }
+
+    /// Why the value was refused.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid `{}`: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// `publish` failed: the bus is shut down. The event comes back.
+pub enum PublishError<E> {
+    /// The bus is shutting down or shut down.
+    Shutdown(E),
+}
+
+impl<E> PublishError<E> {
+    /// The event that was not published.
+    pub fn into_event(self) -> E {
+        match self {
+            Self::Shutdown(e) => e,
+        }
+    }
+
+    /// Whether the bus was shut down.
+    pub fn is_shutdown(&self) -> bool {
+        matches!(self, Self::Shutdown(_))
+    }
+}
+
+/// `try_publish` failed: the shard was full, or the bus is shut down. The event comes back.
+pub enum TryPublishError<E> {
+    /// The event's shard was full.
+    Full(E),
+    /// The bus is shutting down or shut down.
+    Shutdown(E),
+}
+
+impl<E> TryPublishError<E> {
+    /// The event that was not published.
+    pub fn into_event(self) -> E {
+        match self {
+            Self::Full(e) | Self::Shutdown(e) => e,
+        }
+    }
+
+    /// Whether the shard was full.
+    pub fn is_full(&self) -> bool {
+        matches!(self, Self::Full(_))
+    }
+
+    /// Whether the bus was shut down.
+    pub fn is_shutdown(&self) -> bool {
+        matches!(self, Self::Shutdown(_))
+    }
+}
+
+/// `publish_timeout` failed: the shard stayed full, or the bus is shut down. The event comes
+/// back.
+pub enum PublishTimeoutError<E> {
+    /// The shard stayed full for the whole timeout.
+    Timeout(E),
+    /// The bus is shutting down or shut down.
+    Shutdown(E),
+}
+
+impl<E> PublishTimeoutError<E> {
+    /// The event that was not published.
+    pub fn into_event(self) -> E {
+        match self {
+            Self::Timeout(e) | Self::Shutdown(e) => e,
+        }
+    }
+
+    /// Whether the timeout ran out.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Self::Timeout(_))
+    }
+
+    /// Whether the bus was shut down.
+    pub fn is_shutdown(&self) -> bool {
+        matches!(self, Self::Shutdown(_))
+    }
+}
+
+impl<E> From<PublishError<E>> for TryPublishError<E> {
+    fn from(err: PublishError<E>) -> Self {
+        TryPublishError::Shutdown(err.into_event())
+    }
+}
+
+impl<E> From<PublishError<E>> for PublishTimeoutError<E> {
+    fn from(err: PublishError<E>) -> Self {
+        PublishTimeoutError::Shutdown(err.into_event())
+    }
+}
+
+macro_rules! event_error_fmt {
+    ($name:ident { $($variant:ident => $text:literal),* }) => {
+        impl<E> fmt::Debug for $name<E> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    $(Self::$variant(_) => f.write_str(concat!(stringify!($variant), "(..)")),)*
+                }
+            }
+        }
+
+        impl<E> fmt::Display for $name<E> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    $(Self::$variant(_) => f.write_str($text),)*
+                }
+            }
+        }
+
+        impl<E> std::error::Error for $name<E> {}
+    };
+}
+
+event_error_fmt!(PublishError {
+    Shutdown => "publishing on a bus that is shut down"
+});
+event_error_fmt!(TryPublishError {
+    Full => "publishing on a full shard",
+    Shutdown => "publishing on a bus that is shut down"
+});
+event_error_fmt!(PublishTimeoutError {
+    Timeout => "publishing timed out on a full shard",
+    Shutdown => "publishing on a bus that is shut down"
+});
+
+/// `subscribe` failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SubscribeError {
+    /// The bus is shutting down or shut down.
+    Shutdown,
+    /// The source service named in `subscribe_from` is not a valid service name.
+    InvalidSource,
+}
+
+impl fmt::Display for SubscribeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Shutdown => "subscribing on a bus that is shut down",
+            Self::InvalidSource => {
+                "the source service name is empty, padded, too long or has control characters"
+            }
+        })
+    }
+}
+
+impl std::error::Error for SubscribeError {}
+
+/// What was still outstanding when a `flush` gave up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Pending {
+    /// Events waiting in shard channels or spill queues.
+    pub queued: usize,
+    /// Handlers running.
+    pub running: usize,
+    /// Events waiting on the timer to be offered again.
+    pub waiting: usize,
+    /// How long until the earliest waiting event is due.
+    pub next_due_in: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FlushErrorKind {
+    Timeout(Pending),
+    InHandler,
+}
+
+/// `flush` failed: it timed out (saying what remains), or it was called from a handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushError {
+    kind: FlushErrorKind,
+}
+
+impl FlushError {
+    pub(crate) fn timeout(pending: Pending) -> FlushError {
+        FlushError {
+            kind: FlushErrorKind::Timeout(pending),
+        }
+    }
+
+    pub(crate) fn in_handler() -> FlushError {
+        FlushError {
+            kind: FlushErrorKind::InHandler,
+        }
+    }
+
+    /// Whether the timeout ran out.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self.kind, FlushErrorKind::Timeout(_))
+    }
+
+    /// Whether it was called from a handler (it would wait for itself).
+    pub fn is_in_handler(&self) -> bool {
+        matches!(self.kind, FlushErrorKind::InHandler)
+    }
+
+    /// What remained when the timeout ran out.
+    pub fn pending(&self) -> Option<&Pending> {
+        match &self.kind {
+            FlushErrorKind::Timeout(p) => Some(p),
+            FlushErrorKind::InHandler => None,
+        }
+    }
+}
+
+impl fmt::Display for FlushError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            FlushErrorKind::Timeout(p) => {
+                write!(
+                    f,
+                    "flush timed out with {} queued, {} running and {} waiting to be offered again",
+                    p.queued, p.running, p.waiting
+                )?;
+                if let Some(due) = p.next_due_in {
+                    write!(f, " (the next due in {due:?})")?;
+                }
+                Ok(())
+            }
+            FlushErrorKind::InHandler => {
+                f.write_str("flush called from a handler of the same bus: it would wait for itself")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FlushError {}
+
+/// `shutdown` failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShutdownError {
+    /// Called from a handler (or the timer) of the same bus: it would join its own thread.
+    InHandler,
+}
+
+impl fmt::Display for ShutdownError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InHandler => f.write_str(
+                "shutdown called from a handler of the same bus: it would join its own thread",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ShutdownError {}

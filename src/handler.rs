@@ -1,0 +1,270 @@
+//! Handlers, the [`Context`] they run in, and their errors.
+//!
+//! Ground rules: a handler runs on a worker thread and gets `&E` and `&Context`. Everything it
+//! publishes through the context is staged in the worker's outbox and leaves only when the
+//! handler returns `Ok` (see [`Context::publish`]). Panics are caught by the worker, in one
+//! place, and count as a failed attempt.
+
+use std::any::Any;
+use std::error::Error;
+use std::fmt;
+
+use crate::bus::Core;
+use crate::error::PublishError;
+use crate::event::{Envelope, Event, EventId, Publish};
+use crate::registry::SubMeta;
+use crate::sync::Ordering;
+use crate::shard::WorkerShared;
+
+/// What a handler returns.
+pub type HandlerResult = Result<(), HandlerError>;
+
+/// A handler of events of type `E`, for handlers that are types rather than closures.
+///
+/// Closures subscribe directly (`bus.subscribe(|e: &E, ctx| ..)`); a type implementing this
+/// trait subscribes with [`Bus::subscribe_handler`](crate::Bus::subscribe_handler).
+///
+/// # Examples
+///
+/// ```
+/// use microbus::{Bus, Context, Event, Handler, HandlerResult};
+/// use serde::{Deserialize, Serialize};
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// struct OrderPaid { order_id: u64 }
+/// impl Event for OrderPaid { const NAME: &'static str = "OrderPaid"; }
+///
+/// struct Ledger { total: Arc<AtomicU64> }
+/// impl Handler<OrderPaid> for Ledger {
+///     fn handle(&self, event: &OrderPaid, _ctx: &Context) -> HandlerResult {
+///         self.total.fetch_add(event.order_id, Ordering::Relaxed);
+///         Ok(())
+///     }
+/// }
+///
+/// let bus = Bus::builder().workers(1).build()?;
+/// let total = Arc::new(AtomicU64::new(0));
+/// bus.subscribe_handler(Ledger { total: total.clone() })?;
+/// bus.publish(OrderPaid { order_id: 7 })?;
+/// bus.flush(std::time::Duration::from_secs(5))?;
+/// assert_eq!(total.load(Ordering::Relaxed), 7);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub trait Handler<E: Event>: Send + Sync + 'static {
+    /// Handles one event.
+    ///
+    /// # Errors
+    ///
+    /// A returned error counts as a failed attempt; see [`HandlerError`].
+    fn handle(&self, event: &E, ctx: &Context<'_>) -> HandlerResult;
+
+    /// The handler's name in statistics and reports. Defaults to the type's name.
+    fn name(&self) -> &str {
+        std::any::type_name::<Self>()
+    }
+}
+
+/// The error a handler returns: any error, retryable unless made [`permanent`](Self::permanent).
+///
+/// Every `std::error::Error + Send + Sync + 'static` converts into it, so `?` works in handlers.
+/// It deliberately does not implement `std::error::Error` itself (that would conflict with the
+/// blanket conversion); use [`HandlerError::error`] to reach the underlying error.
+///
+/// # Examples
+///
+/// ```
+/// use microbus::HandlerError;
+///
+/// let parse: Result<u32, _> = "x".parse::<u32>();
+/// let err = HandlerError::from(parse.unwrap_err());
+/// assert!(!err.is_permanent());
+/// let fatal = HandlerError::permanent(HandlerError::msg("card declined"));
+/// assert!(fatal.is_permanent());
+/// assert_eq!(fatal.to_string(), "card declined");
+/// ```
+pub struct HandlerError {
+    error: Box<dyn Error + Send + Sync + 'static>,
+    permanent: bool,
+}
+
+impl HandlerError {
+    /// An error from a message.
+    pub fn msg(message: impl fmt::Display) -> HandlerError {
+        HandlerError {
+            error: message.to_string().into(),
+            permanent: false,
+        }
+    }
+
+    /// Marks `error` as permanent: retrying cannot help, so the delivery is not retried.
+    pub fn permanent(error: impl Into<HandlerError>) -> HandlerError {
+        HandlerError {
+            permanent: true,
+            ..error.into()
+        }
+    }
+
+    /// Whether the error was marked permanent.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+
+    /// The underlying error.
+    pub fn error(&self) -> &(dyn Error + Send + Sync + 'static) {
+        &*self.error
+    }
+
+    pub(crate) fn from_panic(payload: Box<dyn Any + Send>) -> HandlerError {
+        let text = if let Some(s) = payload.downcast_ref::<&'static str>() {
+            (*s).to_owned()
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "a non-string panic payload".to_owned()
+        };
+        HandlerError::msg(format_args!("handler panicked: {text}"))
+    }
+}
+
+impl<E: Error + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        HandlerError {
+            error: Box::new(error),
+            permanent: false,
+        }
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("error", &self.error)
+            .field("permanent", &self.permanent)
+            .finish()
+    }
+}
+
+/// What a handler knows about the delivery it is running: the envelope, the subscribing
+/// service, the attempt, and a way to publish follow-up events.
+pub struct Context<'a> {
+    pub(crate) envelope: &'a Envelope,
+    pub(crate) event_name: &'static str,
+    pub(crate) sub: &'a SubMeta,
+    pub(crate) attempt: u32,
+    pub(crate) core: &'a Core,
+    pub(crate) worker: &'a WorkerShared,
+}
+
+impl Context<'_> {
+    /// The envelope of the event being handled.
+    pub fn envelope(&self) -> &Envelope {
+        self.envelope
+    }
+
+    /// The id of the event being handled.
+    pub fn event_id(&self) -> EventId {
+        self.envelope.id()
+    }
+
+    /// The correlation id of the event being handled.
+    pub fn correlation_id(&self) -> EventId {
+        self.envelope.correlation_id()
+    }
+
+    /// The causation id of the event being handled.
+    pub fn causation_id(&self) -> Option<EventId> {
+        self.envelope.causation_id()
+    }
+
+    /// The service that published the event being handled.
+    pub fn source(&self) -> &'static str {
+        self.envelope.source()
+    }
+
+    /// The [`Event::NAME`] of the event being handled.
+    pub fn event_name(&self) -> &'static str {
+        self.event_name
+    }
+
+    /// The service this handler subscribed for; events published through this context come
+    /// from it.
+    pub fn service(&self) -> &str {
+        self.sub.service.as_str()
+    }
+
+    /// The handler's name.
+    pub fn handler_name(&self) -> &str {
+        &self.sub.name
+    }
+
+    /// Which attempt this is, counting from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Whether the bus is shutting down; a long handler may stop early.
+    pub fn is_shutting_down(&self) -> bool {
+        self.core.is_closing()
+    }
+
+    /// Stages `event` to be published when this handler returns `Ok`.
+    ///
+    /// The event inherits the handled event's correlation id, names it as its causation, and
+    /// comes from this handler's service. It is matched against the subscriptions now. If the
+    /// handler fails, its staged events are dropped, so a failed attempt publishes nothing.
+    /// Staged events never make the worker wait: when their shard is full they wait in a
+    /// bounded spill queue, and past that on a timer that offers them again with backoff.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Shutdown`] with the event when the bus has already stopped (a handler
+    /// that outlived the shutdown deadline).
+    pub fn publish<E: Event>(&self, event: E) -> Result<(), PublishError<E>> {
+        self.publish_with(event, Publish::new())
+    }
+
+    /// Like [`publish`](Self::publish), with options. The correlation and causation default to
+    /// the handled event's; options that set them win.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Self::publish).
+    pub fn publish_with<E: Event>(&self, event: E, options: Publish) -> Result<(), PublishError<E>> {
+        let options = Publish {
+            correlation: options
+                .correlation
+                .or(Some(self.envelope.correlation_id())),
+            causation: options.causation.or(Some(self.envelope.id())),
+            ..options
+        };
+        let routed = self
+            .core
+            .prepare(self.sub.service, event, options)
+            .map_err(PublishError::Shutdown)?;
+        if let Some(routed) = routed {
+            self.worker.outbox.lock().push(routed);
+            self.worker.staged.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("event", &self.event_name)
+            .field("envelope", self.envelope)
+            .field("service", &self.sub.service)
+            .field("handler", &self.sub.name)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,131 @@
+//! An in-process, synchronous event bus for integration events between the logical services
+//! of one program.
+//!
+//! Services publish typed events; other services subscribe, from any source or from one named
+//! service. Publishing never runs handlers: events go through bounded channels to a pool of
+//! sharded worker threads (same key, same shard, same order), and the publisher waits only when
+//! its shard is full. No async runtime is involved.
+//!
+//! # Quick start
+//!
+//! ```
+//! use microbus::{Bus, Context, Event, HandlerResult, Publish};
+//! use serde::{Deserialize, Serialize};
+//! use std::time::Duration;
+//!
+//! #[derive(Debug, Clone, Serialize, Deserialize)]
+//! struct OrderCreated { order_id: u64, total_cents: i64 }
+//! impl Event for OrderCreated { const NAME: &'static str = "OrderCreated"; }
+//!
+//! #[derive(Debug, Clone, Serialize, Deserialize)]
+//! struct OrderPaid { order_id: u64 }
+//! impl Event for OrderPaid { const NAME: &'static str = "OrderPaid"; }
+//!
+//! let bus = Bus::builder()
+//!     .service_name("OrderService")
+//!     .workers(2)
+//!     .channel_capacity(1024)
+//!     .build()?;
+//!
+//! let payments = bus.service("PaymentService")?;
+//! payments.subscribe_from("OrderService", |order: &OrderCreated, ctx: &Context| -> HandlerResult {
+//!     // Published when this handler returns Ok; same correlation, caused by this event.
+//!     ctx.publish(OrderPaid { order_id: order.order_id })?;
+//!     Ok(())
+//! })?;
+//! bus.subscribe(|paid: &OrderPaid, ctx: &Context| -> HandlerResult {
+//!     assert_eq!(ctx.source(), "PaymentService");
+//!     assert!(ctx.causation_id().is_some());
+//!     Ok(())
+//! })?;
+//!
+//! bus.publish(OrderCreated { order_id: 1, total_cents: 4_200 })?;
+//! bus.publish_with(OrderCreated { order_id: 2, total_cents: 990 }, Publish::keyed(2u64))?;
+//! bus.flush(Duration::from_secs(5))?;
+//!
+//! let report = bus.shutdown()?;
+//! assert_eq!(report.stats.succeeded, 4);
+//! assert!(report.is_balanced());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Publishing
+//!
+//! [`Bus::publish`] stamps an [`Envelope`] (id, correlation, causation, source, time, key,
+//! headers), matches the event against the current subscriptions of its type (a lock-free
+//! read) and sends it to a shard: `hash(key)` for a keyed event ([`Publish::keyed`]), the next
+//! shard in turn otherwise. It waits while the shard is full; [`Bus::try_publish`] never
+//! waits and [`Bus::publish_timeout`] gives up after a while. Whenever an event is not
+//! accepted, the error hands it back. An event that matches no subscription is counted
+//! ([`BusStats::unmatched`]), not silently dropped.
+//!
+//! # Subscribing
+//!
+//! [`Bus::service`] gives a handle for another service of the program. [`Bus::subscribe`]
+//! takes a closure (only the event type needs writing); [`Bus::subscribe_from`] listens to one
+//! source service; [`Bus::subscribe_handler`] takes a [`Handler`] type. The returned
+//! [`Subscription`] can [`unsubscribe`](Subscription::unsubscribe); dropping it does not.
+//!
+//! Handlers publish follow-up events through [`Context::publish`]: they inherit the
+//! correlation id, name the handled event as their causation, and leave only when the handler
+//! returns `Ok` (an outbox). They never make a worker wait.
+//!
+//! # Failures
+//!
+//! A handler that returns an error or panics fails that one delivery: the worker and the
+//! event's other handlers carry on. Failures are counted ([`BusStats::failed`],
+//! [`Subscription::stats`]) with the last error's text. With `panic = "abort"` in the
+//! application's profile a panicking handler ends the process instead.
+//!
+//! # Shutdown
+//!
+//! [`Bus::flush`] waits until everything accepted has been handled. [`Bus::shutdown`] closes
+//! intake, lets the workers finish until the [`shutdown_timeout`](BusBuilder::shutdown_timeout)
+//! deadline and returns a [`ShutdownReport`]. Dropping the last [`Bus`] handle does the same.
+//! Neither may be called from a handler: they return an error instead of waiting for
+//! themselves.
+//!
+//! # Guarantees
+//!
+//! - Every event is either accepted or handed back to its publisher, never both, never neither.
+//! - Each accepted delivery (an event × a subscription it matched when published) is settled
+//!   exactly once: succeeded, discarded after failing, cancelled by `unsubscribe`, abandoned
+//!   or left at the shutdown deadline. The counts add up ([`BusStats::is_balanced`]).
+//! - Events published by one thread with the same key reach each subscription in publish
+//!   order. Unkeyed events are spread over the shards and may be handled in any order; events
+//!   published by handlers that had to wait for room may fall behind later ones.
+//! - All subscriptions of an event run on its shard, one after another, so a slow handler
+//!   delays the events behind it on that shard.
+//! - Nothing survives the process: the bus lives in memory.
+
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+
+mod bus;
+mod config;
+mod error;
+mod event;
+mod handler;
+mod ledger;
+mod registry;
+mod shard;
+mod sync;
+mod timer;
+
+pub use crate::bus::{AbandonedDelivery, Bus, BusBuilder, BusStats, ShutdownReport};
+pub use crate::config::{
+    DEFAULT_CHANNEL_CAPACITY, DEFAULT_SERVICE_NAME, DEFAULT_SHUTDOWN_TIMEOUT, MAX_CHANNEL_CAPACITY,
+    MAX_NAME_LEN, MAX_WORKERS,
+};
+pub use crate::error::{
+    ConfigError, FlushError, Pending, PublishError, PublishTimeoutError, ShutdownError,
+    SubscribeError, TryPublishError,
+};
+pub use crate::event::{Envelope, Event, EventId, Headers, ParseEventIdError, PartitionKey, Publish};
+pub use crate::handler::{Context, Handler, HandlerError, HandlerResult};
+pub use crate::registry::{SubscribeOptions, Subscription, SubscriptionStats};

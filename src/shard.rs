@@ -1,0 +1,399 @@
+//! Shards: one bounded channel and one worker thread each, and the worker loop.
+//!
+//! Ground rules: shard `k`'s channel has many senders (publishers, other workers, the timer)
+//! and one receiver in normal operation, its worker; at shutdown the bus sweeps what is left
+//! in it. A message is one published event with the snapshot of the subscriptions it matched;
+//! the worker runs them one delivery at a time.
+//!
+//! Each worker has a `state` word: `IDLE`, the id of the subscription it is running, `STOPPED`
+//! or `ABANDONED`. The worker moves it `IDLE → id → IDLE` with compare-and-swap around every
+//! delivery; shutdown moves it `IDLE → STOPPED` to stop the worker between deliveries, or
+//! `id → ABANDONED` at the deadline to give up on a delivery that is still running. Whoever
+//! wins the swap owns the delivery's outcome, so a delivery is settled exactly once. The
+//! worker's counters are written only by the worker thread; `settled` is stored last with
+//! `Release`, so a reader that `Acquire`s it sees the outcome counters and the handlers'
+//! effects.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+
+use crate::bus::Core;
+use crate::event::{Envelope, Event, EventId};
+use crate::handler::{Context, HandlerError};
+use crate::ledger::Gate;
+use crate::registry::{Sub, TypeTable};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+pub(crate) const IDLE: u64 = 0;
+pub(crate) const STOPPED: u64 = u64::MAX;
+pub(crate) const ABANDONED: u64 = u64::MAX - 1;
+
+/// How long an idle worker with spilled events waits before offering them again.
+const SPILL_RETRY: Duration = Duration::from_micros(500);
+
+/// What travels through a shard's channel.
+pub(crate) enum Msg {
+    Task(Box<dyn Job>),
+    /// Wakes an idle worker so that it notices it was stopped.
+    Wake,
+}
+
+/// What happens to the worker after a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    Continue,
+    /// The worker was stopped; it exits.
+    Stop,
+    /// The delivery outran the shutdown deadline and was given up; the thread exits at once.
+    Abandoned,
+}
+
+/// A published event, type-erased for the channel.
+pub(crate) trait Job: Any + Send {
+    /// Runs the event's deliveries on `worker`.
+    fn run(&mut self, worker: &mut Worker<'_>) -> Flow;
+    /// How many deliveries the event has.
+    fn deliveries(&self) -> usize;
+}
+
+/// An event of type `E` with the table of subscriptions it was matched against.
+pub(crate) struct Publication<E> {
+    pub(crate) envelope: Envelope,
+    pub(crate) table: Arc<TypeTable<E>>,
+    pub(crate) event: E,
+}
+
+impl<E: Event> Job for Publication<E> {
+    fn run(&mut self, worker: &mut Worker<'_>) -> Flow {
+        let source = self.envelope.source_id();
+        let mut remaining = self.deliveries();
+        for sub in self.table.subs.iter().filter(|s| s.meta.matches(source)) {
+            remaining -= 1;
+            let flow = worker.deliver(&self.envelope, sub, &self.event, remaining);
+            if flow != Flow::Continue {
+                return flow;
+            }
+        }
+        Flow::Continue
+    }
+
+    fn deliveries(&self) -> usize {
+        self.table.matching(self.envelope.source_id())
+    }
+}
+
+/// Takes the event back out of a message that was not accepted.
+pub(crate) fn into_event<E: Event>(msg: Msg) -> E {
+    match msg {
+        Msg::Task(job) => {
+            let job: Box<dyn Any + Send> = job;
+            match job.downcast::<Publication<E>>() {
+                Ok(publication) => publication.event,
+                Err(_) => unreachable!("a returned message holds the caller's event type"),
+            }
+        }
+        Msg::Wake => unreachable!("publishers never send wake-ups"),
+    }
+}
+
+/// An event bound for shard `shard`, with its number of deliveries.
+pub(crate) struct Routed {
+    pub(crate) shard: usize,
+    pub(crate) deliveries: usize,
+    pub(crate) job: Box<dyn Job>,
+}
+
+/// Counters that only the worker thread writes.
+#[derive(Default)]
+pub(crate) struct WorkerStats {
+    pub(crate) settled: AtomicU64,
+    pub(crate) succeeded: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) panicked: AtomicU64,
+    pub(crate) discarded: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+    pub(crate) left: AtomicU64,
+}
+
+/// Adds to a counter that has one writer: a load and a store, no read-modify-write.
+#[inline]
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+}
+
+/// A worker's state that other threads read (and, at shutdown, take over).
+#[derive(Default)]
+pub(crate) struct WorkerShared {
+    pub(crate) state: AtomicU64,
+    /// Deliveries of the current event after the one running.
+    pub(crate) remaining: AtomicU64,
+    pub(crate) event_hi: AtomicU64,
+    pub(crate) event_lo: AtomicU64,
+    pub(crate) stats: WorkerStats,
+    pub(crate) spill: Mutex<VecDeque<Routed>>,
+    pub(crate) spill_len: AtomicUsize,
+    pub(crate) outbox: Mutex<Vec<Routed>>,
+    pub(crate) staged: AtomicBool,
+}
+
+impl WorkerShared {
+    /// The event id of the delivery running (or last run).
+    pub(crate) fn current_event(&self) -> Option<EventId> {
+        let hi = self.event_hi.load(Ordering::Relaxed);
+        let lo = self.event_lo.load(Ordering::Relaxed);
+        EventId::from_u128((u128::from(hi) << 64) | u128::from(lo))
+    }
+
+    /// Settles `n` deliveries as left over (never run).
+    pub(crate) fn settle_left(&self, n: usize) {
+        bump(&self.stats.left, n as u64);
+        self.settle(n);
+    }
+
+    fn settle(&self, n: usize) {
+        let settled = &self.stats.settled;
+        settled.store(
+            settled.load(Ordering::Relaxed) + n as u64,
+            Ordering::Release,
+        );
+    }
+
+    /// Adds to the spill queue; `Err` gives the event back when the queue is full.
+    pub(crate) fn spill(&self, routed: Routed, capacity: usize) -> Result<(), Routed> {
+        let mut spill = self.spill.lock();
+        if spill.len() >= capacity {
+            return Err(routed);
+        }
+        spill.push_back(routed);
+        self.spill_len.store(spill.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn pop_spill(&self) -> Option<Routed> {
+        let mut spill = self.spill.lock();
+        let routed = spill.pop_front();
+        self.spill_len.store(spill.len(), Ordering::Relaxed);
+        routed
+    }
+
+    fn push_back_spill(&self, routed: Routed) {
+        let mut spill = self.spill.lock();
+        spill.push_back(routed);
+        self.spill_len.store(spill.len(), Ordering::Relaxed);
+    }
+
+    /// Takes everything spilled (at shutdown, once the worker has stopped).
+    pub(crate) fn take_spill(&self) -> VecDeque<Routed> {
+        let mut spill = self.spill.lock();
+        self.spill_len.store(0, Ordering::Relaxed);
+        std::mem::take(&mut *spill)
+    }
+}
+
+/// One shard: its gate, its channel and its worker's shared state.
+pub(crate) struct Shard {
+    pub(crate) gate: CachePadded<Gate>,
+    pub(crate) tx: Sender<Msg>,
+    pub(crate) rx: Receiver<Msg>,
+    pub(crate) worker: CachePadded<WorkerShared>,
+}
+
+/// The worker thread's own view.
+pub(crate) struct Worker<'a> {
+    core: &'a Core,
+    index: usize,
+    shared: &'a WorkerShared,
+    scratch: Vec<Routed>,
+}
+
+enum Outcome {
+    Succeeded,
+    Cancelled,
+    Failed(HandlerError, bool),
+}
+
+impl Worker<'_> {
+    fn deliver<E: Event>(
+        &mut self,
+        envelope: &Envelope,
+        sub: &Sub<E>,
+        event: &E,
+        remaining: usize,
+    ) -> Flow {
+        let shared = self.shared;
+        let id = sub.meta.id;
+        if shared
+            .state
+            .compare_exchange(IDLE, id, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            shared.settle_left(remaining + 1);
+            return Flow::Stop;
+        }
+        let outcome = if sub.meta.active.load(Ordering::SeqCst) {
+            shared.remaining.store(remaining as u64, Ordering::Relaxed);
+            let id128 = envelope.id().as_u128();
+            shared.event_hi.store((id128 >> 64) as u64, Ordering::Relaxed);
+            shared.event_lo.store(id128 as u64, Ordering::Relaxed);
+            let ctx = Context {
+                envelope,
+                event_name: E::NAME,
+                sub: &sub.meta,
+                attempt: 1,
+                core: self.core,
+                worker: shared,
+            };
+            match catch_unwind(AssertUnwindSafe(|| (sub.handler)(event, &ctx))) {
+                Ok(Ok(())) => Outcome::Succeeded,
+                Ok(Err(error)) => Outcome::Failed(error, false),
+                Err(payload) => Outcome::Failed(HandlerError::from_panic(payload), true),
+            }
+        } else {
+            Outcome::Cancelled
+        };
+        if shared
+            .state
+            .compare_exchange(id, IDLE, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            // Shutdown gave up on this delivery and has already reported it.
+            shared.outbox.lock().clear();
+            return Flow::Abandoned;
+        }
+        let stats = &shared.stats;
+        match outcome {
+            Outcome::Succeeded => {
+                self.flush_outbox();
+                bump(&stats.succeeded, 1);
+            }
+            Outcome::Cancelled => {
+                sub.meta.cancelled.fetch_add(1, Ordering::Relaxed);
+                bump(&stats.cancelled, 1);
+            }
+            Outcome::Failed(error, panicked) => {
+                if shared.staged.load(Ordering::Relaxed) {
+                    shared.staged.store(false, Ordering::Relaxed);
+                    shared.outbox.lock().clear();
+                }
+                sub.meta.record_failure(&error, panicked);
+                bump(&stats.failed, 1);
+                if panicked {
+                    bump(&stats.panicked, 1);
+                }
+                bump(&stats.discarded, 1);
+            }
+        }
+        shared.settle(1);
+        Flow::Continue
+    }
+
+    /// Sends what the handler staged: it is accepted before its parent delivery is settled.
+    fn flush_outbox(&mut self) {
+        if !self.shared.staged.load(Ordering::Relaxed) {
+            return;
+        }
+        self.shared.staged.store(false, Ordering::Relaxed);
+        std::mem::swap(&mut *self.shared.outbox.lock(), &mut self.scratch);
+        for routed in self.scratch.drain(..) {
+            self.core.shards[routed.shard].gate.accept(routed.deliveries);
+            let left = self.core.offer(self.index, routed);
+            if left > 0 {
+                self.shared.settle_left(left);
+            }
+        }
+    }
+
+    /// Offers spilled events again; runs the ones bound for this worker's own shard.
+    fn drain_spill(&mut self) -> Flow {
+        let mut attempts = self.shared.spill_len.load(Ordering::Relaxed);
+        while attempts > 0 {
+            attempts -= 1;
+            let Some(routed) = self.shared.pop_spill() else {
+                break;
+            };
+            if routed.shard == self.index {
+                let mut job = routed.job;
+                let flow = job.run(self);
+                if flow != Flow::Continue {
+                    return flow;
+                }
+                continue;
+            }
+            match self.core.shards[routed.shard]
+                .tx
+                .try_send(Msg::Task(routed.job))
+            {
+                Ok(()) => {}
+                Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
+                    let Msg::Task(job) = msg else {
+                        unreachable!("a task was sent")
+                    };
+                    self.shared.push_back_spill(Routed { job, ..routed });
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    fn run_loop(&mut self, rx: &Receiver<Msg>) -> Flow {
+        loop {
+            if self.shared.spill_len.load(Ordering::Relaxed) > 0 {
+                let flow = self.drain_spill();
+                if flow != Flow::Continue {
+                    return flow;
+                }
+            }
+            let msg = match rx.try_recv() {
+                Ok(msg) => msg,
+                Err(TryRecvError::Empty) => {
+                    self.core.notify_idle();
+                    if self.shared.spill_len.load(Ordering::Relaxed) > 0 {
+                        match rx.recv_timeout(SPILL_RETRY) {
+                            Ok(msg) => msg,
+                            Err(e) if e.is_timeout() => continue,
+                            Err(_) => return Flow::Stop,
+                        }
+                    } else {
+                        match rx.recv() {
+                            Ok(msg) => msg,
+                            Err(_) => return Flow::Stop,
+                        }
+                    }
+                }
+                Err(TryRecvError::Disconnected) => return Flow::Stop,
+            };
+            match msg {
+                Msg::Wake => {
+                    if self.shared.state.load(Ordering::SeqCst) == STOPPED {
+                        return Flow::Stop;
+                    }
+                }
+                Msg::Task(mut job) => {
+                    let flow = job.run(self);
+                    if flow != Flow::Continue {
+                        return flow;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The body of worker thread `index`.
+pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
+    let _current = crate::bus::OwnThread::enter(core.id, Some(index));
+    let shard = &core.shards[index];
+    let mut worker = Worker {
+        core: &core,
+        index,
+        shared: &shard.worker,
+        scratch: Vec::new(),
+    };
+    worker.run_loop(&shard.rx);
+}

@@ -1,0 +1,5 @@
+//! The synchronisation primitives the crate uses, in one place, so that a model checker can
+//! stand in for them.
+
+pub(crate) use std::sync::Arc;
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -27,8 +27,7 @@ use crate::handler::{Context, Handler, HandlerResult};
 use crate::ledger::{Gate, Quiescence, outstanding};
 use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subscription};
 use crate::shard::{
-    ABANDONED, IDLE, Msg, Publication, Routed, STOPPED, Shard, WorkerShared, into_event,
-    run_worker,
+    ABANDONED, IDLE, Msg, Publication, Routed, STOPPED, Shard, WorkerShared, into_event, run_worker,
 };
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::timer::Timer;
@@ -406,10 +405,7 @@ impl Core {
     }
 
     fn spill_or_wait(&self, from: usize, routed: Routed) -> usize {
-        let Err(routed) = self.shards[from]
-            .worker
-            .spill(routed, self.spill_capacity)
-        else {
+        let Err(routed) = self.shards[from].worker.spill(routed, self.spill_capacity) else {
             return 0;
         };
         match self.timer.schedule(routed) {
@@ -794,8 +790,9 @@ impl BusBuilder {
             handle: Arc::new(Handle { core: core.clone() }),
             source,
         };
-        let spawn_error =
-            |e: std::io::Error| ConfigError::new("workers", format!("could not start a thread: {e}"));
+        let spawn_error = |e: std::io::Error| {
+            ConfigError::new("workers", format!("could not start a thread: {e}"))
+        };
         for index in 0..core.shards.len() {
             let worker_core = core.clone();
             let thread = std::thread::Builder::new()
@@ -809,8 +806,7 @@ impl BusBuilder {
             .name("microbus-timer".to_owned())
             .spawn(move || {
                 let _own = OwnThread::enter(timer_core.id, None);
-                let senders: Vec<_> = timer_core.shards.iter().map(|s| s.tx.clone()).collect();
-                timer_core.timer.run(&senders);
+                timer_core.timer.run(&timer_core.shards);
             })
             .map_err(spawn_error)?;
         *core.timer_thread.lock() = Some(thread);
@@ -912,7 +908,11 @@ impl Bus {
     /// # Errors
     ///
     /// As [`publish`](Self::publish).
-    pub fn publish_with<E: Event>(&self, event: E, options: Publish) -> Result<(), PublishError<E>> {
+    pub fn publish_with<E: Event>(
+        &self,
+        event: E,
+        options: Publish,
+    ) -> Result<(), PublishError<E>> {
         self.core()
             .publish(self.source, event, options, Mode::Block)
             .map_err(|(_, e)| PublishError::Shutdown(e))
@@ -1040,7 +1040,11 @@ impl Bus {
     /// # Errors
     ///
     /// [`SubscribeError::Shutdown`], or [`SubscribeError::InvalidSource`] for a malformed name.
-    pub fn subscribe_from<E, F>(&self, source: &str, handler: F) -> Result<Subscription, SubscribeError>
+    pub fn subscribe_from<E, F>(
+        &self,
+        source: &str,
+        handler: F,
+    ) -> Result<Subscription, SubscribeError>
     where
         E: Event,
         F: Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync + 'static,

@@ -104,10 +104,7 @@ impl Config {
         if self.shutdown_timeout > Duration::from_secs(24 * 3600) {
             return Err(ConfigError::new(
                 "shutdown_timeout",
-                format!(
-                    "must be at most 24 hours (got {:?})",
-                    self.shutdown_timeout
-                ),
+                format!("must be at most 24 hours (got {:?})", self.shutdown_timeout),
             ));
         }
         Ok(())

@@ -155,7 +155,9 @@ pub struct ParseEventIdError(());
 
 impl fmt::Display for ParseEventIdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("not an event id: expected 32 hex digits as 8-4-4-4-12, with a non-zero low half")
+        f.write_str(
+            "not an event id: expected 32 hex digits as 8-4-4-4-12, with a non-zero low half",
+        )
     }
 }
 
@@ -216,7 +218,10 @@ pub(crate) fn unix_nanos() -> u64 {
             anchor_unix_nanos,
         }
     });
-    clock.anchor_unix_nanos + clock.source.delta_as_nanos(clock.anchor_raw, clock.source.raw())
+    clock.anchor_unix_nanos
+        + clock
+            .source
+            .delta_as_nanos(clock.anchor_raw, clock.source.raw())
 }
 
 static NEXT_BLOCK: AtomicU64 = AtomicU64::new(0);
@@ -265,7 +270,12 @@ static INTERNER: LazyLock<RwLock<Interner>> = LazyLock::new(|| {
 impl NameId {
     /// Interns `name`. Each distinct name is stored once for the life of the process.
     pub(crate) fn intern(name: &str) -> NameId {
-        if let Some(&id) = INTERNER.read().unwrap_or_else(|e| e.into_inner()).ids.get(name) {
+        if let Some(&id) = INTERNER
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .ids
+            .get(name)
+        {
             return NameId(id);
         }
         let mut table = INTERNER.write().unwrap_or_else(|e| e.into_inner());
@@ -608,7 +618,10 @@ mod tests {
         let id = EventId::new();
         let text = id.to_string();
         assert_eq!(&text[14..15], "7", "version nibble in {text}");
-        assert!(matches!(&text[19..20], "8" | "9" | "a" | "b"), "variant in {text}");
+        assert!(
+            matches!(&text[19..20], "8" | "9" | "a" | "b"),
+            "variant in {text}"
+        );
         assert_eq!(text.parse::<EventId>(), Ok(id));
         assert_eq!(EventId::from_u128(id.as_u128()), Some(id));
     }

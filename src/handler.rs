@@ -13,8 +13,8 @@ use crate::bus::Core;
 use crate::error::PublishError;
 use crate::event::{Envelope, Event, EventId, Publish};
 use crate::registry::SubMeta;
-use crate::sync::Ordering;
 use crate::shard::WorkerShared;
+use crate::sync::Ordering;
 
 /// What a handler returns.
 pub type HandlerResult = Result<(), HandlerError>;
@@ -237,11 +237,13 @@ impl Context<'_> {
     /// # Errors
     ///
     /// As [`publish`](Self::publish).
-    pub fn publish_with<E: Event>(&self, event: E, options: Publish) -> Result<(), PublishError<E>> {
+    pub fn publish_with<E: Event>(
+        &self,
+        event: E,
+        options: Publish,
+    ) -> Result<(), PublishError<E>> {
         let options = Publish {
-            correlation: options
-                .correlation
-                .or(Some(self.envelope.correlation_id())),
+            correlation: options.correlation.or(Some(self.envelope.correlation_id())),
             causation: options.causation.or(Some(self.envelope.id())),
             ..options
         };

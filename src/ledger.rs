@@ -51,7 +51,10 @@ impl Gate {
     #[inline]
     pub(crate) fn enter(&self) -> bool {
         let before = self.0.fetch_add(INSIDE, Ordering::SeqCst);
-        debug_assert!(before & INSIDE_MASK != INSIDE_MASK, "too many publishers inside");
+        debug_assert!(
+            before & INSIDE_MASK != INSIDE_MASK,
+            "too many publishers inside"
+        );
         if before & CLOSED != 0 {
             self.0.fetch_sub(INSIDE, Ordering::SeqCst);
             return false;

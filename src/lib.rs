@@ -126,6 +126,8 @@ pub use crate::error::{
     ConfigError, FlushError, Pending, PublishError, PublishTimeoutError, ShutdownError,
     SubscribeError, TryPublishError,
 };
-pub use crate::event::{Envelope, Event, EventId, Headers, ParseEventIdError, PartitionKey, Publish};
+pub use crate::event::{
+    Envelope, Event, EventId, Headers, ParseEventIdError, PartitionKey, Publish,
+};
 pub use crate::handler::{Context, Handler, HandlerError, HandlerResult};
 pub use crate::registry::{SubscribeOptions, Subscription, SubscriptionStats};

@@ -171,7 +171,7 @@ impl WorkerShared {
             return Err(routed);
         }
         spill.push_back(routed);
-        self.spill_len.store(spill.len(), Ordering::Relaxed);
+        self.spill_len.store(spill.len(), Ordering::SeqCst);
         Ok(())
     }
 
@@ -182,10 +182,12 @@ impl WorkerShared {
         routed
     }
 
-    fn push_back_spill(&self, routed: Routed) {
+    /// Appends to the spill queue whatever its length: for events that already waited
+    /// elsewhere (they were in memory there too).
+    pub(crate) fn hand_over(&self, routed: Routed) {
         let mut spill = self.spill.lock();
         spill.push_back(routed);
-        self.spill_len.store(spill.len(), Ordering::Relaxed);
+        self.spill_len.store(spill.len(), Ordering::SeqCst);
     }
 
     /// Takes everything spilled (at shutdown, once the worker has stopped).
@@ -239,7 +241,9 @@ impl Worker<'_> {
         let outcome = if sub.meta.active.load(Ordering::SeqCst) {
             shared.remaining.store(remaining as u64, Ordering::Relaxed);
             let id128 = envelope.id().as_u128();
-            shared.event_hi.store((id128 >> 64) as u64, Ordering::Relaxed);
+            shared
+                .event_hi
+                .store((id128 >> 64) as u64, Ordering::Relaxed);
             shared.event_lo.store(id128 as u64, Ordering::Relaxed);
             let ctx = Context {
                 envelope,
@@ -301,7 +305,9 @@ impl Worker<'_> {
         self.shared.staged.store(false, Ordering::Relaxed);
         std::mem::swap(&mut *self.shared.outbox.lock(), &mut self.scratch);
         for routed in self.scratch.drain(..) {
-            self.core.shards[routed.shard].gate.accept(routed.deliveries);
+            self.core.shards[routed.shard]
+                .gate
+                .accept(routed.deliveries);
             let left = self.core.offer(self.index, routed);
             if left > 0 {
                 self.shared.settle_left(left);
@@ -334,7 +340,7 @@ impl Worker<'_> {
                     let Msg::Task(job) = msg else {
                         unreachable!("a task was sent")
                     };
-                    self.shared.push_back_spill(Routed { job, ..routed });
+                    self.shared.hand_over(Routed { job, ..routed });
                 }
             }
         }
@@ -343,7 +349,9 @@ impl Worker<'_> {
 
     fn run_loop(&mut self, rx: &Receiver<Msg>) -> Flow {
         loop {
-            if self.shared.spill_len.load(Ordering::Relaxed) > 0 {
+            // `SeqCst`, paired with the fences in the channel: an event handed over while this
+            // worker emptied its channel is seen here, or its wake-up finds room.
+            if self.shared.spill_len.load(Ordering::SeqCst) > 0 {
                 let flow = self.drain_spill();
                 if flow != Flow::Continue {
                     return flow;
@@ -353,7 +361,7 @@ impl Worker<'_> {
                 Ok(msg) => msg,
                 Err(TryRecvError::Empty) => {
                     self.core.notify_idle();
-                    if self.shared.spill_len.load(Ordering::Relaxed) > 0 {
+                    if self.shared.spill_len.load(Ordering::SeqCst) > 0 {
                         match rx.recv_timeout(SPILL_RETRY) {
                             Ok(msg) => msg,
                             Err(e) if e.is_timeout() => continue,

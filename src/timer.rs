@@ -1,31 +1,31 @@
-//! The timer thread: offers events again, later, when their shard was full.
+//! The timer thread: offers events again, later, when their shard and the publishing worker's
+//! spill queue were full.
 //!
 //! Ground rules: the timer owns a min-heap of `(due, sequence)` entries behind one mutex. Its
 //! thread sleeps on a condition variable until the earliest entry is due (not ticking while
 //! idle), takes every due entry out of the heap, and offers each to its shard with `try_send`
-//! outside the lock. An entry whose shard is still full goes back in with twice the delay, up
-//! to [`MAX_BACKOFF`]. Entries stay accepted in the ledger while they wait, so `flush` waits for
-//! them; at shutdown the bus stops the thread, joins it and takes what is left.
+//! outside the lock. An entry whose shard is still full is handed to that shard's worker, which
+//! runs it from its spill queue before it takes new work; the delay it served is what throttles
+//! handlers that feed each other through full shards. Entries stay accepted in the ledger while
+//! they wait, so `flush` waits for them; at shutdown the bus stops the thread, joins it and
+//! takes what is left.
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::TrySendError;
 use parking_lot::{Condvar, Mutex};
 
-use crate::shard::{Msg, Routed};
+use crate::shard::{Msg, Routed, Shard};
 use crate::sync::{AtomicUsize, Ordering};
 
-/// The first delay before an event is offered again.
-pub(crate) const INITIAL_BACKOFF: Duration = Duration::from_micros(200);
-/// The longest delay between two offers of one event.
-pub(crate) const MAX_BACKOFF: Duration = Duration::from_millis(50);
+/// How long an event waits on the timer before it is offered again.
+pub(crate) const REOFFER_DELAY: Duration = Duration::from_micros(200);
 
 struct Entry {
     due: Instant,
     seq: u64,
-    backoff: Duration,
     routed: Routed,
 }
 
@@ -58,12 +58,11 @@ struct State {
 }
 
 impl State {
-    fn push(&mut self, routed: Routed, backoff: Duration, now: Instant) {
+    fn push(&mut self, routed: Routed, due: Instant) {
         self.seq += 1;
         self.heap.push(Entry {
-            due: now + backoff,
+            due,
             seq: self.seq,
-            backoff,
             routed,
         });
     }
@@ -77,18 +76,18 @@ pub(crate) struct Timer {
 }
 
 impl Timer {
-    /// Schedules `routed` to be offered to its shard after a first backoff. `Err` gives it back
-    /// when the timer has stopped.
+    /// Schedules `routed` to be offered to its shard after [`REOFFER_DELAY`]. `Err` gives it
+    /// back when the timer has stopped.
     pub(crate) fn schedule(&self, routed: Routed) -> Result<(), Routed> {
         let mut state = self.state.lock();
         if state.stopped {
             return Err(routed);
         }
         let earliest = state.heap.peek().map(|e| e.due);
-        let now = Instant::now();
-        state.push(routed, INITIAL_BACKOFF, now);
+        let due = Instant::now() + REOFFER_DELAY;
+        state.push(routed, due);
         self.len.store(state.heap.len(), Ordering::Relaxed);
-        if earliest.is_none_or(|due| now + INITIAL_BACKOFF < due) {
+        if earliest.is_none_or(|earliest| due < earliest) {
             self.wake.notify_one();
         }
         Ok(())
@@ -121,7 +120,7 @@ impl Timer {
     }
 
     /// The body of the timer thread.
-    pub(crate) fn run(&self, senders: &[Sender<Msg>]) {
+    pub(crate) fn run(&self, shards: &[Shard]) {
         let mut due = Vec::new();
         loop {
             {
@@ -146,30 +145,22 @@ impl Timer {
                 }
                 self.len.store(state.heap.len(), Ordering::Relaxed);
             }
-            let mut retry = Vec::new();
             for entry in due.drain(..) {
-                let Entry {
-                    backoff, routed, ..
-                } = entry;
-                match senders[routed.shard].try_send(Msg::Task(routed.job)) {
+                let routed = entry.routed;
+                let shard = &shards[routed.shard];
+                match shard.tx.try_send(Msg::Task(routed.job)) {
                     Ok(()) => {}
                     Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
                         let Msg::Task(job) = msg else {
                             unreachable!("a task was sent")
                         };
-                        retry.push((Routed { job, ..routed }, (backoff * 2).min(MAX_BACKOFF)));
+                        // The backoff has been served: the shard's own worker takes the event
+                        // from its spill queue before it takes new work. The wake-up reaches
+                        // it if it emptied its channel meanwhile.
+                        shard.worker.hand_over(Routed { job, ..routed });
+                        let _ = shard.tx.try_send(Msg::Wake);
                     }
                 }
-            }
-            if !retry.is_empty() {
-                // Entries taken out stay the timer's: they go back even once it is stopped, and
-                // the bus takes them after joining the thread.
-                let mut state = self.state.lock();
-                let now = Instant::now();
-                for (routed, backoff) in retry {
-                    state.push(routed, backoff, now);
-                }
-                self.len.store(state.heap.len(), Ordering::Relaxed);
             }
         }
     }

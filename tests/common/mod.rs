@@ -1,0 +1,69 @@
+//! Events and helpers shared by the integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use microbus::Event;
+use serde::{Deserialize, Serialize};
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A numbered event from a numbered publisher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Numbered {
+    pub publisher: u32,
+    pub seq: u64,
+}
+impl Event for Numbered {
+    const NAME: &'static str = "Numbered";
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Keyed {
+    pub key: u64,
+    pub seq: u64,
+}
+impl Event for Keyed {
+    const NAME: &'static str = "Keyed";
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowUp {
+    pub parent: u64,
+    pub index: u8,
+}
+impl Event for FollowUp {
+    const NAME: &'static str = "FollowUp";
+}
+
+/// One counter per expected event, to show each arrives exactly once.
+pub struct Tally {
+    seen: Vec<AtomicU8>,
+}
+
+impl Tally {
+    pub fn new(n: usize) -> Tally {
+        Tally {
+            seen: (0..n).map(|_| AtomicU8::new(0)).collect(),
+        }
+    }
+
+    pub fn mark(&self, i: usize) {
+        self.seen[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Indices seen other than exactly once, with their counts.
+    pub fn not_once(&self) -> Vec<(usize, u8)> {
+        self.seen
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.load(Ordering::Relaxed)))
+            .filter(|&(_, c)| c != 1)
+            .collect()
+    }
+}
+
+pub fn count(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::SeqCst)
+}

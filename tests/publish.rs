@@ -1,0 +1,310 @@
+//! Publishing: every event reaches every subscription once, keyed order, backpressure, and
+//! events handed back whenever they are not accepted.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Keyed, Numbered, Tally, WAIT, count};
+use microbus::{Bus, Context, HandlerResult, Publish, PublishTimeoutError, TryPublishError};
+
+#[test]
+fn two_publishers_two_subscriptions_each_event_exactly_once() {
+    const PER_PUBLISHER: u64 = 100_000;
+    let bus = Bus::builder().workers(4).build().unwrap();
+    let tallies: Vec<Arc<Tally>> = (0..2)
+        .map(|_| Arc::new(Tally::new(2 * PER_PUBLISHER as usize)))
+        .collect();
+    for tally in &tallies {
+        let tally = tally.clone();
+        bus.subscribe(move |e: &Numbered, _: &Context| -> HandlerResult {
+            tally.mark((u64::from(e.publisher) * PER_PUBLISHER + e.seq) as usize);
+            Ok(())
+        })
+        .unwrap();
+    }
+    let publishers: Vec<_> = (0..2u32)
+        .map(|publisher| {
+            let bus = bus.clone();
+            std::thread::spawn(move || {
+                for seq in 0..PER_PUBLISHER {
+                    bus.publish(Numbered { publisher, seq }).unwrap();
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.join().unwrap();
+    }
+    bus.flush(WAIT).unwrap();
+    for tally in &tallies {
+        assert_eq!(tally.not_once(), vec![]);
+    }
+    let stats = bus.stats();
+    assert_eq!(stats.delivered, 4 * PER_PUBLISHER);
+    assert_eq!(stats.succeeded, 4 * PER_PUBLISHER);
+    assert_eq!(stats.in_flight, 0);
+    assert!(stats.is_balanced(), "{stats:?}");
+}
+
+#[test]
+fn events_with_one_key_arrive_in_publish_order() {
+    const KEYS: u64 = 64;
+    const EVENTS: u64 = 50_000;
+    let bus = Bus::builder().workers(4).build().unwrap();
+    let next: Arc<Vec<AtomicU64>> = Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect());
+    let out_of_order = Arc::new(AtomicU64::new(0));
+    let handled = Arc::new(AtomicU64::new(0));
+    {
+        let (next, out_of_order, handled) = (next.clone(), out_of_order.clone(), handled.clone());
+        bus.subscribe(move |e: &Keyed, ctx: &Context| -> HandlerResult {
+            assert_eq!(ctx.envelope().key().map(|k| k.get()), Some(e.key));
+            // Each key lives on one shard, so one worker at a time touches its slot.
+            let expected = next[e.key as usize].load(Ordering::Relaxed);
+            if e.seq != expected {
+                out_of_order.fetch_add(1, Ordering::Relaxed);
+            }
+            next[e.key as usize].store(e.seq + 1, Ordering::Relaxed);
+            handled.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })
+        .unwrap();
+    }
+    for i in 0..EVENTS {
+        let key = i % KEYS;
+        bus.publish_with(Keyed { key, seq: i / KEYS }, Publish::keyed(key))
+            .unwrap();
+    }
+    bus.flush(WAIT).unwrap();
+    assert_eq!(count(&handled), EVENTS);
+    assert_eq!(count(&out_of_order), 0);
+    for key in 0..KEYS {
+        let expected = EVENTS / KEYS + u64::from(key < EVENTS % KEYS);
+        assert_eq!(
+            next[key as usize].load(Ordering::Relaxed),
+            expected,
+            "key {key}"
+        );
+    }
+}
+
+/// A bus with one worker whose handler blocks on event 0 until released.
+struct Held {
+    bus: Bus,
+    release: crossbeam_channel::Sender<()>,
+    handled: Arc<Mutex<Vec<u64>>>,
+}
+
+fn hold_the_only_worker(capacity: usize) -> Held {
+    let bus = Bus::builder()
+        .workers(1)
+        .channel_capacity(capacity)
+        .build()
+        .unwrap();
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded(1);
+    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    {
+        let handled = handled.clone();
+        bus.subscribe(move |e: &Numbered, _: &Context| -> HandlerResult {
+            if e.seq == 0 {
+                entered_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            }
+            handled.lock().unwrap().push(e.seq);
+            Ok(())
+        })
+        .unwrap();
+    }
+    bus.publish(Numbered {
+        publisher: 0,
+        seq: 0,
+    })
+    .unwrap();
+    entered_rx.recv().unwrap();
+    Held {
+        bus,
+        release: release_tx,
+        handled,
+    }
+}
+
+#[test]
+fn try_publish_on_a_full_shard_returns_the_very_event() {
+    let held = hold_the_only_worker(4);
+    for seq in 1..=4 {
+        held.bus
+            .try_publish(Numbered { publisher: 0, seq })
+            .unwrap();
+    }
+    match held.bus.try_publish(Numbered {
+        publisher: 7,
+        seq: 5,
+    }) {
+        Err(TryPublishError::Full(e)) => assert_eq!(
+            e,
+            Numbered {
+                publisher: 7,
+                seq: 5
+            }
+        ),
+        other => panic!("expected Full, got {other:?}"),
+    }
+    match held.bus.publish_timeout(
+        Numbered {
+            publisher: 8,
+            seq: 6,
+        },
+        Duration::from_millis(20),
+    ) {
+        Err(PublishTimeoutError::Timeout(e)) => assert_eq!(
+            e,
+            Numbered {
+                publisher: 8,
+                seq: 6
+            }
+        ),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    held.release.send(()).unwrap();
+    held.bus.flush(WAIT).unwrap();
+    assert_eq!(*held.handled.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+    let report = held.bus.shutdown().unwrap();
+    assert_eq!(report.stats.delivered, 5);
+    assert_eq!(report.stats.succeeded, 5);
+    assert!(report.is_balanced());
+}
+
+#[test]
+fn a_blocked_publish_goes_through_when_room_appears() {
+    let held = hold_the_only_worker(1);
+    held.bus
+        .publish(Numbered {
+            publisher: 0,
+            seq: 1,
+        })
+        .unwrap();
+    let bus = held.bus.clone();
+    let publisher = std::thread::spawn(move || {
+        bus.publish(Numbered {
+            publisher: 0,
+            seq: 2,
+        })
+    });
+    held.release.send(()).unwrap();
+    publisher.join().unwrap().unwrap();
+    held.bus.flush(WAIT).unwrap();
+    assert_eq!(*held.handled.lock().unwrap(), vec![0, 1, 2]);
+}
+
+#[test]
+fn events_without_subscribers_are_counted() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    for seq in 0..3 {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    bus.flush(WAIT).unwrap();
+    let stats = bus.stats();
+    assert_eq!(stats.unmatched, 3);
+    assert_eq!(stats.delivered, 0);
+}
+
+#[test]
+fn publishing_after_shutdown_returns_the_event() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    bus.subscribe(|_: &Numbered, _: &Context| -> HandlerResult { Ok(()) })
+        .unwrap();
+    bus.shutdown().unwrap();
+    let event = Numbered {
+        publisher: 3,
+        seq: 9,
+    };
+    assert_eq!(bus.publish(event.clone()).unwrap_err().into_event(), event);
+    assert!(bus.try_publish(event.clone()).unwrap_err().is_shutdown());
+    let err = bus
+        .publish_timeout(event.clone(), Duration::from_millis(1))
+        .unwrap_err();
+    assert!(err.is_shutdown());
+    assert_eq!(err.into_event(), event);
+    // Unsubscribed types too: after shutdown nothing is counted as published.
+    let other = common::FollowUp {
+        parent: 1,
+        index: 0,
+    };
+    assert_eq!(bus.publish(other.clone()).unwrap_err().into_event(), other);
+    assert_eq!(bus.stats().refused, 4);
+    assert_eq!(bus.stats().unmatched, 0);
+}
+
+#[test]
+fn envelope_carries_options_and_source() {
+    let bus = Bus::builder()
+        .service_name("Orders")
+        .workers(2)
+        .build()
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    {
+        let seen = seen.clone();
+        bus.subscribe(move |_: &Numbered, ctx: &Context| -> HandlerResult {
+            let env = ctx.envelope();
+            seen.lock().unwrap().push((
+                env.id(),
+                env.correlation_id(),
+                env.causation_id(),
+                env.source(),
+                env.key().map(|k| k.get()),
+                env.headers().get("tenant").map(str::to_owned),
+            ));
+            Ok(())
+        })
+        .unwrap();
+    }
+    let trace = microbus::EventId::new();
+    bus.publish(Numbered {
+        publisher: 0,
+        seq: 0,
+    })
+    .unwrap();
+    bus.publish_with(
+        Numbered {
+            publisher: 0,
+            seq: 1,
+        },
+        Publish::keyed(77u64)
+            .correlation(trace)
+            .header("tenant", "acme"),
+    )
+    .unwrap();
+    bus.flush(WAIT).unwrap();
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_by_key(|s| s.0);
+    assert_eq!(seen.len(), 2);
+    let (id, correlation, causation, source, key, tenant) = seen[0].clone();
+    assert_eq!(correlation, id, "a root event is its own correlation");
+    assert_eq!(
+        (causation, source, key, tenant),
+        (None, "Orders", None, None)
+    );
+    let (_, correlation, _, _, key, tenant) = seen[1].clone();
+    assert_eq!(correlation, trace);
+    assert_eq!(key, Some(77));
+    assert_eq!(tenant.as_deref(), Some("acme"));
+}
+
+#[test]
+fn public_handles_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Bus>();
+    check::<microbus::Subscription>();
+    check::<microbus::Envelope>();
+    check::<microbus::EventId>();
+    check::<microbus::ShutdownReport>();
+    check::<microbus::BusStats>();
+    check::<microbus::PublishError<Numbered>>();
+    check::<microbus::TryPublishError<Numbered>>();
+    check::<microbus::FlushError>();
+    check::<microbus::Context<'static>>();
+}

@@ -53,6 +53,10 @@ impl Tally {
         self.seen[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn get(&self, i: usize) -> u8 {
+        self.seen[i].load(Ordering::Relaxed)
+    }
+
     /// Indices seen other than exactly once, with their counts.
     pub fn not_once(&self) -> Vec<(usize, u8)> {
         self.seen

@@ -1,0 +1,83 @@
+//! Configuration: every invalid setting is a `ConfigError` naming its field.
+
+use std::time::Duration;
+
+use microbus::{Bus, BusBuilder, MAX_CHANNEL_CAPACITY, MAX_NAME_LEN, MAX_WORKERS};
+
+fn field_of(builder: BusBuilder) -> &'static str {
+    builder.build().unwrap_err().field()
+}
+
+#[test]
+fn each_invalid_setting_names_its_field() {
+    let cases: Vec<(BusBuilder, &str)> = vec![
+        (Bus::builder().workers(0), "workers"),
+        (Bus::builder().workers(MAX_WORKERS + 1), "workers"),
+        (Bus::builder().channel_capacity(0), "channel_capacity"),
+        (
+            Bus::builder().channel_capacity(MAX_CHANNEL_CAPACITY + 1),
+            "channel_capacity",
+        ),
+        (
+            Bus::builder().spill_capacity(MAX_CHANNEL_CAPACITY + 1),
+            "spill_capacity",
+        ),
+        (Bus::builder().service_name(""), "service_name"),
+        (Bus::builder().service_name("   "), "service_name"),
+        (Bus::builder().service_name(" Orders"), "service_name"),
+        (Bus::builder().service_name("Ord\ners"), "service_name"),
+        (
+            Bus::builder().service_name("x".repeat(MAX_NAME_LEN + 1)),
+            "service_name",
+        ),
+        (
+            Bus::builder().shutdown_timeout(Duration::from_secs(25 * 3600)),
+            "shutdown_timeout",
+        ),
+    ];
+    for (builder, field) in cases {
+        let debug = format!("{builder:?}");
+        assert_eq!(field_of(builder), field, "{debug}");
+    }
+}
+
+#[test]
+fn errors_explain_the_value() {
+    let err = Bus::builder().channel_capacity(0).build().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid `channel_capacity`: must be at least 1 (got 0)"
+    );
+    let err = Bus::builder().service_name(" x").build().unwrap_err();
+    assert_eq!(
+        err.reason(),
+        "must not start or end with white space (got \" x\")"
+    );
+}
+
+#[test]
+fn service_names_are_checked_too() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    assert_eq!(bus.service("").unwrap_err().field(), "service");
+    assert_eq!(bus.service("Pay\tments").unwrap_err().field(), "service");
+    assert_eq!(bus.service("Payments").unwrap().service_name(), "Payments");
+}
+
+#[test]
+fn the_limits_themselves_are_valid() {
+    let bus = Bus::builder()
+        .workers(1)
+        .channel_capacity(1)
+        .spill_capacity(0)
+        .shutdown_timeout(Duration::ZERO)
+        .service_name("x".repeat(MAX_NAME_LEN))
+        .build()
+        .unwrap();
+    assert_eq!(bus.workers(), 1);
+    let defaults = Bus::builder().build().unwrap();
+    assert_eq!(defaults.service_name(), microbus::DEFAULT_SERVICE_NAME);
+    assert_eq!(
+        defaults.workers(),
+        std::thread::available_parallelism().unwrap().get()
+    );
+}

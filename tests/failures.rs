@@ -1,0 +1,110 @@
+//! Failing handlers: errors and panics fail one delivery, never the worker or the siblings.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::{Numbered, WAIT, count};
+use microbus::{Bus, Context, HandlerError, HandlerResult};
+
+/// Keeps the expected panics of handlers off the test output.
+fn quiet_worker_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let on_worker = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("microbus-worker"));
+        if !on_worker {
+            default(info);
+        }
+    }));
+}
+
+#[test]
+fn a_panic_on_every_tenth_event_fails_only_those_deliveries() {
+    const EVENTS: u64 = 1_000;
+    quiet_worker_panics();
+    let bus = Bus::builder().workers(2).build().unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    let sibling = Arc::new(AtomicU64::new(0));
+    let panicky = {
+        let handled = handled.clone();
+        bus.subscribe(move |e: &Numbered, _: &Context| -> HandlerResult {
+            if e.seq % 10 == 0 {
+                panic!("event {} is cursed", e.seq);
+            }
+            handled.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })
+        .unwrap()
+    };
+    let steady = {
+        let sibling = sibling.clone();
+        bus.subscribe(move |_: &Numbered, _: &Context| -> HandlerResult {
+            sibling.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        })
+        .unwrap()
+    };
+    for seq in 0..EVENTS {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    bus.flush(WAIT).unwrap();
+    assert_eq!(count(&handled), EVENTS * 9 / 10);
+    assert_eq!(count(&sibling), EVENTS);
+    let stats = panicky.stats();
+    assert_eq!((stats.failed, stats.panicked), (EVENTS / 10, EVENTS / 10));
+    assert!(
+        stats
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("handler panicked: event ") && e.ends_with(" is cursed")),
+        "{stats:?}"
+    );
+    assert_eq!(steady.stats().failed, 0);
+    let report = bus.shutdown().unwrap();
+    assert_eq!(report.stats.delivered, 2 * EVENTS);
+    assert_eq!(report.stats.succeeded, 2 * EVENTS - EVENTS / 10);
+    assert_eq!(report.stats.failed, EVENTS / 10);
+    assert_eq!(report.stats.panicked, EVENTS / 10);
+    assert_eq!(report.stats.discarded, EVENTS / 10);
+    assert!(report.is_balanced());
+}
+
+#[derive(Debug)]
+struct Declined(u64);
+
+impl std::fmt::Display for Declined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "card declined for order {}", self.0)
+    }
+}
+
+impl std::error::Error for Declined {}
+
+#[test]
+fn errors_are_counted_with_their_text() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let sub = bus
+        .subscribe(|e: &Numbered, _: &Context| -> HandlerResult {
+            match e.seq % 3 {
+                0 => Ok(()),
+                1 => Err(Declined(e.seq).into()),
+                _ => Err(HandlerError::permanent(Declined(e.seq))),
+            }
+        })
+        .unwrap();
+    for seq in 0..9 {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    bus.flush(WAIT).unwrap();
+    let stats = sub.stats();
+    assert_eq!((stats.failed, stats.panicked), (6, 0));
+    assert_eq!(
+        stats.last_error.as_deref(),
+        Some("card declined for order 8")
+    );
+    let bus_stats = bus.stats();
+    assert_eq!((bus_stats.succeeded, bus_stats.failed), (3, 6));
+}

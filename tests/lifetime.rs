@@ -1,0 +1,111 @@
+//! Lifetime: flush and shutdown refuse to wait for themselves, and the last handle shuts the
+//! bus down and joins its threads.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Numbered, WAIT, count};
+use microbus::{Bus, Context, HandlerResult, ShutdownError};
+
+#[test]
+fn flush_and_shutdown_from_a_handler_are_errors() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    {
+        let (captured, outcomes) = (bus.clone(), outcomes.clone());
+        bus.subscribe(move |_: &Numbered, _: &Context| -> HandlerResult {
+            let flush = captured.flush(Duration::from_secs(1));
+            let shutdown = captured.shutdown();
+            outcomes
+                .lock()
+                .unwrap()
+                .push((flush.map_err(|e| e.is_in_handler()), shutdown.map(|_| ())));
+            Ok(())
+        })
+        .unwrap();
+    }
+    bus.publish(Numbered {
+        publisher: 0,
+        seq: 0,
+    })
+    .unwrap();
+    bus.flush(WAIT).unwrap();
+    assert_eq!(
+        *outcomes.lock().unwrap(),
+        vec![(Err(true), Err(ShutdownError::InHandler))]
+    );
+    // The bus still works, and shuts down from outside.
+    bus.publish(Numbered {
+        publisher: 0,
+        seq: 1,
+    })
+    .unwrap();
+    let report = bus.shutdown().unwrap();
+    assert_eq!(report.stats.succeeded, 2);
+}
+
+#[test]
+fn dropping_the_last_handle_handles_what_was_accepted_and_joins_the_workers() {
+    let token = Arc::new(());
+    let handled = Arc::new(AtomicU64::new(0));
+    {
+        let bus = Bus::builder().workers(2).build().unwrap();
+        let service = bus.service("Other").unwrap();
+        let sub = {
+            let (token, handled) = (token.clone(), handled.clone());
+            service
+                .subscribe(move |_: &Numbered, _: &Context| -> HandlerResult {
+                    let _keep = &token;
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                })
+                .unwrap()
+        };
+        drop(sub);
+        for seq in 0..1_000 {
+            bus.publish(Numbered { publisher: 0, seq }).unwrap();
+        }
+        drop(service);
+        assert_eq!(Arc::strong_count(&token), 2);
+        drop(bus);
+    }
+    assert_eq!(count(&handled), 1_000);
+    // The handler was dropped with the bus's state, which every worker thread held: they are
+    // all gone.
+    assert_eq!(Arc::strong_count(&token), 1);
+}
+
+#[test]
+fn a_flush_timeout_says_what_remains() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
+    bus.subscribe(move |e: &Numbered, _: &Context| -> HandlerResult {
+        if e.seq == 0 {
+            entered_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+        }
+        Ok(())
+    })
+    .unwrap();
+    for seq in 0..5 {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    entered_rx.recv().unwrap();
+    let err = bus.flush(Duration::from_millis(20)).unwrap_err();
+    assert!(err.is_timeout());
+    let pending = err.pending().unwrap();
+    assert_eq!(
+        (pending.queued, pending.running, pending.waiting),
+        (4, 1, 0)
+    );
+    assert_eq!(
+        err.to_string(),
+        "flush timed out with 4 queued, 1 running and 0 waiting to be offered again"
+    );
+    release_tx.send(()).unwrap();
+    bus.flush(WAIT).unwrap();
+}

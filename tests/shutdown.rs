@@ -1,0 +1,205 @@
+//! Shutdown: everything accepted is handled, nothing is lost or doubled, the deadline holds,
+//! and the report adds up.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{FollowUp, Numbered, Tally, WAIT, count};
+use microbus::{Bus, Context, EventId, HandlerResult, PublishError};
+
+/// One worker, held inside the handler of event 0 until `release` is sent.
+fn held_bus(
+    capacity: usize,
+) -> (
+    Bus,
+    crossbeam_channel::Sender<()>,
+    Arc<AtomicU64>,
+    crossbeam_channel::Receiver<EventId>,
+) {
+    let bus = Bus::builder()
+        .workers(1)
+        .channel_capacity(capacity)
+        .build()
+        .unwrap();
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded(1);
+    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
+    let handled = Arc::new(AtomicU64::new(0));
+    {
+        let handled = handled.clone();
+        bus.subscribe(move |e: &Numbered, ctx: &Context| -> HandlerResult {
+            if e.seq == 0 {
+                entered_tx.send(ctx.event_id()).unwrap();
+                release_rx.recv().unwrap();
+            }
+            handled.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+    }
+    (bus, release_tx, handled, entered_rx)
+}
+
+#[test]
+fn shutdown_handles_everything_queued_before_it_returns() {
+    const EVENTS: u64 = 10_000;
+    let (bus, release, handled, entered) = held_bus(EVENTS as usize);
+    for seq in 0..EVENTS {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    entered.recv().unwrap();
+    let stopper = {
+        let bus = bus.clone();
+        std::thread::spawn(move || bus.shutdown_timeout(WAIT))
+    };
+    // Wait until intake is closed (an event nobody subscribes to is refused), then let the
+    // worker go.
+    while bus
+        .try_publish(FollowUp {
+            parent: 0,
+            index: 0,
+        })
+        .is_ok()
+    {
+        std::thread::yield_now();
+    }
+    assert_eq!(count(&handled), 0);
+    release.send(()).unwrap();
+    let report = stopper.join().unwrap().unwrap();
+    assert_eq!(count(&handled), EVENTS);
+    assert!(!report.deadline_passed, "{report:?}");
+    assert_eq!(report.stats.succeeded, EVENTS);
+    assert_eq!(report.stats.left, 0);
+    assert!(report.is_balanced(), "{report}");
+    assert_eq!(
+        bus.shutdown().unwrap(),
+        report,
+        "a second call returns the same report"
+    );
+}
+
+#[test]
+fn publishers_blocked_on_full_shards_get_their_events_back() {
+    const PER_PUBLISHER: u64 = 20_000;
+    let bus = Bus::builder()
+        .workers(2)
+        .channel_capacity(4)
+        .build()
+        .unwrap();
+    let tally = Arc::new(Tally::new(3 * PER_PUBLISHER as usize));
+    {
+        let tally = tally.clone();
+        bus.subscribe(move |e: &Numbered, _: &Context| -> HandlerResult {
+            tally.mark((u64::from(e.publisher) * PER_PUBLISHER + e.seq) as usize);
+            std::hint::black_box((0..200).sum::<u64>());
+            Ok(())
+        })
+        .unwrap();
+    }
+    let accepted = Arc::new(AtomicU64::new(0));
+    let publishers: Vec<_> = (0..3u32)
+        .map(|publisher| {
+            let (bus, accepted) = (bus.clone(), accepted.clone());
+            std::thread::spawn(move || {
+                let mut returned = Vec::new();
+                for seq in 0..PER_PUBLISHER {
+                    match bus.publish(Numbered { publisher, seq }) {
+                        Ok(()) => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(PublishError::Shutdown(e)) => {
+                            assert_eq!((e.publisher, e.seq), (publisher, seq));
+                            returned.push(u64::from(publisher) * PER_PUBLISHER + seq);
+                        }
+                    }
+                }
+                returned
+            })
+        })
+        .collect();
+    while count(&accepted) < 2_000 {
+        std::thread::yield_now();
+    }
+    let report = bus.shutdown_timeout(WAIT).unwrap();
+    let returned: Vec<u64> = publishers
+        .into_iter()
+        .flat_map(|p| p.join().unwrap())
+        .collect();
+    let returned_set: HashSet<u64> = returned.iter().copied().collect();
+    assert_eq!(returned_set.len(), returned.len());
+    assert!(
+        !returned.is_empty(),
+        "shutdown came before the publishers were done"
+    );
+    // Each event was handled once, or returned, never both, never neither.
+    let wrong: Vec<_> = tally
+        .not_once()
+        .into_iter()
+        .filter(|&(i, c)| !(c == 0 && returned_set.contains(&(i as u64))))
+        .collect();
+    assert_eq!(wrong, vec![]);
+    for &i in &returned {
+        assert_eq!(
+            tally.get(i as usize),
+            0,
+            "returned event {i} was also handled"
+        );
+    }
+    assert_eq!(report.stats.delivered, count(&accepted));
+    assert_eq!(report.stats.succeeded, count(&accepted));
+    // The report is taken when shutdown returns; publishers kept being refused after that.
+    assert!(report.stats.refused <= returned.len() as u64);
+    assert_eq!(bus.stats().refused, returned.len() as u64);
+    assert_eq!(count(&accepted) + returned.len() as u64, 3 * PER_PUBLISHER);
+    assert!(report.is_balanced(), "{report}");
+}
+
+#[test]
+fn the_deadline_holds_against_a_stuck_handler() {
+    let (bus, release, handled, entered) = held_bus(64);
+    for seq in 0..10 {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    let stuck_id = entered.recv().unwrap();
+    let report = bus.shutdown_timeout(Duration::from_millis(50)).unwrap();
+    assert!(report.deadline_passed);
+    assert_eq!(report.stats.abandoned, 1);
+    assert_eq!(report.stats.left, 9);
+    assert_eq!(report.stats.succeeded, 0);
+    assert_eq!(report.stats.delivered, 10);
+    assert!(report.is_balanced(), "{report}");
+    assert_eq!(report.abandoned.len(), 1);
+    let abandoned = &report.abandoned[0];
+    assert_eq!(abandoned.event, "Numbered");
+    assert_eq!(abandoned.event_id, Some(stuck_id));
+    assert_eq!(abandoned.worker, "microbus-worker-0");
+    assert!(report.to_string().contains(&stuck_id.to_string()));
+    // The detached worker finishes its handler and exits; what it had queued was swept.
+    release.send(()).unwrap();
+    while count(&handled) == 0 {
+        std::thread::yield_now();
+    }
+    assert_eq!(count(&handled), 1);
+}
+
+#[test]
+fn concurrent_shutdowns_agree() {
+    let bus = Bus::builder().workers(2).build().unwrap();
+    bus.subscribe(|_: &Numbered, _: &Context| -> HandlerResult { Ok(()) })
+        .unwrap();
+    for seq in 0..1_000 {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    let stoppers: Vec<_> = (0..3)
+        .map(|_| {
+            let bus = bus.clone();
+            std::thread::spawn(move || bus.shutdown().unwrap())
+        })
+        .collect();
+    let reports: Vec<_> = stoppers.into_iter().map(|s| s.join().unwrap()).collect();
+    assert!(reports.iter().all(|r| *r == reports[0]));
+    assert_eq!(reports[0].stats.succeeded, 1_000);
+}

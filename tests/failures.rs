@@ -31,7 +31,7 @@ fn a_panic_on_every_tenth_event_fails_only_those_deliveries() {
     let panicky = {
         let handled = handled.clone();
         bus.subscribe(move |e: &Numbered, _: &Context| -> HandlerResult {
-            if e.seq % 10 == 0 {
+            if e.seq.is_multiple_of(10) {
                 panic!("event {} is cursed", e.seq);
             }
             handled.fetch_add(1, Ordering::Relaxed);

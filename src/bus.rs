@@ -27,9 +27,9 @@ use crate::handler::{Context, Handler, HandlerResult};
 use crate::ledger::{Gate, Quiescence, outstanding};
 use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subscription};
 use crate::shard::{
-    ABANDONED, IDLE, Msg, Publication, Routed, STOPPED, Shard, WorkerShared, into_event, run_worker,
+    ABANDONED, IDLE, Msg, Routed, STOPPED, Shard, Task, WorkerShared, run_worker,
 };
-use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::timer::Timer;
 
 thread_local! {
@@ -69,6 +69,10 @@ impl Drop for OwnThread {
 }
 
 static NEXT_BUS_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How many times a publisher that found its shard full tries again (spinning, then yielding)
+/// before it blocks.
+const SEND_BACKOFF_STEPS: u32 = 10;
 
 /// How a publisher waits when its shard is full.
 #[derive(Clone, Copy)]
@@ -270,10 +274,7 @@ impl Core {
         options: Publish,
         mode: Mode,
     ) -> Result<(), (Refusal, E)> {
-        let Some(table) = self.registry.table::<E>() else {
-            return self.unmatched(event);
-        };
-        let deliveries = table.matching(source);
+        let (generation, deliveries) = self.registry.route::<E>(source);
         if deliveries == 0 {
             return self.unmatched(event);
         }
@@ -284,14 +285,10 @@ impl Core {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return Err((Refusal::Shutdown, event));
         }
-        let msg = Msg::Task(Box::new(Publication {
-            envelope,
-            table,
-            event,
-        }));
+        let msg = Msg::Task(Task::new(envelope, generation, deliveries, event));
         let sent = match shard.tx.try_send(msg) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(msg)) => self.send_full(index, msg, deliveries, mode),
+            Err(TrySendError::Full(msg)) => self.send_full(index, msg, mode),
             Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
         };
         match sent {
@@ -304,39 +301,58 @@ impl Core {
                 if why == Refusal::Shutdown {
                     self.refused.fetch_add(1, Ordering::Relaxed);
                 }
-                Err((why, into_event(msg)))
+                let Msg::Task(task) = msg else {
+                    unreachable!("publishers send tasks")
+                };
+                Err((why, task.into_event()))
             }
         }
     }
 
     /// The slow path of a publish that found its shard full.
     #[cold]
-    fn send_full(
-        &self,
-        index: usize,
-        msg: Msg,
-        deliveries: usize,
-        mode: Mode,
-    ) -> Result<(), (Refusal, Msg)> {
+    fn send_full(&self, index: usize, msg: Msg, mode: Mode) -> Result<(), (Refusal, Msg)> {
         if let Mode::Try = mode {
             return Err((Refusal::Full, msg));
         }
         if let Some(worker) = OwnThread::worker_of(self.id) {
             // A worker never blocks on a channel: that is how buses deadlock. The event is
             // accepted and waits in this worker's spill queue or on the timer.
-            let Msg::Task(job) = msg else {
+            let Msg::Task(task) = msg else {
                 unreachable!("publishers send tasks")
             };
-            let routed = Routed {
-                shard: index,
-                deliveries,
-                job,
-            };
+            let routed = Routed { shard: index, task };
             let left = self.spill_or_wait(worker, routed);
             self.shards[worker].worker.settle_left(left);
             return Ok(());
         }
         let tx = &self.shards[index].tx;
+        // First wait without registering with the channel, as crossbeam's own `send` does: on
+        // a busy core, yielding lets the worker drain a batch instead of waking this thread for
+        // every slot it frees.
+        let mut msg = msg;
+        for step in 0..SEND_BACKOFF_STEPS {
+            if step < 6 {
+                for _ in 0..1 << step {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::yield_now();
+            }
+            if self.is_closing() {
+                return Err((Refusal::Shutdown, msg));
+            }
+            if let Mode::Until(deadline) = mode
+                && Instant::now() >= deadline
+            {
+                return Err((Refusal::Timeout, msg));
+            }
+            msg = match tx.try_send(msg) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(msg)) => msg,
+                Err(TrySendError::Disconnected(msg)) => return Err((Refusal::Shutdown, msg)),
+            };
+        }
         let mut select = Select::new();
         let send = select.send(tx);
         select.recv(&self.signal_rx);
@@ -367,11 +383,7 @@ impl Core {
         if self.stopped.load(Ordering::SeqCst) {
             return Err(event);
         }
-        let Some(table) = self.registry.table::<E>() else {
-            self.unmatched.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
-        };
-        let deliveries = table.matching(source);
+        let (generation, deliveries) = self.registry.route::<E>(source);
         if deliveries == 0 {
             self.unmatched.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
@@ -380,12 +392,7 @@ impl Core {
         let shard = self.shard_for(&envelope);
         Ok(Some(Routed {
             shard,
-            deliveries,
-            job: Box::new(Publication {
-                envelope,
-                table,
-                event,
-            }),
+            task: Task::new(envelope, generation, deliveries, event),
         }))
     }
 
@@ -393,13 +400,13 @@ impl Core {
     /// in worker `from`'s spill queue, or on the timer. Returns the deliveries that could not
     /// be kept (the timer has stopped), which the caller settles as left.
     pub(crate) fn offer(&self, from: usize, routed: Routed) -> usize {
-        match self.shards[routed.shard].tx.try_send(Msg::Task(routed.job)) {
+        match self.shards[routed.shard].tx.try_send(Msg::Task(routed.task)) {
             Ok(()) => 0,
             Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
-                let Msg::Task(job) = msg else {
+                let Msg::Task(task) = msg else {
                     unreachable!("a task was sent")
                 };
-                self.spill_or_wait(from, Routed { job, ..routed })
+                self.spill_or_wait(from, Routed { task, ..routed })
             }
         }
     }
@@ -410,7 +417,7 @@ impl Core {
         };
         match self.timer.schedule(routed) {
             Ok(()) => 0,
-            Err(routed) => routed.deliveries,
+            Err(routed) => routed.task.deliveries(),
         }
     }
 
@@ -593,7 +600,7 @@ impl Core {
         if let Some(thread) = self.timer_thread.lock().take() {
             let _ = thread.join();
         }
-        let mut swept: usize = self.timer.take().iter().map(|r| r.deliveries).sum();
+        let mut swept: usize = self.timer.take().iter().map(|r| r.task.deliveries()).sum();
 
         let mut abandoned = Vec::new();
         for (index, shard) in self.shards.iter().enumerate() {
@@ -637,15 +644,15 @@ impl Core {
 
         for shard in self.shards.iter() {
             while let Ok(msg) = shard.rx.try_recv() {
-                if let Msg::Task(job) = msg {
-                    swept += job.deliveries();
+                if let Msg::Task(task) = msg {
+                    swept += task.deliveries();
                 }
             }
             swept += shard
                 .worker
                 .take_spill()
                 .iter()
-                .map(|r| r.deliveries)
+                .map(|r| r.task.deliveries())
                 .sum::<usize>();
         }
         let mut detached = Vec::new();
@@ -763,11 +770,12 @@ impl BusBuilder {
             })
             .collect();
         let source = NameId::intern(&config.service_name);
+        let id = NEXT_BUS_ID.fetch_add(1, Ordering::Relaxed);
         let core = Arc::new(Core {
-            id: NEXT_BUS_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             spill_capacity: config.spill_capacity(),
             config,
-            registry: Registry::new(),
+            registry: Registry::new(id),
             shards,
             timer: Timer::default(),
             signal_tx: Mutex::new(Some(signal_tx)),
@@ -1005,6 +1013,7 @@ impl Bus {
             filter,
             event_name: E::NAME,
             type_id: TypeId::of::<E>(),
+            since_gen: AtomicU32::new(0),
             active: AtomicBool::new(true),
             failed: AtomicU64::new(0),
             panicked: AtomicU64::new(0),

@@ -98,7 +98,7 @@
 //!   delays the events behind it on that shard.
 //! - Nothing survives the process: the bus lives in memory.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(
     missing_docs,
     missing_debug_implementations,

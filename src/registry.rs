@@ -1,10 +1,16 @@
 //! Per-type handler tables and the [`Subscription`] handle.
 //!
-//! Ground rules: the tables form one immutable map from `TypeId` to an immutable
-//! `TypeTable<E>`, held in an `ArcSwap`. Publishers read it without a lock (`ArcSwap::load`) and
-//! take an `Arc` of their type's table: that table *is* the snapshot of subscriptions an event
-//! is matched against, and it travels with the event to its worker. Subscribe and unsubscribe
-//! serialize on a mutex, build a new map, and swap it in.
+//! Ground rules: the tables form one immutable [`Snapshot`]: a generation number and a map from
+//! `TypeId` to an immutable `TypeTable<E>`, held in an `ArcSwap`. Publishers read it without a
+//! lock (`ArcSwap::load`), count the subscriptions an event matches, and send the event with
+//! the snapshot's generation and that count, never a reference to the table. Subscribe and
+//! unsubscribe serialize on a mutex, build the next generation, and swap it in.
+//!
+//! A subscription records the generation that added it (`since_gen`); a removed one leaves a
+//! tombstone with the generation that removed it. A worker keeps its own snapshot and refreshes
+//! it when an event is newer. The subscriptions an event of generation `g` matched are then the
+//! worker's subscriptions with `since_gen <= g` (newer snapshots only ever lose some: those
+//! are in the tombstones, and their deliveries are cancelled).
 //!
 //! A subscription's `active` flag and each worker's `state` word (the id of the subscription
 //! it is running) form a Dekker pair: a worker stores its state, then reads `active`; an
@@ -12,6 +18,7 @@
 //! after `unsubscribe` has seen no worker running the subscription, no call can start.
 
 use std::any::{Any, TypeId};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -22,7 +29,7 @@ use parking_lot::Mutex;
 use crate::bus::Core;
 use crate::event::{Event, NameId};
 use crate::handler::{Context, HandlerError, HandlerResult};
-use crate::sync::{Arc, AtomicBool, AtomicU64, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 pub(crate) type HandlerFn<E> = Box<dyn Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync>;
 
@@ -34,6 +41,8 @@ pub(crate) struct SubMeta {
     pub(crate) filter: Option<NameId>,
     pub(crate) event_name: &'static str,
     pub(crate) type_id: TypeId,
+    /// The generation of the first snapshot that holds the subscription.
+    pub(crate) since_gen: AtomicU32,
     pub(crate) active: AtomicBool,
     pub(crate) failed: AtomicU64,
     pub(crate) panicked: AtomicU64,
@@ -44,6 +53,13 @@ pub(crate) struct SubMeta {
 impl SubMeta {
     pub(crate) fn matches(&self, source: NameId) -> bool {
         self.filter.is_none_or(|f| f == source)
+    }
+
+    /// Whether an event of generation `generation` from `source` was matched to this subscription
+    /// (given that the subscription was in that generation's snapshot or is still subscribed).
+    #[inline]
+    pub(crate) fn matched(&self, generation: u32, source: NameId) -> bool {
+        !before(generation, self.since_gen.load(Ordering::Relaxed)) && self.matches(source)
     }
 
     pub(crate) fn record_failure(&self, error: &HandlerError, panicked: bool) {
@@ -60,32 +76,54 @@ pub(crate) struct Sub<E> {
     pub(crate) handler: HandlerFn<E>,
 }
 
+/// How many removed subscriptions of one type are remembered, to attribute cancellations.
+const TOMBSTONES: usize = 64;
+
+/// A removed subscription, remembered so that deliveries still queued for it are counted as
+/// its cancellations.
+#[derive(Clone)]
+pub(crate) struct Tombstone {
+    pub(crate) meta: Arc<SubMeta>,
+    pub(crate) removed_gen: u32,
+}
+
 /// The subscriptions of one event type, in subscription order. Never mutated: replaced.
 pub(crate) struct TypeTable<E> {
     pub(crate) subs: Box<[Arc<Sub<E>>]>,
-}
-
-impl<E> TypeTable<E> {
-    /// How many subscriptions an event from `source` is delivered to.
-    pub(crate) fn matching(&self, source: NameId) -> usize {
-        self.subs.iter().filter(|s| s.meta.matches(source)).count()
-    }
+    pub(crate) removed: Box<[Tombstone]>,
 }
 
 trait ErasedTable: Any + Send + Sync {
-    /// The same table without subscription `id`, or `None` when that leaves it empty.
-    fn without(&self, id: u64) -> Option<Arc<dyn ErasedTable>>;
+    /// The same table without subscription `id`, which generation `generation` removes.
+    fn without(&self, id: u64, generation: u32) -> Arc<dyn ErasedTable>;
+    /// The source filter of each subscription.
+    fn filters(&self) -> Box<[Option<NameId>]>;
 }
 
 impl<E: Event> ErasedTable for TypeTable<E> {
-    fn without(&self, id: u64) -> Option<Arc<dyn ErasedTable>> {
-        let subs: Box<[_]> = self
-            .subs
-            .iter()
-            .filter(|s| s.meta.id != id)
-            .cloned()
-            .collect();
-        (!subs.is_empty()).then(|| Arc::new(TypeTable { subs }) as Arc<dyn ErasedTable>)
+    fn filters(&self) -> Box<[Option<NameId>]> {
+        self.subs.iter().map(|s| s.meta.filter).collect()
+    }
+
+    fn without(&self, id: u64, generation: u32) -> Arc<dyn ErasedTable> {
+        let mut removed: Vec<Tombstone> = self.removed.to_vec();
+        let mut subs = Vec::with_capacity(self.subs.len());
+        for sub in self.subs.iter() {
+            if sub.meta.id == id {
+                removed.push(Tombstone {
+                    meta: sub.meta.clone(),
+                    removed_gen: generation,
+                });
+            } else {
+                subs.push(sub.clone());
+            }
+        }
+        let excess = removed.len().saturating_sub(TOMBSTONES);
+        removed.drain(..excess);
+        Arc::new(TypeTable {
+            subs: subs.into_boxed_slice(),
+            removed: removed.into_boxed_slice(),
+        })
     }
 }
 
@@ -109,67 +147,183 @@ impl Hasher for TypeIdHasher {
 
 type TypeMap = HashMap<TypeId, Arc<dyn ErasedTable>, BuildHasherDefault<TypeIdHasher>>;
 
+/// Whether generation `a` comes before generation `b`. Generations are 32-bit and wrap; they
+/// compare as serial numbers, which is exact while an event is handled fewer than 2^31
+/// subscription changes after it was published.
+#[inline]
+pub(crate) fn before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// What publishers need of one generation: each event type's subscriptions' source filters.
+/// Plain data, so that a publisher thread may cache it without keeping handlers alive.
+pub(crate) struct Routes {
+    generation: u32,
+    filters: HashMap<TypeId, Box<[Option<NameId>]>, BuildHasherDefault<TypeIdHasher>>,
+}
+
+impl Routes {
+    fn matching(&self, type_id: TypeId, source: NameId) -> usize {
+        self.filters.get(&type_id).map_or(0, |filters| {
+            filters
+                .iter()
+                .filter(|f| f.is_none_or(|f| f == source))
+                .count()
+        })
+    }
+}
+
+/// One generation of the handler tables.
+pub(crate) struct Snapshot {
+    pub(crate) generation: u32,
+    tables: TypeMap,
+    routes: Arc<Routes>,
+}
+
+impl Snapshot {
+    fn new(generation: u32, tables: TypeMap) -> Snapshot {
+        let routes = Arc::new(Routes {
+            generation,
+            filters: tables
+                .iter()
+                .map(|(type_id, table)| (*type_id, table.filters()))
+                .collect(),
+        });
+        Snapshot {
+            generation,
+            tables,
+            routes,
+        }
+    }
+
+    /// The table of `E`, if anything ever subscribed to it.
+    #[inline]
+    pub(crate) fn table<E: Event>(&self) -> Option<&TypeTable<E>> {
+        let table: &dyn Any = &**self.tables.get(&TypeId::of::<E>())?;
+        table.downcast_ref()
+    }
+}
+
+/// How many buses' routes a thread keeps at hand.
+const CACHED_ROUTES: usize = 4;
+
+thread_local! {
+    /// This thread's latest routes of the buses it published on, by bus id.
+    static ROUTES: RefCell<Vec<(u64, Arc<Routes>)>> = const { RefCell::new(Vec::new()) };
+}
+
 pub(crate) struct Registry {
-    map: ArcSwap<TypeMap>,
+    /// The bus's id, which keys the per-thread route caches.
+    bus: u64,
+    snapshot: ArcSwap<Snapshot>,
+    /// The current generation, for cheap staleness checks.
+    generation: AtomicU32,
     write: Mutex<()>,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Arc<SubMeta>>>,
 }
 
 impl Registry {
-    pub(crate) fn new() -> Registry {
+    pub(crate) fn new(bus: u64) -> Registry {
         Registry {
-            map: ArcSwap::from_pointee(TypeMap::default()),
+            bus,
+            snapshot: ArcSwap::from_pointee(Snapshot::new(0, TypeMap::default())),
+            generation: AtomicU32::new(0),
             write: Mutex::new(()),
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The current table of `E`, if anything subscribes to it. Takes no lock.
+    /// The generation of the handler tables now, and how many subscriptions an event of type
+    /// `E` from `source` matches in it. Takes no lock, and in the common case (no subscription
+    /// change since this thread last published) no read-modify-write either.
     #[inline]
-    pub(crate) fn table<E: Event>(&self) -> Option<Arc<TypeTable<E>>> {
-        let map = self.map.load();
-        let table: Arc<dyn Any + Send + Sync> = map.get(&TypeId::of::<E>())?.clone();
-        table.downcast().ok()
+    pub(crate) fn route<E: Event>(&self, source: NameId) -> (u32, usize) {
+        let current = self.generation.load(Ordering::Acquire);
+        ROUTES.with_borrow_mut(|cache| {
+            let slot = cache.iter().position(|(bus, _)| *bus == self.bus);
+            if let Some(i) = slot
+                && cache[i].1.generation == current
+            {
+                let routes = &cache[i].1;
+                return (routes.generation, routes.matching(TypeId::of::<E>(), source));
+            }
+            let routes = self.snapshot.load().routes.clone();
+            let answer = (routes.generation, routes.matching(TypeId::of::<E>(), source));
+            match slot {
+                Some(i) => cache[i].1 = routes,
+                None => {
+                    if cache.len() == CACHED_ROUTES {
+                        cache.remove(0);
+                    }
+                    cache.push((self.bus, routes));
+                }
+            }
+            answer
+        })
+    }
+
+    /// The current snapshot, owned.
+    pub(crate) fn load_full(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The current generation.
+    pub(crate) fn generation(&self) -> u32 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Stores the next generation, made by `change` from the current tables.
+    fn publish(&self, change: impl FnOnce(&mut TypeMap, u32)) {
+        let current = self.snapshot.load_full();
+        let generation = current.generation.wrapping_add(1);
+        let mut tables = current.tables.clone();
+        change(&mut tables, generation);
+        self.snapshot.store(Arc::new(Snapshot::new(generation, tables)));
+        self.generation.store(generation, Ordering::Release);
+    }
+
     pub(crate) fn insert<E: Event>(&self, sub: Sub<E>) -> Arc<SubMeta> {
         let meta = sub.meta.clone();
         let _write = self.write.lock();
-        let current = self.map.load_full();
-        let mut subs: Vec<Arc<Sub<E>>> = self
-            .table::<E>()
-            .map(|t| t.subs.to_vec())
-            .unwrap_or_default();
-        subs.push(Arc::new(sub));
-        let mut map = (*current).clone();
-        map.insert(
-            TypeId::of::<E>(),
-            Arc::new(TypeTable {
-                subs: subs.into_boxed_slice(),
-            }),
-        );
-        self.map.store(Arc::new(map));
+        self.publish(|tables, generation| {
+            meta.since_gen.store(generation, Ordering::Relaxed);
+            let (mut subs, removed) = match tables.get(&TypeId::of::<E>()) {
+                Some(table) => {
+                    let table: &dyn Any = &**table;
+                    let table = table
+                        .downcast_ref::<TypeTable<E>>()
+                        .expect("the table under E's TypeId is E's");
+                    (table.subs.to_vec(), table.removed.clone())
+                }
+                None => (Vec::new(), Box::default()),
+            };
+            subs.push(Arc::new(sub));
+            tables.insert(
+                TypeId::of::<E>(),
+                Arc::new(TypeTable {
+                    subs: subs.into_boxed_slice(),
+                    removed,
+                }),
+            );
+        });
         self.live.lock().insert(meta.id, meta.clone());
         meta
     }
 
     pub(crate) fn remove(&self, meta: &SubMeta) {
         let _write = self.write.lock();
-        let current = self.map.load_full();
-        if let Some(table) = current.get(&meta.type_id) {
-            let mut map = (*current).clone();
-            match table.without(meta.id) {
-                Some(rest) => map.insert(meta.type_id, rest),
-                None => map.remove(&meta.type_id),
-            };
-            self.map.store(Arc::new(map));
-        }
+        self.publish(|tables, generation| {
+            if let Some(table) = tables.get(&meta.type_id) {
+                let rest = table.without(meta.id, generation);
+                tables.insert(meta.type_id, rest);
+            }
+        });
         self.live.lock().remove(&meta.id);
     }
 

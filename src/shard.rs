@@ -2,8 +2,8 @@
 //!
 //! Ground rules: shard `k`'s channel has many senders (publishers, other workers, the timer)
 //! and one receiver in normal operation, its worker; at shutdown the bus sweeps what is left
-//! in it. A message is one published event with the snapshot of the subscriptions it matched;
-//! the worker runs them one delivery at a time.
+//! in it. A message is one published event with the generation of the handler tables it was
+//! matched against; the worker runs its deliveries one at a time.
 //!
 //! Each worker has a `state` word: `IDLE`, the id of the subscription it is running, `STOPPED`
 //! or `ABANDONED`. The worker moves it `IDLE → id → IDLE` with compare-and-swap around every
@@ -22,12 +22,13 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
+use smallbox::{SmallBox, smallbox};
 
 use crate::bus::Core;
 use crate::event::{Envelope, Event, EventId};
 use crate::handler::{Context, HandlerError};
 use crate::ledger::Gate;
-use crate::registry::{Sub, TypeTable};
+use crate::registry::{Snapshot, Sub, before};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub(crate) const IDLE: u64 = 0;
@@ -39,8 +40,9 @@ const SPILL_RETRY: Duration = Duration::from_micros(500);
 
 /// What travels through a shard's channel.
 pub(crate) enum Msg {
-    Task(Box<dyn Job>),
-    /// Wakes an idle worker so that it notices it was stopped.
+    Task(Task),
+    /// Wakes an idle worker so that it notices it was stopped, or that events were handed to
+    /// it.
     Wake,
 }
 
@@ -54,59 +56,92 @@ pub(crate) enum Flow {
     Abandoned,
 }
 
-/// A published event, type-erased for the channel.
-pub(crate) trait Job: Any + Send {
-    /// Runs the event's deliveries on `worker`.
-    fn run(&mut self, worker: &mut Worker<'_>) -> Flow;
-    /// How many deliveries the event has.
-    fn deliveries(&self) -> usize;
-}
+/// Inline room for an event: events of up to three words (a `String`, a `Vec`, three `u64`s)
+/// travel without an allocation, and a task stays within 128 bytes, which moves without a call
+/// to `memcpy`.
+type Payload = SmallBox<dyn Any + Send, [usize; 3]>;
 
-/// An event of type `E` with the table of subscriptions it was matched against.
-pub(crate) struct Publication<E> {
+/// A published event on its way to a worker: the envelope, the event, the generation of the
+/// handler tables it was matched against and how many subscriptions it matched. `run` is the
+/// event type's dispatch function.
+pub(crate) struct Task {
+    run: fn(&mut Worker<'_>, &Task) -> Flow,
     pub(crate) envelope: Envelope,
-    pub(crate) table: Arc<TypeTable<E>>,
-    pub(crate) event: E,
+    pub(crate) generation: u32,
+    deliveries: u32,
+    payload: Payload,
 }
 
-impl<E: Event> Job for Publication<E> {
-    fn run(&mut self, worker: &mut Worker<'_>) -> Flow {
-        let source = self.envelope.source_id();
-        let mut remaining = self.deliveries();
-        for sub in self.table.subs.iter().filter(|s| s.meta.matches(source)) {
+impl Task {
+    pub(crate) fn new<E: Event>(
+        envelope: Envelope,
+        generation: u32,
+        deliveries: usize,
+        event: E,
+    ) -> Task {
+        Task {
+            run: run_task::<E>,
+            envelope,
+            generation,
+            deliveries: u32::try_from(deliveries).expect("fewer than 2^32 subscriptions"),
+            payload: smallbox!(event),
+        }
+    }
+
+    /// How many subscriptions the event matched.
+    pub(crate) fn deliveries(&self) -> usize {
+        self.deliveries as usize
+    }
+
+    /// Takes the event back out of a task that was not accepted.
+    pub(crate) fn into_event<E: Event>(self) -> E {
+        match self.payload.downcast::<E>() {
+            Ok(event) => event.into_inner(),
+            Err(_) => unreachable!("a returned task holds the caller's event type"),
+        }
+    }
+}
+
+/// Runs the deliveries of an event of type `E`.
+fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
+    let Some(event) = task.payload.downcast_ref::<E>() else {
+        unreachable!("a task's dispatch function matches its payload")
+    };
+    let snapshot = worker.snapshot_for(task.generation);
+    let source = task.envelope.source_id();
+    let mut flow = Flow::Continue;
+    let mut remaining = task.deliveries();
+    if let Some(table) = snapshot.table::<E>() {
+        for sub in table.subs.iter().filter(|s| s.meta.matched(task.generation, source)) {
+            debug_assert!(remaining > 0, "more subscriptions than were matched");
             remaining -= 1;
-            let flow = worker.deliver(&self.envelope, sub, &self.event, remaining);
+            flow = worker.deliver(&task.envelope, sub, event, remaining);
             if flow != Flow::Continue {
-                return flow;
+                break;
             }
         }
-        Flow::Continue
-    }
-
-    fn deliveries(&self) -> usize {
-        self.table.matching(self.envelope.source_id())
-    }
-}
-
-/// Takes the event back out of a message that was not accepted.
-pub(crate) fn into_event<E: Event>(msg: Msg) -> E {
-    match msg {
-        Msg::Task(job) => {
-            let job: Box<dyn Any + Send> = job;
-            match job.downcast::<Publication<E>>() {
-                Ok(publication) => publication.event,
-                Err(_) => unreachable!("a returned message holds the caller's event type"),
+        if flow == Flow::Continue && remaining > 0 {
+            // Subscriptions removed since the event was published.
+            for tomb in table.removed.iter() {
+                if before(task.generation, tomb.removed_gen)
+                    && tomb.meta.matched(task.generation, source)
+                {
+                    tomb.meta.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
-        Msg::Wake => unreachable!("publishers never send wake-ups"),
     }
+    if flow == Flow::Continue && remaining > 0 {
+        worker.shared.settle_cancelled(remaining);
+    }
+    worker.snapshot = Some(snapshot);
+    flow
 }
 
-/// An event bound for shard `shard`, with its number of deliveries.
+/// An event bound for shard `shard`.
 pub(crate) struct Routed {
     pub(crate) shard: usize,
-    pub(crate) deliveries: usize,
-    pub(crate) job: Box<dyn Job>,
+    pub(crate) task: Task,
 }
 
 /// Counters that only the worker thread writes.
@@ -153,6 +188,12 @@ impl WorkerShared {
     /// Settles `n` deliveries as left over (never run).
     pub(crate) fn settle_left(&self, n: usize) {
         bump(&self.stats.left, n as u64);
+        self.settle(n);
+    }
+
+    /// Settles `n` deliveries whose subscriptions ended before they ran.
+    fn settle_cancelled(&self, n: usize) {
+        bump(&self.stats.cancelled, n as u64);
         self.settle(n);
     }
 
@@ -212,6 +253,8 @@ pub(crate) struct Worker<'a> {
     index: usize,
     shared: &'a WorkerShared,
     scratch: Vec<Routed>,
+    /// The worker's copy of the handler tables; `None` only while a task borrows it.
+    snapshot: Option<Arc<Snapshot>>,
 }
 
 enum Outcome {
@@ -221,6 +264,24 @@ enum Outcome {
 }
 
 impl Worker<'_> {
+    /// Takes the worker's snapshot, first refreshing it if it is older than generation `generation`.
+    /// The caller puts it back.
+    fn snapshot_for(&mut self, generation: u32) -> Arc<Snapshot> {
+        let snapshot = self.snapshot.take().expect("the snapshot is put back after each task");
+        if !before(snapshot.generation, generation) {
+            return snapshot;
+        }
+        self.core.registry.load_full()
+    }
+
+    /// Lets go of handler tables that unsubscribe replaced: called before the worker waits.
+    fn refresh_snapshot(&mut self) {
+        let current = self.core.registry.generation();
+        if self.snapshot.as_ref().is_some_and(|s| s.generation != current) {
+            self.snapshot = Some(self.core.registry.load_full());
+        }
+    }
+
     fn deliver<E: Event>(
         &mut self,
         envelope: &Envelope,
@@ -307,7 +368,7 @@ impl Worker<'_> {
         for routed in self.scratch.drain(..) {
             self.core.shards[routed.shard]
                 .gate
-                .accept(routed.deliveries);
+                .accept(routed.task.deliveries());
             let left = self.core.offer(self.index, routed);
             if left > 0 {
                 self.shared.settle_left(left);
@@ -324,8 +385,7 @@ impl Worker<'_> {
                 break;
             };
             if routed.shard == self.index {
-                let mut job = routed.job;
-                let flow = job.run(self);
+                let flow = (routed.task.run)(self, &routed.task);
                 if flow != Flow::Continue {
                     return flow;
                 }
@@ -333,14 +393,14 @@ impl Worker<'_> {
             }
             match self.core.shards[routed.shard]
                 .tx
-                .try_send(Msg::Task(routed.job))
+                .try_send(Msg::Task(routed.task))
             {
                 Ok(()) => {}
                 Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
-                    let Msg::Task(job) = msg else {
+                    let Msg::Task(task) = msg else {
                         unreachable!("a task was sent")
                     };
-                    self.shared.hand_over(Routed { job, ..routed });
+                    self.shared.hand_over(Routed { task, ..routed });
                 }
             }
         }
@@ -361,6 +421,7 @@ impl Worker<'_> {
                 Ok(msg) => msg,
                 Err(TryRecvError::Empty) => {
                     self.core.notify_idle();
+                    self.refresh_snapshot();
                     if self.shared.spill_len.load(Ordering::SeqCst) > 0 {
                         match rx.recv_timeout(SPILL_RETRY) {
                             Ok(msg) => msg,
@@ -382,8 +443,8 @@ impl Worker<'_> {
                         return Flow::Stop;
                     }
                 }
-                Msg::Task(mut job) => {
-                    let flow = job.run(self);
+                Msg::Task(task) => {
+                    let flow = (task.run)(self, &task);
                     if flow != Flow::Continue {
                         return flow;
                     }
@@ -402,6 +463,17 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
         index,
         shared: &shard.worker,
         scratch: Vec::new(),
+        snapshot: Some(core.registry.load_full()),
     };
     worker.run_loop(&shard.rx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_fits_in_two_cache_lines() {
+        assert!(std::mem::size_of::<Msg>() <= 128, "{}", std::mem::size_of::<Msg>());
+    }
 }

@@ -148,16 +148,16 @@ impl Timer {
             for entry in due.drain(..) {
                 let routed = entry.routed;
                 let shard = &shards[routed.shard];
-                match shard.tx.try_send(Msg::Task(routed.job)) {
+                match shard.tx.try_send(Msg::Task(routed.task)) {
                     Ok(()) => {}
                     Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
-                        let Msg::Task(job) = msg else {
+                        let Msg::Task(task) = msg else {
                             unreachable!("a task was sent")
                         };
                         // The backoff has been served: the shard's own worker takes the event
                         // from its spill queue before it takes new work. The wake-up reaches
                         // it if it emptied its channel meanwhile.
-                        shard.worker.hand_over(Routed { job, ..routed });
+                        shard.worker.hand_over(Routed { task, ..routed });
                         let _ = shard.tx.try_send(Msg::Wake);
                     }
                 }

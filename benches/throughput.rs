@@ -1,0 +1,246 @@
+//! Publish → handle throughput: one producer, one subscription, a trivial handler, 8-byte
+//! events, channel capacity 1024.
+//!
+//! Side by side in one group: `base` (the harness alone), `crossbeam` (a raw bounded channel
+//! whose consumer blocks in `recv` and then drains with `try_recv`: the floor), `naive` (a
+//! mutex-and-map bus: the obvious design) and `microbus`. Each iteration publishes one event;
+//! a sample ends when the consumer has handled everything published in it.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use microbus::{Bus, Context, Event, HandlerResult};
+use serde::{Deserialize, Serialize};
+
+const CAPACITY: usize = 1024;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Tick(u64);
+
+impl Event for Tick {
+    const NAME: &'static str = "Tick";
+}
+
+/// Waits until `counter` reaches `target`.
+fn wait_for(counter: &AtomicU64, target: u64) {
+    let mut spins = 0u32;
+    while counter.load(Ordering::Acquire) < target {
+        spins += 1;
+        if spins < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// The floor: a bounded crossbeam channel and a consumer that blocks, then drains.
+struct RawChannel {
+    tx: Option<Sender<u64>>,
+    handled: Arc<AtomicU64>,
+    consumer: Option<JoinHandle<()>>,
+}
+
+impl RawChannel {
+    fn new() -> RawChannel {
+        let (tx, rx): (Sender<u64>, Receiver<u64>) = crossbeam_channel::bounded(CAPACITY);
+        let handled = Arc::new(AtomicU64::new(0));
+        let consumer = {
+            let handled = handled.clone();
+            std::thread::spawn(move || {
+                while let Ok(v) = rx.recv() {
+                    black_box(v);
+                    handled.fetch_add(1, Ordering::Release);
+                    loop {
+                        match rx.try_recv() {
+                            Ok(v) => {
+                                black_box(v);
+                                handled.fetch_add(1, Ordering::Release);
+                            }
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => return,
+                        }
+                    }
+                }
+            })
+        };
+        RawChannel {
+            tx: Some(tx),
+            handled,
+            consumer: Some(consumer),
+        }
+    }
+
+    fn run(&self, iters: u64) -> Duration {
+        let tx = self.tx.as_ref().unwrap();
+        let target = self.handled.load(Ordering::Acquire) + iters;
+        let start = Instant::now();
+        for i in 0..iters {
+            tx.send(black_box(i)).unwrap();
+        }
+        wait_for(&self.handled, target);
+        start.elapsed()
+    }
+}
+
+impl Drop for RawChannel {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        self.consumer.take().unwrap().join().unwrap();
+    }
+}
+
+type NaiveHandler = Arc<dyn Fn(&dyn Any) + Send + Sync>;
+
+/// The obvious design: one mutex-protected map of handlers, locked on every publish and every
+/// dispatch, boxed events through one channel to two workers.
+struct NaiveBus {
+    handlers: Arc<Mutex<HashMap<TypeId, Vec<NaiveHandler>>>>,
+    tx: Option<Sender<(TypeId, Box<dyn Any + Send>)>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl NaiveBus {
+    fn new(workers: usize) -> NaiveBus {
+        let handlers: Arc<Mutex<HashMap<TypeId, Vec<NaiveHandler>>>> = Arc::default();
+        let (tx, rx) = crossbeam_channel::bounded::<(TypeId, Box<dyn Any + Send>)>(CAPACITY);
+        let workers = (0..workers)
+            .map(|_| {
+                let (handlers, rx) = (handlers.clone(), rx.clone());
+                std::thread::spawn(move || {
+                    while let Ok((type_id, event)) = rx.recv() {
+                        let map = handlers.lock().unwrap();
+                        if let Some(list) = map.get(&type_id) {
+                            for handler in list {
+                                handler(&*event);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        NaiveBus {
+            handlers,
+            tx: Some(tx),
+            workers,
+        }
+    }
+
+    fn subscribe<E: Any>(&self, handler: impl Fn(&E) + Send + Sync + 'static) {
+        let erased: NaiveHandler = Arc::new(move |event: &dyn Any| {
+            if let Some(event) = event.downcast_ref::<E>() {
+                handler(event);
+            }
+        });
+        self.handlers
+            .lock()
+            .unwrap()
+            .entry(TypeId::of::<E>())
+            .or_default()
+            .push(erased);
+    }
+
+    fn publish<E: Any + Send>(&self, event: E) {
+        let has_handlers = self
+            .handlers
+            .lock()
+            .unwrap()
+            .get(&TypeId::of::<E>())
+            .is_some_and(|l| !l.is_empty());
+        if has_handlers {
+            self.tx
+                .as_ref()
+                .unwrap()
+                .send((TypeId::of::<E>(), Box::new(event)))
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for NaiveBus {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        for worker in self.workers.drain(..) {
+            worker.join().unwrap();
+        }
+    }
+}
+
+fn publish_handle(c: &mut Criterion) {
+    let mut group = c.benchmark_group("publish_handle_1p1s");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(4));
+    let params = format!("cap{CAPACITY}");
+
+    group.bench_function(BenchmarkId::new("base", &params), |b| {
+        b.iter(|| black_box(Tick(black_box(1))))
+    });
+
+    let raw = RawChannel::new();
+    group.bench_function(BenchmarkId::new("crossbeam", &params), |b| {
+        b.iter_custom(|iters| raw.run(iters))
+    });
+    drop(raw);
+
+    let naive = NaiveBus::new(2);
+    let naive_handled = Arc::new(AtomicU64::new(0));
+    {
+        let handled = naive_handled.clone();
+        naive.subscribe(move |tick: &Tick| {
+            black_box(tick);
+            handled.fetch_add(1, Ordering::Release);
+        });
+    }
+    group.bench_function(BenchmarkId::new("naive", &params), |b| {
+        b.iter_custom(|iters| {
+            let target = naive_handled.load(Ordering::Acquire) + iters;
+            let start = Instant::now();
+            for i in 0..iters {
+                naive.publish(Tick(black_box(i)));
+            }
+            wait_for(&naive_handled, target);
+            start.elapsed()
+        })
+    });
+    drop(naive);
+
+    let bus = Bus::builder()
+        .workers(1)
+        .channel_capacity(CAPACITY)
+        .build()
+        .unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    {
+        let handled = handled.clone();
+        bus.subscribe(move |tick: &Tick, _: &Context| -> HandlerResult {
+            black_box(tick);
+            handled.fetch_add(1, Ordering::Release);
+            Ok(())
+        })
+        .unwrap();
+    }
+    group.bench_function(BenchmarkId::new("microbus", &params), |b| {
+        b.iter_custom(|iters| {
+            let target = handled.load(Ordering::Acquire) + iters;
+            let start = Instant::now();
+            for i in 0..iters {
+                bus.publish(Tick(black_box(i))).unwrap();
+            }
+            wait_for(&handled, target);
+            start.elapsed()
+        })
+    });
+    group.finish();
+    bus.shutdown().unwrap();
+}
+
+criterion_group!(benches, publish_handle);
+criterion_main!(benches);

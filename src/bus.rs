@@ -26,9 +26,7 @@ use crate::event::{Envelope, Event, EventId, NameId, Publish};
 use crate::handler::{Context, Handler, HandlerResult};
 use crate::ledger::{Gate, Quiescence, outstanding};
 use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subscription};
-use crate::shard::{
-    ABANDONED, IDLE, Msg, Routed, STOPPED, Shard, Task, WorkerShared, run_worker,
-};
+use crate::shard::{ABANDONED, IDLE, Msg, Routed, STOPPED, Shard, Task, WorkerShared, run_worker};
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::timer::Timer;
 
@@ -400,7 +398,10 @@ impl Core {
     /// in worker `from`'s spill queue, or on the timer. Returns the deliveries that could not
     /// be kept (the timer has stopped), which the caller settles as left.
     pub(crate) fn offer(&self, from: usize, routed: Routed) -> usize {
-        match self.shards[routed.shard].tx.try_send(Msg::Task(routed.task)) {
+        match self.shards[routed.shard]
+            .tx
+            .try_send(Msg::Task(routed.task))
+        {
             Ok(()) => 0,
             Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
                 let Msg::Task(task) = msg else {

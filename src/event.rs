@@ -85,16 +85,13 @@ pub struct EventId {
 
 impl EventId {
     /// Mints a new id from the current time.
+    #[inline]
     pub fn new() -> EventId {
-        let nanos = unix_nanos();
-        let millis = nanos / 1_000_000;
-        let frac = ((nanos % 1_000_000) * 4096 / 1_000_000) & 0xfff;
-        let hi = (millis << 16) | VERSION7 | frac;
-        let lo = VARIANT | (process_nonce() << SEQ_BITS) | (next_seq() & SEQ_MASK);
-        EventId {
-            hi,
-            lo: NonZeroU64::new(lo).expect("the variant bits make the low half non-zero"),
-        }
+        // Units of 1/4096 ms since the epoch: the millisecond and its 12-bit fraction at once.
+        const UNITS_PER_NANO_Q64: u128 = (4096u128 << 64) / 1_000_000;
+        let units = ((u128::from(unix_nanos()) * UNITS_PER_NANO_Q64) >> 64) as u64;
+        let hi = ((units >> 12) << 16) | VERSION7 | (units & 0xfff);
+        EventId { hi, lo: next_lo() }
     }
 
     /// The id as one 128-bit number.
@@ -205,6 +202,7 @@ struct Clock {
 static CLOCK: OnceLock<Clock> = OnceLock::new();
 
 /// Nanoseconds since the Unix epoch, from a TSC read scaled against one wall-clock anchor.
+#[inline]
 pub(crate) fn unix_nanos() -> u64 {
     let clock = CLOCK.get_or_init(|| {
         let source = quanta::Clock::new();
@@ -227,18 +225,23 @@ pub(crate) fn unix_nanos() -> u64 {
 static NEXT_BLOCK: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
-    static SEQ: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    /// The next low half of an id this thread mints, and the end of its block.
+    static LO: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
 }
 
-fn next_seq() -> u64 {
-    SEQ.with(|cell| {
+/// The low half of the next id: variant, process nonce, and a sequence number from this
+/// thread's block.
+#[inline]
+fn next_lo() -> NonZeroU64 {
+    LO.with(|cell| {
         let (mut next, mut end) = cell.get();
         if next == end {
-            next = NEXT_BLOCK.fetch_add(ID_BLOCK, Ordering::Relaxed);
+            let seq = NEXT_BLOCK.fetch_add(ID_BLOCK, Ordering::Relaxed) & SEQ_MASK;
+            next = VARIANT | (process_nonce() << SEQ_BITS) | seq;
             end = next + ID_BLOCK;
         }
         cell.set((next + 1, end));
-        next
+        NonZeroU64::new(next).expect("the variant bits make the low half non-zero")
     })
 }
 

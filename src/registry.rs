@@ -207,9 +207,17 @@ impl Snapshot {
 /// How many buses' routes a thread keeps at hand.
 const CACHED_ROUTES: usize = 4;
 
+/// A thread's latest routes of one bus, with its last answer.
+struct CachedRoutes {
+    bus: u64,
+    routes: Arc<Routes>,
+    /// The last (event type, source) looked up, and how many subscriptions it matched.
+    last: Option<(TypeId, NameId, usize)>,
+}
+
 thread_local! {
-    /// This thread's latest routes of the buses it published on, by bus id.
-    static ROUTES: RefCell<Vec<(u64, Arc<Routes>)>> = const { RefCell::new(Vec::new()) };
+    /// This thread's latest routes of the buses it published on.
+    static ROUTES: RefCell<Vec<CachedRoutes>> = const { RefCell::new(Vec::new()) };
 }
 
 pub(crate) struct Registry {
@@ -241,26 +249,41 @@ impl Registry {
     #[inline]
     pub(crate) fn route<E: Event>(&self, source: NameId) -> (u32, usize) {
         let current = self.generation.load(Ordering::Acquire);
+        let type_id = TypeId::of::<E>();
         ROUTES.with_borrow_mut(|cache| {
-            let slot = cache.iter().position(|(bus, _)| *bus == self.bus);
+            let slot = cache.iter().position(|c| c.bus == self.bus);
             if let Some(i) = slot
-                && cache[i].1.generation == current
+                && cache[i].routes.generation == current
             {
-                let routes = &cache[i].1;
-                return (routes.generation, routes.matching(TypeId::of::<E>(), source));
+                let entry = &mut cache[i];
+                if let Some((t, s, deliveries)) = entry.last
+                    && t == type_id
+                    && s == source
+                {
+                    return (current, deliveries);
+                }
+                let deliveries = entry.routes.matching(type_id, source);
+                entry.last = Some((type_id, source, deliveries));
+                return (current, deliveries);
             }
             let routes = self.snapshot.load().routes.clone();
-            let answer = (routes.generation, routes.matching(TypeId::of::<E>(), source));
+            let generation = routes.generation;
+            let deliveries = routes.matching(type_id, source);
+            let entry = CachedRoutes {
+                bus: self.bus,
+                routes,
+                last: Some((type_id, source, deliveries)),
+            };
             match slot {
-                Some(i) => cache[i].1 = routes,
+                Some(i) => cache[i] = entry,
                 None => {
                     if cache.len() == CACHED_ROUTES {
                         cache.remove(0);
                     }
-                    cache.push((self.bus, routes));
+                    cache.push(entry);
                 }
             }
-            answer
+            (generation, deliveries)
         })
     }
 
@@ -284,7 +307,8 @@ impl Registry {
         let generation = current.generation.wrapping_add(1);
         let mut tables = current.tables.clone();
         change(&mut tables, generation);
-        self.snapshot.store(Arc::new(Snapshot::new(generation, tables)));
+        self.snapshot
+            .store(Arc::new(Snapshot::new(generation, tables)));
         self.generation.store(generation, Ordering::Release);
     }
 

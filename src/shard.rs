@@ -112,7 +112,11 @@ fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
     let mut flow = Flow::Continue;
     let mut remaining = task.deliveries();
     if let Some(table) = snapshot.table::<E>() {
-        for sub in table.subs.iter().filter(|s| s.meta.matched(task.generation, source)) {
+        for sub in table
+            .subs
+            .iter()
+            .filter(|s| s.meta.matched(task.generation, source))
+        {
             debug_assert!(remaining > 0, "more subscriptions than were matched");
             remaining -= 1;
             flow = worker.deliver(&task.envelope, sub, event, remaining);
@@ -267,7 +271,10 @@ impl Worker<'_> {
     /// Takes the worker's snapshot, first refreshing it if it is older than generation `generation`.
     /// The caller puts it back.
     fn snapshot_for(&mut self, generation: u32) -> Arc<Snapshot> {
-        let snapshot = self.snapshot.take().expect("the snapshot is put back after each task");
+        let snapshot = self
+            .snapshot
+            .take()
+            .expect("the snapshot is put back after each task");
         if !before(snapshot.generation, generation) {
             return snapshot;
         }
@@ -277,7 +284,11 @@ impl Worker<'_> {
     /// Lets go of handler tables that unsubscribe replaced: called before the worker waits.
     fn refresh_snapshot(&mut self) {
         let current = self.core.registry.generation();
-        if self.snapshot.as_ref().is_some_and(|s| s.generation != current) {
+        if self
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.generation != current)
+        {
             self.snapshot = Some(self.core.registry.load_full());
         }
     }
@@ -474,6 +485,10 @@ mod tests {
 
     #[test]
     fn a_task_fits_in_two_cache_lines() {
-        assert!(std::mem::size_of::<Msg>() <= 128, "{}", std::mem::size_of::<Msg>());
+        assert!(
+            std::mem::size_of::<Msg>() <= 128,
+            "{}",
+            std::mem::size_of::<Msg>()
+        );
     }
 }

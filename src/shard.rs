@@ -210,6 +210,7 @@ impl WorkerShared {
     }
 
     /// Adds to the spill queue; `Err` gives the event back when the queue is full.
+    #[allow(clippy::result_large_err)] // The error is the event itself, handed back.
     pub(crate) fn spill(&self, routed: Routed, capacity: usize) -> Result<(), Routed> {
         let mut spill = self.spill.lock();
         if spill.len() >= capacity {

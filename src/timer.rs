@@ -78,6 +78,7 @@ pub(crate) struct Timer {
 impl Timer {
     /// Schedules `routed` to be offered to its shard after [`REOFFER_DELAY`]. `Err` gives it
     /// back when the timer has stopped.
+    #[allow(clippy::result_large_err)] // The error is the event itself, handed back.
     pub(crate) fn schedule(&self, routed: Routed) -> Result<(), Routed> {
         let mut state = self.state.lock();
         if state.stopped {

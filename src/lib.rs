@@ -131,3 +131,8 @@ pub use crate::event::{
 };
 pub use crate::handler::{Context, Handler, HandlerError, HandlerResult};
 pub use crate::registry::{SubscribeOptions, Subscription, SubscriptionStats};
+
+/// The README's examples, run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

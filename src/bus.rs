@@ -24,9 +24,9 @@ use crate::error::{
 };
 use crate::event::{Envelope, Event, EventId, NameId, Publish};
 use crate::handler::{Context, Handler, HandlerResult};
-use crate::ledger::{Gate, Quiescence, outstanding};
+use crate::ledger::{Gate, Quiescence, net_sum, outstanding};
 use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subscription};
-use crate::shard::{ABANDONED, IDLE, Msg, Routed, STOPPED, Shard, Task, WorkerShared, run_worker};
+use crate::shard::{ABANDONED, IDLE, Msg, Routed, Shard, Task, WorkerShared, run_worker};
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::timer::Timer;
 
@@ -279,7 +279,7 @@ impl Core {
         let envelope = Envelope::stamp(source, options);
         let index = self.shard_for(&envelope);
         let shard = &self.shards[index];
-        if !shard.gate.enter() {
+        if !shard.gate.enter(deliveries) {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return Err((Refusal::Shutdown, event));
         }
@@ -290,12 +290,9 @@ impl Core {
             Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
         };
         match sent {
-            Ok(()) => {
-                shard.gate.leave_accepted(deliveries);
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err((why, msg)) => {
-                shard.gate.leave_refused();
+                shard.gate.refund(deliveries);
                 if why == Refusal::Shutdown {
                     self.refused.fetch_add(1, Ordering::Relaxed);
                 }
@@ -463,17 +460,38 @@ impl Core {
         quiet
     }
 
-    /// Waits until no worker other than the current thread runs subscription `id`.
-    pub(crate) fn wait_not_running(&self, id: u64) {
+    /// Waits until every batch that other workers have open has closed (see `shard`): after a
+    /// subscription's `active` flag was cleared, no call of it starts once this returns.
+    ///
+    /// Called from a handler, it first closes its own worker's batch (and opens a new one
+    /// after): two handlers unsubscribing at once on two workers would otherwise wait for each
+    /// other forever.
+    pub(crate) fn wait_for_open_batches(&self) {
         let own = OwnThread::worker_of(self.id);
+        let own_batch = own.map(|index| &self.shards[index].worker.batch);
+        let reopen = own_batch.is_some_and(|batch| {
+            let value = batch.load(Ordering::Relaxed);
+            let open = value % 2 == 1;
+            if open {
+                batch.store(value + 1, Ordering::SeqCst);
+            }
+            open
+        });
         for (index, shard) in self.shards.iter().enumerate() {
             if own == Some(index) {
                 continue;
             }
-            let mut step = 0;
-            while shard.worker.state.load(Ordering::SeqCst) == id {
-                backoff(&mut step);
+            let batch = &shard.worker.batch;
+            let seen = batch.load(Ordering::SeqCst);
+            if seen % 2 == 1 {
+                let mut step = 0;
+                while batch.load(Ordering::Acquire) == seen {
+                    backoff(&mut step);
+                }
             }
+        }
+        if let Some(batch) = own_batch.filter(|_| reopen) {
+            batch.store(batch.load(Ordering::Relaxed) + 1, Ordering::SeqCst);
         }
     }
 
@@ -490,7 +508,7 @@ impl Core {
                 .iter()
                 .filter(|s| {
                     let state = s.worker.state.load(Ordering::Relaxed);
-                    !matches!(state, IDLE | STOPPED | ABANDONED)
+                    !matches!(state, IDLE | ABANDONED)
                 })
                 .count(),
             waiting: self.timer.len(),
@@ -532,11 +550,8 @@ impl Core {
             stats.cancelled += w.cancelled.load(Ordering::Relaxed);
             stats.left += w.left.load(Ordering::Relaxed);
         }
-        let accepted = self
-            .shards
-            .iter()
-            .fold(0u64, |sum, s| sum.wrapping_add(s.gate.read().accepted));
-        let out = outstanding(accepted, settled);
+        let net = net_sum(self.shards.iter().map(|s| &*s.gate));
+        let out = outstanding(net, settled);
         stats.in_flight = out.max(0) as u64;
         stats.delivered = settled.wrapping_add_signed(out);
         stats
@@ -591,12 +606,6 @@ impl Core {
             shard.gate.close();
         }
         drop(self.signal_tx.lock().take());
-        // Publishers inside a gate leave promptly: their send went through, or the signal
-        // woke them and they took their event back.
-        let mut step = 0;
-        while self.shards.iter().any(|s| s.gate.read().inside > 0) {
-            backoff(&mut step);
-        }
         let quiet = self.wait_quiescent(deadline);
 
         self.timer.stop();
@@ -605,59 +614,51 @@ impl Core {
         }
         let mut swept: usize = self.timer.take().iter().map(|r| r.task.deliveries()).sum();
 
-        let mut abandoned = Vec::new();
-        for (index, shard) in self.shards.iter().enumerate() {
-            let state = &shard.worker.state;
-            let mut step = 0;
-            loop {
-                let s = state.load(Ordering::SeqCst);
-                if s == STOPPED || s == ABANDONED {
-                    break;
-                }
-                if s == IDLE {
-                    if state
-                        .compare_exchange(IDLE, STOPPED, Ordering::SeqCst, Ordering::SeqCst)
-                        .is_ok()
-                    {
-                        break;
-                    }
-                    continue;
-                }
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    if state
-                        .compare_exchange(s, ABANDONED, Ordering::SeqCst, Ordering::SeqCst)
-                        .is_ok()
-                    {
-                        abandoned.push((index, s));
-                        break;
-                    }
-                    continue;
-                }
-                backoff(&mut step);
-            }
+        // Stop the workers between deliveries. Past the deadline, a worker still inside a
+        // handler is detached and its delivery taken over: the compare-and-swap decides
+        // whether the worker or shutdown owns its outcome.
+        for shard in self.shards.iter() {
+            shard.worker.stop.store(true, Ordering::SeqCst);
             let _ = shard.tx.try_send(Msg::Wake);
         }
-        let threads = std::mem::take(&mut *self.worker_threads.lock());
-        for (index, thread) in threads.into_iter().enumerate() {
-            if !abandoned.iter().any(|&(i, _)| i == index) {
-                let _ = thread.join();
+        let mut running: Vec<(usize, JoinHandle<()>)> =
+            std::mem::take(&mut *self.worker_threads.lock())
+                .into_iter()
+                .enumerate()
+                .collect();
+        let mut abandoned = Vec::new();
+        let mut step = 0;
+        while !running.is_empty() {
+            let past_deadline = deadline.is_some_and(|d| Instant::now() >= d);
+            let mut index = 0;
+            while index < running.len() {
+                let (worker, thread) = &running[index];
+                let worker = *worker;
+                let state = &self.shards[worker].worker.state;
+                let s = state.load(Ordering::Acquire);
+                if thread.is_finished() {
+                    let (_, thread) = running.swap_remove(index);
+                    let _ = thread.join();
+                } else if past_deadline
+                    && s != IDLE
+                    && s != ABANDONED
+                    && state
+                        .compare_exchange(s, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    abandoned.push((worker, s));
+                    // Detached: it exits when its handler returns.
+                    running.swap_remove(index);
+                } else {
+                    index += 1;
+                }
+            }
+            if !running.is_empty() {
+                backoff(&mut step);
             }
         }
         self.stopped.store(true, Ordering::SeqCst);
 
-        for shard in self.shards.iter() {
-            while let Ok(msg) = shard.rx.try_recv() {
-                if let Msg::Task(task) = msg {
-                    swept += task.deliveries();
-                }
-            }
-            swept += shard
-                .worker
-                .take_spill()
-                .iter()
-                .map(|r| r.task.deliveries())
-                .sum::<usize>();
-        }
         let mut detached = Vec::new();
         for &(index, sub) in &abandoned {
             let worker: &WorkerShared = &self.shards[index].worker;
@@ -669,6 +670,33 @@ impl Core {
                 event_id: worker.current_event(),
                 handler: meta.map_or_else(|| "?".to_owned(), |m| m.name.to_string()),
             });
+        }
+        // What is left in the channels and spill queues never ran. A publisher that counted
+        // its event in before the gates closed may still be sending it, or giving it back:
+        // sweep until the ledger balances.
+        let settled_by_workers = || self.settled();
+        let mut step = 0;
+        loop {
+            for shard in self.shards.iter() {
+                while let Ok(msg) = shard.rx.try_recv() {
+                    if let Msg::Task(task) = msg {
+                        swept += task.deliveries();
+                    }
+                }
+                swept += shard
+                    .worker
+                    .take_spill()
+                    .iter()
+                    .map(|r| r.task.deliveries())
+                    .sum::<usize>();
+            }
+            let settled = settled_by_workers()
+                .wrapping_add(abandoned.len() as u64)
+                .wrapping_add(swept as u64);
+            if outstanding(net_sum(self.shards.iter().map(|s| &*s.gate)), settled) <= 0 {
+                break;
+            }
+            backoff(&mut step);
         }
         ShutdownReport {
             stats: self.stats_with(abandoned.len() as u64, swept as u64),

@@ -1,145 +1,142 @@
 //! The delivery ledger: what was accepted, and what was settled.
 //!
-//! Ground rules: each shard has one [`Gate`] word that publishers update with one atomic
-//! read-modify-write on the way in and one on the way out. It packs
+//! Ground rules: each shard has one [`Gate`] word that a publisher updates with a single atomic
+//! add, before it sends: the add counts the event's deliveries as accepted and, in the same
+//! operation, tells the publisher whether the gate is closed.
 //!
 //! ```text
-//!  63                          22 21                 1   0
-//! ┌─────────────────────────────┬────────────────────┬───┐
-//! │ deliveries accepted mod 2^42 │ publishers inside  │ closed
-//! └─────────────────────────────┴────────────────────┴───┘
+//!  63                                              1   0
+//! ┌────────────────────────────────────────────────┬───┐
+//! │ deliveries accepted, mod 2^63                  │ closed
+//! └────────────────────────────────────────────────┴───┘
 //! ```
 //!
-//! A publisher enters (`+2`), learns from the same operation whether the gate is closed, sends,
-//! and leaves either accepting its deliveries (`+n<<22 - 2`) or not (`-2`). Shutdown closes
-//! every gate (`|1`, ordered with the entries because they are operations on one word), then
-//! waits for the publishers inside to leave: after that, the accepted count is final except for
-//! events that handlers publish, which are accepted directly (`+n<<22`) before their parent
-//! delivery is settled.
+//! A publisher whose event does not go into the channel after all (the gate was closed, the
+//! shard stayed full, shutdown woke it) gives its count back by adding to the shard's
+//! `refunded` counter, off the hot path. Events that handlers publish are accepted with the
+//! same add, before their parent delivery is settled. Each worker counts the deliveries it
+//! settled in a counter that only it writes.
 //!
-//! Each worker counts the deliveries it settled in a counter that only it writes. The bus is
-//! quiescent when no publisher is inside any gate and the accepted counts sum to the settled
-//! counts; [`Quiescence`] checks that with a double collect of the (monotonic) accepted counts
-//! around the settled counts, which proves that at one instant nothing was outstanding.
+//! At every instant `accepted - refunded - settled` is the number of deliveries outstanding
+//! (counted, not yet settled): an event is counted before it is sent, and settled or refunded
+//! after. [`Quiescence`] proves that number was zero at one instant with a double collect:
+//! it reads every gate's (accepted, refunded) pair, then the settled counters, then the pairs
+//! again; all of them only grow, so equal pairs mean nothing changed in between.
 
 use crate::sync::{AtomicU64, Ordering};
 
 const CLOSED: u64 = 1;
-const INSIDE: u64 = 2;
-const INSIDE_MASK: u64 = ((1 << 21) - 1) << 1;
-const ACCEPTED_SHIFT: u32 = 22;
-/// Accepted counts are kept modulo 2^42; differences are taken in that ring.
-pub(crate) const COUNT_MASK: u64 = (1 << 42) - 1;
+const ACCEPTED_SHIFT: u32 = 1;
+/// Accepted counts are kept modulo 2^63; differences are taken in that ring.
+pub(crate) const COUNT_MASK: u64 = (1 << 63) - 1;
 
-/// The intake gate and accepted count of one shard.
-pub(crate) struct Gate(AtomicU64);
+/// The intake gate and the accepted and refunded counts of one shard.
+pub(crate) struct Gate {
+    word: AtomicU64,
+    refunded: AtomicU64,
+}
 
 /// One reading of a [`Gate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct GateState {
     pub(crate) closed: bool,
-    pub(crate) inside: u64,
     pub(crate) accepted: u64,
+    pub(crate) refunded: u64,
+}
+
+impl GateState {
+    /// Deliveries counted in and not given back, modulo 2^63.
+    pub(crate) fn net(self) -> u64 {
+        self.accepted.wrapping_sub(self.refunded) & COUNT_MASK
+    }
 }
 
 impl Gate {
     pub(crate) fn new() -> Gate {
-        Gate(AtomicU64::new(0))
+        Gate {
+            word: AtomicU64::new(0),
+            refunded: AtomicU64::new(0),
+        }
     }
 
-    /// Enters the gate; `false` when it is closed (and the caller is not inside).
+    /// Counts `deliveries` in; `false` when the gate is closed, in which case they were
+    /// refunded at once.
     #[inline]
-    pub(crate) fn enter(&self) -> bool {
-        let before = self.0.fetch_add(INSIDE, Ordering::SeqCst);
-        debug_assert!(
-            before & INSIDE_MASK != INSIDE_MASK,
-            "too many publishers inside"
-        );
+    pub(crate) fn enter(&self, deliveries: usize) -> bool {
+        let before = self
+            .word
+            .fetch_add((deliveries as u64) << ACCEPTED_SHIFT, Ordering::SeqCst);
         if before & CLOSED != 0 {
-            self.0.fetch_sub(INSIDE, Ordering::SeqCst);
+            self.refund(deliveries);
             return false;
         }
         true
     }
 
-    /// Leaves the gate, accepting `deliveries`.
-    #[inline]
-    pub(crate) fn leave_accepted(&self, deliveries: usize) {
-        let delta = ((deliveries as u64) << ACCEPTED_SHIFT).wrapping_sub(INSIDE);
-        self.0.fetch_add(delta, Ordering::SeqCst);
+    /// Gives back `deliveries` counted by [`enter`](Self::enter) whose event did not go into
+    /// the channel.
+    pub(crate) fn refund(&self, deliveries: usize) {
+        self.refunded.fetch_add(deliveries as u64, Ordering::SeqCst);
     }
 
-    /// Leaves the gate without accepting anything (the event went back to the publisher).
-    pub(crate) fn leave_refused(&self) {
-        self.0.fetch_sub(INSIDE, Ordering::SeqCst);
-    }
-
-    /// Accepts `deliveries` without entering: for events published by handlers, which are
-    /// accepted while their parent delivery is still outstanding.
+    /// Counts `deliveries` in whether or not the gate is closed: for events that handlers
+    /// publish, which are accepted while their parent delivery is still outstanding.
     #[inline]
     pub(crate) fn accept(&self, deliveries: usize) {
-        self.0
+        self.word
             .fetch_add((deliveries as u64) << ACCEPTED_SHIFT, Ordering::SeqCst);
     }
 
     /// Closes the gate: every later `enter` fails.
     pub(crate) fn close(&self) {
-        self.0.fetch_or(CLOSED, Ordering::SeqCst);
+        self.word.fetch_or(CLOSED, Ordering::SeqCst);
     }
 
     pub(crate) fn read(&self) -> GateState {
-        let word = self.0.load(Ordering::SeqCst);
+        let word = self.word.load(Ordering::SeqCst);
         GateState {
             closed: word & CLOSED != 0,
-            inside: (word & INSIDE_MASK) >> 1,
             accepted: word >> ACCEPTED_SHIFT,
+            refunded: self.refunded.load(Ordering::SeqCst) & COUNT_MASK,
         }
     }
 }
 
-/// The outstanding-delivery count implied by an accepted sum and a settled sum, read as a
-/// signed number in the 42-bit ring (settled can run ahead of accepted for an instant: a worker
-/// may settle a delivery before its publisher has left the gate).
-pub(crate) fn outstanding(accepted: u64, settled: u64) -> i64 {
-    let diff = accepted.wrapping_sub(settled) & COUNT_MASK;
-    if diff >= 1 << 41 {
-        diff as i64 - (1 << 42)
+/// The outstanding-delivery count implied by a net accepted sum and a settled sum, read as a
+/// signed number in the 63-bit ring (a live reading may see a settlement before the count it
+/// settles, since the two are read at different moments).
+pub(crate) fn outstanding(net: u64, settled: u64) -> i64 {
+    let diff = net.wrapping_sub(settled) & COUNT_MASK;
+    if diff >= 1 << 62 {
+        -((COUNT_MASK - diff + 1) as i64)
     } else {
         diff as i64
     }
+}
+
+/// The sum of the gates' net counts, modulo 2^63.
+pub(crate) fn net_sum<'a>(gates: impl Iterator<Item = &'a Gate>) -> u64 {
+    gates.fold(0u64, |sum, g| sum.wrapping_add(g.read().net())) & COUNT_MASK
 }
 
 /// Reads of the gates and settled counters that decide whether the bus is quiescent.
 pub(crate) struct Quiescence;
 
 impl Quiescence {
-    /// The sum of accepted counts, or `None` while a publisher is inside a gate.
-    fn accepted<'a>(gates: impl Iterator<Item = &'a Gate>) -> Option<u64> {
-        let mut sum = 0u64;
-        for gate in gates {
-            let state = gate.read();
-            if state.inside != 0 {
-                return None;
-            }
-            sum = sum.wrapping_add(state.accepted);
-        }
-        Some(sum & COUNT_MASK)
-    }
-
-    /// Whether, at one instant during the call, every accepted delivery was settled and no
-    /// publisher was inside a gate.
+    /// Whether, at one instant during the call, every delivery counted in was settled or
+    /// refunded.
     pub(crate) fn check<'a>(
         gates: impl Iterator<Item = &'a Gate> + Clone,
         settled: impl FnOnce() -> u64,
     ) -> bool {
-        let Some(first) = Self::accepted(gates.clone()) else {
-            return false;
-        };
+        let first: Vec<GateState> = gates.clone().map(Gate::read).collect();
         let settled = settled();
-        let Some(second) = Self::accepted(gates) else {
-            return false;
-        };
-        first == second && outstanding(first, settled) == 0
+        let unchanged = gates.zip(&first).all(|(gate, before)| {
+            let now = gate.read();
+            now.accepted == before.accepted && now.refunded == before.refunded
+        });
+        let net = first.iter().fold(0u64, |sum, g| sum.wrapping_add(g.net())) & COUNT_MASK;
+        unchanged && outstanding(net, settled) == 0
     }
 }
 
@@ -148,61 +145,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn enter_leave_counts() {
+    fn enter_counts_and_refunds_keep_the_net() {
         let gate = Gate::new();
-        assert!(gate.enter());
-        assert!(gate.enter());
-        assert_eq!(
-            gate.read(),
-            GateState {
-                closed: false,
-                inside: 2,
-                accepted: 0
-            }
-        );
-        gate.leave_accepted(3);
-        gate.leave_refused();
+        assert!(gate.enter(3));
+        assert!(gate.enter(1));
+        gate.refund(1);
         gate.accept(2);
         assert_eq!(
             gate.read(),
             GateState {
                 closed: false,
-                inside: 0,
-                accepted: 5
+                accepted: 6,
+                refunded: 1
             }
         );
+        assert_eq!(gate.read().net(), 5);
     }
 
     #[test]
-    fn closed_gate_refuses_and_keeps_counts() {
+    fn a_closed_gate_refuses_and_refunds() {
         let gate = Gate::new();
-        assert!(gate.enter());
+        assert!(gate.enter(1));
         gate.close();
-        assert!(!gate.enter());
+        assert!(!gate.enter(2));
+        gate.accept(1);
         let state = gate.read();
         assert!(state.closed);
-        assert_eq!(state.inside, 1);
-        gate.leave_accepted(1);
-        assert_eq!(
-            gate.read(),
-            GateState {
-                closed: true,
-                inside: 0,
-                accepted: 1
-            }
-        );
+        assert_eq!((state.accepted, state.refunded, state.net()), (4, 2, 2));
     }
 
     #[test]
-    fn accepted_count_wraps_without_touching_other_fields() {
-        let gate = Gate(AtomicU64::new(COUNT_MASK << ACCEPTED_SHIFT));
-        assert!(gate.enter());
-        gate.leave_accepted(3);
+    fn counts_wrap_in_the_ring() {
+        let gate = Gate {
+            word: AtomicU64::new(COUNT_MASK << ACCEPTED_SHIFT),
+            refunded: AtomicU64::new(0),
+        };
+        assert!(gate.enter(3));
         let state = gate.read();
         assert_eq!(state.accepted, 2);
-        assert_eq!(state.inside, 0);
         assert!(!state.closed);
-        assert_eq!(outstanding(2, COUNT_MASK), 3);
+        assert_eq!(outstanding(state.net(), COUNT_MASK), 3);
     }
 
     #[test]
@@ -213,16 +195,29 @@ mod tests {
     }
 
     #[test]
-    fn quiescence_needs_equal_counts_and_nobody_inside() {
+    fn quiescence_needs_settled_to_match_the_net_count() {
         let gates = [Gate::new(), Gate::new()];
         assert!(Quiescence::check(gates.iter(), || 0));
-        gates[0].accept(2);
+        assert!(gates[0].enter(2));
         gates[1].accept(1);
         assert!(!Quiescence::check(gates.iter(), || 2));
         assert!(Quiescence::check(gates.iter(), || 3));
-        assert!(gates[1].enter());
+        assert!(gates[1].enter(4));
         assert!(!Quiescence::check(gates.iter(), || 3));
-        gates[1].leave_refused();
+        gates[1].refund(4);
         assert!(Quiescence::check(gates.iter(), || 3));
+        assert_eq!(net_sum(gates.iter()), 3);
+    }
+
+    #[test]
+    fn a_change_between_the_collects_is_not_quiescence() {
+        let gates = [Gate::new()];
+        // The settled counter is read between the collects; an event counted in meanwhile
+        // (and settled at once) makes the collects differ.
+        assert!(!Quiescence::check(gates.iter(), || {
+            gates[0].accept(1);
+            1
+        }));
+        assert!(Quiescence::check(gates.iter(), || 1));
     }
 }

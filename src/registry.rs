@@ -12,10 +12,10 @@
 //! worker's subscriptions with `since_gen <= g` (newer snapshots only ever lose some: those
 //! are in the tombstones, and their deliveries are cancelled).
 //!
-//! A subscription's `active` flag and each worker's `state` word (the id of the subscription
-//! it is running) form a Dekker pair: a worker stores its state, then reads `active`; an
-//! unsubscriber clears `active`, then reads every worker's state. Both sides use `SeqCst`, so
-//! after `unsubscribe` has seen no worker running the subscription, no call can start.
+//! A subscription's `active` flag and each worker's `batch` word form a Dekker pair: a worker
+//! opens a batch (`SeqCst`), then reads `active` before each delivery; an unsubscriber clears
+//! `active` (`SeqCst`), then waits for every open batch to close. After that no call can
+//! start (see `shard`).
 
 use std::any::{Any, TypeId};
 use std::cell::RefCell;
@@ -463,13 +463,15 @@ impl Subscription {
     ///
     /// After it returns, no call of the handler starts. Deliveries still queued for it are
     /// counted as cancelled (in [`stats`](Self::stats) and the bus's statistics) when a worker
-    /// reaches them. Called from inside this subscription's own handler it does not wait for
-    /// that call. Calling it again does nothing.
+    /// reaches them. It waits for the batches of events the workers are handling to finish,
+    /// so it may wait for a slow handler of another subscription too. Called from inside a
+    /// handler it does not wait for the call it is made from, nor for calls on workers that
+    /// are themselves inside `unsubscribe`. Calling it again does nothing more.
     pub fn unsubscribe(&self) {
         if self.meta.active.swap(false, Ordering::SeqCst) {
             self.core.registry.remove(&self.meta);
         }
-        self.core.wait_not_running(self.meta.id);
+        self.core.wait_for_open_batches();
     }
 }
 

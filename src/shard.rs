@@ -5,12 +5,21 @@
 //! in it. A message is one published event with the generation of the handler tables it was
 //! matched against; the worker runs its deliveries one at a time.
 //!
-//! Each worker has a `state` word: `IDLE`, the id of the subscription it is running, `STOPPED`
-//! or `ABANDONED`. The worker moves it `IDLE → id → IDLE` with compare-and-swap around every
-//! delivery; shutdown moves it `IDLE → STOPPED` to stop the worker between deliveries, or
-//! `id → ABANDONED` at the deadline to give up on a delivery that is still running. Whoever
-//! wins the swap owns the delivery's outcome, so a delivery is settled exactly once. The
-//! worker's counters are written only by the worker thread; `settled` is stored last with
+//! Each worker has a `state` word: `IDLE`, the id of the subscription it is running, or
+//! `ABANDONED`. The worker stores the id before a handler runs and moves it back `id → IDLE`
+//! with a compare-and-swap when the handler returns; at the deadline shutdown moves it
+//! `id → ABANDONED` to give up on a delivery that is still running. Whoever wins the swap owns
+//! the delivery's outcome, so a delivery is settled exactly once.
+//!
+//! Work is done in batches of up to [`BATCH`] events. A worker opens a batch by storing an odd
+//! value in its `batch` word (`SeqCst`) and closes it with the next even one. `unsubscribe`
+//! clears the subscription's `active` flag (`SeqCst`) and then waits for every open batch to
+//! close: a delivery in a batch opened later reads the cleared flag (the two `SeqCst` stores
+//! and the loads after them are a Dekker pair), and a delivery in the batch it waited for
+//! started before `unsubscribe` returned. That is one fence per batch instead of one per
+//! delivery. Shutdown stops a worker between deliveries with its `stop` flag.
+//!
+//! The worker's counters are written only by the worker thread; `settled` is stored last with
 //! `Release`, so a reader that `Acquire`s it sees the outcome counters and the handlers'
 //! effects.
 
@@ -32,8 +41,10 @@ use crate::registry::{Snapshot, Sub, before};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub(crate) const IDLE: u64 = 0;
-pub(crate) const STOPPED: u64 = u64::MAX;
-pub(crate) const ABANDONED: u64 = u64::MAX - 1;
+pub(crate) const ABANDONED: u64 = u64::MAX;
+
+/// The most events a worker handles in one batch.
+const BATCH: usize = 64;
 
 /// How long an idle worker with spilled events waits before offering them again.
 const SPILL_RETRY: Duration = Duration::from_micros(500);
@@ -170,6 +181,10 @@ fn bump(counter: &AtomicU64, n: u64) {
 #[derive(Default)]
 pub(crate) struct WorkerShared {
     pub(crate) state: AtomicU64,
+    /// Odd while a batch is open; each batch moves it on by one.
+    pub(crate) batch: AtomicU64,
+    /// Set by shutdown: the worker starts no more deliveries.
+    pub(crate) stop: AtomicBool,
     /// Deliveries of the current event after the one running.
     pub(crate) remaining: AtomicU64,
     pub(crate) event_hi: AtomicU64,
@@ -258,6 +273,9 @@ pub(crate) struct Worker<'a> {
     index: usize,
     shared: &'a WorkerShared,
     scratch: Vec<Routed>,
+    /// Whether a batch is open, and how many events it has handled.
+    in_batch: bool,
+    batch_len: usize,
     /// The worker's copy of the handler tables; `None` only while a task borrows it.
     snapshot: Option<Arc<Snapshot>>,
 }
@@ -269,6 +287,39 @@ enum Outcome {
 }
 
 impl Worker<'_> {
+    /// Opens a batch unless one is open.
+    #[inline]
+    fn open_batch(&mut self) {
+        if !self.in_batch {
+            let batch = &self.shared.batch;
+            batch.store(batch.load(Ordering::Relaxed) + 1, Ordering::SeqCst);
+            self.in_batch = true;
+            self.batch_len = 0;
+        }
+    }
+
+    /// Closes the open batch, if any.
+    #[inline]
+    fn close_batch(&mut self) {
+        if self.in_batch {
+            let batch = &self.shared.batch;
+            batch.store(batch.load(Ordering::Relaxed) + 1, Ordering::Release);
+            self.in_batch = false;
+        }
+    }
+
+    /// Runs one task inside a batch, closing the batch when it is full.
+    #[inline]
+    fn run(&mut self, task: &Task) -> Flow {
+        self.open_batch();
+        let flow = (task.run)(self, task);
+        self.batch_len += 1;
+        if self.batch_len >= BATCH {
+            self.close_batch();
+        }
+        flow
+    }
+
     /// Takes the worker's snapshot, first refreshing it if it is older than generation `generation`.
     /// The caller puts it back.
     fn snapshot_for(&mut self, generation: u32) -> Arc<Snapshot> {
@@ -303,21 +354,21 @@ impl Worker<'_> {
     ) -> Flow {
         let shared = self.shared;
         let id = sub.meta.id;
-        if shared
-            .state
-            .compare_exchange(IDLE, id, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
+        if shared.stop.load(Ordering::Relaxed) {
             shared.settle_left(remaining + 1);
             return Flow::Stop;
         }
-        let outcome = if sub.meta.active.load(Ordering::SeqCst) {
+        debug_assert!(self.in_batch, "deliveries run inside a batch");
+        let outcome = if sub.meta.active.load(Ordering::Relaxed) {
             shared.remaining.store(remaining as u64, Ordering::Relaxed);
             let id128 = envelope.id().as_u128();
             shared
                 .event_hi
                 .store((id128 >> 64) as u64, Ordering::Relaxed);
             shared.event_lo.store(id128 as u64, Ordering::Relaxed);
+            // `Release`: whoever takes the delivery over with a compare-and-swap sees the
+            // stores above.
+            shared.state.store(id, Ordering::Release);
             let ctx = Context {
                 envelope,
                 event_name: E::NAME,
@@ -326,23 +377,24 @@ impl Worker<'_> {
                 core: self.core,
                 worker: shared,
             };
-            match catch_unwind(AssertUnwindSafe(|| (sub.handler)(event, &ctx))) {
+            let result = match catch_unwind(AssertUnwindSafe(|| (sub.handler)(event, &ctx))) {
                 Ok(Ok(())) => Outcome::Succeeded,
                 Ok(Err(error)) => Outcome::Failed(error, false),
                 Err(payload) => Outcome::Failed(HandlerError::from_panic(payload), true),
+            };
+            if shared
+                .state
+                .compare_exchange(id, IDLE, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                // Shutdown gave up on this delivery and has already reported it.
+                shared.outbox.lock().clear();
+                return Flow::Abandoned;
             }
+            result
         } else {
             Outcome::Cancelled
         };
-        if shared
-            .state
-            .compare_exchange(id, IDLE, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
-            // Shutdown gave up on this delivery and has already reported it.
-            shared.outbox.lock().clear();
-            return Flow::Abandoned;
-        }
         let stats = &shared.stats;
         match outcome {
             Outcome::Succeeded => {
@@ -397,7 +449,7 @@ impl Worker<'_> {
                 break;
             };
             if routed.shard == self.index {
-                let flow = (routed.task.run)(self, &routed.task);
+                let flow = self.run(&routed.task);
                 if flow != Flow::Continue {
                     return flow;
                 }
@@ -432,6 +484,7 @@ impl Worker<'_> {
             let msg = match rx.try_recv() {
                 Ok(msg) => msg,
                 Err(TryRecvError::Empty) => {
+                    self.close_batch();
                     self.core.notify_idle();
                     self.refresh_snapshot();
                     if self.shared.spill_len.load(Ordering::SeqCst) > 0 {
@@ -451,12 +504,12 @@ impl Worker<'_> {
             };
             match msg {
                 Msg::Wake => {
-                    if self.shared.state.load(Ordering::SeqCst) == STOPPED {
+                    if self.shared.stop.load(Ordering::SeqCst) {
                         return Flow::Stop;
                     }
                 }
                 Msg::Task(task) => {
-                    let flow = (task.run)(self, &task);
+                    let flow = self.run(&task);
                     if flow != Flow::Continue {
                         return flow;
                     }
@@ -475,9 +528,12 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
         index,
         shared: &shard.worker,
         scratch: Vec::new(),
+        in_batch: false,
+        batch_len: 0,
         snapshot: Some(core.registry.load_full()),
     };
     worker.run_loop(&shard.rx);
+    worker.close_batch();
 }
 
 #[cfg(test)]

@@ -231,3 +231,53 @@ fn a_handler_can_unsubscribe_itself() {
     assert_eq!(count(&calls), 6);
     assert_eq!(me.get().unwrap().stats().cancelled, 4);
 }
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Ping;
+impl microbus::Event for Ping {
+    const NAME: &'static str = "Ping";
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Pong;
+impl microbus::Event for Pong {
+    const NAME: &'static str = "Pong";
+}
+
+#[test]
+fn handlers_on_two_workers_can_unsubscribe_each_other() {
+    let bus = Bus::builder().workers(2).build().unwrap();
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let ping_sub: Arc<OnceLock<Subscription>> = Arc::new(OnceLock::new());
+    let pong_sub: Arc<OnceLock<Subscription>> = Arc::new(OnceLock::new());
+    let done = Arc::new(AtomicU64::new(0));
+    let ping = {
+        let (barrier, other, done) = (barrier.clone(), pong_sub.clone(), done.clone());
+        bus.subscribe(move |_: &Ping, _: &Context| -> HandlerResult {
+            barrier.wait();
+            other.get().unwrap().unsubscribe();
+            done.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap()
+    };
+    let pong = {
+        let (barrier, other, done) = (barrier.clone(), ping_sub.clone(), done.clone());
+        bus.subscribe(move |_: &Pong, _: &Context| -> HandlerResult {
+            barrier.wait();
+            other.get().unwrap().unsubscribe();
+            done.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap()
+    };
+    ping_sub.set(ping).unwrap();
+    pong_sub.set(pong).unwrap();
+    // Unkeyed events from one thread take the shards in turn: one event on each worker.
+    bus.publish(Ping).unwrap();
+    bus.publish(Pong).unwrap();
+    bus.flush(WAIT).unwrap();
+    assert_eq!(count(&done), 2);
+    assert!(!ping_sub.get().unwrap().is_active());
+    assert!(!pong_sub.get().unwrap().is_active());
+}

@@ -481,39 +481,34 @@ impl Worker<'_> {
                     return flow;
                 }
             }
-            let msg = match rx.try_recv() {
-                Ok(msg) => msg,
-                Err(TryRecvError::Empty) => {
-                    self.close_batch();
-                    self.core.notify_idle();
-                    self.refresh_snapshot();
-                    if self.shared.spill_len.load(Ordering::SeqCst) > 0 {
-                        match rx.recv_timeout(SPILL_RETRY) {
-                            Ok(msg) => msg,
-                            Err(e) if e.is_timeout() => continue,
-                            Err(_) => return Flow::Stop,
-                        }
-                    } else {
-                        match rx.recv() {
-                            Ok(msg) => msg,
-                            Err(_) => return Flow::Stop,
-                        }
+            // Matched by reference throughout: a task is 128 bytes, and every move is a copy.
+            let mut received = rx.try_recv();
+            if let Err(TryRecvError::Empty) = received {
+                self.close_batch();
+                self.core.notify_idle();
+                self.refresh_snapshot();
+                received = if self.shared.spill_len.load(Ordering::SeqCst) > 0 {
+                    match rx.recv_timeout(SPILL_RETRY) {
+                        Err(e) if e.is_timeout() => continue,
+                        other => other.map_err(|_| TryRecvError::Disconnected),
                     }
-                }
-                Err(TryRecvError::Disconnected) => return Flow::Stop,
-            };
-            match msg {
-                Msg::Wake => {
-                    if self.shared.stop.load(Ordering::SeqCst) {
-                        return Flow::Stop;
-                    }
-                }
-                Msg::Task(task) => {
-                    let flow = self.run(&task);
+                } else {
+                    rx.recv().map_err(|_| TryRecvError::Disconnected)
+                };
+            }
+            match &received {
+                Ok(Msg::Task(task)) => {
+                    let flow = self.run(task);
                     if flow != Flow::Continue {
                         return flow;
                     }
                 }
+                Ok(Msg::Wake) => {
+                    if self.shared.stop.load(Ordering::SeqCst) {
+                        return Flow::Stop;
+                    }
+                }
+                Err(_) => return Flow::Stop,
             }
         }
     }

@@ -485,7 +485,10 @@ impl Core {
             let seen = batch.load(Ordering::SeqCst);
             if seen % 2 == 1 {
                 let mut step = 0;
-                while batch.load(Ordering::Acquire) == seen {
+                // Once the bus has stopped no call starts anywhere; a worker detached inside a
+                // handler may keep its batch open for as long as that handler runs.
+                while batch.load(Ordering::Acquire) == seen && !self.stopped.load(Ordering::SeqCst)
+                {
                     backoff(&mut step);
                 }
             }

@@ -164,7 +164,13 @@ fn the_deadline_holds_against_a_stuck_handler() {
         bus.publish(Numbered { publisher: 0, seq }).unwrap();
     }
     let stuck_id = entered.recv().unwrap();
+    let other = bus
+        .subscribe(|_: &FollowUp, _: &Context| -> HandlerResult { Ok(()) })
+        .unwrap();
     let report = bus.shutdown_timeout(Duration::from_millis(50)).unwrap();
+    // The detached worker is still inside its handler; unsubscribing does not wait for it.
+    other.unsubscribe();
+    assert!(!other.is_active());
     assert!(report.deadline_passed);
     assert_eq!(report.stats.abandoned, 1);
     assert_eq!(report.stats.left, 9);

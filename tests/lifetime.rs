@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Numbered, WAIT, count};
+use common::{Numbered, WAIT, count, hold_the_only_worker};
 use microbus::{Bus, Context, HandlerResult, ShutdownError};
 
 #[test]
@@ -80,21 +80,12 @@ fn dropping_the_last_handle_handles_what_was_accepted_and_joins_the_workers() {
 
 #[test]
 fn a_flush_timeout_says_what_remains() {
-    let bus = Bus::builder().workers(1).build().unwrap();
-    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
-    let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(1);
-    bus.subscribe(move |e: &Numbered, _: &Context| -> HandlerResult {
-        if e.seq == 0 {
-            entered_tx.send(()).unwrap();
-            release_rx.recv().unwrap();
-        }
-        Ok(())
-    })
-    .unwrap();
+    let held = hold_the_only_worker(1024);
     for seq in 0..5 {
-        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+        held.bus.publish(Numbered { publisher: 0, seq }).unwrap();
     }
-    entered_rx.recv().unwrap();
+    held.entered.recv().unwrap();
+    let bus = &held.bus;
     let err = bus.flush(Duration::from_millis(20)).unwrap_err();
     assert!(err.is_timeout());
     let pending = err.pending().unwrap();
@@ -106,6 +97,7 @@ fn a_flush_timeout_says_what_remains() {
         err.to_string(),
         "flush timed out with 4 queued, 1 running and 0 waiting to be offered again"
     );
-    release_tx.send(()).unwrap();
+    held.release.send(()).unwrap();
     bus.flush(WAIT).unwrap();
+    assert_eq!(held.handled(), vec![0, 1, 2, 3, 4]);
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Keyed, Numbered, Tally, WAIT, count};
+use common::{Held, Keyed, Numbered, Tally, WAIT, count, hold_the_only_worker};
 use microbus::{Bus, Context, HandlerResult, Publish, PublishTimeoutError, TryPublishError};
 
 #[test]
@@ -90,50 +90,22 @@ fn events_with_one_key_arrive_in_publish_order() {
     }
 }
 
-/// A bus with one worker whose handler blocks on event 0 until released.
-struct Held {
-    bus: Bus,
-    release: crossbeam_channel::Sender<()>,
-    handled: Arc<Mutex<Vec<u64>>>,
-}
-
-fn hold_the_only_worker(capacity: usize) -> Held {
-    let bus = Bus::builder()
-        .workers(1)
-        .channel_capacity(capacity)
-        .build()
-        .unwrap();
-    let (entered_tx, entered_rx) = crossbeam_channel::bounded(1);
-    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
-    let handled = Arc::new(Mutex::new(Vec::new()));
-    {
-        let handled = handled.clone();
-        bus.subscribe(move |e: &Numbered, _: &Context| -> HandlerResult {
-            if e.seq == 0 {
-                entered_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
-            }
-            handled.lock().unwrap().push(e.seq);
-            Ok(())
+/// Holds the only worker inside the handler of event 0.
+fn held(capacity: usize) -> Held {
+    let held = hold_the_only_worker(capacity);
+    held.bus
+        .publish(Numbered {
+            publisher: 0,
+            seq: 0,
         })
         .unwrap();
-    }
-    bus.publish(Numbered {
-        publisher: 0,
-        seq: 0,
-    })
-    .unwrap();
-    entered_rx.recv().unwrap();
-    Held {
-        bus,
-        release: release_tx,
-        handled,
-    }
+    held.entered.recv().unwrap();
+    held
 }
 
 #[test]
 fn try_publish_on_a_full_shard_returns_the_very_event() {
-    let held = hold_the_only_worker(4);
+    let held = held(4);
     for seq in 1..=4 {
         held.bus
             .try_publish(Numbered { publisher: 0, seq })
@@ -170,7 +142,7 @@ fn try_publish_on_a_full_shard_returns_the_very_event() {
     }
     held.release.send(()).unwrap();
     held.bus.flush(WAIT).unwrap();
-    assert_eq!(*held.handled.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(held.handled(), vec![0, 1, 2, 3, 4]);
     let report = held.bus.shutdown().unwrap();
     assert_eq!(report.stats.delivered, 5);
     assert_eq!(report.stats.succeeded, 5);
@@ -179,7 +151,7 @@ fn try_publish_on_a_full_shard_returns_the_very_event() {
 
 #[test]
 fn a_blocked_publish_goes_through_when_room_appears() {
-    let held = hold_the_only_worker(1);
+    let held = held(1);
     held.bus
         .publish(Numbered {
             publisher: 0,
@@ -196,7 +168,7 @@ fn a_blocked_publish_goes_through_when_room_appears() {
     held.release.send(()).unwrap();
     publisher.join().unwrap().unwrap();
     held.bus.flush(WAIT).unwrap();
-    assert_eq!(*held.handled.lock().unwrap(), vec![0, 1, 2]);
+    assert_eq!(held.handled(), vec![0, 1, 2]);
 }
 
 #[test]

@@ -8,45 +8,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{FollowUp, Numbered, Tally, WAIT, count};
-use microbus::{Bus, Context, EventId, HandlerResult, PublishError};
-
-/// One worker, held inside the handler of event 0 until `release` is sent.
-fn held_bus(
-    capacity: usize,
-) -> (
-    Bus,
-    crossbeam_channel::Sender<()>,
-    Arc<AtomicU64>,
-    crossbeam_channel::Receiver<EventId>,
-) {
-    let bus = Bus::builder()
-        .workers(1)
-        .channel_capacity(capacity)
-        .build()
-        .unwrap();
-    let (entered_tx, entered_rx) = crossbeam_channel::bounded(1);
-    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
-    let handled = Arc::new(AtomicU64::new(0));
-    {
-        let handled = handled.clone();
-        bus.subscribe(move |e: &Numbered, ctx: &Context| -> HandlerResult {
-            if e.seq == 0 {
-                entered_tx.send(ctx.event_id()).unwrap();
-                release_rx.recv().unwrap();
-            }
-            handled.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        })
-        .unwrap();
-    }
-    (bus, release_tx, handled, entered_rx)
-}
+use common::{FollowUp, Held, Numbered, Tally, WAIT, count, hold_the_only_worker};
+use microbus::{Bus, Context, HandlerResult, PublishError};
 
 #[test]
 fn shutdown_handles_everything_queued_before_it_returns() {
     const EVENTS: u64 = 10_000;
-    let (bus, release, handled, entered) = held_bus(EVENTS as usize);
+    let Held {
+        bus,
+        release,
+        entered,
+        handled,
+    } = hold_the_only_worker(EVENTS as usize);
     for seq in 0..EVENTS {
         bus.publish(Numbered { publisher: 0, seq }).unwrap();
     }
@@ -66,10 +39,10 @@ fn shutdown_handles_everything_queued_before_it_returns() {
     {
         std::thread::yield_now();
     }
-    assert_eq!(count(&handled), 0);
+    assert!(handled.lock().unwrap().is_empty());
     release.send(()).unwrap();
     let report = stopper.join().unwrap().unwrap();
-    assert_eq!(count(&handled), EVENTS);
+    assert_eq!(handled.lock().unwrap().len() as u64, EVENTS);
     assert!(!report.deadline_passed, "{report:?}");
     assert_eq!(report.stats.succeeded, EVENTS);
     assert_eq!(report.stats.left, 0);
@@ -159,7 +132,12 @@ fn publishers_blocked_on_full_shards_get_their_events_back() {
 
 #[test]
 fn the_deadline_holds_against_a_stuck_handler() {
-    let (bus, release, handled, entered) = held_bus(64);
+    let Held {
+        bus,
+        release,
+        entered,
+        handled,
+    } = hold_the_only_worker(64);
     for seq in 0..10 {
         bus.publish(Numbered { publisher: 0, seq }).unwrap();
     }
@@ -185,10 +163,10 @@ fn the_deadline_holds_against_a_stuck_handler() {
     assert!(report.to_string().contains(&stuck_id.to_string()));
     // The detached worker finishes its handler and exits; what it had queued was swept.
     release.send(()).unwrap();
-    while count(&handled) == 0 {
+    while handled.lock().unwrap().is_empty() {
         std::thread::yield_now();
     }
-    assert_eq!(count(&handled), 1);
+    assert_eq!(*handled.lock().unwrap(), vec![0]);
 }
 
 #[test]

@@ -71,3 +71,51 @@ impl Tally {
 pub fn count(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::SeqCst)
 }
+
+/// A bus with one worker whose handler of `Numbered` blocks on event 0 until released.
+pub struct Held {
+    pub bus: microbus::Bus,
+    /// Lets the held handler return.
+    pub release: crossbeam_channel::Sender<()>,
+    /// Gets the held event's id once the worker is inside the handler.
+    pub entered: crossbeam_channel::Receiver<microbus::EventId>,
+    /// The `seq` of every event handled, in order.
+    pub handled: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl Held {
+    pub fn handled(&self) -> Vec<u64> {
+        self.handled.lock().unwrap().clone()
+    }
+}
+
+pub fn hold_the_only_worker(capacity: usize) -> Held {
+    let bus = microbus::Bus::builder()
+        .workers(1)
+        .channel_capacity(capacity)
+        .build()
+        .unwrap();
+    let (entered_tx, entered) = crossbeam_channel::bounded(1);
+    let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
+    let handled = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let handled = handled.clone();
+        bus.subscribe(
+            move |e: &Numbered, ctx: &microbus::Context| -> microbus::HandlerResult {
+                if e.seq == 0 {
+                    entered_tx.send(ctx.event_id()).unwrap();
+                    release_rx.recv().unwrap();
+                }
+                handled.lock().unwrap().push(e.seq);
+                Ok(())
+            },
+        )
+        .unwrap();
+    }
+    Held {
+        bus,
+        release,
+        entered,
+        handled,
+    }
+}

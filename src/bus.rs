@@ -533,8 +533,9 @@ impl Core {
         }
     }
 
-    /// The counts, with what shutdown itself settled (`abandoned`, `swept`).
-    fn stats_with(&self, abandoned: u64, swept: u64) -> BusStats {
+    /// The counts, with what shutdown itself settled (`abandoned`, `swept`), and the gates'
+    /// net count (read now when `None`).
+    fn stats_with(&self, abandoned: u64, swept: u64, net: Option<u64>) -> BusStats {
         let mut stats = BusStats {
             abandoned,
             left: swept,
@@ -553,7 +554,7 @@ impl Core {
             stats.cancelled += w.cancelled.load(Ordering::Relaxed);
             stats.left += w.left.load(Ordering::Relaxed);
         }
-        let net = net_sum(self.shards.iter().map(|s| &*s.gate));
+        let net = net.unwrap_or_else(|| net_sum(self.shards.iter().map(|s| &*s.gate)));
         let out = outstanding(net, settled);
         stats.in_flight = out.max(0) as u64;
         stats.delivered = settled.wrapping_add_signed(out);
@@ -567,7 +568,7 @@ impl Core {
                 ..report.stats.clone()
             };
         }
-        let stats = self.stats_with(0, 0);
+        let stats = self.stats_with(0, 0, None);
         BusStats {
             // A worker may settle an event a moment before its publisher counts it accepted:
             // live counts never show fewer deliveries than outcomes.
@@ -679,7 +680,7 @@ impl Core {
         // sweep until the ledger balances.
         let settled_by_workers = || self.settled();
         let mut step = 0;
-        loop {
+        let net = loop {
             for shard in self.shards.iter() {
                 while let Ok(msg) = shard.rx.try_recv() {
                     if let Msg::Task(task) = msg {
@@ -696,13 +697,16 @@ impl Core {
             let settled = settled_by_workers()
                 .wrapping_add(abandoned.len() as u64)
                 .wrapping_add(swept as u64);
-            if outstanding(net_sum(self.shards.iter().map(|s| &*s.gate)), settled) <= 0 {
-                break;
+            let net = net_sum(self.shards.iter().map(|s| &*s.gate));
+            // A publisher refused after the closing may add and refund in between: that only
+            // ever makes the reading larger for a moment.
+            if outstanding(net, settled) <= 0 {
+                break net;
             }
             backoff(&mut step);
-        }
+        };
         ShutdownReport {
-            stats: self.stats_with(abandoned.len() as u64, swept as u64),
+            stats: self.stats_with(abandoned.len() as u64, swept as u64, Some(net)),
             deadline_passed: !quiet,
             abandoned: detached,
             elapsed: started.elapsed(),

@@ -26,9 +26,9 @@ use crate::event::{Envelope, Event, EventId, NameId, Publish};
 use crate::handler::{Context, Handler, HandlerResult};
 use crate::ledger::{Gate, Quiescence, net_sum, outstanding};
 use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subscription};
+use crate::retry::timer::{REOFFER_DELAY, Timer};
 use crate::shard::{ABANDONED, IDLE, Msg, Routed, Shard, Task, WorkerShared, run_worker};
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use crate::timer::Timer;
 
 thread_local! {
     /// The bus whose worker or timer thread this is (0: none), and the worker's index.
@@ -415,7 +415,7 @@ impl Core {
         let Err(routed) = self.shards[from].worker.spill(routed, self.spill_capacity) else {
             return 0;
         };
-        match self.timer.schedule(routed) {
+        match self.timer.schedule(routed, REOFFER_DELAY) {
             Ok(()) => 0,
             Err(routed) => routed.task.deliveries(),
         }
@@ -815,7 +815,7 @@ impl BusBuilder {
             config,
             registry: Registry::new(id),
             shards,
-            timer: Timer::default(),
+            timer: Timer::new(),
             signal_tx: Mutex::new(Some(signal_tx)),
             signal_rx,
             closing: AtomicBool::new(false),

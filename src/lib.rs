@@ -113,9 +113,9 @@ mod event;
 mod handler;
 mod ledger;
 mod registry;
+mod retry;
 mod shard;
 mod sync;
-mod timer;
 
 pub use crate::bus::{AbandonedDelivery, Bus, BusBuilder, BusStats, ShutdownReport};
 pub use crate::config::{

@@ -1,0 +1,172 @@
+//! The timer thread: holds events that must wait, on a [`Wheel`] of [`TICK`]-long ticks, and
+//! offers each to its shard when its time comes.
+//!
+//! Ground rules: the wheel lives behind one mutex. Schedulers compute the deadline tick from
+//! the wall time (rounded up, so an entry never fires early) and wake the thread when they add
+//! an entry earlier than the one it sleeps for. The thread sleeps on a condition variable until
+//! the wheel's next occupied slot (never ticking while idle), takes what is due, and offers each
+//! event to its shard with `try_send` outside the lock. An event whose shard is still full is
+//! handed to that shard's worker, which runs it from its spill queue before it takes new work.
+//! Entries stay accepted in the ledger while they wait, so `flush` waits for them; at shutdown
+//! the bus stops the thread, joins it and takes what is left.
+//!
+//! Today the timer carries events that handlers published while their shard and the worker's
+//! spill queue were both full; the delay it makes them wait throttles handlers that feed each
+//! other through full shards.
+
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::TrySendError;
+use parking_lot::{Condvar, Mutex};
+
+use crate::retry::wheel::Wheel;
+use crate::shard::{Msg, Routed, Shard};
+use crate::sync::{AtomicUsize, Ordering};
+
+/// The wheel's tick.
+pub(crate) const TICK: Duration = Duration::from_millis(1);
+/// How long an event waits on the timer before it is offered again.
+pub(crate) const REOFFER_DELAY: Duration = Duration::from_micros(200);
+
+struct State {
+    wheel: Wheel<Routed>,
+    stopped: bool,
+}
+
+pub(crate) struct Timer {
+    state: Mutex<State>,
+    wake: Condvar,
+    len: AtomicUsize,
+    /// Tick 0.
+    start: Instant,
+}
+
+impl Timer {
+    pub(crate) fn new() -> Timer {
+        Timer {
+            state: Mutex::new(State {
+                wheel: Wheel::new(0),
+                stopped: false,
+            }),
+            wake: Condvar::new(),
+            len: AtomicUsize::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    /// The tick in progress at `at`.
+    fn tick_at(&self, at: Instant) -> u64 {
+        (at.saturating_duration_since(self.start).as_nanos() / TICK.as_nanos()) as u64
+    }
+
+    /// The first tick that starts at or after `at`.
+    fn tick_from(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.start).as_nanos();
+        nanos.div_ceil(TICK.as_nanos()) as u64
+    }
+
+    fn instant_of(&self, tick: u64) -> Instant {
+        self.start + TICK * u32::try_from(tick).unwrap_or(u32::MAX)
+    }
+
+    /// Schedules `routed` to be offered to its shard after `delay`. `Err` gives it back when
+    /// the timer has stopped.
+    #[allow(clippy::result_large_err)] // The error is the event itself, handed back.
+    pub(crate) fn schedule(&self, routed: Routed, delay: Duration) -> Result<(), Routed> {
+        let deadline = self.tick_from(Instant::now() + delay);
+        let mut state = self.state.lock();
+        if state.stopped {
+            return Err(routed);
+        }
+        let sleeping_until = state.wheel.next_tick();
+        state.wheel.schedule(deadline, routed);
+        self.len.store(state.wheel.len(), Ordering::Relaxed);
+        if sleeping_until.is_none_or(|tick| deadline < tick) {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// How many events wait.
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// No event waiting is due before this.
+    pub(crate) fn earliest(&self) -> Option<Instant> {
+        let next = self.state.lock().wheel.next_tick()?;
+        Some(self.instant_of(next))
+    }
+
+    /// Tells the thread to stop; later `schedule` calls fail.
+    pub(crate) fn stop(&self) {
+        self.state.lock().stopped = true;
+        self.wake.notify_all();
+    }
+
+    /// Takes every waiting event (after the thread has been joined).
+    pub(crate) fn take(&self) -> Vec<Routed> {
+        let mut state = self.state.lock();
+        self.len.store(0, Ordering::Relaxed);
+        state.wheel.drain()
+    }
+
+    /// The body of the timer thread.
+    pub(crate) fn run(&self, shards: &[Shard]) {
+        let mut due = Vec::new();
+        loop {
+            {
+                let mut state = self.state.lock();
+                loop {
+                    if state.stopped {
+                        return;
+                    }
+                    let now = self.tick_at(Instant::now());
+                    state.wheel.advance(now, &mut due);
+                    self.len.store(state.wheel.len(), Ordering::Relaxed);
+                    if !due.is_empty() {
+                        break;
+                    }
+                    match state.wheel.next_tick() {
+                        Some(tick) => {
+                            let until = self.instant_of(tick);
+                            self.wake.wait_until(&mut state, until);
+                        }
+                        None => self.wake.wait(&mut state),
+                    }
+                }
+            }
+            for routed in due.drain(..) {
+                let shard = &shards[routed.shard];
+                match shard.tx.try_send(Msg::Task(routed.task)) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
+                        let Msg::Task(task) = msg else {
+                            unreachable!("a task was sent")
+                        };
+                        // The delay has been served: the shard's own worker takes the event
+                        // from its spill queue before it takes new work. The wake-up reaches
+                        // it if it emptied its channel meanwhile.
+                        shard.worker.hand_over(Routed { task, ..routed });
+                        let _ = shard.tx.try_send(Msg::Wake);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_round_up_and_current_ticks_round_down() {
+        let timer = Timer::new();
+        let at = timer.start + Duration::from_micros(1_500);
+        assert_eq!(timer.tick_at(at), 1);
+        assert_eq!(timer.tick_from(at), 2);
+        assert_eq!(timer.tick_from(timer.start + TICK), 1);
+        assert_eq!(timer.instant_of(3), timer.start + 3 * TICK);
+    }
+}

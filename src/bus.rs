@@ -26,8 +26,9 @@ use crate::event::{Envelope, Event, EventId, NameId, Publish};
 use crate::handler::{Context, Handler, HandlerResult};
 use crate::ledger::{Gate, Quiescence, net_sum, outstanding};
 use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subscription};
+use crate::retry::RetryPolicy;
 use crate::retry::timer::{REOFFER_DELAY, Timer};
-use crate::shard::{ABANDONED, IDLE, Msg, Routed, Shard, Task, WorkerShared, run_worker};
+use crate::shard::{ABANDONED, IDLE, Msg, Routed, Shard, Task, Work, WorkerShared, run_worker};
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 thread_local! {
@@ -109,8 +110,11 @@ pub struct BusStats {
     pub failed: u64,
     /// Of the failed attempts, how many were panics.
     pub panicked: u64,
-    /// Failed deliveries that were dropped.
+    /// Failed deliveries that will not be tried again (retries exhausted, a permanent error,
+    /// or a retry still waiting when the bus shut down), and were dropped.
     pub discarded: u64,
+    /// Retries scheduled: failed attempts that are tried again.
+    pub retried: u64,
     /// Deliveries whose subscription ended before they ran.
     pub cancelled: u64,
     /// Deliveries still running when the shutdown deadline passed.
@@ -185,6 +189,7 @@ impl fmt::Display for ShutdownReport {
             ("abandoned", s.abandoned),
             ("left", s.left),
             ("failed attempts", s.failed),
+            ("retries", s.retried),
             ("panics", s.panicked),
             ("unmatched events", s.unmatched),
             ("refused events", s.refused),
@@ -206,6 +211,7 @@ impl fmt::Display for ShutdownReport {
 /// The state shared by every handle, subscription and thread of one bus.
 pub(crate) struct Core {
     pub(crate) id: u64,
+    jitter_seed: u64,
     pub(crate) config: Config,
     spill_capacity: usize,
     pub(crate) registry: Registry,
@@ -224,6 +230,22 @@ pub(crate) struct Core {
     lifecycle_cv: Condvar,
     worker_threads: Mutex<Vec<JoinHandle<()>>>,
     timer_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Deliveries that shutdown settles itself: events that never ran, and retries that never ran.
+#[derive(Debug, Clone, Copy, Default)]
+struct Swept {
+    left: u64,
+    discarded: u64,
+}
+
+impl Swept {
+    fn add(&mut self, work: &Work) {
+        match work {
+            Work::Task(task) => self.left += task.deliveries() as u64,
+            Work::Retry(_) => self.discarded += 1,
+        }
+    }
 }
 
 /// Backs off in a wait loop that expects to be short: spin, then yield, then sleep briefly.
@@ -283,7 +305,9 @@ impl Core {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return Err((Refusal::Shutdown, event));
         }
-        let msg = Msg::Task(Task::new(envelope, generation, deliveries, event));
+        let msg = Msg::Work(Work::Task(Task::new(
+            envelope, generation, deliveries, event,
+        )));
         let sent = match shard.tx.try_send(msg) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(msg)) => self.send_full(index, msg, mode),
@@ -296,7 +320,7 @@ impl Core {
                 if why == Refusal::Shutdown {
                     self.refused.fetch_add(1, Ordering::Relaxed);
                 }
-                let Msg::Task(task) = msg else {
+                let Msg::Work(Work::Task(task)) = msg else {
                     unreachable!("publishers send tasks")
                 };
                 Err((why, task.into_event()))
@@ -315,10 +339,10 @@ impl Core {
         if let Some(worker) = OwnThread::worker_of(self.id) {
             // A worker never blocks on a channel: that is how buses deadlock. The event is
             // accepted and waits in this worker's spill queue or on the timer.
-            let Msg::Task(task) = msg else {
+            let Msg::Work(work) = msg else {
                 unreachable!("publishers send tasks")
             };
-            let routed = Routed { shard: index, task };
+            let routed = Routed { shard: index, work };
             let left = self.spill_or_wait(worker, routed);
             self.shards[worker].worker.settle_left(left);
             return Ok(());
@@ -389,7 +413,7 @@ impl Core {
         let shard = self.shard_for(&envelope);
         Ok(Some(Routed {
             shard,
-            task: Task::new(envelope, generation, deliveries, event),
+            work: Work::Task(Task::new(envelope, generation, deliveries, event)),
         }))
     }
 
@@ -399,14 +423,14 @@ impl Core {
     pub(crate) fn offer(&self, from: usize, routed: Routed) -> usize {
         match self.shards[routed.shard]
             .tx
-            .try_send(Msg::Task(routed.task))
+            .try_send(Msg::Work(routed.work))
         {
             Ok(()) => 0,
             Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
-                let Msg::Task(task) = msg else {
-                    unreachable!("a task was sent")
+                let Msg::Work(work) = msg else {
+                    unreachable!("work was sent")
                 };
-                self.spill_or_wait(from, Routed { task, ..routed })
+                self.spill_or_wait(from, Routed { work, ..routed })
             }
         }
     }
@@ -417,8 +441,19 @@ impl Core {
         };
         match self.timer.schedule(routed, REOFFER_DELAY) {
             Ok(()) => 0,
-            Err(routed) => routed.task.deliveries(),
+            Err(routed) => routed.work.deliveries(),
         }
+    }
+
+    /// Puts work on the timer for `delay`; `Err` gives it back once the timer has stopped.
+    #[allow(clippy::result_large_err)] // The error is the work itself, handed back.
+    pub(crate) fn wait_on_timer(&self, routed: Routed, delay: Duration) -> Result<(), Routed> {
+        self.timer.schedule(routed, delay)
+    }
+
+    /// The seed of worker `index`'s jitter generator.
+    pub(crate) fn worker_seed(&self, index: usize) -> u64 {
+        self.jitter_seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 
     /// Called by a worker about to wait for work: wakes anyone waiting for quiescence.
@@ -535,15 +570,16 @@ impl Core {
 
     /// The counts, with what shutdown itself settled (`abandoned`, `swept`), and the gates'
     /// net count (read now when `None`).
-    fn stats_with(&self, abandoned: u64, swept: u64, net: Option<u64>) -> BusStats {
+    fn stats_with(&self, abandoned: u64, swept: Swept, net: Option<u64>) -> BusStats {
         let mut stats = BusStats {
             abandoned,
-            left: swept,
+            left: swept.left,
+            discarded: swept.discarded,
             unmatched: self.unmatched.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
             ..BusStats::default()
         };
-        let mut settled = abandoned + swept;
+        let mut settled = abandoned + swept.left + swept.discarded;
         for shard in self.shards.iter() {
             let w = &shard.worker.stats;
             settled += w.settled.load(Ordering::Acquire);
@@ -553,6 +589,7 @@ impl Core {
             stats.discarded += w.discarded.load(Ordering::Relaxed);
             stats.cancelled += w.cancelled.load(Ordering::Relaxed);
             stats.left += w.left.load(Ordering::Relaxed);
+            stats.retried += w.retried.load(Ordering::Relaxed);
         }
         let net = net.unwrap_or_else(|| net_sum(self.shards.iter().map(|s| &*s.gate)));
         let out = outstanding(net, settled);
@@ -568,7 +605,7 @@ impl Core {
                 ..report.stats.clone()
             };
         }
-        let stats = self.stats_with(0, 0, None);
+        let stats = self.stats_with(0, Swept::default(), None);
         BusStats {
             // A worker may settle an event a moment before its publisher counts it accepted:
             // live counts never show fewer deliveries than outcomes.
@@ -616,7 +653,12 @@ impl Core {
         if let Some(thread) = self.timer_thread.lock().take() {
             let _ = thread.join();
         }
-        let mut swept: usize = self.timer.take().iter().map(|r| r.task.deliveries()).sum();
+        // What waits on the timer does not run: events to re-offer are left, retries not yet
+        // due are failed deliveries given up.
+        let mut swept = Swept::default();
+        for routed in self.timer.take() {
+            swept.add(&routed.work);
+        }
 
         // Stop the workers between deliveries. Past the deadline, a worker still inside a
         // handler is detached and its delivery taken over: the compare-and-swap decides
@@ -666,7 +708,8 @@ impl Core {
         let mut detached = Vec::new();
         for &(index, sub) in &abandoned {
             let worker: &WorkerShared = &self.shards[index].worker;
-            swept += worker.remaining.load(Ordering::Relaxed) as usize;
+            swept.left += worker.remaining.load(Ordering::Relaxed);
+            swept.discarded += worker.held_retries.load(Ordering::Relaxed);
             let meta = self.registry.lookup(sub);
             detached.push(AbandonedDelivery {
                 worker: format!("microbus-worker-{index}"),
@@ -678,25 +721,23 @@ impl Core {
         // What is left in the channels and spill queues never ran. A publisher that counted
         // its event in before the gates closed may still be sending it, or giving it back:
         // sweep until the ledger balances.
-        let settled_by_workers = || self.settled();
         let mut step = 0;
         let net = loop {
             for shard in self.shards.iter() {
                 while let Ok(msg) = shard.rx.try_recv() {
-                    if let Msg::Task(task) = msg {
-                        swept += task.deliveries();
+                    if let Msg::Work(work) = msg {
+                        swept.add(&work);
                     }
                 }
-                swept += shard
-                    .worker
-                    .take_spill()
-                    .iter()
-                    .map(|r| r.task.deliveries())
-                    .sum::<usize>();
+                for routed in shard.worker.take_spill() {
+                    swept.add(&routed.work);
+                }
             }
-            let settled = settled_by_workers()
+            let settled = self
+                .settled()
                 .wrapping_add(abandoned.len() as u64)
-                .wrapping_add(swept as u64);
+                .wrapping_add(swept.left)
+                .wrapping_add(swept.discarded);
             let net = net_sum(self.shards.iter().map(|s| &*s.gate));
             // A publisher refused after the closing may add and refund in between: that only
             // ever makes the reading larger for a moment.
@@ -706,7 +747,7 @@ impl Core {
             backoff(&mut step);
         };
         ShutdownReport {
-            stats: self.stats_with(abandoned.len() as u64, swept as u64, Some(net)),
+            stats: self.stats_with(abandoned.len() as u64, swept, Some(net)),
             deadline_passed: !quiet,
             abandoned: detached,
             elapsed: started.elapsed(),
@@ -784,13 +825,27 @@ impl BusBuilder {
         self
     }
 
+    /// The retry policy of subscriptions that do not set their own (default
+    /// [`RetryPolicy::default`]: exponential from 5 s, 4 attempts in all).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+
+    /// Seeds the generator that jitters retry delays, for runs that repeat exactly (default: a
+    /// random seed).
+    pub fn retry_seed(mut self, seed: u64) -> Self {
+        self.config.retry_seed = Some(seed);
+        self
+    }
+
     /// Checks the settings and starts the worker threads and the timer thread.
     ///
     /// # Errors
     ///
     /// A [`ConfigError`] naming the first invalid field: zero or too many `workers`, a zero or
     /// too large `channel_capacity` or `spill_capacity`, an empty or malformed `service_name`,
-    /// a `shutdown_timeout` over a day. If the system refuses to start a thread, the error
+    /// a `shutdown_timeout` over a day, a `retry` policy out of bounds. If the system refuses to start a thread, the error
     /// names `workers`.
     pub fn build(self) -> Result<Bus, ConfigError> {
         let config = self.config;
@@ -809,8 +864,15 @@ impl BusBuilder {
             .collect();
         let source = NameId::intern(&config.service_name);
         let id = NEXT_BUS_ID.fetch_add(1, Ordering::Relaxed);
+        let jitter_seed = config.retry_seed.unwrap_or_else(|| {
+            use std::hash::{BuildHasher, Hasher};
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u64(id);
+            hasher.finish()
+        });
         let core = Arc::new(Core {
             id,
+            jitter_seed,
             spill_capacity: config.spill_capacity(),
             config,
             registry: Registry::new(id),
@@ -1037,6 +1099,10 @@ impl Bus {
         if core.is_closing() {
             return Err(SubscribeError::Shutdown);
         }
+        let retry = options.retry.unwrap_or(core.config.retry);
+        retry
+            .validate("retry")
+            .map_err(|_| SubscribeError::InvalidRetry)?;
         let filter = match &options.from {
             Some(name) => {
                 check_name("source", name).map_err(|_| SubscribeError::InvalidSource)?;
@@ -1052,6 +1118,7 @@ impl Bus {
             event_name: E::NAME,
             type_id: TypeId::of::<E>(),
             since_gen: AtomicU32::new(0),
+            retry,
             active: AtomicBool::new(true),
             failed: AtomicU64::new(0),
             panicked: AtomicU64::new(0),

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::error::ConfigError;
+use crate::retry::RetryPolicy;
 
 /// The default per-shard channel capacity, in events.
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 1024;
@@ -25,6 +26,8 @@ pub(crate) struct Config {
     /// `None`: as large as the channel capacity.
     pub(crate) spill_capacity: Option<usize>,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) retry_seed: Option<u64>,
 }
 
 impl Default for Config {
@@ -35,6 +38,8 @@ impl Default for Config {
             channel_capacity: DEFAULT_CHANNEL_CAPACITY,
             spill_capacity: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            retry: RetryPolicy::default(),
+            retry_seed: None,
         }
     }
 }
@@ -107,7 +112,7 @@ impl Config {
                 format!("must be at most 24 hours (got {:?})", self.shutdown_timeout),
             ));
         }
-        Ok(())
+        self.retry.validate("retry")
     }
 
     pub(crate) fn spill_capacity(&self) -> usize {

@@ -176,6 +176,9 @@ pub enum SubscribeError {
     Shutdown,
     /// The source service named in `subscribe_from` is not a valid service name.
     InvalidSource,
+    /// The subscription's retry policy is out of bounds (see
+    /// [`BusBuilder::retry`](crate::BusBuilder::retry)).
+    InvalidRetry,
 }
 
 impl fmt::Display for SubscribeError {
@@ -185,6 +188,7 @@ impl fmt::Display for SubscribeError {
             Self::InvalidSource => {
                 "the source service name is empty, padded, too long or has control characters"
             }
+            Self::InvalidRetry => "the retry policy is out of bounds",
         })
     }
 }

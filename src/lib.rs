@@ -131,6 +131,9 @@ pub use crate::event::{
 };
 pub use crate::handler::{Context, Handler, HandlerError, HandlerResult};
 pub use crate::registry::{SubscribeOptions, Subscription, SubscriptionStats};
+pub use crate::retry::{
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_DELAY, DEFAULT_RETRY_DELAY, MAX_ATTEMPTS, RetryPolicy,
+};
 
 /// The README's examples, run as doc tests.
 #[cfg(doctest)]

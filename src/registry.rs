@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 use crate::bus::Core;
 use crate::event::{Event, NameId};
 use crate::handler::{Context, HandlerError, HandlerResult};
+use crate::retry::RetryPolicy;
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 pub(crate) type HandlerFn<E> = Box<dyn Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync>;
@@ -43,6 +44,7 @@ pub(crate) struct SubMeta {
     pub(crate) type_id: TypeId,
     /// The generation of the first snapshot that holds the subscription.
     pub(crate) since_gen: AtomicU32,
+    pub(crate) retry: RetryPolicy,
     pub(crate) active: AtomicBool,
     pub(crate) failed: AtomicU64,
     pub(crate) panicked: AtomicU64,
@@ -370,6 +372,7 @@ impl Registry {
 pub struct SubscribeOptions {
     pub(crate) name: Option<String>,
     pub(crate) from: Option<String>,
+    pub(crate) retry: Option<RetryPolicy>,
 }
 
 impl SubscribeOptions {
@@ -389,6 +392,12 @@ impl SubscribeOptions {
         self.from = Some(source.into());
         self
     }
+
+    /// Retries this subscription's failed deliveries by `policy` instead of the bus's.
+    pub fn retry(mut self, policy: RetryPolicy) -> SubscribeOptions {
+        self.retry = Some(policy);
+        self
+    }
 }
 
 impl fmt::Debug for SubscribeOptions {
@@ -396,6 +405,7 @@ impl fmt::Debug for SubscribeOptions {
         f.debug_struct("SubscribeOptions")
             .field("name", &self.name)
             .field("from", &self.from)
+            .field("retry", &self.retry)
             .finish()
     }
 }

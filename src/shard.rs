@@ -25,6 +25,7 @@
 
 use std::any::Any;
 use std::collections::VecDeque;
+use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ use crate::event::{Envelope, Event, EventId};
 use crate::handler::{Context, HandlerError};
 use crate::ledger::Gate;
 use crate::registry::{Snapshot, Sub, before};
+use crate::retry::Jitter;
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub(crate) const IDLE: u64 = 0;
@@ -51,10 +53,26 @@ const SPILL_RETRY: Duration = Duration::from_micros(500);
 
 /// What travels through a shard's channel.
 pub(crate) enum Msg {
-    Task(Task),
+    Work(Work),
     /// Wakes an idle worker so that it notices it was stopped, or that events were handed to
     /// it.
     Wake,
+}
+
+/// Deliveries to run: a published event, or one failed delivery tried again.
+pub(crate) enum Work {
+    Task(Task),
+    Retry(Retry),
+}
+
+impl Work {
+    /// How many deliveries it holds.
+    pub(crate) fn deliveries(&self) -> usize {
+        match self {
+            Work::Task(task) => task.deliveries(),
+            Work::Retry(_) => 1,
+        }
+    }
 }
 
 /// What happens to the worker after a delivery.
@@ -72,11 +90,28 @@ pub(crate) enum Flow {
 /// to `memcpy`.
 type Payload = SmallBox<dyn Any + Send, [usize; 3]>;
 
-/// A published event on its way to a worker: the envelope, the event, the generation of the
-/// handler tables it was matched against and how many subscriptions it matched. `run` is the
-/// event type's dispatch function.
-pub(crate) struct Task {
+/// The functions that handle one event type, chosen when the event is published.
+pub(crate) struct TaskOps {
     run: fn(&mut Worker<'_>, &Task) -> Flow,
+    share: fn(Task) -> Arc<SharedEvent>,
+    retry: fn(&mut Worker<'_>, &Retry) -> Flow,
+}
+
+struct OpsOf<E>(PhantomData<E>);
+
+impl<E: Event> OpsOf<E> {
+    const OPS: TaskOps = TaskOps {
+        run: run_task::<E>,
+        share: share_task::<E>,
+        retry: run_retry::<E>,
+    };
+}
+
+/// A published event on its way to a worker: the envelope, the event, the generation of the
+/// handler tables it was matched against and how many subscriptions it matched. `ops` are the
+/// event type's functions.
+pub(crate) struct Task {
+    ops: &'static TaskOps,
     pub(crate) envelope: Envelope,
     pub(crate) generation: u32,
     deliveries: u32,
@@ -91,7 +126,7 @@ impl Task {
         event: E,
     ) -> Task {
         Task {
-            run: run_task::<E>,
+            ops: &OpsOf::<E>::OPS,
             envelope,
             generation,
             deliveries: u32::try_from(deliveries).expect("fewer than 2^32 subscriptions"),
@@ -130,7 +165,7 @@ fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
         {
             debug_assert!(remaining > 0, "more subscriptions than were matched");
             remaining -= 1;
-            flow = worker.deliver(&task.envelope, sub, event, remaining);
+            flow = worker.deliver(&task.envelope, sub, event, remaining, 1);
             if flow != Flow::Continue {
                 break;
             }
@@ -153,10 +188,67 @@ fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
     flow
 }
 
-/// An event bound for shard `shard`.
+/// Moves a task's event to the heap, to be shared by the retries of its failed deliveries.
+fn share_task<E: Event>(task: Task) -> Arc<SharedEvent> {
+    let Ok(event) = task.payload.downcast::<E>() else {
+        unreachable!("a task's functions match its payload")
+    };
+    Arc::new(SharedEvent {
+        envelope: task.envelope,
+        event: Box::new(event.into_inner()),
+    })
+}
+
+/// An event whose failed deliveries wait to be tried again.
+pub(crate) struct SharedEvent {
+    pub(crate) envelope: Envelope,
+    event: Box<dyn Any + Send + Sync>,
+}
+
+/// One failed delivery, to be tried again: attempt `attempt` of subscription `sub`.
+pub(crate) struct Retry {
+    ops: &'static TaskOps,
+    pub(crate) event: Arc<SharedEvent>,
+    /// The `Arc<Sub<E>>` of the subscription.
+    sub: Arc<dyn Any + Send + Sync>,
+    pub(crate) attempt: u32,
+}
+
+/// Runs a retry of one delivery of an event of type `E`.
+fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flow {
+    let Ok(sub) = retry.sub.clone().downcast::<Sub<E>>() else {
+        unreachable!("a retry's functions match its subscription")
+    };
+    let Some(event) = retry.event.event.downcast_ref::<E>() else {
+        unreachable!("a retry's functions match its event")
+    };
+    let flow = worker.deliver(&retry.event.envelope, &sub, event, 0, retry.attempt);
+    let pending = std::mem::take(&mut worker.pending);
+    for again in pending {
+        worker.schedule_retry(
+            Retry {
+                ops: retry.ops,
+                event: retry.event.clone(),
+                sub: again.sub,
+                attempt: again.attempt,
+            },
+            again.delay,
+        );
+    }
+    flow
+}
+
+/// A retry that a delivery asked for, kept until its task is done with the event.
+struct PendingRetry {
+    sub: Arc<dyn Any + Send + Sync>,
+    attempt: u32,
+    delay: Duration,
+}
+
+/// Work bound for shard `shard`.
 pub(crate) struct Routed {
     pub(crate) shard: usize,
-    pub(crate) task: Task,
+    pub(crate) work: Work,
 }
 
 /// Counters that only the worker thread writes.
@@ -169,6 +261,7 @@ pub(crate) struct WorkerStats {
     pub(crate) discarded: AtomicU64,
     pub(crate) cancelled: AtomicU64,
     pub(crate) left: AtomicU64,
+    pub(crate) retried: AtomicU64,
 }
 
 /// Adds to a counter that has one writer: a load and a store, no read-modify-write.
@@ -194,6 +287,9 @@ pub(crate) struct WorkerShared {
     pub(crate) spill_len: AtomicUsize,
     pub(crate) outbox: Mutex<Vec<Routed>>,
     pub(crate) staged: AtomicBool,
+    /// Failed deliveries of the current event whose retries are not scheduled yet (they are
+    /// once the event's other deliveries have run).
+    pub(crate) held_retries: AtomicU64,
 }
 
 impl WorkerShared {
@@ -208,6 +304,12 @@ impl WorkerShared {
     pub(crate) fn settle_left(&self, n: usize) {
         bump(&self.stats.left, n as u64);
         self.settle(n);
+    }
+
+    /// Settles a failed delivery that will not be tried again.
+    fn settle_discarded(&self) {
+        bump(&self.stats.discarded, 1);
+        self.settle(1);
     }
 
     /// Settles `n` deliveries whose subscriptions ended before they ran.
@@ -278,6 +380,9 @@ pub(crate) struct Worker<'a> {
     batch_len: usize,
     /// The worker's copy of the handler tables; `None` only while a task borrows it.
     snapshot: Option<Arc<Snapshot>>,
+    /// Retries asked for by the deliveries of the current work.
+    pending: Vec<PendingRetry>,
+    jitter: Jitter,
 }
 
 enum Outcome {
@@ -308,16 +413,59 @@ impl Worker<'_> {
         }
     }
 
-    /// Runs one task inside a batch, closing the batch when it is full.
+    /// Runs work inside a batch, closing the batch when it is full. The caller then hands the
+    /// work to [`after`](Self::after).
     #[inline]
-    fn run(&mut self, task: &Task) -> Flow {
+    fn run(&mut self, work: &Work) -> Flow {
         self.open_batch();
-        let flow = (task.run)(self, task);
+        let flow = match work {
+            Work::Task(task) => (task.ops.run)(self, task),
+            Work::Retry(retry) => (retry.ops.retry)(self, retry),
+        };
         self.batch_len += 1;
         if self.batch_len >= BATCH {
             self.close_batch();
         }
         flow
+    }
+
+    /// Done with `work`: schedules the retries its deliveries asked for, moving the event to
+    /// the heap to share it between them.
+    #[inline]
+    fn after(&mut self, work: Work) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let Work::Task(task) = work else {
+            unreachable!("a retry schedules its own retries")
+        };
+        let ops = task.ops;
+        let event = (ops.share)(task);
+        let pending = std::mem::take(&mut self.pending);
+        for again in pending {
+            self.schedule_retry(
+                Retry {
+                    ops,
+                    event: event.clone(),
+                    sub: again.sub,
+                    attempt: again.attempt,
+                },
+                again.delay,
+            );
+        }
+        self.shared.held_retries.store(0, Ordering::Relaxed);
+    }
+
+    /// Puts a retry on the timer; once the timer has stopped (shutdown), the delivery is
+    /// discarded.
+    fn schedule_retry(&mut self, retry: Retry, delay: Duration) {
+        let routed = Routed {
+            shard: self.index,
+            work: Work::Retry(retry),
+        };
+        if self.core.wait_on_timer(routed, delay).is_err() {
+            self.shared.settle_discarded();
+        }
     }
 
     /// Takes the worker's snapshot, first refreshing it if it is older than generation `generation`.
@@ -345,12 +493,15 @@ impl Worker<'_> {
         }
     }
 
+    /// Runs attempt `attempt` of the delivery of `event` to `sub`, with `remaining` deliveries
+    /// of the same event after it, and settles it, or asks for a retry.
     fn deliver<E: Event>(
         &mut self,
         envelope: &Envelope,
-        sub: &Sub<E>,
+        sub: &Arc<Sub<E>>,
         event: &E,
         remaining: usize,
+        attempt: u32,
     ) -> Flow {
         let shared = self.shared;
         let id = sub.meta.id;
@@ -373,7 +524,7 @@ impl Worker<'_> {
                 envelope,
                 event_name: E::NAME,
                 sub: &sub.meta,
-                attempt: 1,
+                attempt,
                 core: self.core,
                 worker: shared,
             };
@@ -415,6 +566,24 @@ impl Worker<'_> {
                 if panicked {
                     bump(&stats.panicked, 1);
                 }
+                let retry_in = if error.is_permanent() {
+                    None
+                } else {
+                    sub.meta.retry.delay_after(attempt, self.jitter.draw())
+                };
+                if let Some(delay) = retry_in {
+                    // Still outstanding: settled by the attempt that succeeds or gives up.
+                    bump(&stats.retried, 1);
+                    self.pending.push(PendingRetry {
+                        sub: sub.clone(),
+                        attempt: attempt + 1,
+                        delay,
+                    });
+                    shared
+                        .held_retries
+                        .store(self.pending.len() as u64, Ordering::Relaxed);
+                    return Flow::Continue;
+                }
                 bump(&stats.discarded, 1);
             }
         }
@@ -432,7 +601,7 @@ impl Worker<'_> {
         for routed in self.scratch.drain(..) {
             self.core.shards[routed.shard]
                 .gate
-                .accept(routed.task.deliveries());
+                .accept(routed.work.deliveries());
             let left = self.core.offer(self.index, routed);
             if left > 0 {
                 self.shared.settle_left(left);
@@ -449,7 +618,8 @@ impl Worker<'_> {
                 break;
             };
             if routed.shard == self.index {
-                let flow = self.run(&routed.task);
+                let flow = self.run(&routed.work);
+                self.after(routed.work);
                 if flow != Flow::Continue {
                     return flow;
                 }
@@ -457,14 +627,14 @@ impl Worker<'_> {
             }
             match self.core.shards[routed.shard]
                 .tx
-                .try_send(Msg::Task(routed.task))
+                .try_send(Msg::Work(routed.work))
             {
                 Ok(()) => {}
                 Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
-                    let Msg::Task(task) = msg else {
-                        unreachable!("a task was sent")
+                    let Msg::Work(work) = msg else {
+                        unreachable!("work was sent")
                     };
-                    self.shared.hand_over(Routed { task, ..routed });
+                    self.shared.hand_over(Routed { work, ..routed });
                 }
             }
         }
@@ -497,8 +667,11 @@ impl Worker<'_> {
                 };
             }
             match &received {
-                Ok(Msg::Task(task)) => {
-                    let flow = self.run(task);
+                Ok(Msg::Work(work)) => {
+                    let flow = self.run(work);
+                    if let Ok(Msg::Work(work)) = received {
+                        self.after(work);
+                    }
                     if flow != Flow::Continue {
                         return flow;
                     }
@@ -526,6 +699,8 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
         in_batch: false,
         batch_len: 0,
         snapshot: Some(core.registry.load_full()),
+        pending: Vec::new(),
+        jitter: Jitter::new(core.worker_seed(index)),
     };
     worker.run_loop(&shard.rx);
     worker.close_batch();

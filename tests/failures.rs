@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::{Numbered, WAIT, count};
-use microbus::{Bus, Context, HandlerError, HandlerResult};
+use std::time::Duration;
+
+use microbus::{Bus, Context, HandlerError, HandlerResult, RetryPolicy};
 
 /// Keeps the expected panics of handlers off the test output.
 fn quiet_worker_panics() {
@@ -25,7 +27,11 @@ fn quiet_worker_panics() {
 fn a_panic_on_every_tenth_event_fails_only_those_deliveries() {
     const EVENTS: u64 = 1_000;
     quiet_worker_panics();
-    let bus = Bus::builder().workers(2).build().unwrap();
+    let bus = Bus::builder()
+        .workers(2)
+        .retry(RetryPolicy::none())
+        .build()
+        .unwrap();
     let handled = Arc::new(AtomicU64::new(0));
     let sibling = Arc::new(AtomicU64::new(0));
     let panicky = {
@@ -84,8 +90,12 @@ impl std::fmt::Display for Declined {
 impl std::error::Error for Declined {}
 
 #[test]
-fn errors_are_counted_with_their_text() {
-    let bus = Bus::builder().workers(1).build().unwrap();
+fn errors_are_counted_with_their_text_and_permanent_ones_are_not_retried() {
+    let bus = Bus::builder()
+        .workers(1)
+        .retry(RetryPolicy::fixed(Duration::from_millis(1)).max_attempts(3))
+        .build()
+        .unwrap();
     let sub = bus
         .subscribe(|e: &Numbered, _: &Context| -> HandlerResult {
             match e.seq % 3 {
@@ -100,11 +110,18 @@ fn errors_are_counted_with_their_text() {
     }
     bus.flush(WAIT).unwrap();
     let stats = sub.stats();
-    assert_eq!((stats.failed, stats.panicked), (6, 0));
-    assert_eq!(
-        stats.last_error.as_deref(),
-        Some("card declined for order 8")
+    // Three retryable failures tried 3 times each, three permanent ones once each.
+    assert_eq!((stats.failed, stats.panicked), (3 * 3 + 3, 0));
+    assert!(
+        stats
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("card declined for order ")),
+        "{stats:?}"
     );
     let bus_stats = bus.stats();
-    assert_eq!((bus_stats.succeeded, bus_stats.failed), (3, 6));
+    assert_eq!((bus_stats.succeeded, bus_stats.failed), (3, 12));
+    assert_eq!((bus_stats.retried, bus_stats.discarded), (6, 6));
+    assert_eq!(bus_stats.delivered, 9);
+    assert!(bus_stats.is_balanced(), "{bus_stats:?}");
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::{FollowUp, Numbered, Tally, WAIT, count};
-use microbus::{Bus, Context, Event, EventId, HandlerError, HandlerResult};
+use microbus::{Bus, Context, Event, EventId, HandlerError, HandlerResult, RetryPolicy};
 use serde::{Deserialize, Serialize};
 
 macro_rules! hop {
@@ -98,7 +98,11 @@ fn a_three_hop_chain_shares_one_correlation_and_links_causes() {
 
 #[test]
 fn a_failing_handler_publishes_nothing() {
-    let bus = Bus::builder().workers(1).build().unwrap();
+    let bus = Bus::builder()
+        .workers(1)
+        .retry(RetryPolicy::none())
+        .build()
+        .unwrap();
     let follow_ups = Arc::new(AtomicU64::new(0));
     {
         let follow_ups = follow_ups.clone();

@@ -1,5 +1,5 @@
 //! Everything at once — backpressure, keyed and unkeyed events, follow-ups, failures, panics,
-//! an unsubscribe mid-stream and a shutdown while publishers are still running — with exact
+//! retries, an unsubscribe mid-stream and a shutdown while publishers are still running — with exact
 //! accounting at the end. Sized to run in seconds; `MICROBUS_STRESS_EVENTS` makes it bigger.
 
 mod common;
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{FollowUp, Numbered, Tally, count};
-use microbus::{Bus, Context, HandlerError, HandlerResult, Publish, PublishError};
+use microbus::{Bus, Context, HandlerError, HandlerResult, Publish, PublishError, RetryPolicy};
 
 fn events_per_publisher() -> u64 {
     std::env::var("MICROBUS_STRESS_EVENTS")
@@ -44,6 +44,7 @@ fn mixed_load_with_shutdown_mid_stream_adds_up() {
         .channel_capacity(8)
         .spill_capacity(4)
         .shutdown_timeout(Duration::from_secs(20))
+        .retry(RetryPolicy::fixed(Duration::from_millis(1)).max_attempts(3))
         .build()
         .unwrap();
 
@@ -65,7 +66,8 @@ fn mixed_load_with_shutdown_mid_stream_adds_up() {
         })
         .unwrap();
     }
-    // S2 fails 5% of its deliveries and panics on 1%.
+    // S2 fails 5% of its deliveries and panics on 1%, on every attempt: each of those is
+    // tried 3 times, then discarded.
     let s2_calls = Arc::new(Tally::new(total));
     {
         let calls = s2_calls.clone();
@@ -149,10 +151,16 @@ fn mixed_load_with_shutdown_mid_stream_adds_up() {
     // Accepted events reached S1 and S2 exactly once (everything finished before the deadline);
     // returned ones reached nobody.
     assert!(!report.deadline_passed, "{report}");
+    let failing = |i: usize| ((i as u64 % per_publisher) % 100) <= 5;
     for i in 0..total {
-        let expected = u8::from(!returned_set.contains(&i));
-        assert_eq!(s1_calls.get(i), expected, "S1, event {i}");
-        assert_eq!(s2_calls.get(i), expected, "S2, event {i}");
+        let accepted = !returned_set.contains(&i);
+        assert_eq!(s1_calls.get(i), u8::from(accepted), "S1, event {i}");
+        let attempts = if failing(i) { 3 } else { 1 };
+        assert_eq!(
+            s2_calls.get(i),
+            u8::from(accepted) * attempts,
+            "S2, event {i}"
+        );
     }
     // Every follow-up S1 staged was handled once by S3.
     let follow_ups: u64 = (0..total).map(|i| u64::from(s3_calls.get(i))).sum();
@@ -163,17 +171,17 @@ fn mixed_load_with_shutdown_mid_stream_adds_up() {
     assert_eq!(report.stats.cancelled, s4.stats().cancelled);
 
     let a = count(&accepted);
-    let s2_failures = (0..total)
-        .filter(|&i| {
-            !returned_set.contains(&i) && (1..=5).contains(&((i as u64 % per_publisher) % 100))
-        })
-        .count() as u64;
-    let s2_panics = (0..total)
-        .filter(|&i| !returned_set.contains(&i) && (i as u64 % per_publisher).is_multiple_of(100))
-        .count() as u64;
+    let accepted_failing = |panics: bool| {
+        (0..total)
+            .filter(|&i| !returned_set.contains(&i) && failing(i))
+            .filter(|&i| (i as u64 % per_publisher).is_multiple_of(100) == panics)
+            .count() as u64
+    };
+    let (s2_failures, s2_panics) = (accepted_failing(false), accepted_failing(true));
     let stats = &report.stats;
-    assert_eq!(stats.panicked, s2_panics);
-    assert_eq!(stats.failed, s2_failures + s2_panics);
+    assert_eq!(stats.panicked, 3 * s2_panics);
+    assert_eq!(stats.failed, 3 * (s2_failures + s2_panics));
+    assert_eq!(stats.retried, 2 * (s2_failures + s2_panics));
     assert_eq!(stats.discarded, s2_failures + s2_panics);
     assert_eq!(
         stats.succeeded,

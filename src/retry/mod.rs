@@ -1,4 +1,348 @@
-//! Offering deliveries again later: the timing wheel and the timer thread that drives it.
+//! Retrying failed deliveries: the [`RetryPolicy`], the timing wheel and the timer thread that
+//! drives it.
 
 pub(crate) mod timer;
 pub(crate) mod wheel;
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// The default delay before the first retry of [`RetryPolicy::default`].
+pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// The default number of attempts, the first included.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
+/// The default longest delay between two attempts of an exponential policy.
+pub const DEFAULT_MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+/// The most attempts a policy may allow.
+pub const MAX_ATTEMPTS: u32 = 1_000;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Backoff {
+    None,
+    Fixed(Duration),
+    Exponential {
+        base: Duration,
+        factor: f64,
+        max: Duration,
+    },
+}
+
+/// How a failed delivery is tried again: the delays between attempts and how many attempts
+/// there are in all.
+///
+/// A retry runs only the subscription that failed, on the event's shard, after the delay, with
+/// [`Context::attempt`](crate::Context::attempt) counting up. `max_attempts` counts every
+/// attempt, the first included. An error made with
+/// [`HandlerError::permanent`](crate::HandlerError::permanent) is not retried.
+///
+/// Jitter shortens each delay by a random fraction of at most `jitter`: with `jitter(0.2)` a
+/// 10 s delay becomes anything from 8 s to 10 s. The randomness comes from the bus's seedable
+/// generator ([`BusBuilder::retry_seed`](crate::BusBuilder::retry_seed)).
+///
+/// # Examples
+///
+/// ```
+/// use microbus::RetryPolicy;
+/// use std::time::Duration;
+///
+/// let policy = RetryPolicy::exponential(Duration::from_millis(100))
+///     .factor(3.0)
+///     .max_delay(Duration::from_secs(1))
+///     .max_attempts(5);
+/// let delays: Vec<_> = (1..=5).map(|attempt| policy.delay_after(attempt, 0)).collect();
+/// assert_eq!(
+///     delays,
+///     [
+///         Some(Duration::from_millis(100)),
+///         Some(Duration::from_millis(300)),
+///         Some(Duration::from_millis(900)),
+///         Some(Duration::from_secs(1)),
+///         None, // the fifth attempt was the last
+///     ]
+/// );
+/// ```
+#[derive(Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    backoff: Backoff,
+    max_attempts: u32,
+    jitter: f64,
+}
+
+impl Default for RetryPolicy {
+    /// Exponential from [`DEFAULT_RETRY_DELAY`], doubling up to [`DEFAULT_MAX_RETRY_DELAY`],
+    /// [`DEFAULT_MAX_ATTEMPTS`] attempts in all.
+    fn default() -> Self {
+        RetryPolicy::exponential(DEFAULT_RETRY_DELAY)
+    }
+}
+
+impl RetryPolicy {
+    /// No retries: one attempt.
+    pub fn none() -> RetryPolicy {
+        RetryPolicy {
+            backoff: Backoff::None,
+            max_attempts: 1,
+            jitter: 0.0,
+        }
+    }
+
+    /// The same delay before every retry; [`DEFAULT_MAX_ATTEMPTS`] attempts.
+    pub fn fixed(delay: Duration) -> RetryPolicy {
+        RetryPolicy {
+            backoff: Backoff::Fixed(delay),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            jitter: 0.0,
+        }
+    }
+
+    /// `base` before the first retry, doubling (see [`factor`](Self::factor)) up to
+    /// [`DEFAULT_MAX_RETRY_DELAY`] (see [`max_delay`](Self::max_delay));
+    /// [`DEFAULT_MAX_ATTEMPTS`] attempts.
+    pub fn exponential(base: Duration) -> RetryPolicy {
+        RetryPolicy {
+            backoff: Backoff::Exponential {
+                base,
+                factor: 2.0,
+                max: DEFAULT_MAX_RETRY_DELAY,
+            },
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            jitter: 0.0,
+        }
+    }
+
+    /// How many attempts in all, the first included (1 means no retry).
+    pub fn max_attempts(mut self, attempts: u32) -> RetryPolicy {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// The growth of an exponential policy's delay from one retry to the next (at least 1).
+    /// Other policies ignore it.
+    pub fn factor(mut self, factor: f64) -> RetryPolicy {
+        if let Backoff::Exponential { factor: f, .. } = &mut self.backoff {
+            *f = factor;
+        }
+        self
+    }
+
+    /// The longest delay of an exponential policy. Other policies ignore it.
+    pub fn max_delay(mut self, max: Duration) -> RetryPolicy {
+        if let Backoff::Exponential { max: m, .. } = &mut self.backoff {
+            *m = max;
+        }
+        self
+    }
+
+    /// Shortens each delay by a random fraction of at most `jitter` (from 0 to 1), so that
+    /// deliveries that failed together do not all come back together.
+    pub fn jitter(mut self, jitter: f64) -> RetryPolicy {
+        self.jitter = jitter;
+        self
+    }
+
+    /// The attempts allowed in all.
+    pub fn attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The delay before the attempt that follows failed attempt `attempt` (counting from 1),
+    /// or `None` when `attempt` was the last. `draw` is the random number that sets the jitter
+    /// (any `u64`; 0 means no shortening).
+    pub fn delay_after(&self, attempt: u32, draw: u64) -> Option<Duration> {
+        if attempt >= self.max_attempts {
+            return None;
+        }
+        let delay = match self.backoff {
+            Backoff::None => return None,
+            Backoff::Fixed(delay) => delay,
+            Backoff::Exponential { base, factor, max } => {
+                let exponent = i32::try_from(attempt - 1).unwrap_or(i32::MAX);
+                let secs = base.as_secs_f64() * factor.powi(exponent);
+                if secs >= max.as_secs_f64() {
+                    max
+                } else {
+                    Duration::from_secs_f64(secs)
+                }
+            }
+        };
+        // A uniform fraction in [0, 1) from the top 53 bits of the draw.
+        let unit = (draw >> 11) as f64 / (1u64 << 53) as f64;
+        Some(delay.mul_f64(1.0 - self.jitter * unit))
+    }
+
+    /// Checks the policy, naming `field` in the error.
+    pub(crate) fn validate(&self, field: &'static str) -> Result<(), ConfigError> {
+        if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "max_attempts must be from 1 to {MAX_ATTEMPTS} (got {})",
+                    self.max_attempts
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(ConfigError::new(
+                field,
+                format!("jitter must be from 0 to 1 (got {})", self.jitter),
+            ));
+        }
+        if let Backoff::Exponential { factor, base, max } = self.backoff {
+            if !(factor.is_finite() && factor >= 1.0) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("factor must be a number of at least 1 (got {factor})"),
+                ));
+            }
+            if max < base {
+                return Err(ConfigError::new(
+                    field,
+                    format!("max_delay ({max:?}) must not be below the first delay ({base:?})"),
+                ));
+            }
+        }
+        let longest = match self.backoff {
+            Backoff::None => Duration::ZERO,
+            Backoff::Fixed(delay) => delay,
+            Backoff::Exponential { max, .. } => max,
+        };
+        if longest > Duration::from_secs(365 * 24 * 3600) {
+            return Err(ConfigError::new(
+                field,
+                format!("delays must be at most a year (got {longest:?})"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RetryPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = f.debug_struct("RetryPolicy");
+        match self.backoff {
+            Backoff::None => s.field("backoff", &"none"),
+            Backoff::Fixed(delay) => s.field("fixed", &delay),
+            Backoff::Exponential { base, factor, max } => s
+                .field("exponential", &base)
+                .field("factor", &factor)
+                .field("max_delay", &max),
+        };
+        s.field("max_attempts", &self.max_attempts)
+            .field("jitter", &self.jitter)
+            .finish()
+    }
+}
+
+/// A small seedable generator (SplitMix64) for jitter.
+#[derive(Debug, Clone)]
+pub(crate) struct Jitter(u64);
+
+impl Jitter {
+    pub(crate) fn new(seed: u64) -> Jitter {
+        Jitter(seed)
+    }
+
+    pub(crate) fn draw(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn defaults_follow_the_seed() {
+        let policy = RetryPolicy::default();
+        assert_eq!(policy.attempts(), 4);
+        assert_eq!(policy.delay_after(1, 0), Some(Duration::from_secs(5)));
+        assert_eq!(policy.delay_after(2, 0), Some(Duration::from_secs(10)));
+        assert_eq!(policy.delay_after(3, 0), Some(Duration::from_secs(20)));
+        assert_eq!(policy.delay_after(4, 0), None);
+    }
+
+    #[test]
+    fn none_and_fixed() {
+        assert_eq!(RetryPolicy::none().delay_after(1, 0), None);
+        assert_eq!(RetryPolicy::none().attempts(), 1);
+        let fixed = RetryPolicy::fixed(7 * MS).max_attempts(3);
+        assert_eq!(fixed.delay_after(1, 0), Some(7 * MS));
+        assert_eq!(fixed.delay_after(2, u64::MAX >> 1), Some(7 * MS));
+        assert_eq!(fixed.delay_after(3, 0), None);
+    }
+
+    #[test]
+    fn exponential_grows_by_the_factor_up_to_the_cap() {
+        let policy = RetryPolicy::exponential(10 * MS)
+            .factor(3.0)
+            .max_delay(100 * MS)
+            .max_attempts(10);
+        let delays: Vec<_> = (1..10).map(|a| policy.delay_after(a, 0).unwrap()).collect();
+        assert_eq!(
+            delays,
+            [10, 30, 90, 100, 100, 100, 100, 100, 100].map(|m| m * MS)
+        );
+        // Far past the cap nothing overflows.
+        let long = RetryPolicy::exponential(MS).max_attempts(MAX_ATTEMPTS);
+        assert_eq!(long.delay_after(999, 0), Some(DEFAULT_MAX_RETRY_DELAY));
+    }
+
+    #[test]
+    fn jitter_stays_within_its_bounds() {
+        let policy = RetryPolicy::fixed(Duration::from_secs(10))
+            .jitter(0.2)
+            .max_attempts(2);
+        let mut rng = Jitter::new(99);
+        let mut lowest = Duration::MAX;
+        let mut highest = Duration::ZERO;
+        for _ in 0..10_000 {
+            let delay = policy.delay_after(1, rng.draw()).unwrap();
+            assert!(delay > Duration::from_secs(8) && delay <= Duration::from_secs(10));
+            lowest = lowest.min(delay);
+            highest = highest.max(delay);
+        }
+        assert!(lowest < Duration::from_millis(8_010), "{lowest:?}");
+        assert!(highest > Duration::from_millis(9_990), "{highest:?}");
+        assert_eq!(policy.delay_after(1, 0), Some(Duration::from_secs(10)));
+        // The same seed draws the same delays.
+        let (mut a, mut b) = (Jitter::new(5), Jitter::new(5));
+        assert_eq!(
+            policy.delay_after(1, a.draw()),
+            policy.delay_after(1, b.draw())
+        );
+    }
+
+    #[test]
+    fn invalid_policies_name_their_field() {
+        for (policy, reason) in [
+            (RetryPolicy::fixed(MS).max_attempts(0), "max_attempts"),
+            (
+                RetryPolicy::fixed(MS).max_attempts(MAX_ATTEMPTS + 1),
+                "max_attempts",
+            ),
+            (RetryPolicy::fixed(MS).jitter(1.5), "jitter"),
+            (RetryPolicy::fixed(MS).jitter(f64::NAN), "jitter"),
+            (RetryPolicy::exponential(MS).factor(0.5), "factor"),
+            (RetryPolicy::exponential(MS).factor(f64::INFINITY), "factor"),
+            (RetryPolicy::exponential(MS * 10).max_delay(MS), "max_delay"),
+            (
+                RetryPolicy::fixed(Duration::from_secs(400 * 24 * 3600)),
+                "a year",
+            ),
+        ] {
+            let err = policy.validate("retry").unwrap_err();
+            assert_eq!(err.field(), "retry");
+            assert!(err.reason().contains(reason), "{err}");
+        }
+        assert!(RetryPolicy::default().validate("retry").is_ok());
+        assert!(RetryPolicy::none().validate("retry").is_ok());
+    }
+}

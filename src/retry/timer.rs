@@ -138,16 +138,16 @@ impl Timer {
             }
             for routed in due.drain(..) {
                 let shard = &shards[routed.shard];
-                match shard.tx.try_send(Msg::Task(routed.task)) {
+                match shard.tx.try_send(Msg::Work(routed.work)) {
                     Ok(()) => {}
                     Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
-                        let Msg::Task(task) = msg else {
-                            unreachable!("a task was sent")
+                        let Msg::Work(work) = msg else {
+                            unreachable!("work was sent")
                         };
                         // The delay has been served: the shard's own worker takes the event
                         // from its spill queue before it takes new work. The wake-up reaches
                         // it if it emptied its channel meanwhile.
-                        shard.worker.hand_over(Routed { task, ..routed });
+                        shard.worker.hand_over(Routed { work, ..routed });
                         let _ = shard.tx.try_send(Msg::Wake);
                     }
                 }

@@ -203,9 +203,9 @@ pub struct Pending {
     pub queued: usize,
     /// Handlers running.
     pub running: usize,
-    /// Events waiting on the timer to be offered again.
+    /// Retries, and events waiting on the timer to be offered again.
     pub waiting: usize,
-    /// How long until the earliest waiting event is due.
+    /// How long until the earliest of them is due.
     pub next_due_in: Option<Duration>,
 }
 
@@ -259,7 +259,7 @@ impl fmt::Display for FlushError {
             FlushErrorKind::Timeout(p) => {
                 write!(
                     f,
-                    "flush timed out with {} queued, {} running and {} waiting to be offered again",
+                    "flush timed out with {} queued, {} running and {} waiting on the timer",
                     p.queued, p.running, p.waiting
                 )?;
                 if let Some(due) = p.next_due_in {

@@ -70,10 +70,16 @@
 //! correlation id, name the handled event as their causation, and leave only when the handler
 //! returns `Ok` (an outbox). They never make a worker wait.
 //!
-//! # Failures
+//! # Retries
 //!
 //! A handler that returns an error or panics fails that one delivery: the worker and the
-//! event's other handlers carry on. Failures are counted ([`BusStats::failed`],
+//! event's other handlers carry on. The failed delivery is tried again alone, on the event's
+//! shard, after the delay its [`RetryPolicy`] gives — the bus's
+//! ([`BusBuilder::retry`]; by default exponential from 5 s, 4 attempts in all) or the
+//! subscription's own ([`SubscribeOptions::retry`]). A waiting retry holds no worker: it
+//! waits on a timing wheel driven by one timer thread. [`Context::attempt`] counts the
+//! attempts from 1. An error made with [`HandlerError::permanent`] is not retried. When the
+//! attempts run out the delivery is discarded; failures are counted ([`BusStats::failed`],
 //! [`Subscription::stats`]) with the last error's text. With `panic = "abort"` in the
 //! application's profile a panicking handler ends the process instead.
 //!
@@ -89,11 +95,12 @@
 //!
 //! - Every event is either accepted or handed back to its publisher, never both, never neither.
 //! - Each accepted delivery (an event × a subscription it matched when published) is settled
-//!   exactly once: succeeded, discarded after failing, cancelled by `unsubscribe`, abandoned
-//!   or left at the shutdown deadline. The counts add up ([`BusStats::is_balanced`]).
+//!   exactly once, whatever its retries: succeeded, discarded after failing, cancelled by
+//!   `unsubscribe`, abandoned or left at the shutdown deadline. The counts add up
+//!   ([`BusStats::is_balanced`]).
 //! - Events published by one thread with the same key reach each subscription in publish
-//!   order. Unkeyed events are spread over the shards and may be handled in any order; events
-//!   published by handlers that had to wait for room may fall behind later ones.
+//!   order. Unkeyed events are spread over the shards and may be handled in any order; retries,
+//!   and events published by handlers that had to wait for room, may fall behind later ones.
 //! - All subscriptions of an event run on its shard, one after another, so a slow handler
 //!   delays the events behind it on that shard.
 //! - Nothing survives the process: the bus lives in memory.

@@ -95,7 +95,7 @@ fn a_flush_timeout_says_what_remains() {
     );
     assert_eq!(
         err.to_string(),
-        "flush timed out with 4 queued, 1 running and 0 waiting to be offered again"
+        "flush timed out with 4 queued, 1 running and 0 waiting on the timer"
     );
     held.release.send(()).unwrap();
     bus.flush(WAIT).unwrap();

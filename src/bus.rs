@@ -162,7 +162,8 @@ pub struct AbandonedDelivery {
 pub struct ShutdownReport {
     /// The final counts; `in_flight` is 0 and the terms add up.
     pub stats: BusStats,
-    /// Whether the deadline passed before everything accepted was handled.
+    /// Whether something accepted was not handled: the deadline passed first, or retries were
+    /// given up because they were not due before it.
     pub deadline_passed: bool,
     /// Deliveries given up at the deadline, with their detached workers.
     pub abandoned: Vec<AbandonedDelivery>,
@@ -474,13 +475,39 @@ impl Core {
         Quiescence::check(self.shards.iter().map(|s| &*s.gate), || self.settled())
     }
 
-    /// Waits until the bus is quiescent or `deadline` passes (`None`: no deadline).
-    fn wait_quiescent(&self, deadline: Option<Instant>) -> bool {
+    /// Deliveries outstanding now (live; may read a settlement before its count).
+    fn outstanding_now(&self) -> i64 {
+        outstanding(
+            net_sum(self.shards.iter().map(|s| &*s.gate)),
+            self.settled(),
+        )
+    }
+
+    /// Whether everything outstanding waits on the timer, none of it due before `deadline`:
+    /// read twice around the timer, so that nothing moved in between.
+    fn parked_past(&self, deadline: Instant) -> bool {
+        let before = self.outstanding_now();
+        if before <= 0 {
+            return false;
+        }
+        let (waiting, next_due) = self.timer.parked();
+        before == waiting as i64
+            && next_due.is_some_and(|due| due > deadline)
+            && self.outstanding_now() == before
+    }
+
+    /// Waits until the bus is quiescent or `deadline` passes (`None`: no deadline). With
+    /// `early`, it also stops waiting when all that is left waits on the timer past the
+    /// deadline. Returns whether the bus was quiescent.
+    fn wait_quiescent(&self, deadline: Option<Instant>, early: bool) -> bool {
         self.idle_waiters.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.idle_lock.lock();
         let quiet = loop {
             if self.is_quiescent() {
                 break true;
+            }
+            if early && deadline.is_some_and(|d| self.parked_past(d)) {
+                break false;
             }
             let now = Instant::now();
             let wait = match deadline {
@@ -561,7 +588,7 @@ impl Core {
         if OwnThread::is_own(self.id) {
             return Err(FlushError::in_handler());
         }
-        if self.wait_quiescent(Instant::now().checked_add(timeout)) {
+        if self.wait_quiescent(Instant::now().checked_add(timeout), false) {
             Ok(())
         } else {
             Err(FlushError::timeout(self.pending()))
@@ -647,7 +674,8 @@ impl Core {
             shard.gate.close();
         }
         drop(self.signal_tx.lock().take());
-        let quiet = self.wait_quiescent(deadline);
+        // Retries not due before the deadline will not run: no need to wait for it.
+        let quiet = self.wait_quiescent(deadline, true);
 
         self.timer.stop();
         if let Some(thread) = self.timer_thread.lock().take() {

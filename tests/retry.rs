@@ -229,3 +229,33 @@ fn invalid_retry_policies_are_refused() {
         .unwrap_err();
     assert_eq!(err, SubscribeError::InvalidRetry);
 }
+
+#[test]
+fn shutdown_does_not_wait_for_retries_due_after_its_deadline() {
+    let timeout = Duration::from_secs(30);
+    let bus = Bus::builder()
+        .workers(1)
+        .retry(RetryPolicy::fixed(Duration::from_secs(300)).max_attempts(2))
+        .shutdown_timeout(timeout)
+        .build()
+        .unwrap();
+    let (failed_tx, failed_rx) = crossbeam_channel::bounded(1);
+    bus.subscribe(move |_: &Numbered, _: &Context| -> HandlerResult {
+        let _ = failed_tx.try_send(());
+        Err(HandlerError::msg("later"))
+    })
+    .unwrap();
+    bus.publish(Numbered {
+        publisher: 0,
+        seq: 0,
+    })
+    .unwrap();
+    failed_rx.recv().unwrap();
+    let report = bus.shutdown().unwrap();
+    // Nothing could run before the deadline, so shutdown gave the retry up at once instead
+    // of waiting out its 30 s.
+    assert!(report.elapsed < timeout / 3, "{:?}", report.elapsed);
+    assert!(report.deadline_passed);
+    assert_eq!((report.stats.discarded, report.stats.retried), (1, 1));
+    assert!(report.is_balanced(), "{report}");
+}

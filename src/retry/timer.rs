@@ -30,6 +30,8 @@ pub(crate) const REOFFER_DELAY: Duration = Duration::from_micros(200);
 
 struct State {
     wheel: Wheel<Routed>,
+    /// The deliveries of the work on the wheel.
+    deliveries: usize,
     stopped: bool,
 }
 
@@ -46,6 +48,7 @@ impl Timer {
         Timer {
             state: Mutex::new(State {
                 wheel: Wheel::new(0),
+                deliveries: 0,
                 stopped: false,
             }),
             wake: Condvar::new(),
@@ -79,6 +82,7 @@ impl Timer {
             return Err(routed);
         }
         let sleeping_until = state.wheel.next_tick();
+        state.deliveries += routed.work.deliveries();
         state.wheel.schedule(deadline, routed);
         self.len.store(state.wheel.len(), Ordering::Relaxed);
         if sleeping_until.is_none_or(|tick| deadline < tick) {
@@ -98,6 +102,13 @@ impl Timer {
         Some(self.instant_of(next))
     }
 
+    /// The deliveries waiting, and the time before which none of them is due.
+    pub(crate) fn parked(&self) -> (usize, Option<Instant>) {
+        let state = self.state.lock();
+        let next = state.wheel.next_tick().map(|tick| self.instant_of(tick));
+        (state.deliveries, next)
+    }
+
     /// Tells the thread to stop; later `schedule` calls fail.
     pub(crate) fn stop(&self) {
         self.state.lock().stopped = true;
@@ -108,6 +119,7 @@ impl Timer {
     pub(crate) fn take(&self) -> Vec<Routed> {
         let mut state = self.state.lock();
         self.len.store(0, Ordering::Relaxed);
+        state.deliveries = 0;
         state.wheel.drain()
     }
 
@@ -123,6 +135,8 @@ impl Timer {
                     }
                     let now = self.tick_at(Instant::now());
                     state.wheel.advance(now, &mut due);
+                    let taken: usize = due.iter().map(|r: &Routed| r.work.deliveries()).sum();
+                    state.deliveries -= taken;
                     self.len.store(state.wheel.len(), Ordering::Relaxed);
                     if !due.is_empty() {
                         break;

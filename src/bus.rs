@@ -18,6 +18,9 @@ use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::{Config, check_name};
+use crate::dead_letter::{
+    DeadLetter, DeadLetterReason, DeadLetterSink, DeadLetters, RedriveError, Ring,
+};
 use crate::error::{
     ConfigError, FlushError, Pending, PublishError, PublishTimeoutError, ShutdownError,
     SubscribeError, TryPublishError,
@@ -97,8 +100,8 @@ enum Lifecycle {
 
 /// Counts of what the bus did with its deliveries (one event × one subscription it matched).
 ///
-/// The terms add up: `delivered = succeeded + discarded + cancelled + abandoned + left +
-/// in_flight`, which [`is_balanced`](Self::is_balanced) checks.
+/// The terms add up: `delivered = succeeded + dead_lettered + discarded + cancelled +
+/// abandoned + left + in_flight`, which [`is_balanced`](Self::is_balanced) checks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BusStats {
@@ -110,11 +113,14 @@ pub struct BusStats {
     pub failed: u64,
     /// Of the failed attempts, how many were panics.
     pub panicked: u64,
-    /// Failed deliveries that will not be tried again (retries exhausted, a permanent error,
-    /// or a retry still waiting when the bus shut down), and were dropped.
+    /// Failed deliveries that will not be tried again, dropped because dead letters are off.
     pub discarded: u64,
     /// Retries scheduled: failed attempts that are tried again.
     pub retried: u64,
+    /// Failed deliveries kept in the dead-letter ring (those evicted since included).
+    pub dead_lettered: u64,
+    /// Dead letters evicted from the full ring (and handed to the sink, if one is set).
+    pub evicted: u64,
     /// Deliveries whose subscription ended before they ran.
     pub cancelled: u64,
     /// Deliveries still running when the shutdown deadline passed.
@@ -134,6 +140,7 @@ impl BusStats {
     pub fn is_balanced(&self) -> bool {
         self.delivered
             == self.succeeded
+                + self.dead_lettered
                 + self.discarded
                 + self.cancelled
                 + self.abandoned
@@ -185,12 +192,14 @@ impl fmt::Display for ShutdownReport {
         for (label, value) in [
             ("delivered", s.delivered),
             ("succeeded", s.succeeded),
+            ("dead-lettered", s.dead_lettered),
             ("discarded", s.discarded),
             ("cancelled", s.cancelled),
             ("abandoned", s.abandoned),
             ("left", s.left),
             ("failed attempts", s.failed),
             ("retries", s.retried),
+            ("evicted", s.evicted),
             ("panics", s.panicked),
             ("unmatched events", s.unmatched),
             ("refused events", s.refused),
@@ -212,6 +221,7 @@ impl fmt::Display for ShutdownReport {
 /// The state shared by every handle, subscription and thread of one bus.
 pub(crate) struct Core {
     pub(crate) id: u64,
+    pub(crate) dead_letters: Ring,
     jitter_seed: u64,
     pub(crate) config: Config,
     spill_capacity: usize,
@@ -233,19 +243,30 @@ pub(crate) struct Core {
     timer_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Deliveries that shutdown settles itself: events that never ran, and retries that never ran.
+/// Deliveries that shutdown settles itself: events that never ran, and retries that never ran
+/// (dead-lettered, or discarded when dead letters are off).
 #[derive(Debug, Clone, Copy, Default)]
 struct Swept {
     left: u64,
+    dead_lettered: u64,
     discarded: u64,
 }
 
 impl Swept {
-    fn add(&mut self, work: &Work) {
+    fn add(&mut self, work: Work, dead_letters: &Ring) {
         match work {
             Work::Task(task) => self.left += task.deliveries() as u64,
+            Work::Retry(retry) if dead_letters.enabled() => {
+                let id = dead_letters.next_id();
+                dead_letters.push(retry.bury(DeadLetterReason::Shutdown, id));
+                self.dead_lettered += 1;
+            }
             Work::Retry(_) => self.discarded += 1,
         }
+    }
+
+    fn total(&self) -> u64 {
+        self.left + self.dead_lettered + self.discarded
     }
 }
 
@@ -452,6 +473,37 @@ impl Core {
         self.timer.schedule(routed, delay)
     }
 
+    /// Sends a dead letter back to its subscription as a new delivery; gives it back with the
+    /// reason when it cannot go.
+    #[allow(clippy::result_large_err)] // The error hands the dead letter back.
+    pub(crate) fn redrive(&self, letter: DeadLetter) -> Result<(), (DeadLetter, RedriveError)> {
+        let id = letter.id();
+        if self.is_closing() {
+            return Err((letter, RedriveError::Shutdown(id)));
+        }
+        if self
+            .registry
+            .lookup(letter.redrive.subscription())
+            .is_none_or(|meta| !meta.active.load(Ordering::SeqCst))
+        {
+            return Err((letter, RedriveError::SubscriptionGone(id)));
+        }
+        let index = self.shard_for(&letter.redrive.event.envelope);
+        // Counted in before it can be settled; given back if the timer has stopped.
+        self.shards[index].gate.accept(1);
+        let routed = Routed {
+            shard: index,
+            work: Work::Retry(letter.redrive.clone()),
+        };
+        match self.timer.schedule(routed, Duration::ZERO) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                self.shards[index].gate.refund(1);
+                Err((letter, RedriveError::Shutdown(id)))
+            }
+        }
+    }
+
     /// The seed of worker `index`'s jitter generator.
     pub(crate) fn worker_seed(&self, index: usize) -> u64 {
         self.jitter_seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
@@ -601,12 +653,14 @@ impl Core {
         let mut stats = BusStats {
             abandoned,
             left: swept.left,
+            dead_lettered: swept.dead_lettered,
             discarded: swept.discarded,
+            evicted: self.dead_letters.evicted(),
             unmatched: self.unmatched.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
             ..BusStats::default()
         };
-        let mut settled = abandoned + swept.left + swept.discarded;
+        let mut settled = abandoned + swept.total();
         for shard in self.shards.iter() {
             let w = &shard.worker.stats;
             settled += w.settled.load(Ordering::Acquire);
@@ -617,6 +671,7 @@ impl Core {
             stats.cancelled += w.cancelled.load(Ordering::Relaxed);
             stats.left += w.left.load(Ordering::Relaxed);
             stats.retried += w.retried.load(Ordering::Relaxed);
+            stats.dead_lettered += w.dead_lettered.load(Ordering::Relaxed);
         }
         let net = net.unwrap_or_else(|| net_sum(self.shards.iter().map(|s| &*s.gate)));
         let out = outstanding(net, settled);
@@ -637,6 +692,7 @@ impl Core {
             // A worker may settle an event a moment before its publisher counts it accepted:
             // live counts never show fewer deliveries than outcomes.
             delivered: stats.succeeded
+                + stats.dead_lettered
                 + stats.discarded
                 + stats.cancelled
                 + stats.left
@@ -685,7 +741,7 @@ impl Core {
         // due are failed deliveries given up.
         let mut swept = Swept::default();
         for routed in self.timer.take() {
-            swept.add(&routed.work);
+            swept.add(routed.work, &self.dead_letters);
         }
 
         // Stop the workers between deliveries. Past the deadline, a worker still inside a
@@ -754,18 +810,17 @@ impl Core {
             for shard in self.shards.iter() {
                 while let Ok(msg) = shard.rx.try_recv() {
                     if let Msg::Work(work) = msg {
-                        swept.add(&work);
+                        swept.add(work, &self.dead_letters);
                     }
                 }
                 for routed in shard.worker.take_spill() {
-                    swept.add(&routed.work);
+                    swept.add(routed.work, &self.dead_letters);
                 }
             }
             let settled = self
                 .settled()
                 .wrapping_add(abandoned.len() as u64)
-                .wrapping_add(swept.left)
-                .wrapping_add(swept.discarded);
+                .wrapping_add(swept.total());
             let net = net_sum(self.shards.iter().map(|s| &*s.gate));
             // A publisher refused after the closing may add and refund in between: that only
             // ever makes the reading larger for a moment.
@@ -809,9 +864,21 @@ impl Drop for Handle {
 /// Builds a [`Bus`]: `Bus::builder().workers(4).build()?`.
 ///
 /// Every setting is checked by [`build`](Self::build), which names the field it refuses.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct BusBuilder {
     config: Config,
+    dead_letter_sink: Option<DeadLetterSink>,
+    on_dead_letter: Option<DeadLetterSink>,
+}
+
+impl fmt::Debug for BusBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BusBuilder")
+            .field("config", &self.config)
+            .field("dead_letter_sink", &self.dead_letter_sink.is_some())
+            .field("on_dead_letter", &self.on_dead_letter.is_some())
+            .finish()
+    }
 }
 
 impl BusBuilder {
@@ -860,6 +927,29 @@ impl BusBuilder {
         self
     }
 
+    /// How many dead letters the ring keeps (default
+    /// [`DEFAULT_DEAD_LETTER_CAPACITY`](crate::DEFAULT_DEAD_LETTER_CAPACITY); 0 turns dead
+    /// letters off, and deliveries that fail for good are discarded).
+    pub fn dead_letter_capacity(mut self, capacity: usize) -> Self {
+        self.config.dead_letter_capacity = capacity;
+        self
+    }
+
+    /// Receives every dead letter evicted from the full ring, so that none disappears without
+    /// a trace. It runs on the thread that dead-lettered the delivery (a worker), so it should
+    /// be quick.
+    pub fn dead_letter_sink(mut self, sink: impl Fn(&DeadLetter) + Send + Sync + 'static) -> Self {
+        self.dead_letter_sink = Some(Arc::new(sink));
+        self
+    }
+
+    /// Called with every new dead letter, for alerting. It runs on a worker, so it should be
+    /// quick.
+    pub fn on_dead_letter(mut self, hook: impl Fn(&DeadLetter) + Send + Sync + 'static) -> Self {
+        self.on_dead_letter = Some(Arc::new(hook));
+        self
+    }
+
     /// Seeds the generator that jitters retry delays, for runs that repeat exactly (default: a
     /// random seed).
     pub fn retry_seed(mut self, seed: u64) -> Self {
@@ -876,7 +966,7 @@ impl BusBuilder {
     /// a `shutdown_timeout` over a day, a `retry` policy out of bounds. If the system refuses to start a thread, the error
     /// names `workers`.
     pub fn build(self) -> Result<Bus, ConfigError> {
-        let config = self.config;
+        let config = self.config.clone();
         config.validate()?;
         let (signal_tx, signal_rx) = crossbeam_channel::bounded(0);
         let shards = (0..config.workers)
@@ -898,8 +988,14 @@ impl BusBuilder {
             hasher.write_u64(id);
             hasher.finish()
         });
+        let dead_letters = Ring::new(
+            config.dead_letter_capacity,
+            self.dead_letter_sink,
+            self.on_dead_letter,
+        );
         let core = Arc::new(Core {
             id,
+            dead_letters,
             jitter_seed,
             spill_capacity: config.spill_capacity(),
             config,
@@ -1288,6 +1384,13 @@ impl Bus {
     /// The counts so far (after shutdown: the final ones).
     pub fn stats(&self) -> BusStats {
         self.core().stats()
+    }
+
+    /// The dead letters: deliveries that failed for good.
+    pub fn dead_letters(&self) -> DeadLetters {
+        DeadLetters {
+            core: self.core().clone(),
+        }
     }
 }
 

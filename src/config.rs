@@ -15,6 +15,8 @@ pub const MAX_WORKERS: usize = 1024;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default name stamped as the source of events published through the bus itself.
 pub const DEFAULT_SERVICE_NAME: &str = "app";
+/// The default number of dead letters kept.
+pub const DEFAULT_DEAD_LETTER_CAPACITY: usize = 10_000;
 /// The longest service name, in bytes.
 pub const MAX_NAME_LEN: usize = 256;
 
@@ -28,6 +30,7 @@ pub(crate) struct Config {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) retry: RetryPolicy,
     pub(crate) retry_seed: Option<u64>,
+    pub(crate) dead_letter_capacity: usize,
 }
 
 impl Default for Config {
@@ -40,6 +43,7 @@ impl Default for Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             retry: RetryPolicy::default(),
             retry_seed: None,
+            dead_letter_capacity: DEFAULT_DEAD_LETTER_CAPACITY,
         }
     }
 }
@@ -110,6 +114,15 @@ impl Config {
             return Err(ConfigError::new(
                 "shutdown_timeout",
                 format!("must be at most 24 hours (got {:?})", self.shutdown_timeout),
+            ));
+        }
+        if self.dead_letter_capacity > MAX_CHANNEL_CAPACITY {
+            return Err(ConfigError::new(
+                "dead_letter_capacity",
+                format!(
+                    "must be at most {MAX_CHANNEL_CAPACITY} (got {})",
+                    self.dead_letter_capacity
+                ),
             ));
         }
         self.retry.validate("retry")

@@ -115,6 +115,7 @@
 
 mod bus;
 mod config;
+mod dead_letter;
 mod error;
 mod event;
 mod handler;
@@ -126,8 +127,11 @@ mod sync;
 
 pub use crate::bus::{AbandonedDelivery, Bus, BusBuilder, BusStats, ShutdownReport};
 pub use crate::config::{
-    DEFAULT_CHANNEL_CAPACITY, DEFAULT_SERVICE_NAME, DEFAULT_SHUTDOWN_TIMEOUT, MAX_CHANNEL_CAPACITY,
-    MAX_NAME_LEN, MAX_WORKERS,
+    DEFAULT_CHANNEL_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_SERVICE_NAME,
+    DEFAULT_SHUTDOWN_TIMEOUT, MAX_CHANNEL_CAPACITY, MAX_NAME_LEN, MAX_WORKERS,
+};
+pub use crate::dead_letter::{
+    DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, DeadLetters, RedriveError,
 };
 pub use crate::error::{
     ConfigError, FlushError, Pending, PublishError, PublishTimeoutError, ShutdownError,

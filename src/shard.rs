@@ -27,7 +27,7 @@ use std::any::Any;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use crossbeam_utils::CachePadded;
@@ -35,6 +35,7 @@ use parking_lot::Mutex;
 use smallbox::{SmallBox, smallbox};
 
 use crate::bus::Core;
+use crate::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::event::{Envelope, Event, EventId};
 use crate::handler::{Context, HandlerError};
 use crate::ledger::Gate;
@@ -95,6 +96,8 @@ pub(crate) struct TaskOps {
     run: fn(&mut Worker<'_>, &Task) -> Flow,
     share: fn(Task) -> Arc<SharedEvent>,
     retry: fn(&mut Worker<'_>, &Retry) -> Flow,
+    bury: fn(Retry, DeadLetterReason, u64) -> DeadLetter,
+    subscription: fn(&Arc<dyn Any + Send + Sync>) -> u64,
 }
 
 struct OpsOf<E>(PhantomData<E>);
@@ -104,6 +107,8 @@ impl<E: Event> OpsOf<E> {
         run: run_task::<E>,
         share: share_task::<E>,
         retry: run_retry::<E>,
+        bury: bury::<E>,
+        subscription: subscription_of::<E>,
     };
 }
 
@@ -205,6 +210,13 @@ pub(crate) struct SharedEvent {
     event: Box<dyn Any + Send + Sync>,
 }
 
+/// The failures of one delivery so far.
+#[derive(Clone)]
+pub(crate) struct History {
+    errors: Vec<String>,
+    first_failure: SystemTime,
+}
+
 /// One failed delivery, to be tried again: attempt `attempt` of subscription `sub`.
 pub(crate) struct Retry {
     ops: &'static TaskOps,
@@ -212,6 +224,31 @@ pub(crate) struct Retry {
     /// The `Arc<Sub<E>>` of the subscription.
     sub: Arc<dyn Any + Send + Sync>,
     pub(crate) attempt: u32,
+    history: History,
+}
+
+impl Clone for Retry {
+    fn clone(&self) -> Self {
+        Retry {
+            ops: self.ops,
+            event: self.event.clone(),
+            sub: self.sub.clone(),
+            attempt: self.attempt,
+            history: self.history.clone(),
+        }
+    }
+}
+
+impl Retry {
+    /// Turns the retry into dead letter `id`.
+    pub(crate) fn bury(self, reason: DeadLetterReason, id: u64) -> DeadLetter {
+        (self.ops.bury)(self, reason, id)
+    }
+
+    /// The id of the subscription it goes to.
+    pub(crate) fn subscription(&self) -> u64 {
+        (self.ops.subscription)(&self.sub)
+    }
 }
 
 /// Runs a retry of one delivery of an event of type `E`.
@@ -223,26 +260,89 @@ fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flow {
         unreachable!("a retry's functions match its event")
     };
     let flow = worker.deliver(&retry.event.envelope, &sub, event, 0, retry.attempt);
-    let pending = std::mem::take(&mut worker.pending);
-    for again in pending {
-        worker.schedule_retry(
+    let failed = std::mem::take(&mut worker.pending);
+    for failure in failed {
+        let mut history = retry.history.clone();
+        history.errors.push(failure.error);
+        worker.follow_up(
             Retry {
                 ops: retry.ops,
                 event: retry.event.clone(),
-                sub: again.sub,
-                attempt: again.attempt,
+                sub: failure.sub,
+                attempt: failure.attempt + 1,
+                history,
             },
-            again.delay,
+            failure.then,
         );
     }
+    worker.shared.held_retries.store(0, Ordering::Relaxed);
     flow
 }
 
-/// A retry that a delivery asked for, kept until its task is done with the event.
-struct PendingRetry {
+/// Makes a dead letter of a delivery of an event of type `E` that failed for good.
+fn bury<E: Event>(retry: Retry, reason: DeadLetterReason, id: u64) -> DeadLetter {
+    let Ok(sub) = retry.sub.clone().downcast::<Sub<E>>() else {
+        unreachable!("a retry's functions match its subscription")
+    };
+    let Some(event) = retry.event.event.downcast_ref::<E>() else {
+        unreachable!("a retry's functions match its event")
+    };
+    let payload = serde_json::to_string(event).unwrap_or_else(|e| {
+        serde_json::to_string(&format!("the event did not serialize: {e}"))
+            .expect("a string serializes")
+    });
+    let attempts = u32::try_from(retry.history.errors.len()).unwrap_or(u32::MAX);
+    let redrive = Retry {
+        ops: retry.ops,
+        event: retry.event.clone(),
+        sub: retry.sub,
+        attempt: 1,
+        history: History {
+            errors: Vec::new(),
+            first_failure: retry.history.first_failure,
+        },
+    };
+    DeadLetter {
+        id,
+        envelope: retry.event.envelope.clone(),
+        event_name: E::NAME,
+        event_version: E::VERSION,
+        payload,
+        subscription: sub.meta.id,
+        handler: sub.meta.name.to_string(),
+        service: sub.meta.service.as_str(),
+        attempts,
+        first_failure: retry.history.first_failure,
+        last_failure: SystemTime::now(),
+        errors: retry.history.errors,
+        reason,
+        redrive,
+    }
+}
+
+/// The id of the subscription in an `Arc<Sub<E>>`.
+fn subscription_of<E: Event>(sub: &Arc<dyn Any + Send + Sync>) -> u64 {
+    match sub.downcast_ref::<Sub<E>>() {
+        Some(sub) => sub.meta.id,
+        None => unreachable!("a retry's functions match its subscription"),
+    }
+}
+
+/// What becomes of a failed attempt.
+#[derive(Debug, Clone, Copy)]
+enum Then {
+    /// Tried again after the delay.
+    Retry(Duration),
+    /// Kept in the dead-letter ring.
+    Bury(DeadLetterReason),
+}
+
+/// A failed attempt whose next step waits until the work is done with the event.
+struct Failed {
     sub: Arc<dyn Any + Send + Sync>,
     attempt: u32,
-    delay: Duration,
+    error: String,
+    then: Then,
 }
 
 /// Work bound for shard `shard`.
@@ -262,6 +362,7 @@ pub(crate) struct WorkerStats {
     pub(crate) cancelled: AtomicU64,
     pub(crate) left: AtomicU64,
     pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
 }
 
 /// Adds to a counter that has one writer: a load and a store, no read-modify-write.
@@ -304,6 +405,12 @@ impl WorkerShared {
     pub(crate) fn settle_left(&self, n: usize) {
         bump(&self.stats.left, n as u64);
         self.settle(n);
+    }
+
+    /// Settles a failed delivery kept in the dead-letter ring.
+    fn settle_dead_lettered(&self) {
+        bump(&self.stats.dead_lettered, 1);
+        self.settle(1);
     }
 
     /// Settles a failed delivery that will not be tried again.
@@ -380,8 +487,8 @@ pub(crate) struct Worker<'a> {
     batch_len: usize,
     /// The worker's copy of the handler tables; `None` only while a task borrows it.
     snapshot: Option<Arc<Snapshot>>,
-    /// Retries asked for by the deliveries of the current work.
-    pending: Vec<PendingRetry>,
+    /// Failed attempts of the current work that are retried or dead-lettered.
+    pending: Vec<Failed>,
     jitter: Jitter,
 }
 
@@ -429,41 +536,68 @@ impl Worker<'_> {
         flow
     }
 
-    /// Done with `work`: schedules the retries its deliveries asked for, moving the event to
-    /// the heap to share it between them.
+    /// Done with `work`: retries or dead-letters its failed deliveries, moving the event to the
+    /// heap to share it between them.
     #[inline]
     fn after(&mut self, work: Work) {
         if self.pending.is_empty() {
             return;
         }
         let Work::Task(task) = work else {
-            unreachable!("a retry schedules its own retries")
+            unreachable!("a retry handles its own failures")
         };
         let ops = task.ops;
         let event = (ops.share)(task);
-        let pending = std::mem::take(&mut self.pending);
-        for again in pending {
-            self.schedule_retry(
+        let failed = std::mem::take(&mut self.pending);
+        let now = SystemTime::now();
+        for failure in failed {
+            self.follow_up(
                 Retry {
                     ops,
                     event: event.clone(),
-                    sub: again.sub,
-                    attempt: again.attempt,
+                    sub: failure.sub,
+                    attempt: failure.attempt + 1,
+                    history: History {
+                        errors: vec![failure.error],
+                        first_failure: now,
+                    },
                 },
-                again.delay,
+                failure.then,
             );
         }
         self.shared.held_retries.store(0, Ordering::Relaxed);
     }
 
-    /// Puts a retry on the timer; once the timer has stopped (shutdown), the delivery is
-    /// discarded.
-    fn schedule_retry(&mut self, retry: Retry, delay: Duration) {
-        let routed = Routed {
-            shard: self.index,
-            work: Work::Retry(retry),
+    /// Puts a failed delivery on the timer to be tried again, or in the dead-letter ring.
+    /// Once the timer has stopped (shutdown), a retry is dead-lettered.
+    fn follow_up(&mut self, retry: Retry, then: Then) {
+        let reason = match then {
+            Then::Retry(delay) => {
+                let routed = Routed {
+                    shard: self.index,
+                    work: Work::Retry(retry),
+                };
+                match self.core.wait_on_timer(routed, delay) {
+                    Ok(()) => return,
+                    Err(Routed {
+                        work: Work::Retry(retry),
+                        ..
+                    }) => return self.bury(retry, DeadLetterReason::Shutdown),
+                    Err(_) => unreachable!("a retry was scheduled"),
+                }
+            }
+            Then::Bury(reason) => reason,
         };
-        if self.core.wait_on_timer(routed, delay).is_err() {
+        self.bury(retry, reason);
+    }
+
+    /// Settles a failed delivery in the dead-letter ring (or as discarded when it is off).
+    fn bury(&mut self, retry: Retry, reason: DeadLetterReason) {
+        if self.core.dead_letters.enabled() {
+            let id = self.core.dead_letters.next_id();
+            self.core.dead_letters.push(retry.bury(reason, id));
+            self.shared.settle_dead_lettered();
+        } else {
             self.shared.settle_discarded();
         }
     }
@@ -566,18 +700,24 @@ impl Worker<'_> {
                 if panicked {
                     bump(&stats.panicked, 1);
                 }
-                let retry_in = if error.is_permanent() {
-                    None
+                let then = if error.is_permanent() {
+                    Then::Bury(DeadLetterReason::Permanent)
                 } else {
-                    sub.meta.retry.delay_after(attempt, self.jitter.draw())
+                    match sub.meta.retry.delay_after(attempt, self.jitter.draw()) {
+                        Some(delay) => Then::Retry(delay),
+                        None => Then::Bury(DeadLetterReason::RetriesExhausted),
+                    }
                 };
-                if let Some(delay) = retry_in {
-                    // Still outstanding: settled by the attempt that succeeds or gives up.
-                    bump(&stats.retried, 1);
-                    self.pending.push(PendingRetry {
+                if matches!(then, Then::Retry(_)) || self.core.dead_letters.enabled() {
+                    // Still outstanding: settled by the attempt that succeeds, or in the ring.
+                    if let Then::Retry(_) = then {
+                        bump(&stats.retried, 1);
+                    }
+                    self.pending.push(Failed {
                         sub: sub.clone(),
-                        attempt: attempt + 1,
-                        delay,
+                        attempt,
+                        error: error.to_string(),
+                        then,
                     });
                     shared
                         .held_retries

@@ -146,7 +146,7 @@ fn a_failing_handler_publishes_nothing() {
     assert_eq!(count(&follow_ups), 0);
     let stats = bus.stats();
     assert_eq!((stats.delivered, stats.failed, stats.panicked), (2, 2, 1));
-    assert_eq!(stats.discarded, 2);
+    assert_eq!(stats.dead_lettered, 2);
     assert_eq!(stats.unmatched, 0);
     assert_eq!(
         sub.stats().last_error.as_deref(),

@@ -67,7 +67,7 @@ fn mixed_load_with_shutdown_mid_stream_adds_up() {
         .unwrap();
     }
     // S2 fails 5% of its deliveries and panics on 1%, on every attempt: each of those is
-    // tried 3 times, then discarded.
+    // tried 3 times, then dead-lettered.
     let s2_calls = Arc::new(Tally::new(total));
     {
         let calls = s2_calls.clone();
@@ -182,7 +182,7 @@ fn mixed_load_with_shutdown_mid_stream_adds_up() {
     assert_eq!(stats.panicked, 3 * s2_panics);
     assert_eq!(stats.failed, 3 * (s2_failures + s2_panics));
     assert_eq!(stats.retried, 2 * (s2_failures + s2_panics));
-    assert_eq!(stats.discarded, s2_failures + s2_panics);
+    assert_eq!(stats.dead_lettered, s2_failures + s2_panics);
     assert_eq!(
         stats.succeeded,
         2 * a - s2_failures - s2_panics + s4_at_unsubscribe + follow_ups

@@ -1,0 +1,575 @@
+//! The dead-letter ring: deliveries that failed for good, kept for people to inspect, export,
+//! redrive and purge.
+//!
+//! Ground rules: one bounded ring behind a mutex, taken only on the failure path and by the
+//! API. When it is full the oldest entry is evicted: counted, and handed to the sink if one is
+//! set. Each entry keeps what it takes to run the delivery again — the event, shared with any
+//! other failed deliveries of it, and the subscription — so a redrive goes back to the same
+//! subscription with its attempts reset.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::event::{Envelope, EventId, Headers};
+use crate::shard::Retry;
+use crate::sync::{AtomicU64, Ordering};
+
+/// Why a delivery was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DeadLetterReason {
+    /// Every attempt its retry policy allows failed.
+    RetriesExhausted,
+    /// The handler returned an error made with
+    /// [`HandlerError::permanent`](crate::HandlerError::permanent).
+    Permanent,
+    /// A retry was still waiting when the bus shut down.
+    Shutdown,
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::RetriesExhausted => "retries exhausted",
+            Self::Permanent => "permanent error",
+            Self::Shutdown => "shutdown",
+        })
+    }
+}
+
+/// A delivery that failed for good.
+pub struct DeadLetter {
+    pub(crate) id: u64,
+    pub(crate) envelope: Envelope,
+    pub(crate) event_name: &'static str,
+    pub(crate) event_version: u32,
+    pub(crate) payload: String,
+    pub(crate) subscription: u64,
+    pub(crate) handler: String,
+    pub(crate) service: &'static str,
+    pub(crate) errors: Vec<String>,
+    pub(crate) attempts: u32,
+    pub(crate) first_failure: SystemTime,
+    pub(crate) last_failure: SystemTime,
+    pub(crate) reason: DeadLetterReason,
+    /// What it takes to run the delivery again.
+    pub(crate) redrive: Retry,
+}
+
+impl DeadLetter {
+    /// Its number in this bus's dead-letter ring, for [`DeadLetters::redrive`].
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The failed event's envelope, unchanged.
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// The event's [`Event::NAME`](crate::Event::NAME).
+    pub fn event_name(&self) -> &'static str {
+        self.event_name
+    }
+
+    /// The event's [`Event::VERSION`](crate::Event::VERSION).
+    pub fn event_version(&self) -> u32 {
+        self.event_version
+    }
+
+    /// The event, serialized as JSON.
+    pub fn payload_json(&self) -> &str {
+        &self.payload
+    }
+
+    /// The id of the subscription whose deliveries failed.
+    pub fn subscription(&self) -> u64 {
+        self.subscription
+    }
+
+    /// The handler's name.
+    pub fn handler(&self) -> &str {
+        &self.handler
+    }
+
+    /// The service that subscribed.
+    pub fn service(&self) -> &'static str {
+        self.service
+    }
+
+    /// The text of every failed attempt's error, in order (a panic's message for a panic).
+    pub fn errors(&self) -> &[String] {
+        &self.errors
+    }
+
+    /// How many attempts were made.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// When the first attempt failed.
+    pub fn first_failure(&self) -> SystemTime {
+        self.first_failure
+    }
+
+    /// When the last attempt failed.
+    pub fn last_failure(&self) -> SystemTime {
+        self.last_failure
+    }
+
+    /// Why it was dead-lettered.
+    pub fn reason(&self) -> DeadLetterReason {
+        self.reason
+    }
+
+    /// One line of JSON: the envelope, the event, and the failures.
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        struct EnvelopeJson<'a> {
+            id: EventId,
+            correlation_id: EventId,
+            causation_id: Option<EventId>,
+            source: &'a str,
+            published_at_unix_nanos: u128,
+            key: Option<u64>,
+            headers: &'a Headers,
+        }
+        #[derive(Serialize)]
+        struct Line<'a> {
+            id: u64,
+            event: &'a str,
+            version: u32,
+            envelope: EnvelopeJson<'a>,
+            payload: &'a serde_json::value::RawValue,
+            subscription: u64,
+            handler: &'a str,
+            service: &'a str,
+            attempts: u32,
+            errors: &'a [String],
+            first_failure_unix_nanos: u128,
+            last_failure_unix_nanos: u128,
+            reason: DeadLetterReason,
+        }
+        let nanos = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        };
+        let env = &self.envelope;
+        let payload: &serde_json::value::RawValue =
+            serde_json::from_str(&self.payload).expect("payloads are JSON made by serde_json");
+        let line = Line {
+            id: self.id,
+            event: self.event_name,
+            version: self.event_version,
+            envelope: EnvelopeJson {
+                id: env.id(),
+                correlation_id: env.correlation_id(),
+                causation_id: env.causation_id(),
+                source: env.source(),
+                published_at_unix_nanos: nanos(env.published_at()),
+                key: env.key().map(|k| k.get()),
+                headers: env.headers(),
+            },
+            payload,
+            subscription: self.subscription,
+            handler: &self.handler,
+            service: self.service,
+            attempts: self.attempts,
+            errors: &self.errors,
+            first_failure_unix_nanos: nanos(self.first_failure),
+            last_failure_unix_nanos: nanos(self.last_failure),
+            reason: self.reason,
+        };
+        serde_json::to_string(&line).expect("a dead letter serializes")
+    }
+}
+
+impl fmt::Debug for DeadLetter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetter")
+            .field("id", &self.id)
+            .field("event", &self.event_name)
+            .field("event_id", &self.envelope.id())
+            .field("handler", &self.handler)
+            .field("attempts", &self.attempts)
+            .field("reason", &self.reason)
+            .field("last_error", &self.errors.last())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which dead letters to list or redrive. Every criterion set must match.
+///
+/// # Examples
+///
+/// ```
+/// use microbus::{DeadLetterFilter, DeadLetterReason};
+///
+/// let filter = DeadLetterFilter::new()
+///     .event("OrderCreated")
+///     .reason(DeadLetterReason::RetriesExhausted);
+/// # let _ = filter;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    event: Option<String>,
+    source: Option<String>,
+    handler: Option<String>,
+    reason: Option<DeadLetterReason>,
+}
+
+impl DeadLetterFilter {
+    /// Matches every dead letter.
+    pub fn new() -> DeadLetterFilter {
+        DeadLetterFilter::default()
+    }
+
+    /// Only events of this [`Event::NAME`](crate::Event::NAME).
+    pub fn event(mut self, name: impl Into<String>) -> DeadLetterFilter {
+        self.event = Some(name.into());
+        self
+    }
+
+    /// Only events published by this service.
+    pub fn source(mut self, service: impl Into<String>) -> DeadLetterFilter {
+        self.source = Some(service.into());
+        self
+    }
+
+    /// Only deliveries to the handler of this name.
+    pub fn handler(mut self, name: impl Into<String>) -> DeadLetterFilter {
+        self.handler = Some(name.into());
+        self
+    }
+
+    /// Only dead letters with this reason.
+    pub fn reason(mut self, reason: DeadLetterReason) -> DeadLetterFilter {
+        self.reason = Some(reason);
+        self
+    }
+
+    /// Whether `letter` matches.
+    pub fn matches(&self, letter: &DeadLetter) -> bool {
+        self.event.as_deref().is_none_or(|e| e == letter.event_name)
+            && self
+                .source
+                .as_deref()
+                .is_none_or(|s| s == letter.envelope.source())
+            && self.handler.as_deref().is_none_or(|h| h == letter.handler)
+            && self.reason.is_none_or(|r| r == letter.reason)
+    }
+}
+
+/// What a [`DeadLetters`] sink receives: every dead letter evicted from a full ring.
+pub type DeadLetterSink = Arc<dyn Fn(&DeadLetter) + Send + Sync>;
+
+/// The ring and its counters.
+pub(crate) struct Ring {
+    capacity: usize,
+    entries: Mutex<VecDeque<DeadLetter>>,
+    next_id: AtomicU64,
+    evicted: AtomicU64,
+    sink: Option<DeadLetterSink>,
+    on_dead_letter: Option<DeadLetterSink>,
+}
+
+impl Ring {
+    pub(crate) fn new(
+        capacity: usize,
+        sink: Option<DeadLetterSink>,
+        on_dead_letter: Option<DeadLetterSink>,
+    ) -> Ring {
+        Ring {
+            capacity,
+            entries: Mutex::new(VecDeque::new()),
+            next_id: AtomicU64::new(1),
+            evicted: AtomicU64::new(0),
+            sink,
+            on_dead_letter,
+        }
+    }
+
+    /// Whether dead letters are kept at all.
+    pub(crate) fn enabled(&self) -> bool {
+        self.capacity > 0
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Keeps `letter`, evicting the oldest entry when the ring is full.
+    pub(crate) fn push(&self, letter: DeadLetter) {
+        if let Some(hook) = &self.on_dead_letter {
+            hook(&letter);
+        }
+        let evicted = {
+            let mut entries = self.entries.lock();
+            let evicted = if entries.len() >= self.capacity {
+                entries.pop_front()
+            } else {
+                None
+            };
+            entries.push_back(letter);
+            evicted
+        };
+        if let Some(old) = evicted {
+            self.evicted.fetch_add(1, Ordering::Relaxed);
+            if let Some(sink) = &self.sink {
+                sink(&old);
+            }
+        }
+    }
+
+    pub(crate) fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.lock().len()
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Calls `f` on each entry matching `filter`, oldest first, under the lock.
+    pub(crate) fn each(&self, filter: &DeadLetterFilter, mut f: impl FnMut(&DeadLetter)) {
+        for letter in self.entries.lock().iter().filter(|l| filter.matches(l)) {
+            f(letter);
+        }
+    }
+
+    /// Takes out the entries matching `filter`.
+    pub(crate) fn take(&self, filter: &DeadLetterFilter) -> Vec<DeadLetter> {
+        let mut entries = self.entries.lock();
+        let (taken, kept): (Vec<_>, Vec<_>) = entries.drain(..).partition(|l| filter.matches(l));
+        entries.extend(kept);
+        taken
+    }
+
+    /// Takes out entry `id`.
+    pub(crate) fn take_id(&self, id: u64) -> Option<DeadLetter> {
+        let mut entries = self.entries.lock();
+        let index = entries.iter().position(|l| l.id == id)?;
+        entries.remove(index)
+    }
+
+    /// Puts entries back (a redrive that could not go through), oldest first.
+    pub(crate) fn put_back(&self, letters: Vec<DeadLetter>) {
+        let mut entries = self.entries.lock();
+        for letter in letters.into_iter().rev() {
+            entries.push_front(letter);
+        }
+        entries.make_contiguous().sort_by_key(|l| l.id);
+    }
+}
+
+/// Why a redrive did not go through. The dead letter stays in (or goes back to) the ring,
+/// except when there was none with that id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RedriveError {
+    /// No dead letter has that id (any more).
+    NotFound(u64),
+    /// Its subscription has ended: there is nothing to deliver it to.
+    SubscriptionGone(u64),
+    /// The bus is shut down.
+    Shutdown(u64),
+}
+
+impl fmt::Display for RedriveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotFound(id) => write!(f, "no dead letter {id}"),
+            Self::SubscriptionGone(id) => {
+                write!(f, "dead letter {id}: its subscription has ended")
+            }
+            Self::Shutdown(id) => write!(f, "dead letter {id}: the bus is shut down"),
+        }
+    }
+}
+
+impl std::error::Error for RedriveError {}
+
+/// The bus's dead letters: list, filter, export, redrive, purge. From
+/// [`Bus::dead_letters`](crate::Bus::dead_letters).
+///
+/// # Examples
+///
+/// ```
+/// use microbus::{Bus, Context, Event, HandlerError, HandlerResult, RetryPolicy};
+/// use serde::{Deserialize, Serialize};
+/// use std::time::Duration;
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// struct Charge { cents: i64 }
+/// impl Event for Charge { const NAME: &'static str = "Charge"; }
+///
+/// let bus = Bus::builder().workers(1).retry(RetryPolicy::none()).build()?;
+/// bus.subscribe(|_: &Charge, _: &Context| -> HandlerResult { Err(HandlerError::msg("declined")) })?;
+/// bus.publish(Charge { cents: 500 })?;
+/// bus.flush(Duration::from_secs(5))?;
+///
+/// let dead = bus.dead_letters();
+/// assert_eq!(dead.len(), 1);
+/// let letter = &dead.list()[0];
+/// assert_eq!(letter.errors(), ["declined"]);
+/// assert_eq!(letter.payload_json(), r#"{"cents":500}"#);
+/// assert_eq!(dead.purge(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct DeadLetters {
+    pub(crate) core: Arc<crate::bus::Core>,
+}
+
+impl DeadLetters {
+    fn ring(&self) -> &Ring {
+        &self.core.dead_letters
+    }
+
+    /// How many dead letters the ring holds.
+    pub fn len(&self) -> usize {
+        self.ring().len()
+    }
+
+    /// Whether the ring is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many it holds at most (0: dead letters are off).
+    pub fn capacity(&self) -> usize {
+        self.ring().capacity()
+    }
+
+    /// How many were evicted from the full ring (to the sink, if one is set).
+    pub fn evicted(&self) -> u64 {
+        self.ring().evicted()
+    }
+
+    /// Every dead letter, oldest first.
+    pub fn list(&self) -> Vec<DeadLetter> {
+        self.filter(&DeadLetterFilter::new())
+    }
+
+    /// The dead letters that match `filter`, oldest first.
+    pub fn filter(&self, filter: &DeadLetterFilter) -> Vec<DeadLetter> {
+        let mut found = Vec::new();
+        self.ring().each(filter, |l| found.push(l.clone()));
+        found
+    }
+
+    /// Every dead letter as JSON lines (one object per line, oldest first).
+    pub fn export_json(&self) -> String {
+        let mut out = String::new();
+        self.ring().each(&DeadLetterFilter::new(), |l| {
+            out.push_str(&l.to_json());
+            out.push('\n');
+        });
+        out
+    }
+
+    /// Sends dead letter `id` back to its subscription, as attempt 1 of a new delivery with
+    /// the same envelope (id, correlation and all). It leaves the ring.
+    ///
+    /// # Errors
+    ///
+    /// [`RedriveError`]: no such dead letter, its subscription has ended, or the bus is shut
+    /// down (in those last two cases it stays in the ring).
+    pub fn redrive(&self, id: u64) -> Result<(), RedriveError> {
+        let letter = self.ring().take_id(id).ok_or(RedriveError::NotFound(id))?;
+        self.core.redrive(letter).map_err(|(letter, error)| {
+            self.ring().put_back(vec![letter]);
+            error
+        })
+    }
+
+    /// Redrives every dead letter that matches `filter` and returns how many went back. Those
+    /// whose subscription has ended stay in the ring.
+    ///
+    /// # Errors
+    ///
+    /// [`RedriveError::Shutdown`] once the bus is shut down (nothing is redriven).
+    pub fn redrive_where(&self, filter: &DeadLetterFilter) -> Result<usize, RedriveError> {
+        let mut kept = Vec::new();
+        let mut sent = 0;
+        let mut shutdown = None;
+        for letter in self.ring().take(filter) {
+            if shutdown.is_some() {
+                kept.push(letter);
+                continue;
+            }
+            match self.core.redrive(letter) {
+                Ok(()) => sent += 1,
+                Err((letter, error)) => {
+                    if let RedriveError::Shutdown(_) = error {
+                        shutdown = Some(error);
+                    }
+                    kept.push(letter);
+                }
+            }
+        }
+        self.ring().put_back(kept);
+        match shutdown {
+            Some(error) => Err(error),
+            None => Ok(sent),
+        }
+    }
+
+    /// Redrives every dead letter; see [`redrive_where`](Self::redrive_where).
+    ///
+    /// # Errors
+    ///
+    /// As [`redrive_where`](Self::redrive_where).
+    pub fn redrive_all(&self) -> Result<usize, RedriveError> {
+        self.redrive_where(&DeadLetterFilter::new())
+    }
+
+    /// Removes every dead letter and returns how many there were.
+    pub fn purge(&self) -> usize {
+        self.purge_where(&DeadLetterFilter::new())
+    }
+
+    /// Removes the dead letters that match `filter` and returns how many there were.
+    pub fn purge_where(&self, filter: &DeadLetterFilter) -> usize {
+        self.ring().take(filter).len()
+    }
+}
+
+impl fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetters")
+            .field("len", &self.len())
+            .field("capacity", &self.capacity())
+            .field("evicted", &self.evicted())
+            .finish()
+    }
+}
+
+impl Clone for DeadLetter {
+    fn clone(&self) -> Self {
+        DeadLetter {
+            id: self.id,
+            envelope: self.envelope.clone(),
+            event_name: self.event_name,
+            event_version: self.event_version,
+            payload: self.payload.clone(),
+            subscription: self.subscription,
+            handler: self.handler.clone(),
+            service: self.service,
+            errors: self.errors.clone(),
+            attempts: self.attempts,
+            first_failure: self.first_failure,
+            last_failure: self.last_failure,
+            reason: self.reason,
+            redrive: self.redrive.clone(),
+        }
+    }
+}

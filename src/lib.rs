@@ -78,10 +78,19 @@
 //! ([`BusBuilder::retry`]; by default exponential from 5 s, 4 attempts in all) or the
 //! subscription's own ([`SubscribeOptions::retry`]). A waiting retry holds no worker: it
 //! waits on a timing wheel driven by one timer thread. [`Context::attempt`] counts the
-//! attempts from 1. An error made with [`HandlerError::permanent`] is not retried. When the
-//! attempts run out the delivery is discarded; failures are counted ([`BusStats::failed`],
-//! [`Subscription::stats`]) with the last error's text. With `panic = "abort"` in the
-//! application's profile a panicking handler ends the process instead.
+//! attempts from 1. An error made with [`HandlerError::permanent`] is not retried. Failures
+//! are counted ([`BusStats::failed`], [`Subscription::stats`]) with the last error's text.
+//! With `panic = "abort"` in the application's profile a panicking handler ends the process
+//! instead.
+//!
+//! # Dead letters
+//!
+//! A delivery that fails for good — its attempts exhausted, a permanent error, or a retry still
+//! waiting at shutdown — lands in a bounded ring ([`BusBuilder::dead_letter_capacity`]). Each
+//! [`DeadLetter`] keeps the envelope, the event as JSON, the handler, every attempt's error and
+//! the reason. [`Bus::dead_letters`] lists, filters, exports (JSON lines), redrives (to the same
+//! subscription, with the same envelope) and purges them. The oldest entry of a full ring is
+//! evicted, counted and handed to the [`dead_letter_sink`](BusBuilder::dead_letter_sink).
 //!
 //! # Shutdown
 //!
@@ -95,9 +104,9 @@
 //!
 //! - Every event is either accepted or handed back to its publisher, never both, never neither.
 //! - Each accepted delivery (an event × a subscription it matched when published) is settled
-//!   exactly once, whatever its retries: succeeded, discarded after failing, cancelled by
-//!   `unsubscribe`, abandoned or left at the shutdown deadline. The counts add up
-//!   ([`BusStats::is_balanced`]).
+//!   exactly once, whatever its retries: succeeded, dead-lettered (or discarded, with dead
+//!   letters off), cancelled by `unsubscribe`, abandoned or left at the shutdown deadline. The
+//!   counts add up ([`BusStats::is_balanced`]).
 //! - Events published by one thread with the same key reach each subscription in publish
 //!   order. Unkeyed events are spread over the shards and may be handled in any order; retries,
 //!   and events published by handlers that had to wait for room, may fall behind later ones.

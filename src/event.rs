@@ -383,10 +383,40 @@ impl From<EventId> for PartitionKey {
     }
 }
 
-/// String headers attached to an event. Allocated only when an event has any.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// String headers attached to an event. Allocated only when an event has any. Serialized as a
+/// map.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Headers {
     entries: Vec<(String, String)>,
+}
+
+impl Serialize for Headers {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Headers {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct InOrder;
+        impl<'de> serde::de::Visitor<'de> for InOrder {
+            type Value = Headers;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of header names to strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Headers, A::Error> {
+                let mut headers = Headers::default();
+                while let Some((name, value)) = map.next_entry::<String, String>()? {
+                    headers.insert(name, value);
+                }
+                Ok(headers)
+            }
+        }
+        deserializer.deserialize_map(InOrder)
+    }
 }
 
 impl Headers {
@@ -674,6 +704,16 @@ mod tests {
         let b = NameId::intern(&String::from("event-tests-service"));
         assert_eq!(a, b);
         assert_eq!(a.as_str(), "event-tests-service");
+    }
+
+    #[test]
+    fn headers_serialize_as_a_map_in_order() {
+        let mut headers = Headers::default();
+        headers.insert("tenant", "acme");
+        headers.insert("region", "eu");
+        let json = serde_json::to_string(&headers).unwrap();
+        assert_eq!(json, r#"{"tenant":"acme","region":"eu"}"#);
+        assert_eq!(serde_json::from_str::<Headers>(&json).unwrap(), headers);
     }
 
     #[test]

@@ -350,6 +350,42 @@ impl Core {
         }
     }
 
+    /// Publishes through the gate onto the timer: the event goes to its shard after `delay`.
+    pub(crate) fn publish_delayed<E: Event>(
+        &self,
+        source: NameId,
+        event: E,
+        options: Publish,
+        delay: Duration,
+    ) -> Result<(), E> {
+        let (generation, deliveries) = self.registry.route::<E>(source);
+        if deliveries == 0 {
+            return self.unmatched(event).map_err(|(_, e)| e);
+        }
+        let envelope = Envelope::stamp(source, options);
+        let index = self.shard_for(&envelope);
+        let gate = &self.shards[index].gate;
+        if !gate.enter(deliveries) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(event);
+        }
+        let routed = Routed {
+            shard: index,
+            work: Work::Task(Task::new(envelope, generation, deliveries, event)),
+        };
+        match self.timer.schedule(routed, delay) {
+            Ok(()) => Ok(()),
+            Err(routed) => {
+                gate.refund(deliveries);
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                let Work::Task(task) = routed.work else {
+                    unreachable!("a task was scheduled")
+                };
+                Err(task.into_event())
+            }
+        }
+    }
+
     /// The slow path of a publish that found its shard full.
     #[cold]
     // The error is the message itself, handed back whole: nothing to shrink.
@@ -1148,6 +1184,38 @@ impl Bus {
         self.core()
             .publish(self.source, event, options, Mode::Block)
             .map_err(|(_, e)| PublishError::Shutdown(e))
+    }
+
+    /// Publishes `event` to be delivered after `delay`: it is accepted now (and counted by
+    /// `flush` and `shutdown`) and waits on the timer, then goes to its shard. Never waits.
+    /// Shutdown does not wait for a delayed event that falls due after its deadline; it is
+    /// reported as left.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Shutdown`] with the event when the bus is shutting down.
+    pub fn publish_delayed<E: Event>(
+        &self,
+        event: E,
+        delay: Duration,
+    ) -> Result<(), PublishError<E>> {
+        self.publish_delayed_with(event, Publish::new(), delay)
+    }
+
+    /// [`publish_delayed`](Self::publish_delayed) with options.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish_delayed`](Self::publish_delayed).
+    pub fn publish_delayed_with<E: Event>(
+        &self,
+        event: E,
+        options: Publish,
+        delay: Duration,
+    ) -> Result<(), PublishError<E>> {
+        self.core()
+            .publish_delayed(self.source, event, options, delay)
+            .map_err(PublishError::Shutdown)
     }
 
     /// Publishes `event` if its shard has room now; never waits.

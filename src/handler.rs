@@ -8,6 +8,7 @@
 use std::any::Any;
 use std::error::Error;
 use std::fmt;
+use std::time::Duration;
 
 use crate::bus::Core;
 use crate::error::PublishError;
@@ -242,6 +243,29 @@ impl Context<'_> {
         event: E,
         options: Publish,
     ) -> Result<(), PublishError<E>> {
+        self.stage(event, options, None)
+    }
+
+    /// Like [`publish`](Self::publish), but the event waits `delay` on the timer before it goes
+    /// to its shard (once the handler has returned `Ok`).
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Self::publish).
+    pub fn publish_delayed<E: Event>(
+        &self,
+        event: E,
+        delay: Duration,
+    ) -> Result<(), PublishError<E>> {
+        self.stage(event, Publish::new(), Some(delay))
+    }
+
+    fn stage<E: Event>(
+        &self,
+        event: E,
+        options: Publish,
+        delay: Option<Duration>,
+    ) -> Result<(), PublishError<E>> {
         let options = Publish {
             correlation: options.correlation.or(Some(self.envelope.correlation_id())),
             causation: options.causation.or(Some(self.envelope.id())),
@@ -252,7 +276,7 @@ impl Context<'_> {
             .prepare(self.sub.service, event, options)
             .map_err(PublishError::Shutdown)?;
         if let Some(routed) = routed {
-            self.worker.outbox.lock().push(routed);
+            self.worker.outbox.lock().push((routed, delay));
             self.worker.staged.store(true, Ordering::Relaxed);
         }
         Ok(())

@@ -55,7 +55,8 @@
 //! headers), matches the event against the current subscriptions of its type (a lock-free
 //! read) and sends it to a shard: `hash(key)` for a keyed event ([`Publish::keyed`]), the next
 //! shard in turn otherwise. It waits while the shard is full; [`Bus::try_publish`] never
-//! waits and [`Bus::publish_timeout`] gives up after a while. Whenever an event is not
+//! waits and [`Bus::publish_timeout`] gives up after a while; [`Bus::publish_delayed`] hands
+//! the event to the timer to be delivered later. Whenever an event is not
 //! accepted, the error hands it back. An event that matches no subscription is counted
 //! ([`BusStats::unmatched`]), not silently dropped.
 //!

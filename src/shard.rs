@@ -386,7 +386,8 @@ pub(crate) struct WorkerShared {
     pub(crate) stats: WorkerStats,
     pub(crate) spill: Mutex<VecDeque<Routed>>,
     pub(crate) spill_len: AtomicUsize,
-    pub(crate) outbox: Mutex<Vec<Routed>>,
+    /// Events the running handler published, with their delay if any.
+    pub(crate) outbox: Mutex<Vec<(Routed, Option<Duration>)>>,
     pub(crate) staged: AtomicBool,
     /// Failed deliveries of the current event whose retries are not scheduled yet (they are
     /// once the event's other deliveries have run).
@@ -481,7 +482,7 @@ pub(crate) struct Worker<'a> {
     core: &'a Core,
     index: usize,
     shared: &'a WorkerShared,
-    scratch: Vec<Routed>,
+    scratch: Vec<(Routed, Option<Duration>)>,
     /// Whether a batch is open, and how many events it has handled.
     in_batch: bool,
     batch_len: usize,
@@ -738,11 +739,16 @@ impl Worker<'_> {
         }
         self.shared.staged.store(false, Ordering::Relaxed);
         std::mem::swap(&mut *self.shared.outbox.lock(), &mut self.scratch);
-        for routed in self.scratch.drain(..) {
-            self.core.shards[routed.shard]
-                .gate
-                .accept(routed.work.deliveries());
-            let left = self.core.offer(self.index, routed);
+        for (routed, delay) in self.scratch.drain(..) {
+            let deliveries = routed.work.deliveries();
+            self.core.shards[routed.shard].gate.accept(deliveries);
+            let left = match delay {
+                None => self.core.offer(self.index, routed),
+                Some(delay) => match self.core.wait_on_timer(routed, delay) {
+                    Ok(()) => 0,
+                    Err(_) => deliveries,
+                },
+            };
             if left > 0 {
                 self.shared.settle_left(left);
             }

@@ -265,3 +265,102 @@ fn shutdown_does_not_wait_for_retries_due_after_its_deadline() {
     assert_eq!((report.stats.dead_lettered, report.stats.retried), (1, 1));
     assert!(report.is_balanced(), "{report}");
 }
+
+#[test]
+fn delayed_events_arrive_after_their_delay_and_count_as_pending() {
+    let bus = Bus::builder().workers(2).build().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    {
+        let seen = seen.clone();
+        bus.subscribe(move |e: &FollowUp, ctx: &Context| -> HandlerResult {
+            seen.lock()
+                .unwrap()
+                .push((e.parent, Instant::now(), ctx.causation_id().is_some()));
+            Ok(())
+        })
+        .unwrap();
+    }
+    bus.subscribe(|e: &Numbered, ctx: &Context| -> HandlerResult {
+        ctx.publish_delayed(
+            FollowUp {
+                parent: e.seq,
+                index: 1,
+            },
+            Duration::from_millis(30),
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    let start = Instant::now();
+    bus.publish_delayed(
+        FollowUp {
+            parent: 0,
+            index: 0,
+        },
+        Duration::from_millis(40),
+    )
+    .unwrap();
+    bus.publish(Numbered {
+        publisher: 0,
+        seq: 1,
+    })
+    .unwrap();
+    bus.flush(WAIT).unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    for &(parent, at, caused) in seen.iter() {
+        let least = if parent == 0 { 40 } else { 30 };
+        assert!(
+            at - start >= Duration::from_millis(least),
+            "{parent}: {:?}",
+            at - start
+        );
+        assert_eq!(
+            caused,
+            parent == 1,
+            "only the handler's event has a causation"
+        );
+    }
+}
+
+#[test]
+fn a_delayed_event_still_waiting_at_shutdown_is_left() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    {
+        let handled = handled.clone();
+        bus.subscribe(move |_: &FollowUp, _: &Context| -> HandlerResult {
+            handled.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+    }
+    bus.publish_delayed(
+        FollowUp {
+            parent: 0,
+            index: 0,
+        },
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    let report = bus.shutdown().unwrap();
+    assert_eq!(count(&handled), 0);
+    assert_eq!((report.stats.delivered, report.stats.left), (1, 1));
+    assert!(report.is_balanced(), "{report}");
+    let late = bus
+        .publish_delayed(
+            FollowUp {
+                parent: 1,
+                index: 0,
+            },
+            MS,
+        )
+        .unwrap_err();
+    assert_eq!(
+        late.into_event(),
+        FollowUp {
+            parent: 1,
+            index: 0
+        }
+    );
+}

@@ -5,6 +5,9 @@
 //! whose consumer blocks in `recv` and then drains with `try_recv`: the floor), `naive` (a
 //! mutex-and-map bus: the obvious design) and `microbus`. Each iteration publishes one event;
 //! a sample ends when the consumer has handled everything published in it.
+//!
+//! A second group, `publish_handle_failures`, runs microbus with 1% of deliveries failing once
+//! (retried at the next timer tick) against none failing.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use microbus::{Bus, Context, Event, HandlerResult};
+use microbus::{Bus, Context, Event, HandlerError, HandlerResult, RetryPolicy};
 use serde::{Deserialize, Serialize};
 
 const CAPACITY: usize = 1024;
@@ -242,5 +245,49 @@ fn publish_handle(c: &mut Criterion) {
     bus.shutdown().unwrap();
 }
 
-criterion_group!(benches, publish_handle);
+/// The same flow with deliveries failing once and retried, against none failing.
+fn with_failures(c: &mut Criterion) {
+    let mut group = c.benchmark_group("publish_handle_failures");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(4));
+    for percent in [0u64, 1] {
+        let bus = Bus::builder()
+            .workers(1)
+            .channel_capacity(CAPACITY)
+            .retry(RetryPolicy::fixed(Duration::ZERO).max_attempts(2))
+            .build()
+            .unwrap();
+        let handled = Arc::new(AtomicU64::new(0));
+        {
+            let handled = handled.clone();
+            bus.subscribe(move |tick: &Tick, ctx: &Context| -> HandlerResult {
+                if ctx.attempt() == 1 && tick.0 % 100 < percent {
+                    return Err(HandlerError::msg("once"));
+                }
+                handled.fetch_add(1, Ordering::Release);
+                Ok(())
+            })
+            .unwrap();
+        }
+        group.bench_function(
+            BenchmarkId::new("microbus", format!("{percent}pct_fail_once")),
+            |b| {
+                b.iter_custom(|iters| {
+                    let target = handled.load(Ordering::Acquire) + iters;
+                    let start = Instant::now();
+                    for i in 0..iters {
+                        bus.publish(Tick(black_box(i))).unwrap();
+                    }
+                    wait_for(&handled, target);
+                    start.elapsed()
+                })
+            },
+        );
+        bus.shutdown().unwrap();
+    }
+    group.finish();
+}
+
+criterion_group!(benches, publish_handle, with_failures);
 criterion_main!(benches);

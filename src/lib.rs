@@ -156,6 +156,12 @@ pub use crate::retry::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_DELAY, DEFAULT_RETRY_DELAY, MAX_ATTEMPTS, RetryPolicy,
 };
 
+/// Building blocks exposed for the benchmarks. Not part of the stable API.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::retry::wheel::Wheel;
+}
+
 /// The README's examples, run as doc tests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

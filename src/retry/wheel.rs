@@ -21,6 +21,7 @@ pub(crate) const LEVELS: usize = 6;
 /// How many ticks ahead of its current tick the wheel holds entries; further ones overflow.
 pub(crate) const RANGE: u64 = 1 << (SLOT_BITS * LEVELS as u32);
 
+#[derive(Debug)]
 struct Level<T> {
     slots: Vec<Vec<(u64, T)>>,
     /// Bit `s` is set when slot `s` holds entries.
@@ -37,7 +38,8 @@ impl<T> Level<T> {
 }
 
 /// A timing wheel holding entries of type `T`, each with a deadline tick.
-pub(crate) struct Wheel<T> {
+#[derive(Debug)]
+pub struct Wheel<T> {
     now: u64,
     levels: Vec<Level<T>>,
     /// Entries whose deadline has passed when they were scheduled: due at the next advance.
@@ -50,7 +52,7 @@ pub(crate) struct Wheel<T> {
 
 impl<T> Wheel<T> {
     /// An empty wheel whose current tick is `now`.
-    pub(crate) fn new(now: u64) -> Wheel<T> {
+    pub fn new(now: u64) -> Wheel<T> {
         Wheel {
             now,
             levels: (0..LEVELS).map(|_| Level::new()).collect(),
@@ -68,13 +70,18 @@ impl<T> Wheel<T> {
     }
 
     /// How many entries wait.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Whether no entry waits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Adds `value`, due at tick `deadline`. A deadline at or before the current tick is due
     /// at the next advance.
-    pub(crate) fn schedule(&mut self, deadline: u64, value: T) {
+    pub fn schedule(&mut self, deadline: u64, value: T) {
         self.len += 1;
         self.place(deadline, value);
     }
@@ -95,7 +102,7 @@ impl<T> Wheel<T> {
 
     /// The tick at which the earliest occupied slot (or the overflow list) needs attention: no
     /// entry is due before it. `None` when the wheel is empty.
-    pub(crate) fn next_tick(&self) -> Option<u64> {
+    pub fn next_tick(&self) -> Option<u64> {
         if !self.due.is_empty() {
             return Some(self.now);
         }
@@ -133,7 +140,7 @@ impl<T> Wheel<T> {
 
     /// Moves the current tick to `to` (if later) and appends to `out` every entry due at or
     /// before it.
-    pub(crate) fn advance(&mut self, to: u64, out: &mut Vec<T>) {
+    pub fn advance(&mut self, to: u64, out: &mut Vec<T>) {
         let fired = out.len();
         out.extend(self.due.drain(..).map(|(_, v)| v));
         loop {
@@ -185,7 +192,7 @@ impl<T> Wheel<T> {
     }
 
     /// Takes every entry out, due or not.
-    pub(crate) fn drain(&mut self) -> Vec<T> {
+    pub fn drain(&mut self) -> Vec<T> {
         let mut all: Vec<T> = self.due.drain(..).map(|(_, v)| v).collect();
         for level in &mut self.levels {
             for slot in &mut level.slots {

@@ -11,7 +11,7 @@ use std::any::TypeId;
 use std::cell::Cell;
 use std::fmt;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Select, Sender, TrySendError};
 use crossbeam_utils::CachePadded;
@@ -514,22 +514,25 @@ impl Core {
     #[allow(clippy::result_large_err)] // The error hands the dead letter back.
     pub(crate) fn redrive(&self, letter: DeadLetter) -> Result<(), (DeadLetter, RedriveError)> {
         let id = letter.id();
+        let Some(retry) = &letter.redrive else {
+            return Err((letter, RedriveError::NotRedrivable(id)));
+        };
         if self.is_closing() {
             return Err((letter, RedriveError::Shutdown(id)));
         }
         if self
             .registry
-            .lookup(letter.redrive.subscription())
+            .lookup(retry.subscription())
             .is_none_or(|meta| !meta.active.load(Ordering::SeqCst))
         {
             return Err((letter, RedriveError::SubscriptionGone(id)));
         }
-        let index = self.shard_for(&letter.redrive.event.envelope);
+        let index = self.shard_for(&retry.event.envelope);
         // Counted in before it can be settled; given back if the timer has stopped.
         self.shards[index].gate.accept(1);
         let routed = Routed {
             shard: index,
-            work: Work::Retry(letter.redrive.clone()),
+            work: Work::Retry(retry.clone()),
         };
         match self.timer.schedule(routed, Duration::ZERO) {
             Ok(()) => Ok(()),
@@ -537,6 +540,58 @@ impl Core {
                 self.shards[index].gate.refund(1);
                 Err((letter, RedriveError::Shutdown(id)))
             }
+        }
+    }
+
+    /// Rebuilds a dead letter read from a file, matching it to today's event types and
+    /// subscriptions.
+    pub(crate) fn rebuild(&self, line: crate::dead_letter::Line) -> DeadLetter {
+        let e = &line.envelope;
+        let envelope = Envelope::from_parts(
+            e.id,
+            e.correlation_id,
+            e.causation_id,
+            &e.source,
+            e.key,
+            e.headers.clone(),
+        );
+        let event_name = NameId::intern(&line.event).as_str();
+        let service = NameId::intern(&line.service).as_str();
+        let payload = line.payload.get().to_owned();
+        let redrive = match self.registry.decoder(&line.event, line.version) {
+            Some(decode) => decode(
+                &self.registry.load_full(),
+                envelope.clone(),
+                &payload,
+                &line.handler,
+                service,
+            ),
+            None => Err(format!(
+                "no event type {} v{} is subscribed on this bus",
+                line.event, line.version
+            )),
+        };
+        let at = |nanos: u64| SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos);
+        let (subscription, redrive, blocked) = match redrive {
+            Ok(retry) => (retry.subscription(), Some(retry), None),
+            Err(why) => (0, None, Some(why)),
+        };
+        DeadLetter {
+            id: self.dead_letters.next_id(),
+            envelope,
+            event_name,
+            event_version: line.version,
+            payload,
+            subscription,
+            handler: line.handler,
+            service,
+            errors: line.errors,
+            attempts: line.attempts,
+            first_failure: at(line.first_failure_unix_nanos),
+            last_failure: at(line.last_failure_unix_nanos),
+            reason: line.reason,
+            redrive,
+            blocked,
         }
     }
 
@@ -904,6 +959,7 @@ impl Drop for Handle {
 pub struct BusBuilder {
     config: Config,
     dead_letter_sink: Option<DeadLetterSink>,
+    dead_letter_file: Option<std::path::PathBuf>,
     on_dead_letter: Option<DeadLetterSink>,
 }
 
@@ -912,6 +968,7 @@ impl fmt::Debug for BusBuilder {
         f.debug_struct("BusBuilder")
             .field("config", &self.config)
             .field("dead_letter_sink", &self.dead_letter_sink.is_some())
+            .field("dead_letter_file", &self.dead_letter_file)
             .field("on_dead_letter", &self.on_dead_letter.is_some())
             .finish()
     }
@@ -979,6 +1036,17 @@ impl BusBuilder {
         self
     }
 
+    /// Appends every dead letter evicted from the full ring to the file at `path`, one JSON
+    /// line each ([`DeadLetter::to_json`]), so that they outlive the ring and the process;
+    /// [`DeadLetters::load_json_lines`] reads them back. Works beside a
+    /// [`dead_letter_sink`](Self::dead_letter_sink). The file is opened (and created) by
+    /// [`build`](Self::build). A line that cannot be written is counted in
+    /// [`DeadLetters::sink_failures`].
+    pub fn dead_letter_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.dead_letter_file = Some(path.into());
+        self
+    }
+
     /// Called with every new dead letter, for alerting. It runs on a worker, so it should be
     /// quick.
     pub fn on_dead_letter(mut self, hook: impl Fn(&DeadLetter) + Send + Sync + 'static) -> Self {
@@ -1024,10 +1092,40 @@ impl BusBuilder {
             hasher.write_u64(id);
             hasher.finish()
         });
+        let sink_failures = Arc::new(AtomicU64::new(0));
+        let sink = match &self.dead_letter_file {
+            None => self.dead_letter_sink,
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| {
+                        ConfigError::new(
+                            "dead_letter_file",
+                            format!("cannot open {}: {e}", path.display()),
+                        )
+                    })?;
+                let file = Mutex::new(std::io::LineWriter::new(file));
+                let user = self.dead_letter_sink;
+                let failures = sink_failures.clone();
+                let sink: DeadLetterSink = Arc::new(move |letter: &DeadLetter| {
+                    use std::io::Write;
+                    if writeln!(file.lock(), "{}", letter.to_json()).is_err() {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(user) = &user {
+                        user(letter);
+                    }
+                });
+                Some(sink)
+            }
+        };
         let dead_letters = Ring::new(
             config.dead_letter_capacity,
-            self.dead_letter_sink,
+            sink,
             self.on_dead_letter,
+            sink_failures,
         );
         let core = Arc::new(Core {
             id,

@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::event::{Envelope, EventId, Headers};
 use crate::shard::Retry;
 use crate::sync::{AtomicU64, Ordering};
 
 /// Why a delivery was dead-lettered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum DeadLetterReason {
@@ -58,8 +58,10 @@ pub struct DeadLetter {
     pub(crate) first_failure: SystemTime,
     pub(crate) last_failure: SystemTime,
     pub(crate) reason: DeadLetterReason,
-    /// What it takes to run the delivery again.
-    pub(crate) redrive: Retry,
+    /// What it takes to run the delivery again; `None` for an entry loaded from a file that
+    /// cannot be redriven, and `blocked` says why.
+    pub(crate) redrive: Option<Retry>,
+    pub(crate) blocked: Option<String>,
 }
 
 impl DeadLetter {
@@ -126,6 +128,12 @@ impl DeadLetter {
     /// Why it was dead-lettered.
     pub fn reason(&self) -> DeadLetterReason {
         self.reason
+    }
+
+    /// For an entry loaded from a file: why it cannot be redriven (its payload no longer
+    /// decodes, its event type or its subscription is not there), or `None` when it can.
+    pub fn not_redrivable(&self) -> Option<&str> {
+        self.blocked.as_deref()
     }
 
     /// One line of JSON: the envelope, the event, and the failures.
@@ -277,6 +285,7 @@ pub(crate) struct Ring {
     evicted: AtomicU64,
     sink: Option<DeadLetterSink>,
     on_dead_letter: Option<DeadLetterSink>,
+    sink_failures: Arc<AtomicU64>,
 }
 
 impl Ring {
@@ -284,6 +293,7 @@ impl Ring {
         capacity: usize,
         sink: Option<DeadLetterSink>,
         on_dead_letter: Option<DeadLetterSink>,
+        sink_failures: Arc<AtomicU64>,
     ) -> Ring {
         Ring {
             capacity,
@@ -292,6 +302,7 @@ impl Ring {
             evicted: AtomicU64::new(0),
             sink,
             on_dead_letter,
+            sink_failures,
         }
     }
 
@@ -371,6 +382,45 @@ impl Ring {
     }
 }
 
+/// What [`DeadLetters::load_json_lines`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LoadSummary {
+    /// Dead letters loaded into the ring.
+    pub loaded: usize,
+    /// Of those, how many cannot be redriven (see [`DeadLetter::not_redrivable`]).
+    pub not_redrivable: usize,
+    /// Lines that are not dead letters: their numbers (from 1) and what was wrong.
+    pub malformed: Vec<(usize, String)>,
+}
+
+/// One line of a dead-letter file, as [`DeadLetter::to_json`] writes it.
+#[derive(Deserialize)]
+pub(crate) struct Line {
+    pub(crate) event: String,
+    pub(crate) version: u32,
+    pub(crate) envelope: LineEnvelope,
+    pub(crate) payload: Box<serde_json::value::RawValue>,
+    pub(crate) handler: String,
+    pub(crate) service: String,
+    pub(crate) attempts: u32,
+    pub(crate) errors: Vec<String>,
+    pub(crate) first_failure_unix_nanos: u64,
+    pub(crate) last_failure_unix_nanos: u64,
+    pub(crate) reason: DeadLetterReason,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct LineEnvelope {
+    pub(crate) id: EventId,
+    pub(crate) correlation_id: EventId,
+    pub(crate) causation_id: Option<EventId>,
+    pub(crate) source: String,
+    pub(crate) key: Option<u64>,
+    #[serde(default)]
+    pub(crate) headers: Headers,
+}
+
 /// Why a redrive did not go through. The dead letter stays in (or goes back to) the ring,
 /// except when there was none with that id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,6 +430,9 @@ pub enum RedriveError {
     NotFound(u64),
     /// Its subscription has ended: there is nothing to deliver it to.
     SubscriptionGone(u64),
+    /// It was loaded from a file and cannot be redriven (see
+    /// [`DeadLetter::not_redrivable`]).
+    NotRedrivable(u64),
     /// The bus is shut down.
     Shutdown(u64),
 }
@@ -392,6 +445,7 @@ impl fmt::Display for RedriveError {
                 write!(f, "dead letter {id}: its subscription has ended")
             }
             Self::Shutdown(id) => write!(f, "dead letter {id}: the bus is shut down"),
+            Self::NotRedrivable(id) => write!(f, "dead letter {id} cannot be redriven"),
         }
     }
 }
@@ -452,6 +506,12 @@ impl DeadLetters {
     /// How many were evicted from the full ring (to the sink, if one is set).
     pub fn evicted(&self) -> u64 {
         self.ring().evicted()
+    }
+
+    /// How many evicted dead letters the [`dead_letter_file`](crate::BusBuilder::dead_letter_file)
+    /// sink could not write.
+    pub fn sink_failures(&self) -> u64 {
+        self.ring().sink_failures.load(Ordering::Relaxed)
     }
 
     /// Every dead letter, oldest first.
@@ -532,6 +592,40 @@ impl DeadLetters {
         self.redrive_where(&DeadLetterFilter::new())
     }
 
+    /// Loads dead letters exported with [`export_json`](Self::export_json) or written by a
+    /// [`dead_letter_file`](crate::BusBuilder::dead_letter_file) sink — say, after a restart —
+    /// into the ring, with new ids. Each is matched to the event type subscribed under its name
+    /// and version and to the subscription of its service with its handler's name, so that it
+    /// can be redriven. One that no longer decodes, or whose type or subscription is not there,
+    /// is kept all the same, with its payload as raw JSON and the reason
+    /// ([`DeadLetter::not_redrivable`]).
+    ///
+    /// # Errors
+    ///
+    /// The reader's I/O errors. Lines that are not dead letters at all are counted in the
+    /// summary, not fatal.
+    pub fn load_json_lines(&self, reader: impl std::io::BufRead) -> std::io::Result<LoadSummary> {
+        let mut summary = LoadSummary::default();
+        for (number, line) in reader.lines().enumerate() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Line>(&line) {
+                Ok(parsed) => {
+                    let letter = self.core.rebuild(parsed);
+                    if letter.blocked.is_some() {
+                        summary.not_redrivable += 1;
+                    }
+                    summary.loaded += 1;
+                    self.ring().push(letter);
+                }
+                Err(e) => summary.malformed.push((number + 1, e.to_string())),
+            }
+        }
+        Ok(summary)
+    }
+
     /// Removes every dead letter and returns how many there were.
     pub fn purge(&self) -> usize {
         self.purge_where(&DeadLetterFilter::new())
@@ -570,6 +664,7 @@ impl Clone for DeadLetter {
             last_failure: self.last_failure,
             reason: self.reason,
             redrive: self.redrive.clone(),
+            blocked: self.blocked.clone(),
         }
     }
 }

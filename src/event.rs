@@ -560,6 +560,26 @@ impl Envelope {
         }
     }
 
+    /// An envelope read back from outside (a dead-letter file), unchanged.
+    pub(crate) fn from_parts(
+        id: EventId,
+        correlation: EventId,
+        causation: Option<EventId>,
+        source: &str,
+        key: Option<u64>,
+        headers: Headers,
+    ) -> Envelope {
+        Envelope {
+            id,
+            correlation,
+            causation,
+            key: key.unwrap_or(0),
+            has_key: key.is_some(),
+            source: NameId::intern(source),
+            headers: (!headers.is_empty()).then(|| Box::new(headers)),
+        }
+    }
+
     /// The event's unique id.
     pub fn id(&self) -> EventId {
         self.id

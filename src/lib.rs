@@ -91,7 +91,9 @@
 //! [`DeadLetter`] keeps the envelope, the event as JSON, the handler, every attempt's error and
 //! the reason. [`Bus::dead_letters`] lists, filters, exports (JSON lines), redrives (to the same
 //! subscription, with the same envelope) and purges them. The oldest entry of a full ring is
-//! evicted, counted and handed to the [`dead_letter_sink`](BusBuilder::dead_letter_sink).
+//! evicted, counted and handed to the [`dead_letter_sink`](BusBuilder::dead_letter_sink) or
+//! written to the [`dead_letter_file`](BusBuilder::dead_letter_file), from which
+//! [`DeadLetters::load_json_lines`] reads it back after a restart.
 //!
 //! # Shutdown
 //!
@@ -141,7 +143,8 @@ pub use crate::config::{
     DEFAULT_SHUTDOWN_TIMEOUT, MAX_CHANNEL_CAPACITY, MAX_NAME_LEN, MAX_WORKERS,
 };
 pub use crate::dead_letter::{
-    DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, DeadLetters, RedriveError,
+    DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, DeadLetters, LoadSummary,
+    RedriveError,
 };
 pub use crate::error::{
     ConfigError, FlushError, Pending, PublishError, PublishTimeoutError, ShutdownError,

@@ -27,9 +27,10 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::bus::Core;
-use crate::event::{Event, NameId};
+use crate::event::{Envelope, Event, NameId};
 use crate::handler::{Context, HandlerError, HandlerResult};
 use crate::retry::RetryPolicy;
+use crate::shard::{Retry, decode_retry};
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 pub(crate) type HandlerFn<E> = Box<dyn Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync>;
@@ -222,9 +223,14 @@ thread_local! {
     static ROUTES: RefCell<Vec<CachedRoutes>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Rebuilds a dead letter's delivery from its JSON: see `shard::decode_retry`.
+pub(crate) type Decoder = fn(&Snapshot, Envelope, &str, &str, &str) -> Result<Retry, String>;
+
 pub(crate) struct Registry {
     /// The bus's id, which keys the per-thread route caches.
     bus: u64,
+    /// Every event type ever subscribed, by name and version.
+    decoders: Mutex<HashMap<(&'static str, u32), Decoder>>,
     snapshot: ArcSwap<Snapshot>,
     /// The current generation, for cheap staleness checks.
     generation: AtomicU32,
@@ -237,6 +243,7 @@ impl Registry {
     pub(crate) fn new(bus: u64) -> Registry {
         Registry {
             bus,
+            decoders: Mutex::new(HashMap::new()),
             snapshot: ArcSwap::from_pointee(Snapshot::new(0, TypeMap::default())),
             generation: AtomicU32::new(0),
             write: Mutex::new(()),
@@ -316,6 +323,9 @@ impl Registry {
 
     pub(crate) fn insert<E: Event>(&self, sub: Sub<E>) -> Arc<SubMeta> {
         let meta = sub.meta.clone();
+        self.decoders
+            .lock()
+            .insert((E::NAME, E::VERSION), decode_retry::<E>);
         let _write = self.write.lock();
         self.publish(|tables, generation| {
             meta.since_gen.store(generation, Ordering::Relaxed);
@@ -351,6 +361,15 @@ impl Registry {
             }
         });
         self.live.lock().remove(&meta.id);
+    }
+
+    /// The decoder of event type `name` version `version`, if it was ever subscribed.
+    pub(crate) fn decoder(&self, name: &str, version: u32) -> Option<Decoder> {
+        self.decoders
+            .lock()
+            .iter()
+            .find(|((n, v), _)| *n == name && *v == version)
+            .map(|(_, d)| *d)
     }
 
     pub(crate) fn lookup(&self, id: u64) -> Option<Arc<SubMeta>> {

@@ -292,7 +292,7 @@ fn bury<E: Event>(retry: Retry, reason: DeadLetterReason, id: u64) -> DeadLetter
             .expect("a string serializes")
     });
     let attempts = u32::try_from(retry.history.errors.len()).unwrap_or(u32::MAX);
-    let redrive = Retry {
+    let redrive = Some(Retry {
         ops: retry.ops,
         event: retry.event.clone(),
         sub: retry.sub,
@@ -301,7 +301,7 @@ fn bury<E: Event>(retry: Retry, reason: DeadLetterReason, id: u64) -> DeadLetter
             errors: Vec::new(),
             first_failure: retry.history.first_failure,
         },
-    };
+    });
     DeadLetter {
         id,
         envelope: retry.event.envelope.clone(),
@@ -317,7 +317,55 @@ fn bury<E: Event>(retry: Retry, reason: DeadLetterReason, id: u64) -> DeadLetter
         errors: retry.history.errors,
         reason,
         redrive,
+        blocked: None,
     }
+}
+
+/// Rebuilds a delivery of an event of type `E` read back from a dead-letter file: the event
+/// decoded from `payload`, to the subscription now named `handler` in service `service`.
+pub(crate) fn decode_retry<E: Event>(
+    snapshot: &Snapshot,
+    envelope: Envelope,
+    payload: &str,
+    handler: &str,
+    service: &str,
+) -> Result<Retry, String> {
+    let event: E = serde_json::from_str(payload).map_err(|e| {
+        format!(
+            "the payload does not decode as {} v{}: {e}",
+            E::NAME,
+            E::VERSION
+        )
+    })?;
+    let sub = snapshot
+        .table::<E>()
+        .and_then(|t| {
+            t.subs.iter().find(|s| {
+                &*s.meta.name == handler
+                    && s.meta.service.as_str() == service
+                    && s.meta.active.load(Ordering::SeqCst)
+            })
+        })
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "no subscription of {service} named {handler:?} handles {}",
+                E::NAME
+            )
+        })?;
+    Ok(Retry {
+        ops: &OpsOf::<E>::OPS,
+        event: Arc::new(SharedEvent {
+            envelope,
+            event: Box::new(event),
+        }),
+        sub,
+        attempt: 1,
+        history: History {
+            errors: Vec::new(),
+            first_failure: SystemTime::now(),
+        },
+    })
 }
 
 /// The id of the subscription in an `Arc<Sub<E>>`.

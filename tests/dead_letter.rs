@@ -356,3 +356,154 @@ fn shutdown_dead_letters_retries_not_yet_due() {
         Err(RedriveError::Shutdown(letters[0].id()))
     );
 }
+
+fn temp_file(name: &str) -> std::path::PathBuf {
+    let unique = format!(
+        "microbus-{name}-{}-{}.jsonl",
+        std::process::id(),
+        EventId::new()
+    );
+    std::env::temp_dir().join(unique)
+}
+
+#[test]
+fn dead_letters_outlive_a_restart_through_a_json_lines_file() {
+    let path = temp_file("restart");
+    // Before the restart: five deliveries fail for good; the ring keeps two and the file gets
+    // the three it evicts. At shutdown the rest is exported to the same file.
+    let mut originals = Vec::new();
+    {
+        let bus = Bus::builder()
+            .workers(1)
+            .retry(RetryPolicy::none())
+            .dead_letter_capacity(2)
+            .dead_letter_file(&path)
+            .build()
+            .unwrap();
+        let payments = bus.service("Payments").unwrap();
+        let ids = Arc::new(Mutex::new(Vec::new()));
+        {
+            let ids = ids.clone();
+            payments
+                .subscribe_with(
+                    SubscribeOptions::new().named("charge"),
+                    move |e: &Numbered, ctx: &Context| -> HandlerResult {
+                        ids.lock()
+                            .unwrap()
+                            .push((e.seq, ctx.event_id(), ctx.correlation_id()));
+                        Err(HandlerError::msg("gateway down"))
+                    },
+                )
+                .unwrap();
+        }
+        for seq in 0..5 {
+            bus.publish(Numbered { publisher: 0, seq }).unwrap();
+        }
+        bus.flush(WAIT).unwrap();
+        assert_eq!(bus.dead_letters().evicted(), 3);
+        bus.shutdown().unwrap();
+        let rest = bus.dead_letters().export_json();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, rest.as_bytes()))
+            .unwrap();
+        originals.extend(ids.lock().unwrap().iter().copied());
+    }
+    // After the restart: the same service subscribes the fixed handler under the same name,
+    // loads the file and redrives everything.
+    let bus = Bus::builder().workers(2).build().unwrap();
+    let payments = bus.service("Payments").unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    {
+        let seen = seen.clone();
+        payments
+            .subscribe_with(
+                SubscribeOptions::new().named("charge"),
+                move |e: &Numbered, ctx: &Context| -> HandlerResult {
+                    seen.lock()
+                        .unwrap()
+                        .push((e.seq, ctx.event_id(), ctx.correlation_id()));
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
+    let file = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
+    let summary = bus.dead_letters().load_json_lines(file).unwrap();
+    assert_eq!((summary.loaded, summary.not_redrivable), (5, 0));
+    assert!(summary.malformed.is_empty());
+    let loaded = bus.dead_letters().list();
+    assert!(
+        loaded
+            .iter()
+            .all(|l| l.errors() == ["gateway down"] && l.handler() == "charge")
+    );
+    assert_eq!(bus.dead_letters().redrive_all(), Ok(5));
+    bus.flush(WAIT).unwrap();
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_by_key(|s| s.0);
+    originals.sort_by_key(|s| s.0);
+    assert_eq!(seen, originals, "the same events, ids and correlations");
+    assert!(bus.dead_letters().is_empty());
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn entries_that_no_longer_decode_load_as_raw_json_with_the_reason() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    bus.subscribe_with(
+        SubscribeOptions::new().named("charge"),
+        |_: &Numbered, _: &Context| -> HandlerResult { Ok(()) },
+    )
+    .unwrap();
+    let id = EventId::new();
+    let line = |event: &str, version: u32, payload: &str, handler: &str| {
+        format!(
+            r#"{{"event":"{event}","version":{version},"envelope":{{"id":"{id}","correlation_id":"{id}","causation_id":null,"source":"app","key":null,"headers":{{}}}},"payload":{payload},"handler":"{handler}","service":"app","attempts":1,"errors":["x"],"first_failure_unix_nanos":1,"last_failure_unix_nanos":2,"reason":"permanent"}}"#
+        )
+    };
+    let file = [
+        line("Numbered", 1, r#"{"publisher":0,"seq":1}"#, "charge"),
+        line("Numbered", 1, r#"{"publisher":"zero"}"#, "charge"),
+        line("Numbered", 2, r#"{"publisher":0,"seq":1}"#, "charge"),
+        line("Numbered", 1, r#"{"publisher":0,"seq":1}"#, "refund"),
+        "not json".to_owned(),
+    ]
+    .join("\n");
+    let summary = bus
+        .dead_letters()
+        .load_json_lines(std::io::Cursor::new(file))
+        .unwrap();
+    assert_eq!((summary.loaded, summary.not_redrivable), (4, 3));
+    assert_eq!(summary.malformed.len(), 1);
+    assert_eq!(summary.malformed[0].0, 5);
+    let letters = bus.dead_letters().list();
+    assert_eq!(letters[0].not_redrivable(), None);
+    assert!(
+        letters[1]
+            .not_redrivable()
+            .unwrap()
+            .contains("does not decode")
+    );
+    assert_eq!(letters[1].payload_json(), r#"{"publisher":"zero"}"#);
+    assert!(letters[2].not_redrivable().unwrap().contains("v2"));
+    assert!(letters[3].not_redrivable().unwrap().contains("refund"));
+    assert_eq!(letters[0].envelope().id(), id);
+    assert_eq!(
+        bus.dead_letters().redrive(letters[1].id()),
+        Err(RedriveError::NotRedrivable(letters[1].id()))
+    );
+    assert_eq!(bus.dead_letters().redrive_all(), Ok(1));
+    bus.flush(WAIT).unwrap();
+    assert_eq!(bus.dead_letters().len(), 3);
+}
+
+#[test]
+fn a_dead_letter_file_that_cannot_be_opened_is_a_config_error() {
+    let err = Bus::builder()
+        .dead_letter_file("/nonexistent-directory/dead.jsonl")
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "dead_letter_file");
+}

@@ -3,26 +3,14 @@
 //! what is due, one entry on average) and schedules one new entry a random delay ahead, so the
 //! number pending stays where it started. A hashed wheel should cost the same per entry
 //! whatever that number; a binary heap (the `heap` case, for comparison) grows with its log.
+//! Deadlines come from a seeded generator: every run schedules the same ones.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use microbus::internals::Wheel;
-
-/// SplitMix64, seeded: every run schedules the same deadlines.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
+use microbus::internals::{Jitter as Rng, Wheel};
 
 fn schedule_and_fire(c: &mut Criterion) {
     let mut group = c.benchmark_group("retry_wheel_schedule_fire");
@@ -30,14 +18,14 @@ fn schedule_and_fire(c: &mut Criterion) {
     group.sample_size(20);
     for pending in [1_000u64, 100_000, 1_000_000] {
         group.bench_function(BenchmarkId::new("base", pending), |b| {
-            let mut rng = Rng(1);
-            b.iter(|| black_box(1 + rng.next() % pending))
+            let mut rng = Rng::new(1);
+            b.iter(|| black_box(1 + rng.draw() % pending))
         });
 
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         let mut wheel = Wheel::new(0);
         for id in 0..pending {
-            wheel.schedule(1 + rng.next() % pending, id);
+            wheel.schedule(1 + rng.draw() % pending, id);
         }
         let mut now = 0u64;
         let mut fired = Vec::new();
@@ -46,15 +34,15 @@ fn schedule_and_fire(c: &mut Criterion) {
                 now += 1;
                 wheel.advance(now, &mut fired);
                 fired.clear();
-                wheel.schedule(now + 1 + rng.next() % pending, now);
+                wheel.schedule(now + 1 + rng.draw() % pending, now);
             })
         });
         black_box(wheel.len());
 
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         let mut heap = BinaryHeap::new();
         for id in 0..pending {
-            heap.push(Reverse((1 + rng.next() % pending, id)));
+            heap.push(Reverse((1 + rng.draw() % pending, id)));
         }
         let mut now = 0u64;
         group.bench_function(BenchmarkId::new("heap", pending), |b| {
@@ -63,7 +51,7 @@ fn schedule_and_fire(c: &mut Criterion) {
                 while heap.peek().is_some_and(|Reverse((d, _))| *d <= now) {
                     black_box(heap.pop());
                 }
-                heap.push(Reverse((now + 1 + rng.next() % pending, now)));
+                heap.push(Reverse((now + 1 + rng.draw() % pending, now)));
             })
         });
     }

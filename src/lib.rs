@@ -162,6 +162,7 @@ pub use crate::retry::{
 /// Building blocks exposed for the benchmarks. Not part of the stable API.
 #[doc(hidden)]
 pub mod internals {
+    pub use crate::retry::Jitter;
     pub use crate::retry::wheel::Wheel;
 }
 

@@ -8,22 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{Numbered, Tally, WAIT, count};
+use common::{Numbered, Tally, WAIT, count, quiet_worker_panics};
 use microbus::{Bus, Context, HandlerError, HandlerResult, RetryPolicy};
 
 const EVENTS: u64 = 100_000;
-
-fn quiet_worker_panics() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let on_worker = std::thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("microbus-worker"));
-        if !on_worker {
-            default(info);
-        }
-    }));
-}
 
 /// What the flaky handler does with event `seq` on attempt `attempt`.
 fn fate(seq: u64, attempt: u32) -> HandlerResult {

@@ -5,23 +5,10 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use common::{Numbered, WAIT, count};
+use common::{Numbered, WAIT, count, quiet_worker_panics};
 use std::time::Duration;
 
 use microbus::{Bus, Context, HandlerError, HandlerResult, RetryPolicy};
-
-/// Keeps the expected panics of handlers off the test output.
-fn quiet_worker_panics() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let on_worker = std::thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("microbus-worker"));
-        if !on_worker {
-            default(info);
-        }
-    }));
-}
 
 #[test]
 fn a_panic_on_every_tenth_event_fails_only_those_deliveries() {

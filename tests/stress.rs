@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{FollowUp, Numbered, Tally, count};
+use common::{FollowUp, Numbered, Tally, count, quiet_worker_panics};
 use microbus::{Bus, Context, HandlerError, HandlerResult, Publish, PublishError, RetryPolicy};
 
 fn events_per_publisher() -> u64 {
@@ -17,18 +17,6 @@ fn events_per_publisher() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30_000)
-}
-
-fn quiet_worker_panics() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let on_worker = std::thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("microbus-worker"));
-        if !on_worker {
-            default(info);
-        }
-    }));
 }
 
 #[test]

@@ -237,14 +237,16 @@ impl fmt::Debug for RetryPolicy {
 
 /// A small seedable generator (SplitMix64) for jitter.
 #[derive(Debug, Clone)]
-pub(crate) struct Jitter(u64);
+pub struct Jitter(u64);
 
 impl Jitter {
-    pub(crate) fn new(seed: u64) -> Jitter {
+    /// A generator seeded with `seed`: the same seed draws the same numbers.
+    pub fn new(seed: u64) -> Jitter {
         Jitter(seed)
     }
 
-    pub(crate) fn draw(&mut self) -> u64 {
+    /// The next number.
+    pub fn draw(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

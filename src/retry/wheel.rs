@@ -221,19 +221,7 @@ fn position(now: u64, deadline: u64) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// SplitMix64: a small seeded generator for reproducible tests.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-    }
+    use crate::retry::Jitter as Rng;
 
     #[test]
     fn positions_follow_the_differing_digit() {
@@ -251,7 +239,7 @@ mod tests {
 
     #[test]
     fn tick_by_tick_each_entry_fires_exactly_at_its_deadline() {
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         let start = 1_000;
         let mut wheel = Wheel::new(start);
         let mut expected = Vec::new();
@@ -261,7 +249,7 @@ mod tests {
                 1 => 1,
                 2 => 64,
                 3 => 4_096,
-                _ => rng.next() % 300_000,
+                _ => rng.draw() % 300_000,
             };
             wheel.schedule(start + delay, (id, start + delay));
             expected.push(start + delay);
@@ -288,7 +276,7 @@ mod tests {
 
     #[test]
     fn jumps_return_exactly_what_is_due_including_beyond_the_top_level() {
-        let mut rng = Rng(42);
+        let mut rng = Rng::new(42);
         let start = 5;
         let mut wheel = Wheel::new(start);
         let mut deadlines = Vec::new();
@@ -297,14 +285,14 @@ mod tests {
                 0 => 0,
                 1 => 17,
                 2 => RANGE - 1,
-                3 => RANGE + rng.next() % RANGE,
-                4 => 3 * RANGE + rng.next() % 1_000,
-                _ => rng.next() % (RANGE / 4),
+                3 => RANGE + rng.draw() % RANGE,
+                4 => 3 * RANGE + rng.draw() % 1_000,
+                _ => rng.draw() % (RANGE / 4),
             };
             wheel.schedule(start + delay, id);
             deadlines.push(start + delay);
         }
-        let mut stops: Vec<u64> = (0..200).map(|_| start + rng.next() % (5 * RANGE)).collect();
+        let mut stops: Vec<u64> = (0..200).map(|_| start + rng.draw() % (5 * RANGE)).collect();
         stops.extend(deadlines.iter().step_by(97).copied());
         stops.push(start + 5 * RANGE);
         stops.sort_unstable();
@@ -348,14 +336,14 @@ mod tests {
 
     #[test]
     fn matches_a_sorted_list_under_random_schedules_and_advances() {
-        let mut rng = Rng(2024);
+        let mut rng = Rng::new(2024);
         let mut wheel = Wheel::new(0);
         let mut model: Vec<(u64, u64)> = Vec::new();
         let mut out = Vec::new();
         let mut next_id = 0u64;
         for _ in 0..20_000 {
-            if rng.next().is_multiple_of(3) {
-                let to = wheel.now() + rng.next() % 5_000;
+            if rng.draw().is_multiple_of(3) {
+                let to = wheel.now() + rng.draw() % 5_000;
                 wheel.advance(to, &mut out);
                 let mut got: Vec<u64> = std::mem::take(&mut out);
                 got.sort_unstable();
@@ -368,11 +356,11 @@ mod tests {
                 model.retain(|&(d, _)| d > to);
                 assert_eq!(got, want);
             } else {
-                let delay = match rng.next() % 4 {
-                    0 => rng.next() % 64,
-                    1 => rng.next() % 100_000,
+                let delay = match rng.draw() % 4 {
+                    0 => rng.draw() % 64,
+                    1 => rng.draw() % 100_000,
                     2 => 0,
-                    _ => rng.next() % (2 * RANGE),
+                    _ => rng.draw() % (2 * RANGE),
                 };
                 let deadline = wheel.now() + delay;
                 wheel.schedule(deadline, next_id);

@@ -68,6 +68,19 @@ impl Tally {
     }
 }
 
+/// Keeps the expected panics of handlers (on the bus's worker threads) off the test output.
+pub fn quiet_worker_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let on_worker = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("microbus-worker"));
+        if !on_worker {
+            default(info);
+        }
+    }));
+}
+
 pub fn count(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::SeqCst)
 }

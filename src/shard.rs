@@ -653,6 +653,7 @@ impl Worker<'_> {
 
     /// Takes the worker's snapshot, first refreshing it if it is older than generation `generation`.
     /// The caller puts it back.
+    #[inline]
     fn snapshot_for(&mut self, generation: u32) -> Arc<Snapshot> {
         let snapshot = self
             .snapshot
@@ -740,51 +741,74 @@ impl Worker<'_> {
                 bump(&stats.cancelled, 1);
             }
             Outcome::Failed(error, panicked) => {
-                if shared.staged.load(Ordering::Relaxed) {
-                    shared.staged.store(false, Ordering::Relaxed);
-                    shared.outbox.lock().clear();
-                }
-                sub.meta.record_failure(&error, panicked);
-                bump(&stats.failed, 1);
-                if panicked {
-                    bump(&stats.panicked, 1);
-                }
-                let then = if error.is_permanent() {
-                    Then::Bury(DeadLetterReason::Permanent)
-                } else {
-                    match sub.meta.retry.delay_after(attempt, self.jitter.draw()) {
-                        Some(delay) => Then::Retry(delay),
-                        None => Then::Bury(DeadLetterReason::RetriesExhausted),
-                    }
-                };
-                if matches!(then, Then::Retry(_)) || self.core.dead_letters.enabled() {
-                    // Still outstanding: settled by the attempt that succeeds, or in the ring.
-                    if let Then::Retry(_) = then {
-                        bump(&stats.retried, 1);
-                    }
-                    self.pending.push(Failed {
-                        sub: sub.clone(),
-                        attempt,
-                        error: error.to_string(),
-                        then,
-                    });
-                    shared
-                        .held_retries
-                        .store(self.pending.len() as u64, Ordering::Relaxed);
+                if self.failed(sub, attempt, error, panicked) {
                     return Flow::Continue;
                 }
-                bump(&stats.discarded, 1);
             }
         }
         shared.settle(1);
         Flow::Continue
     }
 
-    /// Sends what the handler staged: it is accepted before its parent delivery is settled.
-    fn flush_outbox(&mut self) {
-        if !self.shared.staged.load(Ordering::Relaxed) {
-            return;
+    /// Counts a failed attempt and decides what becomes of it: `true` when it is retried or
+    /// dead-lettered later (still outstanding), `false` when it is discarded now.
+    #[cold]
+    #[inline(never)]
+    fn failed<E: Event>(
+        &mut self,
+        sub: &Arc<Sub<E>>,
+        attempt: u32,
+        error: HandlerError,
+        panicked: bool,
+    ) -> bool {
+        let shared = self.shared;
+        let stats = &shared.stats;
+        if shared.staged.load(Ordering::Relaxed) {
+            shared.staged.store(false, Ordering::Relaxed);
+            shared.outbox.lock().clear();
         }
+        sub.meta.record_failure(&error, panicked);
+        bump(&stats.failed, 1);
+        if panicked {
+            bump(&stats.panicked, 1);
+        }
+        let then = if error.is_permanent() {
+            Then::Bury(DeadLetterReason::Permanent)
+        } else {
+            match sub.meta.retry.delay_after(attempt, self.jitter.draw()) {
+                Some(delay) => Then::Retry(delay),
+                None => Then::Bury(DeadLetterReason::RetriesExhausted),
+            }
+        };
+        if matches!(then, Then::Retry(_)) || self.core.dead_letters.enabled() {
+            // Still outstanding: settled by the attempt that succeeds, or in the ring.
+            if let Then::Retry(_) = then {
+                bump(&stats.retried, 1);
+            }
+            self.pending.push(Failed {
+                sub: sub.clone(),
+                attempt,
+                error: error.to_string(),
+                then,
+            });
+            shared
+                .held_retries
+                .store(self.pending.len() as u64, Ordering::Relaxed);
+            return true;
+        }
+        bump(&stats.discarded, 1);
+        false
+    }
+
+    /// Sends what the handler staged: it is accepted before its parent delivery is settled.
+    #[inline]
+    fn flush_outbox(&mut self) {
+        if self.shared.staged.load(Ordering::Relaxed) {
+            self.send_staged();
+        }
+    }
+
+    fn send_staged(&mut self) {
         self.shared.staged.store(false, Ordering::Relaxed);
         std::mem::swap(&mut *self.shared.outbox.lock(), &mut self.scratch);
         for (routed, delay) in self.scratch.drain(..) {

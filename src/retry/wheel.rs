@@ -145,10 +145,10 @@ impl<T> Wheel<T> {
         out.extend(self.due.drain(..).map(|(_, v)| v));
         loop {
             self.promote_overflow();
-            // The earliest occupied slot over all levels.
+            // The earliest occupied slot is in the lowest occupied level: an entry in level `l`
+            // is due before the next slot of level `l + 1` begins.
             let next = (0..LEVELS)
-                .filter_map(|l| self.next_in_level(l).map(|(slot, tick)| (tick, l, slot)))
-                .min();
+                .find_map(|l| self.next_in_level(l).map(|(slot, tick)| (tick, l, slot)));
             match next {
                 Some((tick, level, slot)) if tick <= to => {
                     self.now = self.now.max(tick);

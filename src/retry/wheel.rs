@@ -147,8 +147,8 @@ impl<T> Wheel<T> {
             self.promote_overflow();
             // The earliest occupied slot is in the lowest occupied level: an entry in level `l`
             // is due before the next slot of level `l + 1` begins.
-            let next = (0..LEVELS)
-                .find_map(|l| self.next_in_level(l).map(|(slot, tick)| (tick, l, slot)));
+            let next =
+                (0..LEVELS).find_map(|l| self.next_in_level(l).map(|(slot, tick)| (tick, l, slot)));
             match next {
                 Some((tick, level, slot)) if tick <= to => {
                     self.now = self.now.max(tick);

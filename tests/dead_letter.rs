@@ -507,3 +507,27 @@ fn a_dead_letter_file_that_cannot_be_opened_is_a_config_error() {
         .unwrap_err();
     assert_eq!(err.field(), "dead_letter_file");
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_sink_line_that_cannot_be_written_is_counted() {
+    // Every write to /dev/full fails with "no space left on device".
+    let bus = Bus::builder()
+        .workers(1)
+        .retry(RetryPolicy::none())
+        .dead_letter_capacity(1)
+        .dead_letter_file("/dev/full")
+        .build()
+        .unwrap();
+    bus.subscribe(|_: &Numbered, _: &Context| -> HandlerResult { Err(HandlerError::msg("no")) })
+        .unwrap();
+    for seq in 0..4 {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    bus.flush(WAIT).unwrap();
+    let dead = bus.dead_letters();
+    assert_eq!(
+        (dead.len(), dead.evicted(), dead.sink_failures()),
+        (1, 3, 3)
+    );
+}

@@ -33,6 +33,7 @@ use crate::retry::RetryPolicy;
 use crate::retry::timer::{REOFFER_DELAY, Timer};
 use crate::shard::{ABANDONED, IDLE, Msg, Routed, Shard, Task, Work, WorkerShared, run_worker};
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use crate::tap::{Tapped, Taps};
 
 thread_local! {
     /// The bus whose worker or timer thread this is (0: none), and the worker's index.
@@ -222,6 +223,7 @@ impl fmt::Display for ShutdownReport {
 pub(crate) struct Core {
     pub(crate) id: u64,
     pub(crate) dead_letters: Ring,
+    pub(crate) taps: Taps,
     jitter_seed: u64,
     pub(crate) config: Config,
     spill_capacity: usize,
@@ -299,13 +301,45 @@ impl Core {
         }
     }
 
-    fn unmatched<E>(&self, event: E) -> Result<(), (Refusal, E)> {
+    fn unmatched<E: Event>(
+        &self,
+        source: NameId,
+        event: E,
+        options: Publish,
+    ) -> Result<(), (Refusal, E)> {
         if self.is_closing() {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return Err((Refusal::Shutdown, event));
         }
-        self.unmatched.fetch_add(1, Ordering::Relaxed);
+        self.count_unmatched(source, &event, options);
         Ok(())
+    }
+
+    /// Counts an event that matched no subscription, and shows it to the taps (it never
+    /// reaches a worker).
+    fn count_unmatched<E: Event>(&self, source: NameId, event: &E, options: Publish) {
+        self.unmatched.fetch_add(1, Ordering::Relaxed);
+        if self.taps.on() {
+            let envelope = Envelope::stamp(source, options);
+            self.tap(&envelope, event);
+        }
+    }
+
+    /// Shows an event to the taps.
+    #[cold]
+    pub(crate) fn tap<E: Event>(&self, envelope: &Envelope, event: &E) {
+        let payload = || {
+            serde_json::to_string(event).unwrap_or_else(|e| {
+                serde_json::to_string(&format!("the event did not serialize: {e}"))
+                    .expect("a string serializes")
+            })
+        };
+        self.taps.call(&Tapped {
+            event: E::NAME,
+            version: E::VERSION,
+            envelope,
+            payload: &payload,
+        });
     }
 
     /// Publishes from outside a handler's outbox: through the gate.
@@ -318,7 +352,7 @@ impl Core {
     ) -> Result<(), (Refusal, E)> {
         let (generation, deliveries) = self.registry.route::<E>(source);
         if deliveries == 0 {
-            return self.unmatched(event);
+            return self.unmatched(source, event, options);
         }
         let envelope = Envelope::stamp(source, options);
         let index = self.shard_for(&envelope);
@@ -360,7 +394,7 @@ impl Core {
     ) -> Result<(), E> {
         let (generation, deliveries) = self.registry.route::<E>(source);
         if deliveries == 0 {
-            return self.unmatched(event).map_err(|(_, e)| e);
+            return self.unmatched(source, event, options).map_err(|(_, e)| e);
         }
         let envelope = Envelope::stamp(source, options);
         let index = self.shard_for(&envelope);
@@ -464,7 +498,7 @@ impl Core {
         }
         let (generation, deliveries) = self.registry.route::<E>(source);
         if deliveries == 0 {
-            self.unmatched.fetch_add(1, Ordering::Relaxed);
+            self.count_unmatched(source, &event, options);
             return Ok(None);
         }
         let envelope = Envelope::stamp(source, options);
@@ -1130,6 +1164,7 @@ impl BusBuilder {
         let core = Arc::new(Core {
             id,
             dead_letters,
+            taps: Taps::default(),
             jitter_seed,
             spill_capacity: config.spill_capacity(),
             config,
@@ -1550,6 +1585,52 @@ impl Bus {
     /// The counts so far (after shutdown: the final ones).
     pub fn stats(&self) -> BusStats {
         self.core().stats()
+    }
+
+    /// Adds an audit tap: `tap` sees every event published on the bus, of every type — its
+    /// name, envelope and payload as JSON on demand — without being a subscription (it cannot
+    /// fail a delivery). An accepted event is shown once, on the worker that takes it, before
+    /// its handlers run; an event that matches no subscription is shown where it is published.
+    /// Taps run on those threads: keep them quick. A tap that panics is counted in
+    /// [`tap_failures`](Self::tap_failures) and the bus goes on.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Event, HandlerResult};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct Ping { n: u32 }
+    /// impl Event for Ping { const NAME: &'static str = "Ping"; }
+    ///
+    /// let bus = Bus::builder().workers(1).build()?;
+    /// let log = Arc::new(Mutex::new(Vec::new()));
+    /// let seen = log.clone();
+    /// bus.tap(move |t| seen.lock().unwrap().push((t.event_name(), t.payload_json())));
+    /// bus.publish(Ping { n: 1 })?; // nobody subscribes: the tap still sees it
+    /// assert_eq!(*log.lock().unwrap(), [("Ping", r#"{"n":1}"#.to_owned())]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn tap(&self, tap: impl Fn(&Tapped<'_>) + Send + Sync + 'static) {
+        self.core().taps.add(Arc::new(tap));
+    }
+
+    /// Adds a tap that appends every event to the file at `path`, one JSON line each
+    /// ([`Tapped::to_json`]). Lines that cannot be written are counted in
+    /// [`tap_failures`](Self::tap_failures).
+    ///
+    /// # Errors
+    ///
+    /// The error of opening (creating) the file.
+    pub fn tap_json_lines(&self, path: impl AsRef<std::path::Path>) -> std::io::Result<()> {
+        self.core().taps.add_file(path.as_ref())
+    }
+
+    /// How many times a tap panicked or a JSON-lines tap could not write a line.
+    pub fn tap_failures(&self) -> u64 {
+        self.core().taps.failures()
     }
 
     /// The dead letters: deliveries that failed for good.

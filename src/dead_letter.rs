@@ -139,21 +139,11 @@ impl DeadLetter {
     /// One line of JSON: the envelope, the event, and the failures.
     pub fn to_json(&self) -> String {
         #[derive(Serialize)]
-        struct EnvelopeJson<'a> {
-            id: EventId,
-            correlation_id: EventId,
-            causation_id: Option<EventId>,
-            source: &'a str,
-            published_at_unix_nanos: u128,
-            key: Option<u64>,
-            headers: &'a Headers,
-        }
-        #[derive(Serialize)]
         struct Line<'a> {
             id: u64,
             event: &'a str,
             version: u32,
-            envelope: EnvelopeJson<'a>,
+            envelope: &'a Envelope,
             payload: &'a serde_json::value::RawValue,
             subscription: u64,
             handler: &'a str,
@@ -168,22 +158,13 @@ impl DeadLetter {
             t.duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
         };
-        let env = &self.envelope;
         let payload: &serde_json::value::RawValue =
             serde_json::from_str(&self.payload).expect("payloads are JSON made by serde_json");
         let line = Line {
             id: self.id,
             event: self.event_name,
             version: self.event_version,
-            envelope: EnvelopeJson {
-                id: env.id(),
-                correlation_id: env.correlation_id(),
-                causation_id: env.causation_id(),
-                source: env.source(),
-                published_at_unix_nanos: nanos(env.published_at()),
-                key: env.key().map(|k| k.get()),
-                headers: env.headers(),
-            },
+            envelope: &self.envelope,
             payload,
             subscription: self.subscription,
             handler: &self.handler,

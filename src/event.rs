@@ -624,6 +624,27 @@ impl Envelope {
     }
 }
 
+impl Serialize for Envelope {
+    /// The envelope as JSON (or any serde format): `id`, `correlation_id`, `causation_id`,
+    /// `source`, `published_at_unix_nanos`, `key` and `headers`.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let nanos = self
+            .published_at()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut s = serializer.serialize_struct("Envelope", 7)?;
+        s.serialize_field("id", &self.id)?;
+        s.serialize_field("correlation_id", &self.correlation)?;
+        s.serialize_field("causation_id", &self.causation)?;
+        s.serialize_field("source", self.source())?;
+        s.serialize_field("published_at_unix_nanos", &nanos)?;
+        s.serialize_field("key", &self.key().map(PartitionKey::get))?;
+        s.serialize_field("headers", self.headers())?;
+        s.end()
+    }
+}
+
 impl fmt::Debug for Envelope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut s = f.debug_struct("Envelope");

@@ -136,6 +136,7 @@ mod registry;
 mod retry;
 mod shard;
 mod sync;
+mod tap;
 
 pub use crate::bus::{AbandonedDelivery, Bus, BusBuilder, BusStats, ShutdownReport};
 pub use crate::config::{
@@ -158,6 +159,7 @@ pub use crate::registry::{SubscribeOptions, Subscription, SubscriptionStats};
 pub use crate::retry::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_DELAY, DEFAULT_RETRY_DELAY, MAX_ATTEMPTS, RetryPolicy,
 };
+pub use crate::tap::Tapped;
 
 /// Building blocks exposed for the benchmarks. Not part of the stable API.
 #[doc(hidden)]

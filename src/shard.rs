@@ -158,6 +158,9 @@ fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
     let Some(event) = task.payload.downcast_ref::<E>() else {
         unreachable!("a task's dispatch function matches its payload")
     };
+    if worker.core.taps.on() {
+        worker.core.tap(&task.envelope, event);
+    }
     let snapshot = worker.snapshot_for(task.generation);
     let source = task.envelope.source_id();
     let mut flow = Flow::Continue;

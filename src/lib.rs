@@ -95,6 +95,13 @@
 //! written to the [`dead_letter_file`](BusBuilder::dead_letter_file), from which
 //! [`DeadLetters::load_json_lines`] reads it back after a restart.
 //!
+//! # Audit taps and tracing
+//!
+//! [`Bus::tap`] sees every published event of every type — name, envelope, payload as JSON on
+//! demand — without being a subscription; [`Bus::tap_json_lines`] writes them to a file. With
+//! the `tracing` cargo feature each handler run is a span (`microbus.handle`) carrying the
+//! event name, event id, correlation id, service, handler and attempt.
+//!
 //! # Shutdown
 //!
 //! [`Bus::flush`] waits until everything accepted has been handled. [`Bus::shutdown`] closes

@@ -715,6 +715,18 @@ impl Worker<'_> {
                 core: self.core,
                 worker: shared,
             };
+            #[cfg(feature = "tracing")]
+            let span = tracing::info_span!(
+                "microbus.handle",
+                event = E::NAME,
+                event_id = %envelope.id(),
+                correlation_id = %envelope.correlation_id(),
+                service = sub.meta.service.as_str(),
+                handler = &*sub.meta.name,
+                attempt,
+            );
+            #[cfg(feature = "tracing")]
+            let _entered = span.enter();
             let result = match catch_unwind(AssertUnwindSafe(|| (sub.handler)(event, &ctx))) {
                 Ok(Ok(())) => Outcome::Succeeded,
                 Ok(Err(error)) => Outcome::Failed(error, false),

@@ -3,8 +3,9 @@
 //! OrderService publishes `OrderCreated`; PaymentService, InventoryService and
 //! NotificationService each react on their own; PaymentService publishes `OrderPaid`;
 //! ShippingService reacts and publishes `ShipmentCreated`; NotificationService sends the
-//! tracking message. The example first follows one order and prints its chain of events, then
-//! runs many orders through the same flow and prints the throughput and per-service counts.
+//! tracking message. The example first follows one order on a bus that keeps a trace and prints
+//! the conversation's causal tree from `bus.trace`, then runs many orders through the same flow
+//! and prints the throughput and per-service counts.
 //!
 //! ```text
 //! cargo run --release --example order_flow [-- --orders 100000]
@@ -14,8 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use microbus::{Bus, Context, Event, EventId, HandlerResult, Publish};
-use parking_lot::Mutex;
+use microbus::{Bus, Context, Event, EventId, HandlerResult, Publish, SubscribeOptions, Trace};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,53 +57,18 @@ struct Counts {
     tracking_messages: AtomicU64,
 }
 
-/// One delivery of the traced order: which service saw which event, and its envelope.
-struct Step {
-    service: String,
-    event: &'static str,
-    id: EventId,
-    source: &'static str,
-    correlation: EventId,
-    causation: Option<EventId>,
-}
-
-/// Records the deliveries of one order.
-#[derive(Default)]
-struct Trace {
-    order_id: AtomicU64,
-    steps: Mutex<Vec<Step>>,
-}
-
-impl Trace {
-    fn record(&self, order_id: u64, ctx: &Context<'_>) {
-        if order_id == self.order_id.load(Ordering::Relaxed) {
-            self.steps.lock().push(Step {
-                service: ctx.service().to_owned(),
-                event: ctx.event_name(),
-                id: ctx.event_id(),
-                source: ctx.source(),
-                correlation: ctx.correlation_id(),
-                causation: ctx.causation_id(),
-            });
-        }
-    }
-}
-
-fn wire(
-    bus: &Bus,
-    counts: &Arc<Counts>,
-    trace: &Arc<Trace>,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn wire(bus: &Bus, counts: &Arc<Counts>) -> Result<(), Box<dyn std::error::Error>> {
     let payments = bus.service("PaymentService")?;
     let inventory = bus.service("InventoryService")?;
     let shipping = bus.service("ShippingService")?;
     let notifications = bus.service("NotificationService")?;
 
-    let (c, t) = (counts.clone(), trace.clone());
-    payments.subscribe_from(
-        "OrderService",
+    let c = counts.clone();
+    payments.subscribe_with(
+        SubscribeOptions::new()
+            .named("take-payment")
+            .from("OrderService"),
         move |order: &OrderCreated, ctx: &Context| -> HandlerResult {
-            t.record(order.order_id, ctx);
             c.payments.fetch_add(1, Ordering::Relaxed);
             ctx.publish_with(
                 OrderPaid {
@@ -116,21 +81,23 @@ fn wire(
         },
     )?;
 
-    let (c, t) = (counts.clone(), trace.clone());
-    inventory.subscribe_from(
-        "OrderService",
-        move |order: &OrderCreated, ctx: &Context| -> HandlerResult {
-            t.record(order.order_id, ctx);
+    let c = counts.clone();
+    inventory.subscribe_with(
+        SubscribeOptions::new()
+            .named("reserve-stock")
+            .from("OrderService"),
+        move |_: &OrderCreated, _: &Context| -> HandlerResult {
             c.reservations.fetch_add(1, Ordering::Relaxed);
             Ok(())
         },
     )?;
 
-    let (c, t) = (counts.clone(), trace.clone());
-    notifications.subscribe_from(
-        "OrderService",
-        move |order: &OrderCreated, ctx: &Context| -> HandlerResult {
-            t.record(order.order_id, ctx);
+    let c = counts.clone();
+    notifications.subscribe_with(
+        SubscribeOptions::new()
+            .named("send-confirmation")
+            .from("OrderService"),
+        move |order: &OrderCreated, _: &Context| -> HandlerResult {
             std::hint::black_box(format!(
                 "Thanks for order {} sent to {}",
                 order.order_id, order.email
@@ -140,11 +107,12 @@ fn wire(
         },
     )?;
 
-    let (c, t) = (counts.clone(), trace.clone());
-    shipping.subscribe_from(
-        "PaymentService",
+    let c = counts.clone();
+    shipping.subscribe_with(
+        SubscribeOptions::new()
+            .named("create-shipment")
+            .from("PaymentService"),
         move |paid: &OrderPaid, ctx: &Context| -> HandlerResult {
-            t.record(paid.order_id, ctx);
             c.shipments.fetch_add(1, Ordering::Relaxed);
             ctx.publish_with(
                 ShipmentCreated {
@@ -157,11 +125,12 @@ fn wire(
         },
     )?;
 
-    let (c, t) = (counts.clone(), trace.clone());
-    notifications.subscribe_from(
-        "ShippingService",
-        move |shipment: &ShipmentCreated, ctx: &Context| -> HandlerResult {
-            t.record(shipment.order_id, ctx);
+    let c = counts.clone();
+    notifications.subscribe_with(
+        SubscribeOptions::new()
+            .named("send-tracking")
+            .from("ShippingService"),
+        move |shipment: &ShipmentCreated, _: &Context| -> HandlerResult {
             std::hint::black_box(format!(
                 "Order {} is on its way: {}",
                 shipment.order_id, shipment.tracking
@@ -182,54 +151,22 @@ fn order(order_id: u64) -> OrderCreated {
     }
 }
 
+/// Prints one order's conversation from the bus's trace ring and checks that it links up.
 fn print_chain(trace: &Trace) -> bool {
-    let steps = trace.steps.lock();
-    // The events in the order they were first handled, each with the services that handled it.
-    let mut events: Vec<(&Step, Vec<&str>)> = Vec::new();
-    for step in steps.iter() {
-        match events.iter_mut().find(|(e, _)| e.id == step.id) {
-            Some((_, services)) => services.push(&step.service),
-            None => events.push((step, vec![&step.service])),
-        }
-    }
-    println!("One order, followed through the services:");
-    let mut depth_of: Vec<(EventId, usize)> = Vec::new();
-    for (event, services) in &events {
-        let depth = event
-            .causation
-            .and_then(|c| depth_of.iter().find(|(id, _)| *id == c))
-            .map_or(0, |(_, d)| d + 1);
-        depth_of.push((event.id, depth));
-        let indent = "    ".repeat(depth);
-        println!("{indent}{} {} from {}", event.event, event.id, event.source);
-        println!(
-            "{indent}    correlation {}  causation {}",
-            event.correlation,
-            event
-                .causation
-                .map_or_else(|| "(none: a root event)".to_owned(), |c| c.to_string())
-        );
-        println!("{indent}    handled by {}", services.join(", "));
-    }
-    let root = events.first().map(|(e, _)| e.id);
-    let id_of = |name: &str| {
-        events
+    println!("One order, followed through the services (bus.trace):");
+    print!("{trace}");
+    let first = |name: &str| trace.entries.iter().find(|e| e.event == name);
+    let root = first("OrderCreated").map(|e| e.event_id);
+    let linked = trace.entries.len() == 5
+        && trace.events().len() == 3
+        && trace
+            .entries
             .iter()
-            .find(|(e, _)| e.event == name)
-            .map(|(e, _)| e.id)
-    };
-    let cause_of = |name: &str| {
-        events
-            .iter()
-            .find(|(e, _)| e.event == name)
-            .and_then(|(e, _)| e.causation)
-    };
-    let linked = steps.len() == 5
-        && events.len() == 3
-        && events.iter().all(|(e, _)| Some(e.correlation) == root)
-        && cause_of("OrderCreated").is_none()
-        && cause_of("OrderPaid") == id_of("OrderCreated")
-        && cause_of("ShipmentCreated") == id_of("OrderPaid");
+            .all(|e| e.correlation_id == trace.correlation_id)
+        && first("OrderCreated").is_some_and(|e| e.causation_id.is_none())
+        && first("OrderPaid").and_then(|e| e.causation_id) == root
+        && first("ShipmentCreated").and_then(|e| e.causation_id)
+            == first("OrderPaid").map(|e| e.event_id);
     println!(
         "{}",
         if linked {
@@ -251,31 +188,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
+    // One order on a bus that keeps a trace of its deliveries.
+    let linked = {
+        let bus = Bus::builder()
+            .service_name("OrderService")
+            .trace_capacity(64)
+            .build()?;
+        wire(&bus, &Arc::new(Counts::default()))?;
+        let conversation = EventId::new();
+        bus.publish_with(order(1), Publish::keyed(1u64).correlation(conversation))?;
+        bus.flush(Duration::from_secs(10))?;
+        print_chain(&bus.trace(conversation))
+    };
+
+    // Many orders on a bus without the trace, for throughput.
     let bus = Bus::builder().service_name("OrderService").build()?;
     let counts = Arc::new(Counts::default());
-    let trace = Arc::new(Trace::default());
-    wire(&bus, &counts, &trace)?;
-
-    trace.order_id.store(1, Ordering::Relaxed);
-    bus.publish_with(order(1), Publish::keyed(1u64))?;
-    bus.flush(Duration::from_secs(10))?;
-    let linked = print_chain(&trace);
-    trace.order_id.store(u64::MAX, Ordering::Relaxed);
-
+    wire(&bus, &counts)?;
     println!(
         "\n{orders} orders through the same flow on {} workers:",
         bus.workers()
     );
-    let before = bus.stats();
     let started = Instant::now();
-    for order_id in 2..orders + 2 {
+    for order_id in 1..=orders {
         bus.publish_with(order(order_id), Publish::keyed(order_id))?;
     }
     bus.flush(Duration::from_secs(60))?;
     let elapsed = started.elapsed();
-    let after = bus.stats();
     let events = 3 * orders;
-    let deliveries = after.delivered - before.delivered;
+    let deliveries = bus.stats().delivered;
     println!(
         "  {events} events ({deliveries} deliveries) in {:.2?}: {:.0} events/s, {:.0} deliveries/s",
         elapsed,
@@ -283,30 +224,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         deliveries as f64 / elapsed.as_secs_f64()
     );
     let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    println!(
-        "  PaymentService       payments taken       {:>9}",
-        count(&counts.payments)
-    );
-    println!(
-        "  InventoryService     stock reserved       {:>9}",
-        count(&counts.reservations)
-    );
-    println!(
-        "  NotificationService  confirmations sent   {:>9}",
-        count(&counts.confirmations)
-    );
-    println!(
-        "  ShippingService      shipments created    {:>9}",
-        count(&counts.shipments)
-    );
-    println!(
-        "  NotificationService  tracking messages    {:>9}",
-        count(&counts.tracking_messages)
-    );
+    for (service, what, counter) in [
+        ("PaymentService", "payments taken", &counts.payments),
+        ("InventoryService", "stock reserved", &counts.reservations),
+        (
+            "NotificationService",
+            "confirmations sent",
+            &counts.confirmations,
+        ),
+        ("ShippingService", "shipments created", &counts.shipments),
+        (
+            "NotificationService",
+            "tracking messages",
+            &counts.tracking_messages,
+        ),
+    ] {
+        println!("  {service:<20} {what:<20} {:>9}", count(counter));
+    }
 
     let report = bus.shutdown()?;
     println!("\n{report}");
-    let expected = orders + 1;
     let all_handled = [
         &counts.payments,
         &counts.reservations,
@@ -315,7 +252,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &counts.tracking_messages,
     ]
     .iter()
-    .all(|c| count(c) == expected);
+    .all(|c| count(c) == orders);
     if !(linked && all_handled && report.is_balanced()) {
         return Err("the flow did not complete as expected".into());
     }

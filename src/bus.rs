@@ -34,6 +34,7 @@ use crate::retry::timer::{REOFFER_DELAY, Timer};
 use crate::shard::{ABANDONED, IDLE, Msg, Routed, Shard, Task, Work, WorkerShared, run_worker};
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::tap::{Tapped, Taps};
+use crate::trace::{Trace, TraceRing};
 
 thread_local! {
     /// The bus whose worker or timer thread this is (0: none), and the worker's index.
@@ -224,6 +225,7 @@ pub(crate) struct Core {
     pub(crate) id: u64,
     pub(crate) dead_letters: Ring,
     pub(crate) taps: Taps,
+    pub(crate) traces: TraceRing,
     jitter_seed: u64,
     pub(crate) config: Config,
     spill_capacity: usize,
@@ -1088,6 +1090,14 @@ impl BusBuilder {
         self
     }
 
+    /// Keeps the last `capacity` deliveries (event ids, names, sources, correlation and
+    /// causation, handler, outcome, timing) for [`Bus::trace`] (default 0: off, and a
+    /// delivery pays nothing for it).
+    pub fn trace_capacity(mut self, capacity: usize) -> Self {
+        self.config.trace_capacity = capacity;
+        self
+    }
+
     /// Seeds the generator that jitters retry delays, for runs that repeat exactly (default: a
     /// random seed).
     pub fn retry_seed(mut self, seed: u64) -> Self {
@@ -1165,6 +1175,7 @@ impl BusBuilder {
             id,
             dead_letters,
             taps: Taps::default(),
+            traces: TraceRing::new(config.trace_capacity),
             jitter_seed,
             spill_capacity: config.spill_capacity(),
             config,
@@ -1631,6 +1642,12 @@ impl Bus {
     /// How many times a tap panicked or a JSON-lines tap could not write a line.
     pub fn tap_failures(&self) -> u64 {
         self.core().taps.failures()
+    }
+
+    /// The deliveries of the conversation `correlation_id` that the trace ring still holds
+    /// (see [`BusBuilder::trace_capacity`]); print it for a causal tree.
+    pub fn trace(&self, correlation_id: EventId) -> Trace {
+        self.core().traces.trace(correlation_id)
     }
 
     /// The dead letters: deliveries that failed for good.

@@ -31,6 +31,7 @@ pub(crate) struct Config {
     pub(crate) retry: RetryPolicy,
     pub(crate) retry_seed: Option<u64>,
     pub(crate) dead_letter_capacity: usize,
+    pub(crate) trace_capacity: usize,
 }
 
 impl Default for Config {
@@ -44,6 +45,7 @@ impl Default for Config {
             retry: RetryPolicy::default(),
             retry_seed: None,
             dead_letter_capacity: DEFAULT_DEAD_LETTER_CAPACITY,
+            trace_capacity: 0,
         }
     }
 }
@@ -122,6 +124,15 @@ impl Config {
                 format!(
                     "must be at most {MAX_CHANNEL_CAPACITY} (got {})",
                     self.dead_letter_capacity
+                ),
+            ));
+        }
+        if self.trace_capacity > MAX_CHANNEL_CAPACITY {
+            return Err(ConfigError::new(
+                "trace_capacity",
+                format!(
+                    "must be at most {MAX_CHANNEL_CAPACITY} (got {})",
+                    self.trace_capacity
                 ),
             ));
         }

@@ -100,7 +100,9 @@
 //! [`Bus::tap`] sees every published event of every type — name, envelope, payload as JSON on
 //! demand — without being a subscription; [`Bus::tap_json_lines`] writes them to a file. With
 //! the `tracing` cargo feature each handler run is a span (`microbus.handle`) carrying the
-//! event name, event id, correlation id, service, handler and attempt.
+//! event name, event id, correlation id, service, handler and attempt. With
+//! [`BusBuilder::trace_capacity`] the bus keeps its last handler runs, and [`Bus::trace`] returns
+//! one conversation, which prints as a causal tree.
 //!
 //! # Shutdown
 //!
@@ -144,6 +146,7 @@ mod retry;
 mod shard;
 mod sync;
 mod tap;
+mod trace;
 
 pub use crate::bus::{AbandonedDelivery, Bus, BusBuilder, BusStats, ShutdownReport};
 pub use crate::config::{
@@ -167,6 +170,7 @@ pub use crate::retry::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_DELAY, DEFAULT_RETRY_DELAY, MAX_ATTEMPTS, RetryPolicy,
 };
 pub use crate::tap::Tapped;
+pub use crate::trace::{Trace, TraceEntry, TraceOutcome};
 
 /// Building blocks exposed for the benchmarks. Not part of the stable API.
 #[doc(hidden)]

@@ -27,7 +27,7 @@ use std::any::Any;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use crossbeam_utils::CachePadded;
@@ -42,6 +42,7 @@ use crate::ledger::Gate;
 use crate::registry::{Snapshot, Sub, before};
 use crate::retry::Jitter;
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use crate::trace::{TraceEntry, TraceOutcome};
 
 pub(crate) const IDLE: u64 = 0;
 pub(crate) const ABANDONED: u64 = u64::MAX;
@@ -727,11 +728,19 @@ impl Worker<'_> {
             );
             #[cfg(feature = "tracing")]
             let _entered = span.enter();
+            let traced = self
+                .core
+                .traces
+                .on()
+                .then(|| (SystemTime::now(), Instant::now()));
             let result = match catch_unwind(AssertUnwindSafe(|| (sub.handler)(event, &ctx))) {
                 Ok(Ok(())) => Outcome::Succeeded,
                 Ok(Err(error)) => Outcome::Failed(error, false),
                 Err(payload) => Outcome::Failed(HandlerError::from_panic(payload), true),
             };
+            if let Some((started_at, start)) = traced {
+                self.record_trace(envelope, E::NAME, sub, attempt, &result, started_at, start);
+            }
             if shared
                 .state
                 .compare_exchange(id, IDLE, Ordering::AcqRel, Ordering::Acquire)
@@ -763,6 +772,37 @@ impl Worker<'_> {
         }
         shared.settle(1);
         Flow::Continue
+    }
+
+    /// Adds a handler run to the trace ring.
+    #[cold]
+    #[allow(clippy::too_many_arguments)]
+    fn record_trace<E: Event>(
+        &self,
+        envelope: &Envelope,
+        event: &'static str,
+        sub: &Sub<E>,
+        attempt: u32,
+        result: &Outcome,
+        started_at: SystemTime,
+        start: Instant,
+    ) {
+        self.core.traces.record(TraceEntry {
+            event_id: envelope.id(),
+            event,
+            source: envelope.source(),
+            correlation_id: envelope.correlation_id(),
+            causation_id: envelope.causation_id(),
+            service: sub.meta.service.as_str(),
+            handler: sub.meta.name.to_string(),
+            attempt,
+            outcome: match result {
+                Outcome::Failed(error, _) => TraceOutcome::Failed(error.to_string()),
+                _ => TraceOutcome::Succeeded,
+            },
+            started_at,
+            took: start.elapsed(),
+        });
     }
 
     /// Counts a failed attempt and decides what becomes of it: `true` when it is retried or

@@ -101,3 +101,70 @@ fn a_flush_timeout_says_what_remains() {
     bus.flush(WAIT).unwrap();
     assert_eq!(held.handled(), vec![0, 1, 2, 3, 4]);
 }
+
+#[test]
+fn a_long_handler_sees_the_bus_shutting_down() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded(1);
+    let stopped_early = Arc::new(AtomicU64::new(0));
+    {
+        let stopped_early = stopped_early.clone();
+        bus.subscribe(move |_: &Numbered, ctx: &Context| -> HandlerResult {
+            entered_tx.send(()).unwrap();
+            while !ctx.is_shutting_down() {
+                std::thread::yield_now();
+            }
+            stopped_early.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+    }
+    bus.publish(Numbered {
+        publisher: 0,
+        seq: 0,
+    })
+    .unwrap();
+    entered_rx.recv().unwrap();
+    let report = bus.shutdown_timeout(WAIT).unwrap();
+    assert_eq!(count(&stopped_early), 1);
+    assert!(!report.deadline_passed);
+    assert_eq!(report.stats.succeeded, 1);
+}
+
+#[test]
+fn the_last_handle_dropped_inside_a_handler_still_shuts_the_bus_down() {
+    let token = Arc::new(());
+    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
+    {
+        let bus = Bus::builder().workers(1).build().unwrap();
+        let captured = Arc::new(Mutex::new(Some(bus.clone())));
+        {
+            let (token, captured) = (token.clone(), captured.clone());
+            bus.subscribe(move |_: &Numbered, _: &Context| -> HandlerResult {
+                let _keep = &token;
+                go_rx.recv().unwrap();
+                // The last handle goes away on the worker: the bus cannot join this thread
+                // from here, so another thread shuts it down.
+                drop(captured.lock().unwrap().take());
+                Ok(())
+            })
+            .unwrap();
+        }
+        bus.publish(Numbered {
+            publisher: 0,
+            seq: 0,
+        })
+        .unwrap();
+    }
+    // Our handle is gone; the handler holds the last one until we let it go.
+    assert_eq!(Arc::strong_count(&token), 2);
+    go_tx.send(()).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while Arc::strong_count(&token) > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bus was not shut down"
+        );
+        std::thread::yield_now();
+    }
+}

@@ -239,3 +239,51 @@ fn publishing_through_a_captured_handle_never_blocks_a_worker() {
     assert_eq!(report.stats.delivered, 2 * EVENTS);
     assert!(report.is_balanced());
 }
+
+#[test]
+fn options_set_on_a_handler_s_publish_win_over_the_inherited_ones() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let chosen = EventId::new();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    {
+        let seen = seen.clone();
+        bus.subscribe(move |_: &FollowUp, ctx: &Context| -> HandlerResult {
+            seen.lock().unwrap().push((
+                ctx.correlation_id(),
+                ctx.causation_id(),
+                ctx.envelope().headers().get("why").map(str::to_owned),
+            ));
+            Ok(())
+        })
+        .unwrap();
+    }
+    let parent = Arc::new(Mutex::new(None));
+    {
+        let parent = parent.clone();
+        bus.subscribe(move |e: &Numbered, ctx: &Context| -> HandlerResult {
+            *parent.lock().unwrap() = Some(ctx.event_id());
+            ctx.publish_with(
+                FollowUp {
+                    parent: e.seq,
+                    index: 0,
+                },
+                microbus::Publish::new()
+                    .correlation(chosen)
+                    .header("why", "audit"),
+            )?;
+            Ok(())
+        })
+        .unwrap();
+    }
+    bus.publish(Numbered {
+        publisher: 0,
+        seq: 0,
+    })
+    .unwrap();
+    bus.flush(WAIT).unwrap();
+    let parent = parent.lock().unwrap().unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![(chosen, Some(parent), Some("audit".to_owned()))]
+    );
+}

@@ -279,4 +279,9 @@ fn public_handles_are_send_and_sync() {
     check::<microbus::TryPublishError<Numbered>>();
     check::<microbus::FlushError>();
     check::<microbus::Context<'static>>();
+    check::<microbus::DeadLetters>();
+    check::<microbus::DeadLetter>();
+    check::<microbus::Trace>();
+    check::<microbus::RetryPolicy>();
+    check::<microbus::BusBuilder>();
 }

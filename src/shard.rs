@@ -3,7 +3,8 @@
 //! Ground rules: shard `k`'s channel has many senders (publishers, other workers, the timer)
 //! and one receiver in normal operation, its worker; at shutdown the bus sweeps what is left
 //! in it. A message is one published event with the generation of the handler tables it was
-//! matched against; the worker runs its deliveries one at a time.
+//! matched against (the worker runs its deliveries one at a time), or one failed delivery
+//! tried again.
 //!
 //! Each worker has a `state` word: `IDLE`, the id of the subscription it is running, or
 //! `ABANDONED`. The worker stores the id before a handler runs and moves it back `id → IDLE`

@@ -49,19 +49,22 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
 /// How many ids a thread takes from the shared counter at a time.
 pub(crate) const ID_BLOCK: u64 = 4096;
 
-const SEQ_BITS: u32 = 42;
+const SEQ_BITS: u32 = 36;
 const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
-const NONCE_BITS: u32 = 20;
+const NONCE_BITS: u32 = 16;
+/// Bits of the millisecond's fraction beyond the 12 in the high half, kept in the low half.
+const FRAC_LOW_BITS: u32 = 10;
+const FRAC_LOW_SHIFT: u32 = 62 - FRAC_LOW_BITS;
 const VARIANT: u64 = 0b10 << 62;
 const VERSION7: u64 = 0x7 << 12;
 
 /// A unique, time-sortable 128-bit event id in the UUIDv7 layout.
 ///
 /// The high 64 bits hold the Unix time in milliseconds (48 bits), the version nibble `7` and a
-/// 12-bit fraction of the millisecond; the low 64 bits hold the RFC 9562 variant, a random
-/// per-process nonce and a sequence number. Ids minted on one thread are strictly increasing;
-/// ids from different threads are ordered by their time to within about a quarter of a
-/// microsecond. [`EventId::published_at`] recovers the time.
+/// 12-bit fraction of the millisecond; the low 64 bits hold the RFC 9562 variant, 10 more bits
+/// of the fraction (22 bits in all: a quarter of a nanosecond), a random per-process nonce and
+/// a sequence number. Ids minted on one thread are strictly increasing; ids from different
+/// threads are ordered by their time. [`EventId::published_at`] recovers the time.
 ///
 /// It prints and serializes as a UUID string.
 ///
@@ -87,11 +90,21 @@ impl EventId {
     /// Mints a new id from the current time.
     #[inline]
     pub fn new() -> EventId {
-        // Units of 1/4096 ms since the epoch: the millisecond and its 12-bit fraction at once.
-        const UNITS_PER_NANO_Q64: u128 = (4096u128 << 64) / 1_000_000;
-        let units = ((u128::from(unix_nanos()) * UNITS_PER_NANO_Q64) >> 64) as u64;
-        let hi = ((units >> 12) << 16) | VERSION7 | (units & 0xfff);
-        EventId { hi, lo: next_lo() }
+        EventId::at(unix_nanos())
+    }
+
+    /// Mints a new id for time `nanos` (since the Unix epoch).
+    #[inline]
+    pub(crate) fn at(nanos: u64) -> EventId {
+        // Units of 2^-22 ms since the epoch: the millisecond and its fraction at once.
+        const UNITS_PER_NANO_Q64: u128 = (1u128 << (22 + 64)) / 1_000_000;
+        let units = ((u128::from(nanos) * UNITS_PER_NANO_Q64) >> 64) as u64;
+        let hi = ((units >> 22) << 16) | VERSION7 | ((units >> FRAC_LOW_BITS) & 0xfff);
+        let frac_low = (units & ((1 << FRAC_LOW_BITS) - 1)) << FRAC_LOW_SHIFT;
+        EventId {
+            hi,
+            lo: next_lo() | frac_low,
+        }
     }
 
     /// The id as one 128-bit number.
@@ -110,12 +123,19 @@ impl EventId {
     }
 
     /// The time at which the id was minted (for an event: when it was published), to within
-    /// about a quarter of a microsecond.
+    /// a nanosecond.
     pub fn published_at(self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.unix_nanos())
+    }
+
+    /// [`published_at`](Self::published_at) in nanoseconds since the Unix epoch.
+    #[inline]
+    pub(crate) fn unix_nanos(self) -> u64 {
         let millis = self.hi >> 16;
-        let frac = self.hi & 0xfff;
-        let nanos = millis * 1_000_000 + frac * 1_000_000 / 4096;
-        UNIX_EPOCH + Duration::from_nanos(nanos)
+        let frac = ((self.hi & 0xfff) << FRAC_LOW_BITS)
+            | ((self.lo.get() >> FRAC_LOW_SHIFT) & ((1 << FRAC_LOW_BITS) - 1));
+        // Rounded up: minting rounded the fraction down.
+        millis * 1_000_000 + (frac * 1_000_000).div_ceil(1 << 22)
     }
 }
 
@@ -229,8 +249,8 @@ thread_local! {
     static LO: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
 }
 
-/// The low half of the next id: variant, process nonce, and a sequence number from this
-/// thread's block.
+/// The low half of the next id without its time bits: variant, process nonce, and a sequence
+/// number from this thread's block.
 #[inline]
 fn next_lo() -> NonZeroU64 {
     LO.with(|cell| {
@@ -706,6 +726,27 @@ mod tests {
         let at = EventId::new().published_at();
         let after = SystemTime::now() + Duration::from_secs(1);
         assert!(before <= at && at <= after);
+    }
+
+    #[test]
+    fn an_id_keeps_its_time_to_the_nanosecond() {
+        let base = 1_790_000_000_123_456_789u64;
+        for offset in [0u64, 1, 2, 3, 239, 240, 999_999, 1_000_000, 123_456_789] {
+            let nanos = base + offset;
+            let id = EventId::at(nanos);
+            let back = id.unix_nanos();
+            assert!(
+                back >= nanos && back <= nanos + 1,
+                "{nanos} came back as {back}"
+            );
+            assert_eq!(id.as_u128() >> 76 & 0xf, 7, "version nibble");
+        }
+        let (a, b) = (EventId::at(base), EventId::at(base + 1));
+        assert!(a < b);
+        assert!(
+            EventId::at(base) > a,
+            "the sequence orders ids with equal times"
+        );
     }
 
     #[test]

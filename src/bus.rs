@@ -28,6 +28,7 @@ use crate::error::{
 use crate::event::{Envelope, Event, EventId, NameId, Publish};
 use crate::handler::{Context, Handler, HandlerResult};
 use crate::ledger::{Gate, Quiescence, net_sum, outstanding};
+use crate::metrics::{Collect, Metrics, MetricsSnapshot};
 use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subscription};
 use crate::retry::RetryPolicy;
 use crate::retry::timer::{REOFFER_DELAY, Timer};
@@ -104,7 +105,7 @@ enum Lifecycle {
 ///
 /// The terms add up: `delivered = succeeded + dead_lettered + discarded + cancelled +
 /// abandoned + left + in_flight`, which [`is_balanced`](Self::is_balanced) checks.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct BusStats {
     /// Deliveries accepted: each published event times the subscriptions it matched.
@@ -226,6 +227,7 @@ pub(crate) struct Core {
     pub(crate) dead_letters: Ring,
     pub(crate) taps: Taps,
     pub(crate) traces: TraceRing,
+    pub(crate) metrics: Metrics,
     jitter_seed: u64,
     pub(crate) config: Config,
     spill_capacity: usize,
@@ -321,6 +323,8 @@ impl Core {
     /// reaches a worker).
     fn count_unmatched<E: Event>(&self, source: NameId, event: &E, options: Publish) {
         self.unmatched.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .published(TypeId::of::<E>(), E::NAME, source, true);
         if self.taps.on() {
             let envelope = Envelope::stamp(source, options);
             self.tap(&envelope, event);
@@ -372,7 +376,11 @@ impl Core {
             Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
         };
         match sent {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.metrics
+                    .published(TypeId::of::<E>(), E::NAME, source, false);
+                Ok(())
+            }
             Err((why, msg)) => {
                 shard.gate.refund(deliveries);
                 if why == Refusal::Shutdown {
@@ -410,7 +418,11 @@ impl Core {
             work: Work::Task(Task::new(envelope, generation, deliveries, event)),
         };
         match self.timer.schedule(routed, delay) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.metrics
+                    .published(TypeId::of::<E>(), E::NAME, source, false);
+                Ok(())
+            }
             Err(routed) => {
                 gate.refund(deliveries);
                 self.refused.fetch_add(1, Ordering::Relaxed);
@@ -828,6 +840,49 @@ impl Core {
         }
     }
 
+    fn metrics(&self) -> MetricsSnapshot {
+        let metrics = &self.metrics;
+        let mut snapshot = MetricsSnapshot {
+            enabled: metrics.enabled,
+            sample_every: metrics.sample_every,
+            stats: BusStats::default(),
+            events: Vec::new(),
+            handlers: Vec::new(),
+            event_latency: Vec::new(),
+            queue_depth: Vec::new(),
+            timer_pending: 0,
+            dead_letters_held: 0,
+            workers_behind: Vec::new(),
+        };
+        if metrics.enabled {
+            let asked: Vec<(&Collect, u64)> = self
+                .shards
+                .iter()
+                .map(|shard| {
+                    let asked = shard.worker.collect.ask();
+                    // Wakes a waiting worker; a full channel means the worker is busy and
+                    // answers between two batches.
+                    let _ = shard.tx.try_send(Msg::Wake);
+                    (&shard.worker.collect, asked)
+                })
+                .collect();
+            // A handler asking cannot wait for its own worker.
+            let own = OwnThread::worker_of(self.id);
+            snapshot.workers_behind = Collect::wait_all(asked.iter().copied(), own);
+            snapshot.events = metrics.event_counts();
+            (snapshot.handlers, snapshot.event_latency) = metrics.handler_metrics();
+        }
+        snapshot.stats = self.stats();
+        snapshot.queue_depth = self
+            .shards
+            .iter()
+            .map(|s| (s.rx.len() + s.worker.spill_len.load(Ordering::Relaxed)) as u64)
+            .collect();
+        snapshot.timer_pending = self.timer.len() as u64;
+        snapshot.dead_letters_held = self.dead_letters.len() as u64;
+        snapshot
+    }
+
     pub(crate) fn shutdown(&self, timeout: Duration) -> Result<ShutdownReport, ShutdownError> {
         if OwnThread::is_own(self.id) {
             return Err(ShutdownError::InHandler);
@@ -1098,6 +1153,20 @@ impl BusBuilder {
         self
     }
 
+    /// Turns metrics on or off (default on). Off, a delivery takes no timestamps and touches
+    /// no metrics counter, and [`Bus::metrics`] returns only the bus-wide figures.
+    pub fn metrics(mut self, enabled: bool) -> Self {
+        self.config.metrics = enabled;
+        self
+    }
+
+    /// Records latencies for one delivery in `n` (default 1: every delivery). Counters stay
+    /// exact; the snapshot states `n`.
+    pub fn metrics_sample_every(mut self, n: u32) -> Self {
+        self.config.metrics_sample_every = n;
+        self
+    }
+
     /// Seeds the generator that jitters retry delays, for runs that repeat exactly (default: a
     /// random seed).
     pub fn retry_seed(mut self, seed: u64) -> Self {
@@ -1176,6 +1245,7 @@ impl BusBuilder {
             dead_letters,
             taps: Taps::default(),
             traces: TraceRing::new(config.trace_capacity),
+            metrics: Metrics::new(id, config.metrics, config.metrics_sample_every),
             jitter_seed,
             spill_capacity: config.spill_capacity(),
             config,
@@ -1459,8 +1529,12 @@ impl Bus {
             failed: AtomicU64::new(0),
             panicked: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            cells: crate::metrics::cells(core.metrics.enabled, core.shards.len()),
         });
+        core.metrics.subscribed(&meta);
         let meta = core.registry.insert(Sub { meta, handler });
         Ok(Subscription {
             core: core.clone(),
@@ -1596,6 +1670,46 @@ impl Bus {
     /// The counts so far (after shutdown: the final ones).
     pub fn stats(&self) -> BusStats {
         self.core().stats()
+    }
+
+    /// A snapshot of the metrics: counters per event type and source service and per handler,
+    /// latency percentiles per handler and per event type, queue depths. See
+    /// [`MetricsSnapshot`] for what each figure means and how to render it.
+    ///
+    /// The workers hand over their latencies between two batches of deliveries; this waits for
+    /// them up to 100 ms, and names in [`MetricsSnapshot::workers_behind`] any worker that a
+    /// handler kept busy longer (its earlier latencies are included; counters are always
+    /// current). Called from a handler, it does not wait for that handler's own worker.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Event, HandlerResult};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct OrderCreated { order_id: u64 }
+    /// impl Event for OrderCreated { const NAME: &'static str = "OrderCreated"; }
+    ///
+    /// let bus = Bus::builder().service_name("orders").workers(2).build()?;
+    /// bus.service("payments")?
+    ///     .subscribe(|_: &OrderCreated, _: &Context| -> HandlerResult { Ok(()) })?;
+    /// for order_id in 0..100 {
+    ///     bus.publish(OrderCreated { order_id })?;
+    /// }
+    /// bus.flush(Duration::from_secs(5))?;
+    ///
+    /// let metrics = bus.metrics();
+    /// assert_eq!(metrics.event("OrderCreated", "orders").unwrap().published, 100);
+    /// let handler = &metrics.handlers[0];
+    /// assert_eq!((handler.service.as_str(), handler.succeeded), ("payments", 100));
+    /// assert_eq!(handler.handler_time.count, 100);
+    /// println!("{metrics}"); // an aligned table; also to_json() and to_prometheus()
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.core().metrics()
     }
 
     /// Adds an audit tap: `tap` sees every event published on the bus, of every type — its

@@ -32,6 +32,8 @@ pub(crate) struct Config {
     pub(crate) retry_seed: Option<u64>,
     pub(crate) dead_letter_capacity: usize,
     pub(crate) trace_capacity: usize,
+    pub(crate) metrics: bool,
+    pub(crate) metrics_sample_every: u32,
 }
 
 impl Default for Config {
@@ -46,6 +48,8 @@ impl Default for Config {
             retry_seed: None,
             dead_letter_capacity: DEFAULT_DEAD_LETTER_CAPACITY,
             trace_capacity: 0,
+            metrics: true,
+            metrics_sample_every: 1,
         }
     }
 }
@@ -134,6 +138,12 @@ impl Config {
                     "must be at most {MAX_CHANNEL_CAPACITY} (got {})",
                     self.trace_capacity
                 ),
+            ));
+        }
+        if self.metrics_sample_every == 0 {
+            return Err(ConfigError::new(
+                "metrics_sample_every",
+                "must be at least 1 (got 0)",
             ));
         }
         self.retry.validate("retry")

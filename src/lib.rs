@@ -141,6 +141,7 @@ mod error;
 mod event;
 mod handler;
 mod ledger;
+mod metrics;
 mod registry;
 mod retry;
 mod shard;
@@ -165,6 +166,7 @@ pub use crate::event::{
     Envelope, Event, EventId, Headers, ParseEventIdError, PartitionKey, Publish,
 };
 pub use crate::handler::{Context, Handler, HandlerError, HandlerResult};
+pub use crate::metrics::{EventCounts, EventLatency, HandlerMetrics, Latency, MetricsSnapshot};
 pub use crate::registry::{SubscribeOptions, Subscription, SubscriptionStats};
 pub use crate::retry::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_DELAY, DEFAULT_RETRY_DELAY, MAX_ATTEMPTS, RetryPolicy,

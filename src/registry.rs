@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 use crate::bus::Core;
 use crate::event::{Envelope, Event, NameId};
 use crate::handler::{Context, HandlerError, HandlerResult};
+use crate::metrics::CellsByWorker;
 use crate::retry::RetryPolicy;
 use crate::shard::{Retry, decode_retry};
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -50,7 +51,11 @@ pub(crate) struct SubMeta {
     pub(crate) failed: AtomicU64,
     pub(crate) panicked: AtomicU64,
     pub(crate) cancelled: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
     pub(crate) last_error: Mutex<Option<String>>,
+    /// Counters each worker writes on every delivery (none with metrics off).
+    pub(crate) cells: CellsByWorker,
 }
 
 impl SubMeta {

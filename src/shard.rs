@@ -24,7 +24,7 @@
 //! `Release`, so a reader that `Acquire`s it sees the outcome counters and the handlers'
 //! effects.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -37,9 +37,10 @@ use smallbox::{SmallBox, smallbox};
 
 use crate::bus::Core;
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
-use crate::event::{Envelope, Event, EventId};
+use crate::event::{Envelope, Event, EventId, unix_nanos};
 use crate::handler::{Context, HandlerError};
 use crate::ledger::Gate;
+use crate::metrics::{Collect, Recorder, Span};
 use crate::registry::{Snapshot, Sub, before};
 use crate::retry::Jitter;
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -100,6 +101,8 @@ pub(crate) struct TaskOps {
     retry: fn(&mut Worker<'_>, &Retry) -> Flow,
     bury: fn(Retry, DeadLetterReason, u64) -> DeadLetter,
     subscription: fn(&Arc<dyn Any + Send + Sync>) -> u64,
+    type_id: fn() -> TypeId,
+    name: &'static str,
 }
 
 struct OpsOf<E>(PhantomData<E>);
@@ -111,6 +114,8 @@ impl<E: Event> OpsOf<E> {
         retry: run_retry::<E>,
         bury: bury::<E>,
         subscription: subscription_of::<E>,
+        type_id: TypeId::of::<E>,
+        name: E::NAME,
     };
 }
 
@@ -175,7 +180,7 @@ fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
         {
             debug_assert!(remaining > 0, "more subscriptions than were matched");
             remaining -= 1;
-            flow = worker.deliver(&task.envelope, sub, event, remaining, 1);
+            flow = worker.deliver(&task.envelope, sub, event, remaining, 1, true);
             if flow != Flow::Continue {
                 break;
             }
@@ -264,7 +269,7 @@ fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flow {
     let Some(event) = retry.event.event.downcast_ref::<E>() else {
         unreachable!("a retry's functions match its event")
     };
-    let flow = worker.deliver(&retry.event.envelope, &sub, event, 0, retry.attempt);
+    let flow = worker.deliver(&retry.event.envelope, &sub, event, 0, retry.attempt, false);
     let failed = std::mem::take(&mut worker.pending);
     for failure in failed {
         let mut history = retry.history.clone();
@@ -296,6 +301,7 @@ fn bury<E: Event>(retry: Retry, reason: DeadLetterReason, id: u64) -> DeadLetter
         serde_json::to_string(&format!("the event did not serialize: {e}"))
             .expect("a string serializes")
     });
+    sub.meta.dead_lettered.fetch_add(1, Ordering::Relaxed);
     let attempts = u32::try_from(retry.history.errors.len()).unwrap_or(u32::MAX);
     let redrive = Some(Retry {
         ops: retry.ops,
@@ -445,6 +451,8 @@ pub(crate) struct WorkerShared {
     /// Failed deliveries of the current event whose retries are not scheduled yet (they are
     /// once the event's other deliveries have run).
     pub(crate) held_retries: AtomicU64,
+    /// Requests for the worker's latencies, and its answers.
+    pub(crate) collect: Collect,
 }
 
 impl WorkerShared {
@@ -544,6 +552,8 @@ pub(crate) struct Worker<'a> {
     /// Failed attempts of the current work that are retried or dead-lettered.
     pending: Vec<Failed>,
     jitter: Jitter,
+    /// The worker's latencies; `None` with metrics off.
+    recorder: Option<Recorder>,
 }
 
 enum Outcome {
@@ -557,6 +567,9 @@ impl Worker<'_> {
     #[inline]
     fn open_batch(&mut self) {
         if !self.in_batch {
+            if let Some(recorder) = &mut self.recorder {
+                recorder.answer(&self.core.metrics, &self.shared.collect);
+            }
             let batch = &self.shared.batch;
             batch.store(batch.load(Ordering::Relaxed) + 1, Ordering::SeqCst);
             self.in_batch = true;
@@ -683,7 +696,8 @@ impl Worker<'_> {
     }
 
     /// Runs attempt `attempt` of the delivery of `event` to `sub`, with `remaining` deliveries
-    /// of the same event after it, and settles it, or asks for a retry.
+    /// of the same event after it, and settles it, or asks for a retry. `first`: the delivery
+    /// comes with the published event (not a retry or a redrive).
     fn deliver<E: Event>(
         &mut self,
         envelope: &Envelope,
@@ -691,6 +705,7 @@ impl Worker<'_> {
         event: &E,
         remaining: usize,
         attempt: u32,
+        first: bool,
     ) -> Flow {
         let shared = self.shared;
         let id = sub.meta.id;
@@ -734,11 +749,30 @@ impl Worker<'_> {
                 .traces
                 .on()
                 .then(|| (SystemTime::now(), Instant::now()));
+            let sampled = self
+                .recorder
+                .as_mut()
+                .is_some_and(Recorder::sample)
+                .then(unix_nanos);
             let result = match catch_unwind(AssertUnwindSafe(|| (sub.handler)(event, &ctx))) {
                 Ok(Ok(())) => Outcome::Succeeded,
                 Ok(Err(error)) => Outcome::Failed(error, false),
                 Err(payload) => Outcome::Failed(HandlerError::from_panic(payload), true),
             };
+            if let Some(recorder) = &mut self.recorder {
+                let succeeded = matches!(result, Outcome::Succeeded);
+                recorder.ran(&sub.meta, attempt == 1, succeeded);
+                if let Some(start) = sampled {
+                    let span = Span {
+                        start,
+                        end: unix_nanos(),
+                        first,
+                        from_publish: first || attempt > 1,
+                        succeeded,
+                    };
+                    recorder.record(&sub.meta, envelope.id(), span);
+                }
+            }
             if let Some((started_at, start)) = traced {
                 self.record_trace(envelope, E::NAME, sub, attempt, &result, started_at, start);
             }
@@ -840,6 +874,7 @@ impl Worker<'_> {
             // Still outstanding: settled by the attempt that succeeds, or in the ring.
             if let Then::Retry(_) = then {
                 bump(&stats.retried, 1);
+                sub.meta.retried.fetch_add(1, Ordering::Relaxed);
             }
             self.pending.push(Failed {
                 sub: sub.clone(),
@@ -868,6 +903,15 @@ impl Worker<'_> {
         self.shared.staged.store(false, Ordering::Relaxed);
         std::mem::swap(&mut *self.shared.outbox.lock(), &mut self.scratch);
         for (routed, delay) in self.scratch.drain(..) {
+            if let Work::Task(task) = &routed.work {
+                let metrics = &self.core.metrics;
+                metrics.published(
+                    (task.ops.type_id)(),
+                    task.ops.name,
+                    task.envelope.source_id(),
+                    false,
+                );
+            }
             let deliveries = routed.work.deliveries();
             self.core.shards[routed.shard].gate.accept(deliveries);
             let left = match delay {
@@ -929,6 +973,9 @@ impl Worker<'_> {
             let mut received = rx.try_recv();
             if let Err(TryRecvError::Empty) = received {
                 self.close_batch();
+                if let Some(recorder) = &mut self.recorder {
+                    recorder.answer(&self.core.metrics, &self.shared.collect);
+                }
                 self.core.notify_idle();
                 self.refresh_snapshot();
                 received = if self.shared.spill_len.load(Ordering::SeqCst) > 0 {
@@ -975,9 +1022,22 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
         snapshot: Some(core.registry.load_full()),
         pending: Vec::new(),
         jitter: Jitter::new(core.worker_seed(index)),
+        recorder: core
+            .metrics
+            .enabled
+            .then(|| Recorder::new(index, core.metrics.sample_every)),
     };
     worker.run_loop(&shard.rx);
     worker.close_batch();
+    if let Some(recorder) = &mut worker.recorder {
+        recorder.exit(&core.metrics, &shard.worker.collect);
+    } else {
+        shard
+            .worker
+            .collect
+            .done
+            .store(crate::metrics::EXITED, Ordering::Release);
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,605 @@
+//! Metrics: counters per event type, source service and handler, and HdrHistograms of queue
+//! wait, handler time and end-to-end latency per handler (merged per event type on snapshot).
+//!
+//! Ground rules: nothing here takes a lock or does a read-modify-write on the hot path.
+//!
+//! - Publish counters live in per-thread slots: a publishing thread owns one slot per (event
+//!   type, source) it publishes, writes it with a plain load and store, and gives it back when
+//!   it exits (the next thread to need that key takes it over, counts and all). A snapshot sums
+//!   the slots.
+//! - Handler counters that every delivery touches (delivered, succeeded) are one cell per
+//!   subscription and worker, written by that worker alone; the rarer ones (failed, retried,
+//!   dead-lettered, cancelled) are shared atomics on the subscription.
+//! - Latencies are recorded by each worker into its own histograms, one set per subscription
+//!   it ran. [`Bus::metrics`](crate::Bus::metrics) asks every worker for them: a worker answers
+//!   between batches (at most 64 deliveries) or before it waits for work, by adding its
+//!   histograms into the bus's merged ones under a mutex and clearing its own. A worker that a
+//!   handler keeps busy longer than [`COLLECT_WAIT`] is reported in
+//!   [`MetricsSnapshot::workers_behind`].
+//!
+//! Times come from the same TSC clock that stamps event ids, so the publish time is read from
+//! the event id and a sampled delivery takes two clock reads: when its handler starts and when
+//! it returns.
+
+mod snapshot;
+
+pub use snapshot::{EventCounts, EventLatency, HandlerMetrics, Latency, MetricsSnapshot};
+
+use std::any::TypeId;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+
+use crate::event::{EventId, NameId};
+use crate::registry::SubMeta;
+use crate::sync::{Arc, AtomicBool, AtomicU64, Ordering};
+
+/// The largest latency a histogram tells apart; longer ones are recorded as this.
+pub(crate) const HIGHEST_NANOS: u64 = 60_000_000_000;
+/// Significant decimal digits the histograms keep: each value within 1%.
+const SIGNIFICANT_DIGITS: u8 = 2;
+/// How long [`Bus::metrics`](crate::Bus::metrics) waits for a busy worker's latencies.
+pub(crate) const COLLECT_WAIT: Duration = Duration::from_millis(100);
+/// How many (bus, event type, source) publish slots a thread keeps.
+const HELD_SLOTS: usize = 64;
+
+/// A latency distribution being recorded: the histogram and the exact sum.
+#[derive(Clone)]
+struct Distribution {
+    histogram: Histogram<u64>,
+    sum: u64,
+}
+
+impl Distribution {
+    fn new() -> Distribution {
+        Distribution {
+            histogram: Histogram::new_with_bounds(1, HIGHEST_NANOS, SIGNIFICANT_DIGITS)
+                .expect("valid histogram bounds"),
+            sum: 0,
+        }
+    }
+
+    #[inline]
+    fn record(&mut self, nanos: u64) {
+        self.histogram.saturating_record(nanos.max(1));
+        self.sum = self.sum.saturating_add(nanos);
+    }
+
+    fn add(&mut self, other: &Distribution) {
+        self.histogram
+            .add(&other.histogram)
+            .expect("histograms with the same bounds add up");
+        self.sum = self.sum.saturating_add(other.sum);
+    }
+
+    fn reset(&mut self) {
+        self.histogram.reset();
+        self.sum = 0;
+    }
+
+    fn summary(&self) -> Latency {
+        let h = &self.histogram;
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            count: h.len(),
+            sum_ns: self.sum,
+            min_ns: h.min(),
+            p50_ns: h.value_at_quantile(0.5),
+            p90_ns: h.value_at_quantile(0.9),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            max_ns: h.max(),
+        }
+    }
+}
+
+/// The three distributions of one subscription.
+#[derive(Clone)]
+struct Distributions {
+    queue_wait: Distribution,
+    handler: Distribution,
+    end_to_end: Distribution,
+}
+
+impl Distributions {
+    fn new() -> Distributions {
+        Distributions {
+            queue_wait: Distribution::new(),
+            handler: Distribution::new(),
+            end_to_end: Distribution::new(),
+        }
+    }
+
+    fn add(&mut self, other: &Distributions) {
+        self.queue_wait.add(&other.queue_wait);
+        self.handler.add(&other.handler);
+        self.end_to_end.add(&other.end_to_end);
+    }
+
+    fn reset(&mut self) {
+        self.queue_wait.reset();
+        self.handler.reset();
+        self.end_to_end.reset();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.handler.histogram.is_empty() && self.queue_wait.histogram.is_empty()
+    }
+}
+
+/// The bytes of histogram counts one worker keeps for one subscription it runs: three
+/// histograms of 1 ns – 60 s at two significant digits.
+#[cfg(test)]
+fn bytes_per_worker_handler() -> usize {
+    3 * Distribution::new().histogram.distinct_values() * std::mem::size_of::<u64>()
+}
+
+/// The counters of one subscription that one worker writes on every delivery.
+#[derive(Default)]
+pub(crate) struct HandlerCells {
+    delivered: AtomicU64,
+    succeeded: AtomicU64,
+}
+
+/// Per-subscription, per-worker hot counters; empty when metrics are off.
+pub(crate) type CellsByWorker = Box<[CachePadded<HandlerCells>]>;
+
+/// Makes a subscription's hot counters: one cell per worker, or none with metrics off.
+pub(crate) fn cells(enabled: bool, workers: usize) -> CellsByWorker {
+    let n = if enabled { workers } else { 0 };
+    (0..n)
+        .map(|_| CachePadded::new(HandlerCells::default()))
+        .collect()
+}
+
+/// Adds to a counter that has one writer: a load and a store, no read-modify-write.
+#[inline]
+fn bump(counter: &AtomicU64) {
+    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
+/// Publish counters of one (event type, source) owned by one thread at a time.
+#[derive(Default)]
+struct PublishSlot {
+    published: AtomicU64,
+    unmatched: AtomicU64,
+    in_use: AtomicBool,
+}
+
+/// A slot this thread holds.
+struct HeldSlot {
+    bus: u64,
+    type_id: TypeId,
+    source: NameId,
+    slot: Arc<PublishSlot>,
+}
+
+impl Drop for HeldSlot {
+    fn drop(&mut self) {
+        self.slot.in_use.store(false, Ordering::Release);
+    }
+}
+
+thread_local! {
+    /// The publish slots this thread holds, most recently used first.
+    static SLOTS: RefCell<Vec<HeldSlot>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The publish slots of one (event type, source).
+struct PublishKey {
+    event: &'static str,
+    slots: Vec<Arc<PublishSlot>>,
+}
+
+/// A bus's metrics: configuration, every subscription, publish slots and merged latencies.
+pub(crate) struct Metrics {
+    bus: u64,
+    pub(crate) enabled: bool,
+    pub(crate) sample_every: u32,
+    subscriptions: Mutex<Vec<Arc<SubMeta>>>,
+    published: Mutex<HashMap<(TypeId, NameId), PublishKey>>,
+    merged: Mutex<HashMap<u64, Distributions>>,
+}
+
+impl Metrics {
+    pub(crate) fn new(bus: u64, enabled: bool, sample_every: u32) -> Metrics {
+        Metrics {
+            bus,
+            enabled,
+            sample_every,
+            subscriptions: Mutex::new(Vec::new()),
+            published: Mutex::new(HashMap::new()),
+            merged: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Remembers a new subscription, to report it.
+    pub(crate) fn subscribed(&self, meta: &Arc<SubMeta>) {
+        if self.enabled {
+            self.subscriptions.lock().push(meta.clone());
+        }
+    }
+
+    /// Counts an accepted publish of an event of type `type_id` named `event` from `source`.
+    #[inline]
+    pub(crate) fn published(
+        &self,
+        type_id: TypeId,
+        event: &'static str,
+        source: NameId,
+        unmatched: bool,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let counted = SLOTS.try_with(|held| {
+            let mut held = held.borrow_mut();
+            let found = held
+                .iter()
+                .position(|h| h.type_id == type_id && h.source == source && h.bus == self.bus);
+            let i = match found {
+                Some(i) => i,
+                None => {
+                    if held.len() == HELD_SLOTS {
+                        held.pop();
+                    }
+                    held.push(HeldSlot {
+                        bus: self.bus,
+                        type_id,
+                        source,
+                        slot: self.take_slot(type_id, event, source),
+                    });
+                    held.len() - 1
+                }
+            };
+            if i > 0 {
+                // Most recently used first: a thread that publishes one type finds it at once.
+                held.swap(0, i);
+            }
+            let slot = &held[0].slot;
+            bump(&slot.published);
+            if unmatched {
+                bump(&slot.unmatched);
+            }
+        });
+        if counted.is_err() {
+            // The thread is exiting: count in a slot of its own, given back at once.
+            let slot = self.take_slot(type_id, event, source);
+            slot.published.fetch_add(1, Ordering::Relaxed);
+            if unmatched {
+                slot.unmatched.fetch_add(1, Ordering::Relaxed);
+            }
+            slot.in_use.store(false, Ordering::Release);
+        }
+    }
+
+    /// Takes a free slot of the key, or adds one.
+    #[cold]
+    fn take_slot(&self, type_id: TypeId, event: &'static str, source: NameId) -> Arc<PublishSlot> {
+        let mut published = self.published.lock();
+        let key = published
+            .entry((type_id, source))
+            .or_insert_with(|| PublishKey {
+                event,
+                slots: Vec::new(),
+            });
+        let free = key.slots.iter().find(|s| {
+            s.in_use
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        });
+        if let Some(slot) = free {
+            return slot.clone();
+        }
+        let slot = Arc::new(PublishSlot {
+            in_use: AtomicBool::new(true),
+            ..PublishSlot::default()
+        });
+        key.slots.push(slot.clone());
+        slot
+    }
+
+    /// The publish counters, summed over the slots, sorted by event then source.
+    pub(crate) fn event_counts(&self) -> Vec<EventCounts> {
+        let published = self.published.lock();
+        let mut counts: Vec<EventCounts> = published
+            .iter()
+            .map(|((_, source), key)| EventCounts {
+                event: key.event.to_owned(),
+                source: source.as_str().to_owned(),
+                published: key
+                    .slots
+                    .iter()
+                    .map(|s| s.published.load(Ordering::Relaxed))
+                    .sum(),
+                unmatched: key
+                    .slots
+                    .iter()
+                    .map(|s| s.unmatched.load(Ordering::Relaxed))
+                    .sum(),
+            })
+            .collect();
+        counts.sort_by(|a, b| (&a.event, &a.source).cmp(&(&b.event, &b.source)));
+        counts
+    }
+
+    /// The per-handler and per-event-type figures, from the counters and the merged latencies.
+    pub(crate) fn handler_metrics(&self) -> (Vec<HandlerMetrics>, Vec<EventLatency>) {
+        let subscriptions = self.subscriptions.lock().clone();
+        let merged = self.merged.lock();
+        let mut by_event: HashMap<&'static str, Distributions> = HashMap::new();
+        let handlers = subscriptions
+            .iter()
+            .map(|meta| {
+                let distributions = merged.get(&meta.id);
+                if let Some(d) = distributions {
+                    by_event
+                        .entry(meta.event_name)
+                        .or_insert_with(Distributions::new)
+                        .add(d);
+                }
+                let summary = |pick: fn(&Distributions) -> &Distribution| {
+                    distributions.map_or_else(Latency::default, |d| pick(d).summary())
+                };
+                let sum = |pick: fn(&HandlerCells) -> &AtomicU64| -> u64 {
+                    meta.cells
+                        .iter()
+                        .map(|c| pick(c).load(Ordering::Relaxed))
+                        .sum()
+                };
+                HandlerMetrics {
+                    id: meta.id,
+                    service: meta.service.as_str().to_owned(),
+                    handler: meta.name.to_string(),
+                    event: meta.event_name.to_owned(),
+                    active: meta.active.load(Ordering::Relaxed),
+                    delivered: sum(|c| &c.delivered),
+                    succeeded: sum(|c| &c.succeeded),
+                    failed: meta.failed.load(Ordering::Relaxed),
+                    panicked: meta.panicked.load(Ordering::Relaxed),
+                    retried: meta.retried.load(Ordering::Relaxed),
+                    dead_lettered: meta.dead_lettered.load(Ordering::Relaxed),
+                    cancelled: meta.cancelled.load(Ordering::Relaxed),
+                    queue_wait: summary(|d| &d.queue_wait),
+                    handler_time: summary(|d| &d.handler),
+                    end_to_end: summary(|d| &d.end_to_end),
+                }
+            })
+            .collect();
+        let mut event_latency: Vec<EventLatency> = by_event
+            .into_iter()
+            .map(|(event, d)| EventLatency {
+                event: event.to_owned(),
+                queue_wait: d.queue_wait.summary(),
+                handler_time: d.handler.summary(),
+                end_to_end: d.end_to_end.summary(),
+            })
+            .collect();
+        event_latency.sort_by(|a, b| a.event.cmp(&b.event));
+        (handlers, event_latency)
+    }
+}
+
+/// A worker's request word and answer word: the bus asks by moving `want` on, the worker
+/// answers by storing it in `done` once its latencies are merged.
+#[derive(Default)]
+pub(crate) struct Collect {
+    pub(crate) want: AtomicU64,
+    pub(crate) done: AtomicU64,
+}
+
+/// `done` of a worker that has exited: it will record nothing more.
+pub(crate) const EXITED: u64 = u64::MAX;
+
+impl Collect {
+    /// Asks for the latencies; returns the answer to wait for.
+    pub(crate) fn ask(&self) -> u64 {
+        self.want.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Whether the worker answered request `asked` (or exited).
+    pub(crate) fn answered(&self, asked: u64) -> bool {
+        self.done.load(Ordering::Acquire) >= asked
+    }
+
+    /// Waits until every worker answered its request, or the wait runs out; returns the
+    /// workers that did not answer.
+    pub(crate) fn wait_all<'a>(
+        asked: impl Iterator<Item = (&'a Collect, u64)> + Clone,
+        skip: Option<usize>,
+    ) -> Vec<usize> {
+        let deadline = Instant::now() + COLLECT_WAIT;
+        let mut spins = 0u32;
+        loop {
+            let behind: Vec<usize> = asked
+                .clone()
+                .enumerate()
+                .filter(|&(i, (c, n))| Some(i) != skip && !c.answered(n))
+                .map(|(i, _)| i)
+                .collect();
+            if behind.is_empty() || Instant::now() >= deadline {
+                let mut behind = behind;
+                behind.extend(skip);
+                behind.sort_unstable();
+                return behind;
+            }
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+}
+
+/// A worker's own latency recorder. Only the worker thread touches it.
+pub(crate) struct Recorder {
+    worker: usize,
+    sample_every: u32,
+    /// Deliveries to skip before the next sampled one.
+    countdown: u32,
+    /// Per subscription (its id minus one), once the worker has recorded for it.
+    by_sub: Vec<Option<Box<Distributions>>>,
+    /// Subscriptions with latencies not merged yet.
+    dirty: Vec<u64>,
+    /// The last request answered.
+    answered: u64,
+}
+
+impl Recorder {
+    pub(crate) fn new(worker: usize, sample_every: u32) -> Recorder {
+        Recorder {
+            worker,
+            sample_every,
+            countdown: 0,
+            by_sub: Vec::new(),
+            dirty: Vec::new(),
+            answered: 0,
+        }
+    }
+
+    /// Whether to time the next delivery.
+    #[inline]
+    pub(crate) fn sample(&mut self) -> bool {
+        if self.countdown == 0 {
+            self.countdown = self.sample_every - 1;
+            true
+        } else {
+            self.countdown -= 1;
+            false
+        }
+    }
+
+    /// Counts a delivery of attempt `attempt` to `meta` that ran.
+    #[inline]
+    pub(crate) fn ran(&self, meta: &SubMeta, first: bool, succeeded: bool) {
+        let Some(cells) = meta.cells.get(self.worker) else {
+            return;
+        };
+        if first {
+            bump(&cells.delivered);
+        }
+        if succeeded {
+            bump(&cells.succeeded);
+        }
+    }
+
+    /// Records the times of a sampled delivery: the handler ran from `start` to `end`
+    /// (nanoseconds since the epoch) for event `id`. `first`: the event's first attempt, with a
+    /// queue wait; `from_publish`: a delivery whose end-to-end time counts (not a redrive).
+    #[inline]
+    pub(crate) fn record(&mut self, meta: &SubMeta, id: EventId, span: Span) {
+        let slot = (meta.id - 1) as usize;
+        if slot >= self.by_sub.len() {
+            self.by_sub.resize_with(slot + 1, || None);
+        }
+        let d = self.by_sub[slot].get_or_insert_with(|| Box::new(Distributions::new()));
+        if d.is_empty() {
+            self.dirty.push(meta.id);
+        }
+        let published = id.unix_nanos();
+        if span.first {
+            d.queue_wait.record(span.start.saturating_sub(published));
+        }
+        d.handler.record(span.end.saturating_sub(span.start));
+        if span.succeeded && span.from_publish {
+            d.end_to_end.record(span.end.saturating_sub(published));
+        }
+    }
+
+    /// Answers an outstanding request: merges what was recorded into the bus's latencies.
+    #[inline]
+    pub(crate) fn answer(&mut self, metrics: &Metrics, collect: &Collect) {
+        let want = collect.want.load(Ordering::Relaxed);
+        if want != self.answered {
+            self.merge(metrics);
+            self.answered = want;
+            collect.done.store(want, Ordering::Release);
+        }
+    }
+
+    /// Merges what was recorded and says no more will come (the worker exits).
+    pub(crate) fn exit(&mut self, metrics: &Metrics, collect: &Collect) {
+        self.merge(metrics);
+        collect.done.store(EXITED, Ordering::Release);
+    }
+
+    #[cold]
+    fn merge(&mut self, metrics: &Metrics) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let mut merged = metrics.merged.lock();
+        for id in self.dirty.drain(..) {
+            let Some(Some(local)) = self.by_sub.get_mut((id - 1) as usize) else {
+                continue;
+            };
+            merged
+                .entry(id)
+                .or_insert_with(|| Distributions::new())
+                .add(local);
+            local.reset();
+        }
+    }
+}
+
+/// The times of one sampled delivery.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    /// The event's first attempt: the queue wait counts.
+    pub(crate) first: bool,
+    /// Not a redrive: the time from publish counts.
+    pub(crate) from_publish: bool,
+    pub(crate) succeeded: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_handler_pair_costs_a_bounded_number_of_bytes() {
+        // Stated in the crate docs (Metrics).
+        assert_eq!(bytes_per_worker_handler(), 92_160);
+    }
+
+    #[test]
+    fn a_distribution_summarises_what_it_recorded() {
+        let mut d = Distribution::new();
+        for v in 1..=1000u64 {
+            d.record(v * 1000);
+        }
+        let s = d.summary();
+        assert_eq!(s.count, 1000);
+        assert_eq!(s.sum_ns, 1000 * 500_500);
+        assert!(s.p50_ns.abs_diff(500_000) <= 5_000, "{s:?}");
+        assert!(s.p99_ns.abs_diff(990_000) <= 10_000, "{s:?}");
+        assert!(s.max_ns.abs_diff(1_000_000) <= 10_000, "{s:?}");
+        let mut total = Distribution::new();
+        total.add(&d);
+        total.add(&d);
+        assert_eq!(total.summary().count, 2000);
+        d.reset();
+        assert_eq!(d.summary(), Latency::default());
+    }
+
+    #[test]
+    fn latencies_beyond_the_range_are_kept_as_its_top() {
+        let mut d = Distribution::new();
+        d.record(3_600_000_000_000);
+        d.record(0);
+        let s = d.summary();
+        assert_eq!(s.count, 2);
+        assert!(s.max_ns >= HIGHEST_NANOS && s.max_ns <= HIGHEST_NANOS * 101 / 100);
+        assert_eq!(s.min_ns, 1);
+    }
+}

@@ -1,0 +1,678 @@
+//! What [`Bus::metrics`](crate::Bus::metrics) returns, and its three renderings: serde (JSON),
+//! an aligned plain-text table, and Prometheus text exposition.
+
+use std::fmt::{self, Write as _};
+
+use serde::{Deserialize, Serialize};
+
+use crate::bus::BusStats;
+
+/// A latency distribution, summarised from an HdrHistogram (two significant digits: each
+/// percentile is within 1% of the true value). All times are in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Latency {
+    /// How many values were recorded (sampled deliveries).
+    pub count: u64,
+    /// The exact sum of the recorded values.
+    pub sum_ns: u64,
+    /// The smallest value.
+    pub min_ns: u64,
+    /// The median.
+    pub p50_ns: u64,
+    /// The 90th percentile.
+    pub p90_ns: u64,
+    /// The 99th percentile.
+    pub p99_ns: u64,
+    /// The 99.9th percentile.
+    pub p999_ns: u64,
+    /// The largest value (values above 60 s are recorded as 60 s).
+    pub max_ns: u64,
+}
+
+impl Latency {
+    /// The quantiles Prometheus exposition shows, with their values.
+    fn quantiles(&self) -> [(&'static str, u64); 4] {
+        [
+            ("0.5", self.p50_ns),
+            ("0.9", self.p90_ns),
+            ("0.99", self.p99_ns),
+            ("0.999", self.p999_ns),
+        ]
+    }
+}
+
+/// Counters of one event type from one source service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct EventCounts {
+    /// The event's [`Event::NAME`](crate::Event::NAME).
+    pub event: String,
+    /// The service that published it.
+    pub source: String,
+    /// Events accepted by a publish (those that matched no subscription included); events
+    /// handed back to their publisher are not counted.
+    pub published: u64,
+    /// Of those, how many matched no subscription.
+    pub unmatched: u64,
+}
+
+/// Counters and latencies of one subscription (a handler of one service).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct HandlerMetrics {
+    /// The subscription's id.
+    pub id: u64,
+    /// The subscribing service.
+    pub service: String,
+    /// The handler's name.
+    pub handler: String,
+    /// The event type it handles.
+    pub event: String,
+    /// Whether it is still subscribed.
+    pub active: bool,
+    /// Deliveries handed to the handler (first attempts, redrives included).
+    pub delivered: u64,
+    /// Deliveries whose handler returned `Ok` (on any attempt).
+    pub succeeded: u64,
+    /// Failed attempts: errors and panics.
+    pub failed: u64,
+    /// Of the failed attempts, how many were panics.
+    pub panicked: u64,
+    /// Failed attempts scheduled to be tried again.
+    pub retried: u64,
+    /// Deliveries that ended in the dead-letter ring.
+    pub dead_lettered: u64,
+    /// Deliveries cancelled because the subscription ended before they ran.
+    pub cancelled: u64,
+    /// From publish to the start of the first attempt.
+    pub queue_wait: Latency,
+    /// How long the handler ran, every attempt.
+    pub handler_time: Latency,
+    /// From publish to the attempt that succeeded, retries included.
+    pub end_to_end: Latency,
+}
+
+/// The latencies of one event type: its handlers' distributions merged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct EventLatency {
+    /// The event's [`Event::NAME`](crate::Event::NAME).
+    pub event: String,
+    /// From publish to the start of the first attempt, over all its handlers.
+    pub queue_wait: Latency,
+    /// How long its handlers ran.
+    pub handler_time: Latency,
+    /// From publish to success, over all its handlers.
+    pub end_to_end: Latency,
+}
+
+/// A point-in-time view of the bus's metrics: counters per event type and source service, per
+/// handler, and per shard; latency distributions per handler and per event type.
+///
+/// Counters are exact. Latencies are recorded for one delivery in
+/// [`sample_every`](Self::sample_every); multiply a latency `count` by it to estimate the
+/// deliveries it stands for. With metrics off ([`BusBuilder::metrics`](crate::BusBuilder::metrics)),
+/// [`enabled`](Self::enabled) is `false` and only the bus-wide [`stats`](Self::stats), the
+/// queue depths and the dead-letter figures are filled in.
+///
+/// It serializes with serde, prints as an aligned table (`Display`), and renders as Prometheus
+/// text exposition ([`to_prometheus`](Self::to_prometheus)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct MetricsSnapshot {
+    /// Whether metrics were recorded.
+    pub enabled: bool,
+    /// Latency is recorded for one delivery in this many (1: every delivery).
+    pub sample_every: u32,
+    /// The bus-wide ledger, as [`Bus::stats`](crate::Bus::stats) returns it.
+    pub stats: BusStats,
+    /// Per event type and source service, sorted by event then source.
+    pub events: Vec<EventCounts>,
+    /// Per subscription, in subscription order (ended ones included).
+    pub handlers: Vec<HandlerMetrics>,
+    /// Per event type, sorted by name.
+    pub event_latency: Vec<EventLatency>,
+    /// Events waiting in each shard (its channel and its worker's spill queue), by shard.
+    pub queue_depth: Vec<u64>,
+    /// Retries and delayed events waiting on the timer.
+    pub timer_pending: u64,
+    /// Dead letters held in the ring now.
+    pub dead_letters_held: u64,
+    /// Workers whose latest latencies could not be collected because a handler kept them busy
+    /// past the collection wait; their earlier latencies are included.
+    pub workers_behind: Vec<usize>,
+}
+
+impl MetricsSnapshot {
+    /// The handler named `handler` of service `service`, if any (the first, if it subscribed
+    /// more than once).
+    pub fn handler(&self, service: &str, handler: &str) -> Option<&HandlerMetrics> {
+        self.handlers
+            .iter()
+            .find(|h| h.service == service && h.handler == handler)
+    }
+
+    /// The counters of event type `event` from service `source`, if any was published.
+    pub fn event(&self, event: &str, source: &str) -> Option<&EventCounts> {
+        self.events
+            .iter()
+            .find(|e| e.event == event && e.source == source)
+    }
+
+    /// The snapshot as pretty-printed JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a metrics snapshot serializes")
+    }
+
+    /// The snapshot in the Prometheus text exposition format (version 0.0.4).
+    ///
+    /// Counters are named `microbus_*_total`, with `event` and `service` labels (the source
+    /// service for events, the subscribing one for handlers) and a `handler` label; latencies
+    /// are summaries in seconds with `quantile` labels 0.5, 0.9, 0.99 and 0.999, and `_sum` and
+    /// `_count` series.
+    pub fn to_prometheus(&self) -> String {
+        let mut out = Prometheus::default();
+        out.gauge(
+            "microbus_metrics_sample_every",
+            "Latency is recorded for one delivery in this many.",
+            &[],
+            u64::from(self.sample_every),
+        );
+        let s = &self.stats;
+        for (name, help, value) in [
+            ("delivered", "Deliveries accepted.", s.delivered),
+            (
+                "succeeded",
+                "Deliveries whose handler returned Ok.",
+                s.succeeded,
+            ),
+            ("failed", "Failed attempts.", s.failed),
+            ("retried", "Retries scheduled.", s.retried),
+            (
+                "dead_lettered",
+                "Deliveries dead-lettered.",
+                s.dead_lettered,
+            ),
+            (
+                "dead_letters_evicted",
+                "Dead letters evicted from the full ring.",
+                s.evicted,
+            ),
+            (
+                "discarded",
+                "Failed deliveries dropped with dead letters off.",
+                s.discarded,
+            ),
+            (
+                "cancelled",
+                "Deliveries cancelled by an unsubscribe.",
+                s.cancelled,
+            ),
+            (
+                "refused",
+                "Events handed back because the bus was shutting down.",
+                s.refused,
+            ),
+        ] {
+            out.counter(&format!("microbus_bus_{name}_total"), help, &[], value);
+        }
+        out.gauge(
+            "microbus_in_flight",
+            "Deliveries accepted and not yet settled.",
+            &[],
+            s.in_flight,
+        );
+        for (shard, depth) in self.queue_depth.iter().enumerate() {
+            out.gauge(
+                "microbus_queue_depth",
+                "Events waiting in a shard.",
+                &[("shard", &shard.to_string())],
+                *depth,
+            );
+        }
+        out.gauge(
+            "microbus_timer_pending",
+            "Retries and delayed events waiting on the timer.",
+            &[],
+            self.timer_pending,
+        );
+        out.gauge(
+            "microbus_dead_letters",
+            "Dead letters held in the ring.",
+            &[],
+            self.dead_letters_held,
+        );
+        for e in &self.events {
+            let labels = [("event", e.event.as_str()), ("service", e.source.as_str())];
+            out.counter(
+                "microbus_events_published_total",
+                "Events published, by event type and source service.",
+                &labels,
+                e.published,
+            );
+            out.counter(
+                "microbus_events_unmatched_total",
+                "Events published that matched no subscription.",
+                &labels,
+                e.unmatched,
+            );
+        }
+        for h in &self.handlers {
+            let labels = [
+                ("service", h.service.as_str()),
+                ("event", h.event.as_str()),
+                ("handler", h.handler.as_str()),
+            ];
+            for (name, help, value) in [
+                (
+                    "delivered",
+                    "Deliveries handed to the handler.",
+                    h.delivered,
+                ),
+                (
+                    "succeeded",
+                    "Deliveries the handler completed.",
+                    h.succeeded,
+                ),
+                ("failed", "Failed attempts.", h.failed),
+                ("panicked", "Failed attempts that panicked.", h.panicked),
+                ("retried", "Failed attempts tried again.", h.retried),
+                (
+                    "dead_lettered",
+                    "Deliveries dead-lettered.",
+                    h.dead_lettered,
+                ),
+                (
+                    "cancelled",
+                    "Deliveries cancelled by the unsubscribe.",
+                    h.cancelled,
+                ),
+            ] {
+                out.counter(
+                    &format!("microbus_handler_{name}_total"),
+                    help,
+                    &labels,
+                    value,
+                );
+            }
+            out.latencies(
+                "microbus_handler",
+                &labels,
+                h.queue_wait,
+                h.handler_time,
+                h.end_to_end,
+            );
+        }
+        for e in &self.event_latency {
+            let labels = [("event", e.event.as_str())];
+            out.latencies(
+                "microbus_event",
+                &labels,
+                e.queue_wait,
+                e.handler_time,
+                e.end_to_end,
+            );
+        }
+        out.text
+    }
+}
+
+/// Writes Prometheus text exposition, one `# HELP`/`# TYPE` pair per metric name.
+#[derive(Default)]
+struct Prometheus {
+    text: String,
+    described: std::collections::HashSet<String>,
+}
+
+impl Prometheus {
+    fn describe(&mut self, name: &str, help: &str, kind: &str) {
+        if self.described.insert(name.to_owned()) {
+            let _ = writeln!(self.text, "# HELP {name} {help}");
+            let _ = writeln!(self.text, "# TYPE {name} {kind}");
+        }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl fmt::Display) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (i, (key, value)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{key}=\"");
+                for c in value.chars() {
+                    match c {
+                        '\\' => self.text.push_str("\\\\"),
+                        '"' => self.text.push_str("\\\""),
+                        '\n' => self.text.push_str("\\n"),
+                        c => self.text.push(c),
+                    }
+                }
+                self.text.push('"');
+            }
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {value}");
+    }
+
+    fn counter(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: u64) {
+        self.describe(name, help, "counter");
+        self.sample(name, labels, value);
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: u64) {
+        self.describe(name, help, "gauge");
+        self.sample(name, labels, value);
+    }
+
+    fn summary(&mut self, name: &str, help: &str, labels: &[(&str, &str)], latency: Latency) {
+        self.describe(name, help, "summary");
+        for (quantile, value) in latency.quantiles() {
+            let mut with_quantile = labels.to_vec();
+            with_quantile.push(("quantile", quantile));
+            self.sample(name, &with_quantile, Seconds(value));
+        }
+        self.sample(&format!("{name}_sum"), labels, Seconds(latency.sum_ns));
+        self.sample(&format!("{name}_count"), labels, latency.count);
+    }
+
+    fn latencies(
+        &mut self,
+        prefix: &str,
+        labels: &[(&str, &str)],
+        queue_wait: Latency,
+        handler_time: Latency,
+        end_to_end: Latency,
+    ) {
+        self.summary(
+            &format!("{prefix}_queue_wait_seconds"),
+            "From publish to the start of the first attempt.",
+            labels,
+            queue_wait,
+        );
+        self.summary(
+            &format!("{prefix}_run_seconds"),
+            "How long handlers ran, every attempt.",
+            labels,
+            handler_time,
+        );
+        self.summary(
+            &format!("{prefix}_end_to_end_seconds"),
+            "From publish to success, retries included.",
+            labels,
+            end_to_end,
+        );
+    }
+}
+
+/// Nanoseconds printed as seconds, exactly.
+struct Seconds(u64);
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (whole, nanos) = (self.0 / 1_000_000_000, self.0 % 1_000_000_000);
+        if nanos == 0 {
+            return write!(f, "{whole}");
+        }
+        let digits = format!("{nanos:09}");
+        write!(f, "{whole}.{}", digits.trim_end_matches('0'))
+    }
+}
+
+/// A duration in nanoseconds in human units, three significant digits: `850ns`, `12.3µs`,
+/// `4.56ms`, `1.20s`.
+struct Human(u64);
+
+impl fmt::Display for Human {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ns = self.0;
+        let (value, unit) = match ns {
+            0..1_000 => return write!(f, "{ns}ns"),
+            1_000..1_000_000 => (ns as f64 / 1e3, "µs"),
+            1_000_000..1_000_000_000 => (ns as f64 / 1e6, "ms"),
+            _ => (ns as f64 / 1e9, "s"),
+        };
+        let decimals = if value >= 100.0 {
+            0
+        } else if value >= 10.0 {
+            1
+        } else {
+            2
+        };
+        write!(f, "{value:.decimals$}{unit}")
+    }
+}
+
+/// Rows of cells printed in aligned columns: text columns to the left, numbers to the right.
+struct Table {
+    rows: Vec<Vec<String>>,
+    /// How many leading columns are text.
+    text_columns: usize,
+}
+
+impl Table {
+    fn new(header: &[&str], text_columns: usize) -> Table {
+        Table {
+            rows: vec![header.iter().map(|h| (*h).to_owned()).collect()],
+            text_columns,
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn write(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|cell| cell.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        for row in &self.rows {
+            let mut line = String::new();
+            for (c, cell) in row.iter().enumerate() {
+                if c > 0 {
+                    line.push_str("  ");
+                }
+                let pad = widths[c] - cell.chars().count();
+                if c < self.text_columns {
+                    line.push_str(cell);
+                    line.extend(std::iter::repeat_n(' ', pad));
+                } else {
+                    line.extend(std::iter::repeat_n(' ', pad));
+                    line.push_str(cell);
+                }
+            }
+            writeln!(f, "  {}", line.trim_end())?;
+        }
+        Ok(())
+    }
+}
+
+fn latency_cells(latency: &Latency) -> Vec<String> {
+    if latency.count == 0 {
+        return vec![
+            "0".to_owned(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+        ];
+    }
+    let mut cells = vec![latency.count.to_string()];
+    cells.extend(
+        [
+            latency.p50_ns,
+            latency.p90_ns,
+            latency.p99_ns,
+            latency.p999_ns,
+            latency.max_ns,
+        ]
+        .map(|ns| Human(ns).to_string()),
+    );
+    cells
+}
+
+impl fmt::Display for MetricsSnapshot {
+    /// An aligned plain-text report: events, handlers, latencies (count, p50, p90, p99,
+    /// p99.9 and max in human units), queues.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.stats;
+        writeln!(
+            f,
+            "deliveries: {} accepted, {} succeeded, {} failed attempts, {} retried, {} dead-lettered ({} evicted), {} in flight",
+            s.delivered, s.succeeded, s.failed, s.retried, s.dead_lettered, s.evicted, s.in_flight
+        )?;
+        let depths: Vec<String> = self.queue_depth.iter().map(u64::to_string).collect();
+        writeln!(
+            f,
+            "queues: shards [{}], timer {}, dead letters held {}",
+            depths.join(", "),
+            self.timer_pending,
+            self.dead_letters_held
+        )?;
+        if !self.enabled {
+            return writeln!(f, "metrics are off: no per-event or per-handler figures");
+        }
+        if !self.events.is_empty() {
+            writeln!(f, "\nevents")?;
+            let mut table = Table::new(&["event", "source", "published", "unmatched"], 2);
+            for e in &self.events {
+                table.row(vec![
+                    e.event.clone(),
+                    e.source.clone(),
+                    e.published.to_string(),
+                    e.unmatched.to_string(),
+                ]);
+            }
+            table.write(f)?;
+        }
+        if !self.handlers.is_empty() {
+            writeln!(f, "\nhandlers")?;
+            let mut table = Table::new(
+                &[
+                    "service",
+                    "handler",
+                    "event",
+                    "delivered",
+                    "succeeded",
+                    "failed",
+                    "retried",
+                    "dead",
+                    "cancelled",
+                ],
+                3,
+            );
+            for h in &self.handlers {
+                let name = if h.active {
+                    h.handler.clone()
+                } else {
+                    format!("{} (ended)", h.handler)
+                };
+                table.row(vec![
+                    h.service.clone(),
+                    name,
+                    h.event.clone(),
+                    h.delivered.to_string(),
+                    h.succeeded.to_string(),
+                    h.failed.to_string(),
+                    h.retried.to_string(),
+                    h.dead_lettered.to_string(),
+                    h.cancelled.to_string(),
+                ]);
+            }
+            table.write(f)?;
+            let sampled = match self.sample_every {
+                1 => "every delivery".to_owned(),
+                n => format!("1 delivery in {n}"),
+            };
+            writeln!(f, "\nlatency ({sampled})")?;
+            let mut table = Table::new(
+                &[
+                    "of", "measure", "count", "p50", "p90", "p99", "p99.9", "max",
+                ],
+                2,
+            );
+            let mut add = |of: String, latencies: [(&str, &Latency); 3]| {
+                for (i, (measure, latency)) in latencies.into_iter().enumerate() {
+                    let mut row = vec![
+                        if i == 0 { of.clone() } else { String::new() },
+                        measure.to_owned(),
+                    ];
+                    row.extend(latency_cells(latency));
+                    table.row(row);
+                }
+            };
+            for h in &self.handlers {
+                add(
+                    format!("{}/{}", h.service, h.handler),
+                    [
+                        ("queue wait", &h.queue_wait),
+                        ("handler", &h.handler_time),
+                        ("end to end", &h.end_to_end),
+                    ],
+                );
+            }
+            for e in &self.event_latency {
+                add(
+                    format!("event {}", e.event),
+                    [
+                        ("queue wait", &e.queue_wait),
+                        ("handler", &e.handler_time),
+                        ("end to end", &e.end_to_end),
+                    ],
+                );
+            }
+            table.write(f)?;
+        }
+        if !self.workers_behind.is_empty() {
+            writeln!(
+                f,
+                "\nworkers {:?} were busy in a handler: their latest latencies are not included",
+                self.workers_behind
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_print_exactly() {
+        assert_eq!(Seconds(0).to_string(), "0");
+        assert_eq!(Seconds(1_500_000_000).to_string(), "1.5");
+        assert_eq!(Seconds(1).to_string(), "0.000000001");
+        assert_eq!(Seconds(12_345).to_string(), "0.000012345");
+    }
+
+    #[test]
+    fn durations_print_in_human_units() {
+        assert_eq!(Human(850).to_string(), "850ns");
+        assert_eq!(Human(12_340).to_string(), "12.3µs");
+        assert_eq!(Human(4_560_000).to_string(), "4.56ms");
+        assert_eq!(Human(1_200_000_000).to_string(), "1.20s");
+        assert_eq!(Human(150_000).to_string(), "150µs");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut out = Prometheus::default();
+        out.counter("m_total", "Help.", &[("handler", "a\"b\\c\nd")], 3);
+        assert_eq!(
+            out.text,
+            "# HELP m_total Help.\n# TYPE m_total counter\nm_total{handler=\"a\\\"b\\\\c\\nd\"} 3\n"
+        );
+    }
+}

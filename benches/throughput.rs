@@ -18,87 +18,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use microbus::{Bus, Context, Event, HandlerError, HandlerResult, RetryPolicy};
-use serde::{Deserialize, Serialize};
+use crossbeam_channel::Sender;
+use microbus::{Bus, Context, HandlerError, HandlerResult, RetryPolicy};
 
-const CAPACITY: usize = 1024;
+mod common;
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct Tick(u64);
-
-impl Event for Tick {
-    const NAME: &'static str = "Tick";
-}
-
-/// Waits until `counter` reaches `target`.
-fn wait_for(counter: &AtomicU64, target: u64) {
-    let mut spins = 0u32;
-    while counter.load(Ordering::Acquire) < target {
-        spins += 1;
-        if spins < 64 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
-        }
-    }
-}
-
-/// The floor: a bounded crossbeam channel and a consumer that blocks, then drains.
-struct RawChannel {
-    tx: Option<Sender<u64>>,
-    handled: Arc<AtomicU64>,
-    consumer: Option<JoinHandle<()>>,
-}
-
-impl RawChannel {
-    fn new() -> RawChannel {
-        let (tx, rx): (Sender<u64>, Receiver<u64>) = crossbeam_channel::bounded(CAPACITY);
-        let handled = Arc::new(AtomicU64::new(0));
-        let consumer = {
-            let handled = handled.clone();
-            std::thread::spawn(move || {
-                while let Ok(v) = rx.recv() {
-                    black_box(v);
-                    handled.fetch_add(1, Ordering::Release);
-                    loop {
-                        match rx.try_recv() {
-                            Ok(v) => {
-                                black_box(v);
-                                handled.fetch_add(1, Ordering::Release);
-                            }
-                            Err(TryRecvError::Empty) => break,
-                            Err(TryRecvError::Disconnected) => return,
-                        }
-                    }
-                }
-            })
-        };
-        RawChannel {
-            tx: Some(tx),
-            handled,
-            consumer: Some(consumer),
-        }
-    }
-
-    fn run(&self, iters: u64) -> Duration {
-        let tx = self.tx.as_ref().unwrap();
-        let target = self.handled.load(Ordering::Acquire) + iters;
-        let start = Instant::now();
-        for i in 0..iters {
-            tx.send(black_box(i)).unwrap();
-        }
-        wait_for(&self.handled, target);
-        start.elapsed()
-    }
-}
-
-impl Drop for RawChannel {
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        self.consumer.take().unwrap().join().unwrap();
-    }
-}
+use common::{CAPACITY, RawChannel, Tick, wait_for};
 
 type NaiveHandler = Arc<dyn Fn(&dyn Any) + Send + Sync>;
 

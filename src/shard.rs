@@ -749,11 +749,13 @@ impl Worker<'_> {
                 .traces
                 .on()
                 .then(|| (SystemTime::now(), Instant::now()));
-            let sampled = self
-                .recorder
-                .as_mut()
-                .is_some_and(Recorder::sample)
-                .then(unix_nanos);
+            let sampled = match &mut self.recorder {
+                Some(recorder) => {
+                    recorder.starts(&sub.meta, attempt == 1);
+                    recorder.sample().then(unix_nanos)
+                }
+                None => None,
+            };
             let result = match catch_unwind(AssertUnwindSafe(|| (sub.handler)(event, &ctx))) {
                 Ok(Ok(())) => Outcome::Succeeded,
                 Ok(Err(error)) => Outcome::Failed(error, false),
@@ -761,7 +763,9 @@ impl Worker<'_> {
             };
             if let Some(recorder) = &mut self.recorder {
                 let succeeded = matches!(result, Outcome::Succeeded);
-                recorder.ran(&sub.meta, attempt == 1, succeeded);
+                if succeeded {
+                    recorder.succeeded(&sub.meta);
+                }
                 if let Some(start) = sampled {
                     let span = Span {
                         start,

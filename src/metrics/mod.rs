@@ -477,16 +477,18 @@ impl Recorder {
         }
     }
 
-    /// Counts a delivery of attempt `attempt` to `meta` that ran.
+    /// Counts a delivery handed to `meta`'s handler; `first`: its first attempt.
     #[inline]
-    pub(crate) fn ran(&self, meta: &SubMeta, first: bool, succeeded: bool) {
-        let Some(cells) = meta.cells.get(self.worker) else {
-            return;
-        };
-        if first {
+    pub(crate) fn starts(&self, meta: &SubMeta, first: bool) {
+        if first && let Some(cells) = meta.cells.get(self.worker) {
             bump(&cells.delivered);
         }
-        if succeeded {
+    }
+
+    /// Counts a delivery that `meta`'s handler completed.
+    #[inline]
+    pub(crate) fn succeeded(&self, meta: &SubMeta) {
+        if let Some(cells) = meta.cells.get(self.worker) {
             bump(&cells.succeeded);
         }
     }
@@ -543,7 +545,7 @@ impl Recorder {
             };
             merged
                 .entry(id)
-                .or_insert_with(|| Distributions::new())
+                .or_insert_with(Distributions::new)
                 .add(local);
             local.reset();
         }

@@ -95,6 +95,26 @@
 //! written to the [`dead_letter_file`](BusBuilder::dead_letter_file), from which
 //! [`DeadLetters::load_json_lines`] reads it back after a restart.
 //!
+//! # Metrics
+//!
+//! [`Bus::metrics`] returns a [`MetricsSnapshot`]: per event type and source service, events
+//! published and those that matched no subscription; per handler, deliveries, successes,
+//! failed attempts, panics, retries, dead letters and cancellations; per shard, the queue
+//! depth; and HdrHistograms of queue wait (publish → handler start), handler time and
+//! end-to-end time (publish → success, retries included) per handler and per event type. It
+//! serializes with serde ([`MetricsSnapshot::to_json`]), prints as an aligned table
+//! (`Display`: count, p50, p90, p99, p99.9 and max in human units) and renders as Prometheus
+//! text exposition ([`MetricsSnapshot::to_prometheus`]).
+//!
+//! Counters are exact. Each worker records into its own histograms, without a lock, and hands
+//! them over when a snapshot asks; the publish time comes from the event id, so a timed
+//! delivery reads the TSC twice. [`BusBuilder::metrics_sample_every`] times one delivery in
+//! `n` (the snapshot states `n`); [`BusBuilder::metrics`]`(false)` turns recording off, and a
+//! delivery then takes no timestamp. Memory is bounded: each worker keeps three histograms
+//! (1 ns to 60 s, two significant digits) for each handler it runs, 92,160 bytes per worker ×
+//! handler, allocated when it first runs that handler; the bus keeps one merged set per
+//! handler. Recording allocates nothing after that.
+//!
 //! # Audit taps and tracing
 //!
 //! [`Bus::tap`] sees every published event of every type — name, envelope, payload as JSON on

@@ -313,6 +313,7 @@ impl Core {
     ) -> Result<(), (Refusal, E)> {
         if self.is_closing() {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            self.registry.uncount(TypeId::of::<E>(), source, true);
             return Err((Refusal::Shutdown, event));
         }
         self.count_unmatched(source, &event, options);
@@ -323,8 +324,6 @@ impl Core {
     /// reaches a worker).
     fn count_unmatched<E: Event>(&self, source: NameId, event: &E, options: Publish) {
         self.unmatched.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .published(TypeId::of::<E>(), E::NAME, source, true);
         if self.taps.on() {
             let envelope = Envelope::stamp(source, options);
             self.tap(&envelope, event);
@@ -365,6 +364,7 @@ impl Core {
         let shard = &self.shards[index];
         if !shard.gate.enter(deliveries) {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            self.registry.uncount(TypeId::of::<E>(), source, false);
             return Err((Refusal::Shutdown, event));
         }
         let msg = Msg::Work(Work::Task(Task::new(
@@ -376,13 +376,10 @@ impl Core {
             Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
         };
         match sent {
-            Ok(()) => {
-                self.metrics
-                    .published(TypeId::of::<E>(), E::NAME, source, false);
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err((why, msg)) => {
                 shard.gate.refund(deliveries);
+                self.registry.uncount(TypeId::of::<E>(), source, false);
                 if why == Refusal::Shutdown {
                     self.refused.fetch_add(1, Ordering::Relaxed);
                 }
@@ -411,6 +408,7 @@ impl Core {
         let gate = &self.shards[index].gate;
         if !gate.enter(deliveries) {
             self.refused.fetch_add(1, Ordering::Relaxed);
+            self.registry.uncount(TypeId::of::<E>(), source, false);
             return Err(event);
         }
         let routed = Routed {
@@ -418,13 +416,10 @@ impl Core {
             work: Work::Task(Task::new(envelope, generation, deliveries, event)),
         };
         match self.timer.schedule(routed, delay) {
-            Ok(()) => {
-                self.metrics
-                    .published(TypeId::of::<E>(), E::NAME, source, false);
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(routed) => {
                 gate.refund(deliveries);
+                self.registry.uncount(TypeId::of::<E>(), source, false);
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 let Work::Task(task) = routed.work else {
                     unreachable!("a task was scheduled")
@@ -869,7 +864,7 @@ impl Core {
             // A handler asking cannot wait for its own worker.
             let own = OwnThread::worker_of(self.id);
             snapshot.workers_behind = Collect::wait_all(asked.iter().copied(), own);
-            snapshot.events = metrics.event_counts();
+            snapshot.events = self.registry.counters.event_counts();
             (snapshot.handlers, snapshot.event_latency) = metrics.handler_metrics();
         }
         snapshot.stats = self.stats();
@@ -1240,16 +1235,17 @@ impl BusBuilder {
             self.on_dead_letter,
             sink_failures,
         );
+        let metrics_on = config.metrics;
         let core = Arc::new(Core {
             id,
             dead_letters,
             taps: Taps::default(),
             traces: TraceRing::new(config.trace_capacity),
-            metrics: Metrics::new(id, config.metrics, config.metrics_sample_every),
+            metrics: Metrics::new(config.metrics, config.metrics_sample_every),
             jitter_seed,
             spill_capacity: config.spill_capacity(),
             config,
-            registry: Registry::new(id),
+            registry: Registry::new(id, metrics_on),
             shards,
             timer: Timer::new(),
             signal_tx: Mutex::new(Some(signal_tx)),

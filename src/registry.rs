@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 use crate::bus::Core;
 use crate::event::{Envelope, Event, NameId};
 use crate::handler::{Context, HandlerError, HandlerResult};
-use crate::metrics::CellsByWorker;
+use crate::metrics::{CellsByWorker, HeldSlot, PublishCounters};
 use crate::retry::RetryPolicy;
 use crate::shard::{Retry, decode_retry};
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -215,12 +215,71 @@ impl Snapshot {
 /// How many buses' routes a thread keeps at hand.
 const CACHED_ROUTES: usize = 4;
 
-/// A thread's latest routes of one bus, with its last answer.
+/// How many (event type, source) publish counters a thread keeps per bus.
+const HELD_COUNTERS: usize = 64;
+
+/// A thread's latest routes of one bus, with its last answer, and its publish counters.
 struct CachedRoutes {
     bus: u64,
     routes: Arc<Routes>,
-    /// The last (event type, source) looked up, and how many subscriptions it matched.
-    last: Option<(TypeId, NameId, usize)>,
+    /// The last (event type, source) looked up, how many subscriptions it matched, and its
+    /// counter in `counters`.
+    last: Option<Last>,
+    /// This thread's publish counters on the bus (none with metrics off).
+    counters: Vec<HeldSlot>,
+}
+
+#[derive(Clone, Copy)]
+struct Last {
+    type_id: TypeId,
+    source: NameId,
+    deliveries: usize,
+    counter: usize,
+}
+
+impl CachedRoutes {
+    /// The index of this thread's counter of (`type_id`, `source`), taken if need be.
+    fn counter(
+        &mut self,
+        counters: &PublishCounters,
+        type_id: TypeId,
+        event: &'static str,
+        source: NameId,
+    ) -> usize {
+        if !counters.enabled {
+            return usize::MAX;
+        }
+        if let Some(i) = self
+            .counters
+            .iter()
+            .position(|c| c.type_id == type_id && c.source == source)
+        {
+            return i;
+        }
+        if self.counters.len() == HELD_COUNTERS {
+            self.counters.remove(0);
+        }
+        self.counters.push(counters.take(type_id, event, source));
+        self.counters.len() - 1
+    }
+
+    /// Looks up (`type_id`, `source`) in the routes and remembers the answer.
+    fn look_up(
+        &mut self,
+        counters: &PublishCounters,
+        type_id: TypeId,
+        event: &'static str,
+        source: NameId,
+    ) -> Last {
+        let last = Last {
+            type_id,
+            source,
+            deliveries: self.routes.matching(type_id, source),
+            counter: self.counter(counters, type_id, event, source),
+        };
+        self.last = Some(last);
+        last
+    }
 }
 
 thread_local! {
@@ -242,12 +301,15 @@ pub(crate) struct Registry {
     write: Mutex<()>,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Arc<SubMeta>>>,
+    /// Publish counters per (event type, source).
+    pub(crate) counters: PublishCounters,
 }
 
 impl Registry {
-    pub(crate) fn new(bus: u64) -> Registry {
+    pub(crate) fn new(bus: u64, count_publishes: bool) -> Registry {
         Registry {
             bus,
+            counters: PublishCounters::new(count_publishes),
             decoders: Mutex::new(HashMap::new()),
             snapshot: ArcSwap::from_pointee(Snapshot::new(0, TypeMap::default())),
             generation: AtomicU32::new(0),
@@ -258,47 +320,76 @@ impl Registry {
     }
 
     /// The generation of the handler tables now, and how many subscriptions an event of type
-    /// `E` from `source` matches in it. Takes no lock, and in the common case (no subscription
-    /// change since this thread last published) no read-modify-write either.
+    /// `E` from `source` matches in it. With metrics on it also counts the event as published
+    /// by `source` (and unmatched, if it matches nothing); [`uncount`](Self::uncount) takes
+    /// that back for an event that is not accepted after all. Takes no lock, and in the common
+    /// case (no subscription change since this thread last published) no read-modify-write
+    /// either.
     #[inline]
     pub(crate) fn route<E: Event>(&self, source: NameId) -> (u32, usize) {
         let current = self.generation.load(Ordering::Acquire);
         let type_id = TypeId::of::<E>();
         ROUTES.with_borrow_mut(|cache| {
-            let slot = cache.iter().position(|c| c.bus == self.bus);
-            if let Some(i) = slot
-                && cache[i].routes.generation == current
-            {
-                let entry = &mut cache[i];
-                if let Some((t, s, deliveries)) = entry.last
-                    && t == type_id
-                    && s == source
-                {
-                    return (current, deliveries);
-                }
-                let deliveries = entry.routes.matching(type_id, source);
-                entry.last = Some((type_id, source, deliveries));
-                return (current, deliveries);
-            }
-            let routes = self.snapshot.load().routes.clone();
-            let generation = routes.generation;
-            let deliveries = routes.matching(type_id, source);
-            let entry = CachedRoutes {
-                bus: self.bus,
-                routes,
-                last: Some((type_id, source, deliveries)),
-            };
-            match slot {
-                Some(i) => cache[i] = entry,
-                None => {
-                    if cache.len() == CACHED_ROUTES {
-                        cache.remove(0);
+            let found = cache.iter().position(|c| c.bus == self.bus);
+            let i = match found {
+                Some(i) if cache[i].routes.generation == current => i,
+                _ => {
+                    let routes = self.snapshot.load().routes.clone();
+                    let counters = match found {
+                        Some(i) => std::mem::take(&mut cache[i].counters),
+                        None => Vec::new(),
+                    };
+                    let entry = CachedRoutes {
+                        bus: self.bus,
+                        routes,
+                        last: None,
+                        counters,
+                    };
+                    match found {
+                        Some(i) => {
+                            cache[i] = entry;
+                            i
+                        }
+                        None => {
+                            if cache.len() == CACHED_ROUTES {
+                                cache.remove(0);
+                            }
+                            cache.push(entry);
+                            cache.len() - 1
+                        }
                     }
-                    cache.push(entry);
                 }
+            };
+            let entry = &mut cache[i];
+            let last = match entry.last {
+                Some(last) if last.type_id == type_id && last.source == source => last,
+                _ => entry.look_up(&self.counters, type_id, E::NAME, source),
+            };
+            if let Some(counter) = entry.counters.get(last.counter) {
+                counter.count(last.deliveries == 0);
             }
-            (generation, deliveries)
+            (entry.routes.generation, last.deliveries)
         })
+    }
+
+    /// Takes back the publish that [`route`](Self::route) counted on this thread for an event
+    /// of type `type_id` from `source` that was not accepted.
+    #[cold]
+    pub(crate) fn uncount(&self, type_id: TypeId, source: NameId, unmatched: bool) {
+        if !self.counters.enabled {
+            return;
+        }
+        let _ = ROUTES.try_with(|cache| {
+            let cache = cache.borrow();
+            let counter = cache
+                .iter()
+                .filter(|c| c.bus == self.bus)
+                .flat_map(|c| c.counters.iter())
+                .find(|c| c.type_id == type_id && c.source == source);
+            if let Some(counter) = counter {
+                counter.uncount(unmatched);
+            }
+        });
     }
 
     /// The current snapshot, owned.

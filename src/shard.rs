@@ -102,7 +102,6 @@ pub(crate) struct TaskOps {
     bury: fn(Retry, DeadLetterReason, u64) -> DeadLetter,
     subscription: fn(&Arc<dyn Any + Send + Sync>) -> u64,
     type_id: fn() -> TypeId,
-    name: &'static str,
 }
 
 struct OpsOf<E>(PhantomData<E>);
@@ -115,7 +114,6 @@ impl<E: Event> OpsOf<E> {
         bury: bury::<E>,
         subscription: subscription_of::<E>,
         type_id: TypeId::of::<E>,
-        name: E::NAME,
     };
 }
 
@@ -786,7 +784,7 @@ impl Worker<'_> {
                 .is_err()
             {
                 // Shutdown gave up on this delivery and has already reported it.
-                shared.outbox.lock().clear();
+                self.discard_outbox();
                 return Flow::Abandoned;
             }
             result
@@ -859,7 +857,7 @@ impl Worker<'_> {
         let stats = &shared.stats;
         if shared.staged.load(Ordering::Relaxed) {
             shared.staged.store(false, Ordering::Relaxed);
-            shared.outbox.lock().clear();
+            self.discard_outbox();
         }
         sub.meta.record_failure(&error, panicked);
         bump(&stats.failed, 1);
@@ -903,19 +901,21 @@ impl Worker<'_> {
         }
     }
 
+    /// Drops what a failed handler staged: those events were never published.
+    fn discard_outbox(&mut self) {
+        for (routed, _) in self.shared.outbox.lock().drain(..) {
+            if let Work::Task(task) = &routed.work {
+                let type_id = (task.ops.type_id)();
+                let source = task.envelope.source_id();
+                self.core.registry.uncount(type_id, source, false);
+            }
+        }
+    }
+
     fn send_staged(&mut self) {
         self.shared.staged.store(false, Ordering::Relaxed);
         std::mem::swap(&mut *self.shared.outbox.lock(), &mut self.scratch);
         for (routed, delay) in self.scratch.drain(..) {
-            if let Work::Task(task) = &routed.work {
-                let metrics = &self.core.metrics;
-                metrics.published(
-                    (task.ops.type_id)(),
-                    task.ops.name,
-                    task.envelope.source_id(),
-                    false,
-                );
-            }
             let deliveries = routed.work.deliveries();
             self.core.shards[routed.shard].gate.accept(deliveries);
             let left = match delay {

@@ -625,3 +625,46 @@ fn publish_counts_from_many_threads_add_up() {
     assert_eq!(m.handlers[0].delivered, 30_000);
     bus.shutdown().unwrap();
 }
+
+#[test]
+fn events_that_were_not_published_after_all_are_not_counted() {
+    let bus = Bus::builder()
+        .workers(2)
+        .retry(RetryPolicy::fixed(Duration::ZERO).max_attempts(2))
+        .build()
+        .unwrap();
+    // The handler stages a follow-up and then fails on its first attempt: that follow-up is
+    // dropped with the outbox, and only the second attempt's is published.
+    bus.subscribe(|e: &Numbered, ctx: &Context| -> HandlerResult {
+        ctx.publish(FollowUp {
+            parent: e.seq,
+            index: 0,
+        })?;
+        if ctx.attempt() == 1 {
+            return Err(HandlerError::msg("not yet"));
+        }
+        Ok(())
+    })
+    .unwrap();
+    bus.subscribe(|_: &FollowUp, _: &Context| -> HandlerResult { Ok(()) })
+        .unwrap();
+    for seq in 0..100 {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    bus.flush(WAIT).unwrap();
+    bus.shutdown().unwrap();
+    // Refused after shutdown: handed back, not counted.
+    assert!(
+        bus.publish(Numbered {
+            publisher: 0,
+            seq: 100
+        })
+        .is_err()
+    );
+    assert!(bus.publish(Keyed { key: 1, seq: 1 }).is_err());
+    let m = bus.metrics();
+    assert_eq!(m.event("Numbered", "app").unwrap().published, 100);
+    assert_eq!(m.event("FollowUp", "app").unwrap().published, 100);
+    assert_eq!(m.event("Keyed", "app").map_or(0, |e| e.published), 0);
+    assert_eq!(m.handlers.iter().map(|h| h.succeeded).sum::<u64>(), 200);
+}

@@ -3,10 +3,10 @@
 //!
 //! Ground rules: nothing here takes a lock or does a read-modify-write on the hot path.
 //!
-//! - Publish counters live in per-thread slots: a publishing thread owns one slot per (event
-//!   type, source) it publishes, writes it with a plain load and store, and gives it back when
-//!   it exits (the next thread to need that key takes it over, counts and all). A snapshot sums
-//!   the slots.
+//! - Publish counters live in per-thread slots: a publishing thread holds one slot per (event
+//!   type, source) it publishes, beside its cached routes of the bus (the lookup it makes
+//!   anyway), writes it with a plain load and store, and gives it back when it exits (the next
+//!   thread to need that key takes it over, counts and all). A snapshot sums the slots.
 //! - Handler counters that every delivery touches (delivered, succeeded) are one cell per
 //!   subscription and worker, written by that worker alone; the rarer ones (failed, retried,
 //!   dead-lettered, cancelled) are shared atomics on the subscription.
@@ -26,7 +26,6 @@ mod snapshot;
 pub use snapshot::{EventCounts, EventLatency, HandlerMetrics, Latency, MetricsSnapshot};
 
 use std::any::TypeId;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -44,8 +43,6 @@ pub(crate) const HIGHEST_NANOS: u64 = 60_000_000_000;
 const SIGNIFICANT_DIGITS: u8 = 2;
 /// How long [`Bus::metrics`](crate::Bus::metrics) waits for a busy worker's latencies.
 pub(crate) const COLLECT_WAIT: Duration = Duration::from_millis(100);
-/// How many (bus, event type, source) publish slots a thread keeps.
-const HELD_SLOTS: usize = 64;
 
 /// A latency distribution being recorded: the histogram and the exact sum.
 #[derive(Clone)]
@@ -166,18 +163,37 @@ fn bump(counter: &AtomicU64) {
 
 /// Publish counters of one (event type, source) owned by one thread at a time.
 #[derive(Default)]
-struct PublishSlot {
+pub(crate) struct PublishSlot {
     published: AtomicU64,
     unmatched: AtomicU64,
     in_use: AtomicBool,
 }
 
-/// A slot this thread holds.
-struct HeldSlot {
-    bus: u64,
-    type_id: TypeId,
-    source: NameId,
+/// A publish slot a thread holds: it alone writes it, until it lets go.
+pub(crate) struct HeldSlot {
+    pub(crate) type_id: TypeId,
+    pub(crate) source: NameId,
     slot: Arc<PublishSlot>,
+}
+
+impl HeldSlot {
+    /// Counts one publish.
+    #[inline]
+    pub(crate) fn count(&self, unmatched: bool) {
+        bump(&self.slot.published);
+        if unmatched {
+            bump(&self.slot.unmatched);
+        }
+    }
+
+    /// Takes back a publish counted for an event that was not accepted after all.
+    pub(crate) fn uncount(&self, unmatched: bool) {
+        let less = |c: &AtomicU64| c.store(c.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+        less(&self.slot.published);
+        if unmatched {
+            less(&self.slot.unmatched);
+        }
+    }
 }
 
 impl Drop for HeldSlot {
@@ -186,35 +202,95 @@ impl Drop for HeldSlot {
     }
 }
 
-thread_local! {
-    /// The publish slots this thread holds, most recently used first.
-    static SLOTS: RefCell<Vec<HeldSlot>> = const { RefCell::new(Vec::new()) };
-}
-
 /// The publish slots of one (event type, source).
 struct PublishKey {
     event: &'static str,
     slots: Vec<Arc<PublishSlot>>,
 }
 
-/// A bus's metrics: configuration, every subscription, publish slots and merged latencies.
+/// A bus's publish counters per (event type, source): slots that publishing threads hold (in
+/// their cached routes; see `registry`) and give back when they exit.
+pub(crate) struct PublishCounters {
+    pub(crate) enabled: bool,
+    keys: Mutex<HashMap<(TypeId, NameId), PublishKey>>,
+}
+
+impl PublishCounters {
+    pub(crate) fn new(enabled: bool) -> PublishCounters {
+        PublishCounters {
+            enabled,
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a free slot of the key, or adds one.
+    #[cold]
+    pub(crate) fn take(&self, type_id: TypeId, event: &'static str, source: NameId) -> HeldSlot {
+        let mut keys = self.keys.lock();
+        let key = keys.entry((type_id, source)).or_insert_with(|| PublishKey {
+            event,
+            slots: Vec::new(),
+        });
+        let free = key.slots.iter().find(|s| {
+            s.in_use
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        });
+        let slot = match free {
+            Some(slot) => slot.clone(),
+            None => {
+                let slot = Arc::new(PublishSlot {
+                    in_use: AtomicBool::new(true),
+                    ..PublishSlot::default()
+                });
+                key.slots.push(slot.clone());
+                slot
+            }
+        };
+        HeldSlot {
+            type_id,
+            source,
+            slot,
+        }
+    }
+
+    /// The counts, summed over the slots, sorted by event then source.
+    pub(crate) fn event_counts(&self) -> Vec<EventCounts> {
+        let keys = self.keys.lock();
+        let sum = |key: &PublishKey, pick: fn(&PublishSlot) -> &AtomicU64| -> u64 {
+            key.slots
+                .iter()
+                .map(|s| pick(s).load(Ordering::Relaxed))
+                .sum()
+        };
+        let mut counts: Vec<EventCounts> = keys
+            .iter()
+            .map(|((_, source), key)| EventCounts {
+                event: key.event.to_owned(),
+                source: source.as_str().to_owned(),
+                published: sum(key, |s| &s.published),
+                unmatched: sum(key, |s| &s.unmatched),
+            })
+            .collect();
+        counts.sort_by(|a, b| (&a.event, &a.source).cmp(&(&b.event, &b.source)));
+        counts
+    }
+}
+
+/// A bus's metrics: configuration, every subscription, and the merged latencies.
 pub(crate) struct Metrics {
-    bus: u64,
     pub(crate) enabled: bool,
     pub(crate) sample_every: u32,
     subscriptions: Mutex<Vec<Arc<SubMeta>>>,
-    published: Mutex<HashMap<(TypeId, NameId), PublishKey>>,
     merged: Mutex<HashMap<u64, Distributions>>,
 }
 
 impl Metrics {
-    pub(crate) fn new(bus: u64, enabled: bool, sample_every: u32) -> Metrics {
+    pub(crate) fn new(enabled: bool, sample_every: u32) -> Metrics {
         Metrics {
-            bus,
             enabled,
             sample_every,
             subscriptions: Mutex::new(Vec::new()),
-            published: Mutex::new(HashMap::new()),
             merged: Mutex::new(HashMap::new()),
         }
     }
@@ -224,109 +300,6 @@ impl Metrics {
         if self.enabled {
             self.subscriptions.lock().push(meta.clone());
         }
-    }
-
-    /// Counts an accepted publish of an event of type `type_id` named `event` from `source`.
-    #[inline]
-    pub(crate) fn published(
-        &self,
-        type_id: TypeId,
-        event: &'static str,
-        source: NameId,
-        unmatched: bool,
-    ) {
-        if !self.enabled {
-            return;
-        }
-        let counted = SLOTS.try_with(|held| {
-            let mut held = held.borrow_mut();
-            let found = held
-                .iter()
-                .position(|h| h.type_id == type_id && h.source == source && h.bus == self.bus);
-            let i = match found {
-                Some(i) => i,
-                None => {
-                    if held.len() == HELD_SLOTS {
-                        held.pop();
-                    }
-                    held.push(HeldSlot {
-                        bus: self.bus,
-                        type_id,
-                        source,
-                        slot: self.take_slot(type_id, event, source),
-                    });
-                    held.len() - 1
-                }
-            };
-            if i > 0 {
-                // Most recently used first: a thread that publishes one type finds it at once.
-                held.swap(0, i);
-            }
-            let slot = &held[0].slot;
-            bump(&slot.published);
-            if unmatched {
-                bump(&slot.unmatched);
-            }
-        });
-        if counted.is_err() {
-            // The thread is exiting: count in a slot of its own, given back at once.
-            let slot = self.take_slot(type_id, event, source);
-            slot.published.fetch_add(1, Ordering::Relaxed);
-            if unmatched {
-                slot.unmatched.fetch_add(1, Ordering::Relaxed);
-            }
-            slot.in_use.store(false, Ordering::Release);
-        }
-    }
-
-    /// Takes a free slot of the key, or adds one.
-    #[cold]
-    fn take_slot(&self, type_id: TypeId, event: &'static str, source: NameId) -> Arc<PublishSlot> {
-        let mut published = self.published.lock();
-        let key = published
-            .entry((type_id, source))
-            .or_insert_with(|| PublishKey {
-                event,
-                slots: Vec::new(),
-            });
-        let free = key.slots.iter().find(|s| {
-            s.in_use
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-        });
-        if let Some(slot) = free {
-            return slot.clone();
-        }
-        let slot = Arc::new(PublishSlot {
-            in_use: AtomicBool::new(true),
-            ..PublishSlot::default()
-        });
-        key.slots.push(slot.clone());
-        slot
-    }
-
-    /// The publish counters, summed over the slots, sorted by event then source.
-    pub(crate) fn event_counts(&self) -> Vec<EventCounts> {
-        let published = self.published.lock();
-        let mut counts: Vec<EventCounts> = published
-            .iter()
-            .map(|((_, source), key)| EventCounts {
-                event: key.event.to_owned(),
-                source: source.as_str().to_owned(),
-                published: key
-                    .slots
-                    .iter()
-                    .map(|s| s.published.load(Ordering::Relaxed))
-                    .sum(),
-                unmatched: key
-                    .slots
-                    .iter()
-                    .map(|s| s.unmatched.load(Ordering::Relaxed))
-                    .sum(),
-            })
-            .collect();
-        counts.sort_by(|a, b| (&a.event, &a.source).cmp(&(&b.event, &b.source)));
-        counts
     }
 
     /// The per-handler and per-event-type figures, from the counters and the merged latencies.

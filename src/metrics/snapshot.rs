@@ -26,7 +26,7 @@ pub struct Latency {
     pub p99_ns: u64,
     /// The 99.9th percentile.
     pub p999_ns: u64,
-    /// The largest value (values above 60 s are recorded as 60 s).
+    /// The largest value (values above 2^36 ns, about 68.7 s, are recorded as that).
     pub max_ns: u64,
 }
 

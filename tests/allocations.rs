@@ -65,9 +65,10 @@ fn allocations_per_run(metrics: bool) -> u64 {
 fn publishing_and_handling_allocate_nothing_per_event() {
     for metrics in [false, true] {
         let allocations = allocations_per_run(metrics);
-        // A few for waking and waiting in flush; none per event.
+        // None per event: a few each time the publisher waits for room in a full shard (about
+        // once per channel's worth of events) or flush waits.
         assert!(
-            allocations < 20,
+            allocations < EVENTS / 100,
             "metrics {metrics}: {allocations} allocations for {EVENTS} events"
         );
     }

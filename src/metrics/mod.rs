@@ -6,14 +6,18 @@
 //! - Publish counters live in per-thread slots: a publishing thread holds one slot per (event
 //!   type, source) it publishes, beside its cached routes of the bus (the lookup it makes
 //!   anyway), writes it with a plain load and store, and gives it back when it exits (the next
-//!   thread to need that key takes it over, counts and all). A snapshot sums the slots.
+//!   thread to need that key takes it over, counts and all). A snapshot sums the slots. An
+//!   event counted and then not accepted after all (handed back, or staged by a handler that
+//!   failed) is taken back from the same slot; a handler that publishes on more than four buses
+//!   in one run can push its slot out of the cache first, and that event stays counted.
 //! - Handler counters that every delivery touches (delivered, succeeded) are one cell per
 //!   subscription and worker, written by that worker alone; the rarer ones (failed, retried,
 //!   dead-lettered, cancelled) are shared atomics on the subscription.
-//! - Latencies are recorded by each worker into its own histograms, one set per subscription
-//!   it ran. [`Bus::metrics`](crate::Bus::metrics) asks every worker for them: a worker answers
-//!   between batches (at most 64 deliveries) or before it waits for work, by adding its
-//!   histograms into the bus's merged ones under a mutex and clearing its own. A worker that a
+//! - Latencies are counted by each worker into its own arrays, laid out as the `hdrhistogram`
+//!   crate lays out its counts, one set per subscription it ran.
+//!   [`Bus::metrics`](crate::Bus::metrics) asks every worker for them: a worker answers
+//!   between batches (at most 64 deliveries) or before it waits for work, by adding its counts
+//!   into the bus's merged histograms under a mutex and clearing its own. A worker that a
 //!   handler keeps busy longer than [`COLLECT_WAIT`] is reported in
 //!   [`MetricsSnapshot::workers_behind`].
 //!

@@ -22,8 +22,8 @@ use crate::dead_letter::{
     DeadLetter, DeadLetterReason, DeadLetterSink, DeadLetters, RedriveError, Ring,
 };
 use crate::error::{
-    ConfigError, FlushError, Pending, PublishError, PublishTimeoutError, ShutdownError,
-    SubscribeError, TryPublishError,
+    ConfigError, FlushError, Pending, PublishBatchError, PublishError, PublishTimeoutError,
+    ShutdownError, SubscribeError, TryPublishError,
 };
 use crate::event::{Envelope, Event, EventId, NameId, Publish};
 use crate::handler::{Context, Handler, HandlerResult};
@@ -32,7 +32,9 @@ use crate::metrics::{Collect, Metrics, MetricsSnapshot};
 use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subscription};
 use crate::retry::RetryPolicy;
 use crate::retry::timer::{REOFFER_DELAY, Timer};
-use crate::shard::{ABANDONED, IDLE, Msg, Routed, Shard, Task, Work, WorkerShared, run_worker};
+use crate::shard::{
+    ABANDONED, Batch, IDLE, MAX_GROUP, Msg, Routed, Shard, Task, Work, WorkerShared, run_worker,
+};
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::tap::{Tapped, Taps};
 use crate::trace::{Trace, TraceRing};
@@ -261,7 +263,7 @@ struct Swept {
 impl Swept {
     fn add(&mut self, work: Work, dead_letters: &Ring) {
         match work {
-            Work::Task(task) => self.left += task.deliveries() as u64,
+            Work::Task(_) | Work::Batch(_) => self.left += work.deliveries() as u64,
             Work::Retry(retry) if dead_letters.enabled() => {
                 let id = dead_letters.next_id();
                 dead_letters.push(retry.bury(DeadLetterReason::Shutdown, id));
@@ -297,12 +299,18 @@ impl Core {
         match envelope.key() {
             Some(key) => key.shard(shards),
             None if shards == 1 => 0,
-            None => ROUND_ROBIN.with(|rr| {
-                let next = rr.get();
-                rr.set(next.wrapping_add(1));
-                next % shards
-            }),
+            None => self.round_robin(),
         }
+    }
+
+    /// The next shard in turn for an unkeyed event from this thread.
+    #[inline]
+    fn round_robin(&self) -> usize {
+        ROUND_ROBIN.with(|rr| {
+            let next = rr.get();
+            rr.set(next.wrapping_add(1));
+            next % self.shards.len()
+        })
     }
 
     fn unmatched<E: Event>(
@@ -313,7 +321,7 @@ impl Core {
     ) -> Result<(), (Refusal, E)> {
         if self.is_closing() {
             self.refused.fetch_add(1, Ordering::Relaxed);
-            self.registry.uncount(TypeId::of::<E>(), source, true);
+            self.registry.uncount(TypeId::of::<E>(), source, 1, true);
             return Err((Refusal::Shutdown, event));
         }
         self.count_unmatched(source, &event, options);
@@ -355,7 +363,7 @@ impl Core {
         options: Publish,
         mode: Mode,
     ) -> Result<(), (Refusal, E)> {
-        let (generation, deliveries) = self.registry.route::<E>(source);
+        let (generation, deliveries) = self.registry.route::<E>(source, 1);
         if deliveries == 0 {
             return self.unmatched(source, event, options);
         }
@@ -364,7 +372,7 @@ impl Core {
         let shard = &self.shards[index];
         if !shard.gate.enter(deliveries) {
             self.refused.fetch_add(1, Ordering::Relaxed);
-            self.registry.uncount(TypeId::of::<E>(), source, false);
+            self.registry.uncount(TypeId::of::<E>(), source, 1, false);
             return Err((Refusal::Shutdown, event));
         }
         let msg = Msg::Work(Work::Task(Task::new(
@@ -379,7 +387,7 @@ impl Core {
             Ok(()) => Ok(()),
             Err((why, msg)) => {
                 shard.gate.refund(deliveries);
-                self.registry.uncount(TypeId::of::<E>(), source, false);
+                self.registry.uncount(TypeId::of::<E>(), source, 1, false);
                 if why == Refusal::Shutdown {
                     self.refused.fetch_add(1, Ordering::Relaxed);
                 }
@@ -399,7 +407,7 @@ impl Core {
         options: Publish,
         delay: Duration,
     ) -> Result<(), E> {
-        let (generation, deliveries) = self.registry.route::<E>(source);
+        let (generation, deliveries) = self.registry.route::<E>(source, 1);
         if deliveries == 0 {
             return self.unmatched(source, event, options).map_err(|(_, e)| e);
         }
@@ -408,7 +416,7 @@ impl Core {
         let gate = &self.shards[index].gate;
         if !gate.enter(deliveries) {
             self.refused.fetch_add(1, Ordering::Relaxed);
-            self.registry.uncount(TypeId::of::<E>(), source, false);
+            self.registry.uncount(TypeId::of::<E>(), source, 1, false);
             return Err(event);
         }
         let routed = Routed {
@@ -419,12 +427,154 @@ impl Core {
             Ok(()) => Ok(()),
             Err(routed) => {
                 gate.refund(deliveries);
-                self.registry.uncount(TypeId::of::<E>(), source, false);
+                self.registry.uncount(TypeId::of::<E>(), source, 1, false);
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 let Work::Task(task) = routed.work else {
                     unreachable!("a task was scheduled")
                 };
                 Err(task.into_event())
+            }
+        }
+    }
+
+    /// Publishes events of one type as batch messages (see [`in_groups`](Self::in_groups)).
+    /// Waits while a shard is full. `Err` hands back every event that was not accepted (the
+    /// bus is shutting down).
+    pub(crate) fn publish_batch<E: Event>(
+        &self,
+        source: NameId,
+        items: impl IntoIterator<Item = (E, Publish)>,
+    ) -> Result<(), Vec<E>> {
+        let (generation, deliveries) = self.registry.route::<E>(source, 0);
+        if deliveries == 0 && self.is_closing() {
+            let back: Vec<E> = items.into_iter().map(|(event, _)| event).collect();
+            self.refused.fetch_add(back.len() as u64, Ordering::Relaxed);
+            return Err(back);
+        }
+        let result = self.in_groups(source, items, deliveries, |index, group| {
+            self.send_group(index, group, source, generation, deliveries)
+        });
+        if let Err(back) = &result {
+            self.refused.fetch_add(back.len() as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Prepares a batch published by a handler: grouped as [`publish_batch`](Self::publish_batch)
+    /// does, handed to `stage`, and sent when the handler succeeds.
+    pub(crate) fn prepare_batch<E: Event>(
+        &self,
+        source: NameId,
+        items: impl IntoIterator<Item = (E, Publish)>,
+        mut stage: impl FnMut(Routed),
+    ) -> Result<(), Vec<E>> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(items.into_iter().map(|(event, _)| event).collect());
+        }
+        let (generation, deliveries) = self.registry.route::<E>(source, 0);
+        self.in_groups(source, items, deliveries, |index, group| {
+            self.registry.count::<E>(source, group.len() as u64, false);
+            stage(Routed {
+                shard: index,
+                work: Work::Batch(Batch::new(group, source, generation, deliveries)),
+            });
+            Ok(())
+        })
+    }
+
+    /// Stamps `items` and groups them per shard — by key; unkeyed events fill one shard's
+    /// group, then the next one's — and hands each group of up to [`MAX_GROUP`] events, in
+    /// publish order, to `emit`: as soon as it is full, and the rest at the end. Events that
+    /// match no subscription (`deliveries` is 0) are counted, not grouped. At the first `Err`
+    /// it stops and returns every event not handed over, with those `emit` gave back.
+    fn in_groups<E: Event>(
+        &self,
+        source: NameId,
+        items: impl IntoIterator<Item = (E, Publish)>,
+        deliveries: usize,
+        mut emit: impl FnMut(usize, Vec<(Envelope, E)>) -> Result<(), Vec<E>>,
+    ) -> Result<(), Vec<E>> {
+        let mut items = items.into_iter();
+        if deliveries == 0 {
+            for (event, options) in items {
+                self.registry.count::<E>(source, 1, true);
+                self.count_unmatched(source, &event, options);
+            }
+            return Ok(());
+        }
+        let shards = self.shards.len();
+        let mut groups: Vec<Vec<(Envelope, E)>> = (0..shards).map(|_| Vec::new()).collect();
+        let mut unkeyed = self.round_robin();
+        let mut failed = None;
+        for (event, options) in items.by_ref() {
+            let envelope = Envelope::stamp(source, options);
+            let index = match envelope.key() {
+                Some(key) => key.shard(shards),
+                None => unkeyed,
+            };
+            let group = &mut groups[index];
+            if group.capacity() == 0 {
+                group.reserve_exact(MAX_GROUP);
+            }
+            group.push((envelope, event));
+            if group.len() == MAX_GROUP {
+                if index == unkeyed {
+                    unkeyed = (unkeyed + 1) % shards;
+                }
+                if let Err(back) = emit(index, std::mem::take(group)) {
+                    failed = Some(back);
+                    break;
+                }
+            }
+        }
+        let mut groups = groups.into_iter().enumerate();
+        if failed.is_none() {
+            failed = groups
+                .by_ref()
+                .filter(|(_, group)| !group.is_empty())
+                .find_map(|(index, group)| emit(index, group).err());
+        }
+        let Some(mut back) = failed else {
+            return Ok(());
+        };
+        back.extend(groups.flat_map(|(_, group)| group).map(|(_, event)| event));
+        back.extend(items.map(|(event, _)| event));
+        Err(back)
+    }
+
+    /// Sends one group of a batch to shard `index` through its gate.
+    fn send_group<E: Event>(
+        &self,
+        index: usize,
+        group: Vec<(Envelope, E)>,
+        source: NameId,
+        generation: u32,
+        per_event: usize,
+    ) -> Result<(), Vec<E>> {
+        let events = group.len();
+        let deliveries = events * per_event;
+        let shard = &self.shards[index];
+        let batch = Batch::new(group, source, generation, per_event);
+        if !shard.gate.enter(deliveries) {
+            return Err(batch.into_events().collect());
+        }
+        let msg = Msg::Work(Work::Batch(batch));
+        let sent = match shard.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(msg)) => self.send_full(index, msg, Mode::Block),
+            Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
+        };
+        match sent {
+            Ok(()) => {
+                self.registry.count::<E>(source, events as u64, false);
+                Ok(())
+            }
+            Err((_, msg)) => {
+                shard.gate.refund(deliveries);
+                let Msg::Work(Work::Batch(batch)) = msg else {
+                    unreachable!("a batch was sent")
+                };
+                Err(batch.into_events().collect())
             }
         }
     }
@@ -505,7 +655,7 @@ impl Core {
         if self.stopped.load(Ordering::SeqCst) {
             return Err(event);
         }
-        let (generation, deliveries) = self.registry.route::<E>(source);
+        let (generation, deliveries) = self.registry.route::<E>(source, 1);
         if deliveries == 0 {
             self.count_unmatched(source, &event, options);
             return Ok(None);
@@ -1394,6 +1544,59 @@ impl Bus {
         self.core()
             .publish(self.source, event, options, Mode::Block)
             .map_err(|(_, e)| PublishError::Shutdown(e))
+    }
+
+    /// Publishes events of one type in batches: they are grouped per shard and each group of
+    /// up to 64 events travels as one channel message, which costs a fraction of a message per
+    /// event. Unkeyed events fill one shard's group before the next shard's; use
+    /// [`publish_batch_with`](Self::publish_batch_with) to give events keys. Events with the
+    /// same key keep their order. Waits while a shard is full, as [`publish`](Self::publish)
+    /// does; a shard's capacity counts messages, so a full shard holds up to 64 times as many
+    /// events.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Event, HandlerResult};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct PriceChanged { sku: u32, cents: u64 }
+    /// impl Event for PriceChanged { const NAME: &'static str = "PriceChanged"; }
+    ///
+    /// let bus = Bus::builder().workers(2).build()?;
+    /// bus.subscribe(|_: &PriceChanged, _: &Context| -> HandlerResult { Ok(()) })?;
+    /// bus.publish_batch((0..1_000).map(|sku| PriceChanged { sku, cents: 999 }))?;
+    /// bus.flush(Duration::from_secs(5))?;
+    /// assert_eq!(bus.stats().succeeded, 1_000);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PublishBatchError`] with every event not accepted when the bus is shutting down; the
+    /// others were published.
+    pub fn publish_batch<E: Event>(
+        &self,
+        events: impl IntoIterator<Item = E>,
+    ) -> Result<(), PublishBatchError<E>> {
+        self.publish_batch_with(events.into_iter().map(|event| (event, Publish::new())))
+    }
+
+    /// Like [`publish_batch`](Self::publish_batch), each event with its own options (a key,
+    /// headers, a correlation).
+    ///
+    /// # Errors
+    ///
+    /// As [`publish_batch`](Self::publish_batch).
+    pub fn publish_batch_with<E: Event>(
+        &self,
+        items: impl IntoIterator<Item = (E, Publish)>,
+    ) -> Result<(), PublishBatchError<E>> {
+        self.core()
+            .publish_batch(self.source, items)
+            .map_err(PublishBatchError::new)
     }
 
     /// Publishes `event` to be delivered after `delay`: it is accepted now (and counted by

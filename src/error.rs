@@ -122,6 +122,52 @@ impl<E> PublishTimeoutError<E> {
     }
 }
 
+/// `publish_batch` failed: the bus is shutting down. The events that were not accepted come
+/// back; the others were published.
+pub struct PublishBatchError<E> {
+    events: Vec<E>,
+}
+
+impl<E> PublishBatchError<E> {
+    pub(crate) fn new(events: Vec<E>) -> Self {
+        PublishBatchError { events }
+    }
+
+    /// The events that were not published: in publish order among events of the same shard
+    /// (the same key), grouped by shard.
+    pub fn into_events(self) -> Vec<E> {
+        self.events
+    }
+
+    /// How many events were not published.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether no event came back (never the case for an error the bus returns).
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+impl<E> fmt::Debug for PublishBatchError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublishBatchError({} events)", self.events.len())
+    }
+}
+
+impl<E> fmt::Display for PublishBatchError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "publishing a batch on a bus that is shut down: {} events came back",
+            self.events.len()
+        )
+    }
+}
+
+impl<E> std::error::Error for PublishBatchError<E> {}
+
 impl<E> From<PublishError<E>> for TryPublishError<E> {
     fn from(err: PublishError<E>) -> Self {
         TryPublishError::Shutdown(err.into_event())

@@ -11,7 +11,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::bus::Core;
-use crate::error::PublishError;
+use crate::error::{PublishBatchError, PublishError};
 use crate::event::{Envelope, Event, EventId, Publish};
 use crate::registry::SubMeta;
 use crate::shard::WorkerShared;
@@ -260,17 +260,63 @@ impl Context<'_> {
         self.stage(event, Publish::new(), Some(delay))
     }
 
+    /// Stages events of one type to be published, in batches, when this handler returns `Ok`:
+    /// grouped per shard as [`Bus::publish_batch`](crate::Bus::publish_batch) does, each
+    /// inheriting the correlation and naming the handled event as its cause.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishBatchError`] with the events when the bus has already stopped.
+    pub fn publish_batch<E: Event>(
+        &self,
+        events: impl IntoIterator<Item = E>,
+    ) -> Result<(), PublishBatchError<E>> {
+        self.publish_batch_with(events.into_iter().map(|event| (event, Publish::new())))
+    }
+
+    /// Like [`publish_batch`](Self::publish_batch), each event with its own options; the
+    /// correlation and causation default to the handled event's.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish_batch`](Self::publish_batch).
+    pub fn publish_batch_with<E: Event>(
+        &self,
+        items: impl IntoIterator<Item = (E, Publish)>,
+    ) -> Result<(), PublishBatchError<E>> {
+        let items = items
+            .into_iter()
+            .map(|(event, options)| (event, self.inherit(options)));
+        let mut staged = Vec::new();
+        self.core
+            .prepare_batch(self.sub.service, items, |routed| {
+                staged.push((routed, None))
+            })
+            .map_err(PublishBatchError::new)?;
+        if !staged.is_empty() {
+            self.worker.outbox.lock().append(&mut staged);
+            self.worker.staged.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Options with the correlation and causation of the handled event, unless they set their
+    /// own.
+    fn inherit(&self, options: Publish) -> Publish {
+        Publish {
+            correlation: options.correlation.or(Some(self.envelope.correlation_id())),
+            causation: options.causation.or(Some(self.envelope.id())),
+            ..options
+        }
+    }
+
     fn stage<E: Event>(
         &self,
         event: E,
         options: Publish,
         delay: Option<Duration>,
     ) -> Result<(), PublishError<E>> {
-        let options = Publish {
-            correlation: options.correlation.or(Some(self.envelope.correlation_id())),
-            causation: options.causation.or(Some(self.envelope.id())),
-            ..options
-        };
+        let options = self.inherit(options);
         let routed = self
             .core
             .prepare(self.sub.service, event, options)

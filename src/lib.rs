@@ -179,8 +179,8 @@ pub use crate::dead_letter::{
     RedriveError,
 };
 pub use crate::error::{
-    ConfigError, FlushError, Pending, PublishError, PublishTimeoutError, ShutdownError,
-    SubscribeError, TryPublishError,
+    ConfigError, FlushError, Pending, PublishBatchError, PublishError, PublishTimeoutError,
+    ShutdownError, SubscribeError, TryPublishError,
 };
 pub use crate::event::{
     Envelope, Event, EventId, Headers, ParseEventIdError, PartitionKey, Publish,

@@ -320,13 +320,13 @@ impl Registry {
     }
 
     /// The generation of the handler tables now, and how many subscriptions an event of type
-    /// `E` from `source` matches in it. With metrics on it also counts the event as published
-    /// by `source` (and unmatched, if it matches nothing); [`uncount`](Self::uncount) takes
-    /// that back for an event that is not accepted after all. Takes no lock, and in the common
-    /// case (no subscription change since this thread last published) no read-modify-write
-    /// either.
+    /// `E` from `source` matches in it. With metrics on it also counts `events` events as
+    /// published by `source` (and unmatched, if they match nothing);
+    /// [`uncount`](Self::uncount) takes that back for events that are not accepted after all.
+    /// Takes no lock, and in the common case (no subscription change since this thread last
+    /// published) no read-modify-write either.
     #[inline]
-    pub(crate) fn route<E: Event>(&self, source: NameId) -> (u32, usize) {
+    pub(crate) fn route<E: Event>(&self, source: NameId, events: u64) -> (u32, usize) {
         let current = self.generation.load(Ordering::Acquire);
         let type_id = TypeId::of::<E>();
         ROUTES.with_borrow_mut(|cache| {
@@ -365,17 +365,35 @@ impl Registry {
                 Some(last) if last.type_id == type_id && last.source == source => last,
                 _ => entry.look_up(&self.counters, type_id, E::NAME, source),
             };
-            if let Some(counter) = entry.counters.get(last.counter) {
-                counter.count(last.deliveries == 0);
+            if events > 0
+                && let Some(counter) = entry.counters.get(last.counter)
+            {
+                counter.count(events, last.deliveries == 0);
             }
             (entry.routes.generation, last.deliveries)
         })
     }
 
-    /// Takes back the publish that [`route`](Self::route) counted on this thread for an event
-    /// of type `type_id` from `source` that was not accepted.
+    /// Counts `n` events of type `E` from `source` as published (after [`route`](Self::route)
+    /// with none, on this thread).
+    pub(crate) fn count<E: Event>(&self, source: NameId, n: u64, unmatched: bool) {
+        if !self.counters.enabled || n == 0 {
+            return;
+        }
+        let type_id = TypeId::of::<E>();
+        let _ = ROUTES.try_with(|cache| {
+            let mut cache = cache.borrow_mut();
+            if let Some(entry) = cache.iter_mut().find(|c| c.bus == self.bus) {
+                let i = entry.counter(&self.counters, type_id, E::NAME, source);
+                entry.counters[i].count(n, unmatched);
+            }
+        });
+    }
+
+    /// Takes back `n` publishes that [`route`](Self::route) or [`count`](Self::count) counted
+    /// on this thread for events of type `type_id` from `source` that were not accepted.
     #[cold]
-    pub(crate) fn uncount(&self, type_id: TypeId, source: NameId, unmatched: bool) {
+    pub(crate) fn uncount(&self, type_id: TypeId, source: NameId, n: u64, unmatched: bool) {
         if !self.counters.enabled {
             return;
         }
@@ -387,7 +405,7 @@ impl Registry {
                 .flat_map(|c| c.counters.iter())
                 .find(|c| c.type_id == type_id && c.source == source);
             if let Some(counter) = counter {
-                counter.uncount(unmatched);
+                counter.uncount(n, unmatched);
             }
         });
     }

@@ -37,7 +37,7 @@ use smallbox::{SmallBox, smallbox};
 
 use crate::bus::Core;
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
-use crate::event::{Envelope, Event, EventId, unix_nanos};
+use crate::event::{Envelope, Event, EventId, NameId, unix_nanos};
 use crate::handler::{Context, HandlerError};
 use crate::ledger::Gate;
 use crate::metrics::{Collect, Recorder, Span};
@@ -63,9 +63,10 @@ pub(crate) enum Msg {
     Wake,
 }
 
-/// Deliveries to run: a published event, or one failed delivery tried again.
+/// Deliveries to run: a published event, a batch of them, or one failed delivery tried again.
 pub(crate) enum Work {
     Task(Task),
+    Batch(Batch),
     Retry(Retry),
 }
 
@@ -74,7 +75,17 @@ impl Work {
     pub(crate) fn deliveries(&self) -> usize {
         match self {
             Work::Task(task) => task.deliveries(),
+            Work::Batch(batch) => batch.deliveries(),
             Work::Retry(_) => 1,
+        }
+    }
+
+    /// How many published events it holds, and their type (none for a retry).
+    pub(crate) fn events(&self) -> Option<(TypeId, NameId, usize)> {
+        match self {
+            Work::Task(task) => Some(((task.ops.type_id)(), task.envelope.source_id(), 1)),
+            Work::Batch(batch) => Some(((batch.ops.type_id)(), batch.source, batch.len())),
+            Work::Retry(_) => None,
         }
     }
 }
@@ -97,6 +108,7 @@ type Payload = SmallBox<dyn Any + Send, [usize; 3]>;
 /// The functions that handle one event type, chosen when the event is published.
 pub(crate) struct TaskOps {
     run: fn(&mut Worker<'_>, &Task) -> Flow,
+    run_batch: fn(&mut Worker<'_>, Batch) -> Flow,
     share: fn(Task) -> Arc<SharedEvent>,
     retry: fn(&mut Worker<'_>, &Retry) -> Flow,
     bury: fn(Retry, DeadLetterReason, u64) -> DeadLetter,
@@ -109,6 +121,7 @@ struct OpsOf<E>(PhantomData<E>);
 impl<E: Event> OpsOf<E> {
     const OPS: TaskOps = TaskOps {
         run: run_task::<E>,
+        run_batch: run_batch::<E>,
         share: share_task::<E>,
         retry: run_retry::<E>,
         bury: bury::<E>,
@@ -163,22 +176,41 @@ fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
     let Some(event) = task.payload.downcast_ref::<E>() else {
         unreachable!("a task's dispatch function matches its payload")
     };
+    run_event(
+        worker,
+        &task.envelope,
+        event,
+        task.generation,
+        task.deliveries(),
+    )
+}
+
+/// Runs the `deliveries` deliveries of a published event of type `E`, matched in generation
+/// `generation`.
+#[inline]
+fn run_event<E: Event>(
+    worker: &mut Worker<'_>,
+    envelope: &Envelope,
+    event: &E,
+    generation: u32,
+    deliveries: usize,
+) -> Flow {
     if worker.core.taps.on() {
-        worker.core.tap(&task.envelope, event);
+        worker.core.tap(envelope, event);
     }
-    let snapshot = worker.snapshot_for(task.generation);
-    let source = task.envelope.source_id();
+    let snapshot = worker.snapshot_for(generation);
+    let source = envelope.source_id();
     let mut flow = Flow::Continue;
-    let mut remaining = task.deliveries();
+    let mut remaining = deliveries;
     if let Some(table) = snapshot.table::<E>() {
         for sub in table
             .subs
             .iter()
-            .filter(|s| s.meta.matched(task.generation, source))
+            .filter(|s| s.meta.matched(generation, source))
         {
             debug_assert!(remaining > 0, "more subscriptions than were matched");
             remaining -= 1;
-            flow = worker.deliver(&task.envelope, sub, event, remaining, 1, true);
+            flow = worker.deliver(envelope, sub, event, remaining, 1, true);
             if flow != Flow::Continue {
                 break;
             }
@@ -186,9 +218,7 @@ fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
         if flow == Flow::Continue && remaining > 0 {
             // Subscriptions removed since the event was published.
             for tomb in table.removed.iter() {
-                if before(task.generation, tomb.removed_gen)
-                    && tomb.meta.matched(task.generation, source)
-                {
+                if before(generation, tomb.removed_gen) && tomb.meta.matched(generation, source) {
                     tomb.meta.cancelled.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -199,6 +229,91 @@ fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
     }
     worker.snapshot = Some(snapshot);
     flow
+}
+
+/// Events of type `E` from one source, bound for one shard, in publish order: one channel
+/// message for up to [`MAX_GROUP`] events, matched in one generation.
+pub(crate) struct Batch {
+    ops: &'static TaskOps,
+    generation: u32,
+    /// Deliveries of each event.
+    per_event: u32,
+    source: NameId,
+    /// A `Vec<(Envelope, E)>`, inline (a `Vec` is three words).
+    items: Payload,
+    len: u32,
+}
+
+/// The most events one batch message carries.
+pub(crate) const MAX_GROUP: usize = 64;
+
+impl Batch {
+    pub(crate) fn new<E: Event>(
+        items: Vec<(Envelope, E)>,
+        source: NameId,
+        generation: u32,
+        per_event: usize,
+    ) -> Batch {
+        Batch {
+            ops: &OpsOf::<E>::OPS,
+            generation,
+            per_event: u32::try_from(per_event).expect("fewer than 2^32 subscriptions"),
+            source,
+            len: u32::try_from(items.len()).expect("a batch message holds a few events"),
+            items: smallbox!(items),
+        }
+    }
+
+    /// How many events it holds.
+    pub(crate) fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// How many deliveries it holds.
+    pub(crate) fn deliveries(&self) -> usize {
+        self.len() * self.per_event as usize
+    }
+
+    /// Takes the events back out of a batch that was not accepted.
+    pub(crate) fn into_events<E: Event>(self) -> impl Iterator<Item = E> {
+        match self.items.downcast::<Vec<(Envelope, E)>>() {
+            Ok(items) => items.into_inner().into_iter().map(|(_, event)| event),
+            Err(_) => unreachable!("a returned batch holds the caller's event type"),
+        }
+    }
+}
+
+/// Runs the events of a batch of type `E`, one after another, each as a task would run.
+fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow {
+    let per_event = batch.per_event as usize;
+    let mut rest = batch.deliveries();
+    let Ok(items) = batch.items.downcast::<Vec<(Envelope, E)>>() else {
+        unreachable!("a batch's functions match its payload")
+    };
+    for (envelope, event) in items.into_inner() {
+        rest -= per_event;
+        // Shutdown reads these if it gives up on a delivery of this event.
+        worker.rest = rest;
+        worker.open_batch();
+        let flow = run_event(worker, &envelope, &event, batch.generation, per_event);
+        worker.count_in_batch();
+        if !worker.pending.is_empty() {
+            let shared = Arc::new(SharedEvent {
+                envelope,
+                event: Box::new(event),
+            });
+            worker.retry_failed(batch.ops, shared);
+        }
+        if flow != Flow::Continue {
+            worker.rest = 0;
+            if flow == Flow::Stop {
+                worker.shared.settle_left(rest);
+            }
+            return flow;
+        }
+    }
+    worker.rest = 0;
+    Flow::Continue
 }
 
 /// Moves a task's event to the heap, to be shared by the retries of its failed deliveries.
@@ -552,6 +667,8 @@ pub(crate) struct Worker<'a> {
     jitter: Jitter,
     /// The worker's latencies; `None` with metrics off.
     recorder: Option<Recorder>,
+    /// Deliveries of the events after the current one in the batch message being run.
+    rest: usize,
 }
 
 enum Outcome {
@@ -593,11 +710,28 @@ impl Worker<'_> {
         let flow = match work {
             Work::Task(task) => (task.ops.run)(self, task),
             Work::Retry(retry) => (retry.ops.retry)(self, retry),
+            Work::Batch(_) => unreachable!("batch messages are run by `handle`"),
         };
+        self.count_in_batch();
+        flow
+    }
+
+    /// Counts an event run in the open batch, closing it when it is full.
+    #[inline]
+    fn count_in_batch(&mut self) {
         self.batch_len += 1;
         if self.batch_len >= BATCH {
             self.close_batch();
         }
+    }
+
+    /// Runs work taken by value.
+    fn handle(&mut self, work: Work) -> Flow {
+        if let Work::Batch(batch) = work {
+            return (batch.ops.run_batch)(self, batch);
+        }
+        let flow = self.run(&work);
+        self.after(work);
         flow
     }
 
@@ -609,10 +743,15 @@ impl Worker<'_> {
             return;
         }
         let Work::Task(task) = work else {
-            unreachable!("a retry handles its own failures")
+            unreachable!("retries and batches handle their own failures")
         };
         let ops = task.ops;
         let event = (ops.share)(task);
+        self.retry_failed(ops, event);
+    }
+
+    /// Retries or dead-letters the failed deliveries of `event`.
+    fn retry_failed(&mut self, ops: &'static TaskOps, event: Arc<SharedEvent>) {
         let failed = std::mem::take(&mut self.pending);
         let now = SystemTime::now();
         for failure in failed {
@@ -713,7 +852,9 @@ impl Worker<'_> {
         }
         debug_assert!(self.in_batch, "deliveries run inside a batch");
         let outcome = if sub.meta.active.load(Ordering::Relaxed) {
-            shared.remaining.store(remaining as u64, Ordering::Relaxed);
+            shared
+                .remaining
+                .store((remaining + self.rest) as u64, Ordering::Relaxed);
             let id128 = envelope.id().as_u128();
             shared
                 .event_hi
@@ -904,10 +1045,9 @@ impl Worker<'_> {
     /// Drops what a failed handler staged: those events were never published.
     fn discard_outbox(&mut self) {
         for (routed, _) in self.shared.outbox.lock().drain(..) {
-            if let Work::Task(task) = &routed.work {
-                let type_id = (task.ops.type_id)();
-                let source = task.envelope.source_id();
-                self.core.registry.uncount(type_id, source, false);
+            if let Some((type_id, source, events)) = routed.work.events() {
+                let registry = &self.core.registry;
+                registry.uncount(type_id, source, events as u64, false);
             }
         }
     }
@@ -940,8 +1080,7 @@ impl Worker<'_> {
                 break;
             };
             if routed.shard == self.index {
-                let flow = self.run(&routed.work);
-                self.after(routed.work);
+                let flow = self.handle(routed.work);
                 if flow != Flow::Continue {
                     return flow;
                 }
@@ -992,6 +1131,15 @@ impl Worker<'_> {
                 };
             }
             match &received {
+                Ok(Msg::Work(Work::Batch(_))) => {
+                    let Ok(Msg::Work(work)) = received else {
+                        unreachable!("matched above")
+                    };
+                    let flow = self.handle(work);
+                    if flow != Flow::Continue {
+                        return flow;
+                    }
+                }
                 Ok(Msg::Work(work)) => {
                     let flow = self.run(work);
                     if let Ok(Msg::Work(work)) = received {
@@ -1030,6 +1178,7 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
             .metrics
             .enabled
             .then(|| Recorder::new(index, core.metrics.sample_every)),
+        rest: 0,
     };
     worker.run_loop(&shard.rx);
     worker.close_batch();

@@ -249,18 +249,19 @@ pub(crate) struct HeldSlot {
 }
 
 impl HeldSlot {
-    /// Counts one publish.
+    /// Counts `n` publishes.
     #[inline]
-    pub(crate) fn count(&self, unmatched: bool) {
-        bump(&self.slot.published);
+    pub(crate) fn count(&self, n: u64, unmatched: bool) {
+        let add = |c: &AtomicU64| c.store(c.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+        add(&self.slot.published);
         if unmatched {
-            bump(&self.slot.unmatched);
+            add(&self.slot.unmatched);
         }
     }
 
-    /// Takes back a publish counted for an event that was not accepted after all.
-    pub(crate) fn uncount(&self, unmatched: bool) {
-        let less = |c: &AtomicU64| c.store(c.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+    /// Takes back `n` publishes counted for events that were not accepted after all.
+    pub(crate) fn uncount(&self, n: u64, unmatched: bool) {
+        let less = |c: &AtomicU64| c.store(c.load(Ordering::Relaxed) - n, Ordering::Relaxed);
         less(&self.slot.published);
         if unmatched {
             less(&self.slot.unmatched);

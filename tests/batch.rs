@@ -197,7 +197,9 @@ fn a_handler_stages_a_batch_that_leaves_only_when_it_succeeds() {
         .unwrap();
     }
     let children = Arc::new(Tally::new(10 * 100));
-    let chains: Arc<Mutex<Vec<(u64, Option<EventId>, EventId)>>> = Arc::default();
+    // (parent, causation, correlation) of each batch's first event.
+    type Chain = (u64, Option<EventId>, EventId);
+    let chains: Arc<Mutex<Vec<Chain>>> = Arc::default();
     {
         let (children, chains) = (children.clone(), chains.clone());
         bus.subscribe(move |e: &FollowUp, ctx: &Context| -> HandlerResult {

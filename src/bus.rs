@@ -17,7 +17,7 @@ use crossbeam_channel::{Receiver, Select, Sender, TrySendError};
 use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
 
-use crate::config::{Config, check_name};
+use crate::config::{Config, WaitStrategy, check_name};
 use crate::dead_letter::{
     DeadLetter, DeadLetterReason, DeadLetterSink, DeadLetters, RedriveError, Ring,
 };
@@ -1302,6 +1302,12 @@ impl BusBuilder {
     /// no metrics counter, and [`Bus::metrics`] returns only the bus-wide figures.
     pub fn metrics(mut self, enabled: bool) -> Self {
         self.config.metrics = enabled;
+        self
+    }
+
+    /// How idle workers wait for work (default [`WaitStrategy::Block`]).
+    pub fn wait_strategy(mut self, strategy: WaitStrategy) -> Self {
+        self.config.wait_strategy = strategy;
         self
     }
 

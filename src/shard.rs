@@ -36,6 +36,7 @@ use parking_lot::Mutex;
 use smallbox::{SmallBox, smallbox};
 
 use crate::bus::Core;
+use crate::config::WaitStrategy;
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::event::{Envelope, Event, EventId, NameId, unix_nanos};
 use crate::handler::{Context, HandlerError};
@@ -1121,6 +1122,11 @@ impl Worker<'_> {
                 }
                 self.core.notify_idle();
                 self.refresh_snapshot();
+                if let WaitStrategy::SpinThenPark(spin) = self.core.config.wait_strategy {
+                    received = spin_for(rx, spin);
+                }
+            }
+            if let Err(TryRecvError::Empty) = received {
                 received = if self.shared.spill_len.load(Ordering::SeqCst) > 0 {
                     match rx.recv_timeout(SPILL_RETRY) {
                         Err(e) if e.is_timeout() => continue,
@@ -1156,6 +1162,27 @@ impl Worker<'_> {
                 }
                 Err(_) => return Flow::Stop,
             }
+        }
+    }
+}
+
+/// Polls `rx` for up to `spin` before the worker parks: a few rounds of busy waiting, then
+/// yielding the core between polls (on a shared core the publisher needs it).
+fn spin_for(rx: &Receiver<Msg>, spin: Duration) -> Result<Msg, TryRecvError> {
+    let deadline = unix_nanos().saturating_add(spin.as_nanos() as u64);
+    let mut round = 0u32;
+    loop {
+        if round < 16 {
+            for _ in 0..1 << round.min(6) {
+                std::hint::spin_loop();
+            }
+        } else {
+            std::thread::yield_now();
+        }
+        round += 1;
+        match rx.try_recv() {
+            Err(TryRecvError::Empty) if unix_nanos() < deadline => {}
+            other => return other,
         }
     }
 }

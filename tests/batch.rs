@@ -50,7 +50,11 @@ fn every_event_of_a_batch_reaches_every_subscription_once() {
 fn events_with_one_key_keep_their_order_across_batches_and_threads() {
     const KEYS: u64 = 64;
     const PER_THREAD: u64 = 20_000;
-    let bus = Bus::builder().workers(4).channel_capacity(8).build().unwrap();
+    let bus = Bus::builder()
+        .workers(4)
+        .channel_capacity(8)
+        .build()
+        .unwrap();
     let seen: Arc<Mutex<Vec<Vec<u64>>>> = Arc::new(Mutex::new(vec![Vec::new(); 2 * KEYS as usize]));
     for _ in 0..2 {
         let seen = seen.clone();
@@ -107,7 +111,11 @@ fn events_with_one_key_keep_their_order_across_batches_and_threads() {
 #[test]
 fn batches_published_during_shutdown_are_handled_or_handed_back() {
     const PER_PUBLISHER: u64 = 30_000;
-    let bus = Bus::builder().workers(2).channel_capacity(4).build().unwrap();
+    let bus = Bus::builder()
+        .workers(2)
+        .channel_capacity(4)
+        .build()
+        .unwrap();
     let tally = Arc::new(Tally::new(3 * PER_PUBLISHER as usize));
     {
         let tally = tally.clone();
@@ -153,7 +161,11 @@ fn batches_published_during_shutdown_are_handled_or_handed_back() {
         .flat_map(|p| p.join().unwrap())
         .collect();
     let returned_set: HashSet<u64> = returned.iter().copied().collect();
-    assert_eq!(returned_set.len(), returned.len(), "an event came back twice");
+    assert_eq!(
+        returned_set.len(),
+        returned.len(),
+        "an event came back twice"
+    );
     assert!(!returned.is_empty(), "shutdown came after the publishers");
     let wrong: Vec<_> = tally
         .not_once()
@@ -162,7 +174,11 @@ fn batches_published_during_shutdown_are_handled_or_handed_back() {
         .collect();
     assert_eq!(wrong, vec![], "handled other than once, or lost");
     for &i in &returned {
-        assert_eq!(tally.get(i as usize), 0, "event {i} came back and was handled");
+        assert_eq!(
+            tally.get(i as usize),
+            0,
+            "event {i} came back and was handled"
+        );
     }
     assert_eq!(count(&accepted) + returned.len() as u64, 3 * PER_PUBLISHER);
     assert_eq!(report.stats.succeeded, count(&accepted));

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use microbus::{Bus, BusBuilder, MAX_CHANNEL_CAPACITY, MAX_NAME_LEN, MAX_WORKERS};
+use microbus::{Bus, BusBuilder, MAX_CHANNEL_CAPACITY, MAX_NAME_LEN, MAX_WORKERS, WaitStrategy};
 
 fn field_of(builder: BusBuilder) -> &'static str {
     builder.build().unwrap_err().field()
@@ -33,6 +33,14 @@ fn each_invalid_setting_names_its_field() {
         (
             Bus::builder().shutdown_timeout(Duration::from_secs(25 * 3600)),
             "shutdown_timeout",
+        ),
+        (
+            Bus::builder().wait_strategy(WaitStrategy::spin_then_park(Duration::from_secs(2))),
+            "wait_strategy",
+        ),
+        (
+            Bus::builder().metrics_sample_every(0),
+            "metrics_sample_every",
         ),
     ];
     for (builder, field) in cases {

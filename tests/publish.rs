@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Held, Keyed, Numbered, Tally, WAIT, count, hold_the_only_worker};
-use microbus::{Bus, Context, HandlerResult, Publish, PublishTimeoutError, TryPublishError};
+use microbus::{
+    Bus, Context, HandlerResult, Publish, PublishTimeoutError, TryPublishError, WaitStrategy,
+};
 
 #[test]
 fn two_publishers_two_subscriptions_each_event_exactly_once() {
@@ -284,4 +286,33 @@ fn public_handles_are_send_and_sync() {
     check::<microbus::Trace>();
     check::<microbus::RetryPolicy>();
     check::<microbus::BusBuilder>();
+}
+
+#[test]
+fn spinning_workers_deliver_everything_and_still_park() {
+    let bus = Bus::builder()
+        .workers(2)
+        .wait_strategy(WaitStrategy::spin_then_park(Duration::from_micros(200)))
+        .build()
+        .unwrap();
+    let tally = Arc::new(Tally::new(20_000));
+    {
+        let tally = tally.clone();
+        bus.subscribe(move |e: &Numbered, _: &Context| -> HandlerResult {
+            tally.mark(e.seq as usize);
+            Ok(())
+        })
+        .unwrap();
+    }
+    for seq in 0..10_000 {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    // Idle longer than the spin: the workers park, and a publish wakes them.
+    std::thread::sleep(Duration::from_millis(20));
+    for seq in 10_000..20_000 {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    bus.flush(WAIT).unwrap();
+    assert_eq!(tally.not_once(), vec![]);
+    assert!(bus.shutdown().unwrap().is_balanced());
 }

@@ -1,152 +1,61 @@
-//! Publish → handle throughput: one producer, one subscription, a trivial handler, 8-byte
-//! events, channel capacity 1024.
+//! Publish → handle throughput, scenario by scenario, each group with the floor and the peers
+//! beside microbus: 8-byte events, a trivial handler that counts, capacity 1024 per channel.
+//! A sample ends when every event published in it has been handled.
 //!
-//! Side by side in one group: `base` (the harness alone), `crossbeam` (a raw bounded channel
-//! whose consumer blocks in `recv` and then drains with `try_recv`: the floor), `naive` (a
-//! mutex-and-map bus: the obvious design) and `microbus`. Each iteration publishes one event;
-//! a sample ends when the consumer has handled everything published in it.
-//!
-//! A second group, `publish_handle_failures`, runs microbus with 1% of deliveries failing once
-//! (retried at the next timer tick) against none failing.
-
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
-use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
-
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use crossbeam_channel::Sender;
-use microbus::{Bus, Context, HandlerError, HandlerResult, RetryPolicy};
+//! - `1p1s`: one producer, one subscription. `crossbeam`: a bounded channel whose consumer
+//!   blocks in `recv` and then drains with `try_recv` (the floor); `std_sync_channel`: the
+//!   same with `std::sync::mpsc::sync_channel`; `naive`: a mutex-and-map bus (the obvious
+//!   design); `disruptor`: the `disruptor` crate, busy-spinning; microbus with metrics off, on
+//!   (sampled one delivery in 16), and with the spin-then-park wait strategy.
+//! - `2p1s`: two producers, one subscription.
+//! - `fanout`: one producer, 1, 3 and 8 subscriptions (disruptor: 1 and 3 consumers,
+//!   multicast).
+//! - `keyed`: keyed against unkeyed events over 2 workers.
+//! - `workers`: unkeyed events over 1, 2 and 4 workers.
+//! - `batch`: events in batches of 64: microbus `publish_batch`, disruptor `batch_publish`,
+//!   crossbeam carrying 64 events per message; microbus single publish for reference.
+//! - `failures`: microbus with 1% of deliveries failing once (retried) against none.
 
 mod common;
 
-use common::{CAPACITY, RawChannel, Tick, wait_for};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-type NaiveHandler = Arc<dyn Fn(&dyn Any) + Send + Sync>;
+use common::{CAPACITY, NaiveBus, RawChannel, StdChannel, Tick, wait_for};
+use criterion::measurement::WallTime;
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+};
+use disruptor::{BusySpin, Producer};
+use microbus::{
+    Bus, BusBuilder, Context, HandlerError, HandlerResult, Publish, RetryPolicy, WaitStrategy,
+};
 
-/// The obvious design: one mutex-protected map of handlers, locked on every publish and every
-/// dispatch, boxed events through one channel to two workers.
-struct NaiveBus {
-    handlers: Arc<Mutex<HashMap<TypeId, Vec<NaiveHandler>>>>,
-    tx: Option<Sender<(TypeId, Box<dyn Any + Send>)>>,
-    workers: Vec<JoinHandle<()>>,
-}
+const BATCH: u64 = 64;
 
-impl NaiveBus {
-    fn new(workers: usize) -> NaiveBus {
-        let handlers: Arc<Mutex<HashMap<TypeId, Vec<NaiveHandler>>>> = Arc::default();
-        let (tx, rx) = crossbeam_channel::bounded::<(TypeId, Box<dyn Any + Send>)>(CAPACITY);
-        let workers = (0..workers)
-            .map(|_| {
-                let (handlers, rx) = (handlers.clone(), rx.clone());
-                std::thread::spawn(move || {
-                    while let Ok((type_id, event)) = rx.recv() {
-                        let map = handlers.lock().unwrap();
-                        if let Some(list) = map.get(&type_id) {
-                            for handler in list {
-                                handler(&*event);
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        NaiveBus {
-            handlers,
-            tx: Some(tx),
-            workers,
-        }
-    }
-
-    fn subscribe<E: Any>(&self, handler: impl Fn(&E) + Send + Sync + 'static) {
-        let erased: NaiveHandler = Arc::new(move |event: &dyn Any| {
-            if let Some(event) = event.downcast_ref::<E>() {
-                handler(event);
-            }
-        });
-        self.handlers
-            .lock()
-            .unwrap()
-            .entry(TypeId::of::<E>())
-            .or_default()
-            .push(erased);
-    }
-
-    fn publish<E: Any + Send>(&self, event: E) {
-        let has_handlers = self
-            .handlers
-            .lock()
-            .unwrap()
-            .get(&TypeId::of::<E>())
-            .is_some_and(|l| !l.is_empty());
-        if has_handlers {
-            self.tx
-                .as_ref()
-                .unwrap()
-                .send((TypeId::of::<E>(), Box::new(event)))
-                .unwrap();
-        }
-    }
-}
-
-impl Drop for NaiveBus {
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        for worker in self.workers.drain(..) {
-            worker.join().unwrap();
-        }
-    }
-}
-
-fn publish_handle(c: &mut Criterion) {
-    let mut group = c.benchmark_group("publish_handle_1p1s");
+fn group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, WallTime> {
+    let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(1));
-    group.sample_size(20);
-    group.measurement_time(Duration::from_secs(4));
-    let params = format!("cap{CAPACITY}");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_millis(500));
+    group.measurement_time(Duration::from_secs(2));
+    group
+}
 
-    group.bench_function(BenchmarkId::new("base", &params), |b| {
-        b.iter(|| black_box(Tick(black_box(1))))
-    });
-
-    let raw = RawChannel::new();
-    group.bench_function(BenchmarkId::new("crossbeam", &params), |b| {
-        b.iter_custom(|iters| raw.run(iters))
-    });
-    drop(raw);
-
-    let naive = NaiveBus::new(2);
-    let naive_handled = Arc::new(AtomicU64::new(0));
-    {
-        let handled = naive_handled.clone();
-        naive.subscribe(move |tick: &Tick| {
-            black_box(tick);
-            handled.fetch_add(1, Ordering::Release);
-        });
-    }
-    group.bench_function(BenchmarkId::new("naive", &params), |b| {
-        b.iter_custom(|iters| {
-            let target = naive_handled.load(Ordering::Acquire) + iters;
-            let start = Instant::now();
-            for i in 0..iters {
-                naive.publish(Tick(black_box(i)));
-            }
-            wait_for(&naive_handled, target);
-            start.elapsed()
-        })
-    });
-    drop(naive);
-
-    let bus = Bus::builder()
-        .workers(1)
+fn builder(workers: usize) -> BusBuilder {
+    Bus::builder()
+        .workers(workers)
         .channel_capacity(CAPACITY)
-        .build()
-        .unwrap();
+        .metrics(false)
+}
+
+/// A bus with `subscriptions` counting subscriptions of `Tick`, and their shared count.
+fn counting_bus(builder: BusBuilder, subscriptions: usize) -> (Bus, Arc<AtomicU64>) {
+    let bus = builder.build().unwrap();
     let handled = Arc::new(AtomicU64::new(0));
-    {
+    for _ in 0..subscriptions {
         let handled = handled.clone();
         bus.subscribe(move |tick: &Tick, _: &Context| -> HandlerResult {
             black_box(tick);
@@ -155,31 +64,401 @@ fn publish_handle(c: &mut Criterion) {
         })
         .unwrap();
     }
-    group.bench_function(BenchmarkId::new("microbus", &params), |b| {
+    (bus, handled)
+}
+
+/// Times `publish` of `iters` events until `handled` has grown by `per_event` per event.
+fn timed(
+    iters: u64,
+    handled: &AtomicU64,
+    per_event: u64,
+    publish: impl FnOnce(u64),
+) -> Duration {
+    let target = handled.load(Ordering::Acquire) + iters * per_event;
+    let start = Instant::now();
+    publish(iters);
+    wait_for(handled, target);
+    start.elapsed()
+}
+
+fn bench_bus(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: BenchmarkId,
+    builder: BusBuilder,
+    subscriptions: usize,
+    publish: impl Fn(&Bus, u64),
+) {
+    let (bus, handled) = counting_bus(builder, subscriptions);
+    group.bench_function(id, |b| {
         b.iter_custom(|iters| {
-            let target = handled.load(Ordering::Acquire) + iters;
-            let start = Instant::now();
-            for i in 0..iters {
-                bus.publish(Tick(black_box(i))).unwrap();
-            }
-            wait_for(&handled, target);
-            start.elapsed()
+            timed(iters, &handled, subscriptions as u64, |n| publish(&bus, n))
         })
     });
-    group.finish();
     bus.shutdown().unwrap();
 }
 
+fn publish_each(bus: &Bus, n: u64) {
+    for i in 0..n {
+        bus.publish(Tick(black_box(i))).unwrap();
+    }
+}
+
+fn bench_naive(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: BenchmarkId,
+    workers: usize,
+    subscriptions: usize,
+) {
+    let naive = NaiveBus::new(workers);
+    let handled = Arc::new(AtomicU64::new(0));
+    for _ in 0..subscriptions {
+        let handled = handled.clone();
+        naive.subscribe(move |tick: &Tick| {
+            black_box(tick);
+            handled.fetch_add(1, Ordering::Release);
+        });
+    }
+    group.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            timed(iters, &handled, subscriptions as u64, |n| {
+                for i in 0..n {
+                    naive.publish(Tick(black_box(i)));
+                }
+            })
+        })
+    });
+}
+
+/// A disruptor slot: the event.
+#[derive(Default)]
+struct Slot(u64);
+
+fn counter(handled: &Arc<AtomicU64>) -> impl FnMut(&Slot, i64, bool) + Send + 'static {
+    let handled = handled.clone();
+    move |slot: &Slot, _, _| {
+        black_box(slot.0);
+        handled.fetch_add(1, Ordering::Release);
+    }
+}
+
+fn disruptor_1p(group: &mut BenchmarkGroup<'_, WallTime>, id: BenchmarkId, consumers: usize) {
+    let handled = Arc::new(AtomicU64::new(0));
+    let builder = disruptor::build_single_producer(CAPACITY, Slot::default, BusySpin);
+    let mut run = |producer: &mut dyn FnMut(u64)| {
+        group.bench_function(id.clone(), |b| {
+            b.iter_custom(|iters| timed(iters, &handled, consumers as u64, &mut *producer))
+        });
+    };
+    match consumers {
+        1 => {
+            let mut p = builder.handle_events_with(counter(&handled)).build();
+            run(&mut |n| {
+                for i in 0..n {
+                    p.publish(|slot| slot.0 = black_box(i));
+                }
+            });
+        }
+        3 => {
+            let mut p = builder
+                .handle_events_with(counter(&handled))
+                .handle_events_with(counter(&handled))
+                .handle_events_with(counter(&handled))
+                .build();
+            run(&mut |n| {
+                for i in 0..n {
+                    p.publish(|slot| slot.0 = black_box(i));
+                }
+            });
+        }
+        _ => unreachable!("1 or 3 consumers"),
+    }
+}
+
+fn one_to_one(c: &mut Criterion) {
+    let mut g = group(c, "1p1s");
+    let params = format!("cap{CAPACITY}");
+    let raw = RawChannel::new();
+    g.bench_function(BenchmarkId::new("crossbeam", &params), |b| {
+        b.iter_custom(|iters| raw.run(iters))
+    });
+    drop(raw);
+    let std = StdChannel::new();
+    g.bench_function(BenchmarkId::new("std_sync_channel", &params), |b| {
+        b.iter_custom(|iters| std.run(iters))
+    });
+    drop(std);
+    bench_naive(&mut g, BenchmarkId::new("naive", &params), 1, 1);
+    disruptor_1p(&mut g, BenchmarkId::new("disruptor", &params), 1);
+    bench_bus(
+        &mut g,
+        BenchmarkId::new("microbus", &params),
+        builder(1),
+        1,
+        publish_each,
+    );
+    bench_bus(
+        &mut g,
+        BenchmarkId::new("microbus_metrics_1in16", &params),
+        builder(1).metrics(true).metrics_sample_every(16),
+        1,
+        publish_each,
+    );
+    bench_bus(
+        &mut g,
+        BenchmarkId::new("microbus_spin", &params),
+        builder(1).wait_strategy(WaitStrategy::spin_then_park(Duration::from_micros(50))),
+        1,
+        publish_each,
+    );
+    g.finish();
+}
+
+fn two_to_one(c: &mut Criterion) {
+    let mut g = group(c, "2p1s");
+    let params = format!("cap{CAPACITY}");
+    // Each iteration publishes two events, one from each producer thread.
+    g.throughput(Throughput::Elements(2));
+    let (tx, rx) = crossbeam_channel::bounded::<u64>(CAPACITY);
+    let handled = Arc::new(AtomicU64::new(0));
+    let consumer = {
+        let handled = handled.clone();
+        std::thread::spawn(move || {
+            while let Ok(v) = rx.recv() {
+                black_box(v);
+                handled.fetch_add(1, Ordering::Release);
+            }
+        })
+    };
+    g.bench_function(BenchmarkId::new("crossbeam", &params), |b| {
+        b.iter_custom(|iters| {
+            timed(iters, &handled, 2, |n| {
+                std::thread::scope(|s| {
+                    for _ in 0..2 {
+                        let tx = tx.clone();
+                        s.spawn(move || {
+                            for i in 0..n {
+                                tx.send(black_box(i)).unwrap();
+                            }
+                        });
+                    }
+                });
+            })
+        })
+    });
+    drop(tx);
+    consumer.join().unwrap();
+
+    let naive = NaiveBus::new(1);
+    let handled = Arc::new(AtomicU64::new(0));
+    {
+        let handled = handled.clone();
+        naive.subscribe(move |tick: &Tick| {
+            black_box(tick);
+            handled.fetch_add(1, Ordering::Release);
+        });
+    }
+    g.bench_function(BenchmarkId::new("naive", &params), |b| {
+        b.iter_custom(|iters| {
+            timed(iters, &handled, 2, |n| {
+                std::thread::scope(|s| {
+                    for _ in 0..2 {
+                        let naive = &naive;
+                        s.spawn(move || {
+                            for i in 0..n {
+                                naive.publish(Tick(black_box(i)));
+                            }
+                        });
+                    }
+                });
+            })
+        })
+    });
+    drop(naive);
+
+    let handled = Arc::new(AtomicU64::new(0));
+    let producer = disruptor::build_multi_producer(CAPACITY, Slot::default, BusySpin)
+        .handle_events_with(counter(&handled))
+        .build();
+    g.bench_function(BenchmarkId::new("disruptor", &params), |b| {
+        b.iter_custom(|iters| {
+            timed(iters, &handled, 2, |n| {
+                std::thread::scope(|s| {
+                    for _ in 0..2 {
+                        let mut producer = producer.clone();
+                        s.spawn(move || {
+                            for i in 0..n {
+                                producer.publish(|slot| slot.0 = black_box(i));
+                            }
+                        });
+                    }
+                });
+            })
+        })
+    });
+    drop(producer);
+
+    bench_bus(
+        &mut g,
+        BenchmarkId::new("microbus", &params),
+        builder(1),
+        1,
+        |bus, n| {
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(move || publish_each(bus, n));
+                }
+            });
+        },
+    );
+    g.finish();
+}
+
+fn fan_out(c: &mut Criterion) {
+    let mut g = group(c, "fanout");
+    for subscriptions in [1usize, 3, 8] {
+        let params = format!("{subscriptions}subs");
+        // One element per delivery: the cost per event is `subscriptions` times the time.
+        g.throughput(Throughput::Elements(subscriptions as u64));
+        bench_naive(&mut g, BenchmarkId::new("naive", &params), 1, subscriptions);
+        if subscriptions <= 3 {
+            disruptor_1p(&mut g, BenchmarkId::new("disruptor", &params), subscriptions);
+        }
+        bench_bus(
+            &mut g,
+            BenchmarkId::new("microbus", &params),
+            builder(1),
+            subscriptions,
+            publish_each,
+        );
+    }
+    g.finish();
+}
+
+fn keyed(c: &mut Criterion) {
+    let mut g = group(c, "keyed");
+    bench_naive(&mut g, BenchmarkId::new("naive", "2workers"), 2, 1);
+    bench_bus(
+        &mut g,
+        BenchmarkId::new("microbus_unkeyed", "2workers"),
+        builder(2),
+        1,
+        publish_each,
+    );
+    bench_bus(
+        &mut g,
+        BenchmarkId::new("microbus_keyed", "2workers"),
+        builder(2),
+        1,
+        |bus, n| {
+            for i in 0..n {
+                bus.publish_with(Tick(black_box(i)), Publish::keyed(i % 64))
+                    .unwrap();
+            }
+        },
+    );
+    g.finish();
+}
+
+fn workers(c: &mut Criterion) {
+    let mut g = group(c, "workers");
+    for workers in [1usize, 2, 4] {
+        let params = format!("{workers}workers");
+        bench_naive(&mut g, BenchmarkId::new("naive", &params), workers, 1);
+        bench_bus(
+            &mut g,
+            BenchmarkId::new("microbus", &params),
+            builder(workers),
+            1,
+            publish_each,
+        );
+    }
+    g.finish();
+}
+
+fn batch(c: &mut Criterion) {
+    let mut g = group(c, "batch");
+    let params = format!("batch{BATCH}");
+
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<u64>>(CAPACITY);
+    let handled = Arc::new(AtomicU64::new(0));
+    let consumer = {
+        let handled = handled.clone();
+        std::thread::spawn(move || {
+            while let Ok(batch) = rx.recv() {
+                for v in batch {
+                    black_box(v);
+                    handled.fetch_add(1, Ordering::Release);
+                }
+            }
+        })
+    };
+    g.bench_function(BenchmarkId::new("crossbeam_vec", &params), |b| {
+        b.iter_custom(|iters| {
+            timed(iters, &handled, 1, |n| {
+                let mut i = 0;
+                while i < n {
+                    let end = (i + BATCH).min(n);
+                    tx.send((i..end).map(black_box).collect()).unwrap();
+                    i = end;
+                }
+            })
+        })
+    });
+    drop(tx);
+    consumer.join().unwrap();
+
+    let handled = Arc::new(AtomicU64::new(0));
+    let mut producer = disruptor::build_single_producer(CAPACITY, Slot::default, BusySpin)
+        .handle_events_with(counter(&handled))
+        .build();
+    g.bench_function(BenchmarkId::new("disruptor_batch_publish", &params), |b| {
+        b.iter_custom(|iters| {
+            timed(iters, &handled, 1, |n| {
+                let mut i = 0;
+                while i < n {
+                    let len = BATCH.min(n - i);
+                    producer.batch_publish(len as usize, |slots| {
+                        for slot in slots {
+                            slot.0 = black_box(i);
+                            i += 1;
+                        }
+                    });
+                }
+            })
+        })
+    });
+    drop(producer);
+
+    bench_bus(
+        &mut g,
+        BenchmarkId::new("microbus_publish_batch", &params),
+        builder(1),
+        1,
+        |bus, n| {
+            let mut i = 0;
+            while i < n {
+                let end = (i + BATCH).min(n);
+                bus.publish_batch((i..end).map(|v| Tick(black_box(v))))
+                    .unwrap();
+                i = end;
+            }
+        },
+    );
+    bench_bus(
+        &mut g,
+        BenchmarkId::new("microbus_publish", "single"),
+        builder(1),
+        1,
+        publish_each,
+    );
+    g.finish();
+}
+
 /// The same flow with deliveries failing once and retried, against none failing.
-fn with_failures(c: &mut Criterion) {
-    let mut group = c.benchmark_group("publish_handle_failures");
-    group.throughput(Throughput::Elements(1));
-    group.sample_size(20);
-    group.measurement_time(Duration::from_secs(4));
+fn failures(c: &mut Criterion) {
+    let mut g = group(c, "failures");
     for percent in [0u64, 1] {
-        let bus = Bus::builder()
-            .workers(1)
-            .channel_capacity(CAPACITY)
+        let bus = builder(1)
             .retry(RetryPolicy::fixed(Duration::ZERO).max_attempts(2))
             .build()
             .unwrap();
@@ -195,24 +474,16 @@ fn with_failures(c: &mut Criterion) {
             })
             .unwrap();
         }
-        group.bench_function(
+        g.bench_function(
             BenchmarkId::new("microbus", format!("{percent}pct_fail_once")),
-            |b| {
-                b.iter_custom(|iters| {
-                    let target = handled.load(Ordering::Acquire) + iters;
-                    let start = Instant::now();
-                    for i in 0..iters {
-                        bus.publish(Tick(black_box(i))).unwrap();
-                    }
-                    wait_for(&handled, target);
-                    start.elapsed()
-                })
-            },
+            |b| b.iter_custom(|iters| timed(iters, &handled, 1, |n| publish_each(&bus, n))),
         );
         bus.shutdown().unwrap();
     }
-    group.finish();
+    g.finish();
 }
 
-criterion_group!(benches, publish_handle, with_failures);
+criterion_group!(
+    benches, one_to_one, two_to_one, fan_out, keyed, workers, batch, failures
+);
 criterion_main!(benches);

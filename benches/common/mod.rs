@@ -1,11 +1,13 @@
-//! What the benches share: the event, the floor (a raw crossbeam channel) and a waiting
-//! helper.
+//! What the benches share: the event, the floor (a raw crossbeam channel), the std channel,
+//! the naive bus and a waiting helper.
 
 #![allow(dead_code)] // Each bench uses a part.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::hint::black_box;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -90,3 +92,130 @@ impl Drop for RawChannel {
         self.consumer.take().unwrap().join().unwrap();
     }
 }
+
+/// `std::sync::mpsc::sync_channel` with the same consumer.
+pub struct StdChannel {
+    tx: Option<std::sync::mpsc::SyncSender<u64>>,
+    handled: Arc<AtomicU64>,
+    consumer: Option<JoinHandle<()>>,
+}
+
+impl StdChannel {
+    pub fn new() -> StdChannel {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(CAPACITY);
+        let handled = Arc::new(AtomicU64::new(0));
+        let consumer = {
+            let handled = handled.clone();
+            std::thread::spawn(move || {
+                while let Ok(v) = rx.recv() {
+                    black_box(v);
+                    handled.fetch_add(1, Ordering::Release);
+                    while let Ok(v) = rx.try_recv() {
+                        black_box(v);
+                        handled.fetch_add(1, Ordering::Release);
+                    }
+                }
+            })
+        };
+        StdChannel {
+            tx: Some(tx),
+            handled,
+            consumer: Some(consumer),
+        }
+    }
+
+    pub fn run(&self, iters: u64) -> Duration {
+        let tx = self.tx.as_ref().unwrap();
+        let target = self.handled.load(Ordering::Acquire) + iters;
+        let start = Instant::now();
+        for i in 0..iters {
+            tx.send(black_box(i)).unwrap();
+        }
+        wait_for(&self.handled, target);
+        start.elapsed()
+    }
+}
+
+impl Drop for StdChannel {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        self.consumer.take().unwrap().join().unwrap();
+    }
+}
+
+type NaiveHandler = Arc<dyn Fn(&dyn Any) + Send + Sync>;
+
+/// The obvious design: one mutex-protected map of handlers, locked on every publish and every
+/// dispatch, boxed events through one channel to its workers.
+pub struct NaiveBus {
+    handlers: Arc<Mutex<HashMap<TypeId, Vec<NaiveHandler>>>>,
+    tx: Option<Sender<(TypeId, Box<dyn Any + Send>)>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl NaiveBus {
+    pub fn new(workers: usize) -> NaiveBus {
+        let handlers: Arc<Mutex<HashMap<TypeId, Vec<NaiveHandler>>>> = Arc::default();
+        let (tx, rx) = crossbeam_channel::bounded::<(TypeId, Box<dyn Any + Send>)>(CAPACITY);
+        let workers = (0..workers)
+            .map(|_| {
+                let (handlers, rx) = (handlers.clone(), rx.clone());
+                std::thread::spawn(move || {
+                    while let Ok((type_id, event)) = rx.recv() {
+                        let map = handlers.lock().unwrap();
+                        if let Some(list) = map.get(&type_id) {
+                            for handler in list {
+                                handler(&*event);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        NaiveBus {
+            handlers,
+            tx: Some(tx),
+            workers,
+        }
+    }
+
+    pub fn subscribe<E: Any>(&self, handler: impl Fn(&E) + Send + Sync + 'static) {
+        let erased: NaiveHandler = Arc::new(move |event: &dyn Any| {
+            if let Some(event) = event.downcast_ref::<E>() {
+                handler(event);
+            }
+        });
+        self.handlers
+            .lock()
+            .unwrap()
+            .entry(TypeId::of::<E>())
+            .or_default()
+            .push(erased);
+    }
+
+    pub fn publish<E: Any + Send>(&self, event: E) {
+        let has_handlers = self
+            .handlers
+            .lock()
+            .unwrap()
+            .get(&TypeId::of::<E>())
+            .is_some_and(|l| !l.is_empty());
+        if has_handlers {
+            self.tx
+                .as_ref()
+                .unwrap()
+                .send((TypeId::of::<E>(), Box::new(event)))
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for NaiveBus {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        for worker in self.workers.drain(..) {
+            worker.join().unwrap();
+        }
+    }
+}
+

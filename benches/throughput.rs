@@ -68,12 +68,7 @@ fn counting_bus(builder: BusBuilder, subscriptions: usize) -> (Bus, Arc<AtomicU6
 }
 
 /// Times `publish` of `iters` events until `handled` has grown by `per_event` per event.
-fn timed(
-    iters: u64,
-    handled: &AtomicU64,
-    per_event: u64,
-    publish: impl FnOnce(u64),
-) -> Duration {
+fn timed(iters: u64, handled: &AtomicU64, per_event: u64, publish: impl FnOnce(u64)) -> Duration {
     let target = handled.load(Ordering::Acquire) + iters * per_event;
     let start = Instant::now();
     publish(iters);
@@ -90,9 +85,7 @@ fn bench_bus(
 ) {
     let (bus, handled) = counting_bus(builder, subscriptions);
     group.bench_function(id, |b| {
-        b.iter_custom(|iters| {
-            timed(iters, &handled, subscriptions as u64, |n| publish(&bus, n))
-        })
+        b.iter_custom(|iters| timed(iters, &handled, subscriptions as u64, |n| publish(&bus, n)))
     });
     bus.shutdown().unwrap();
 }
@@ -321,7 +314,11 @@ fn fan_out(c: &mut Criterion) {
         g.throughput(Throughput::Elements(subscriptions as u64));
         bench_naive(&mut g, BenchmarkId::new("naive", &params), 1, subscriptions);
         if subscriptions <= 3 {
-            disruptor_1p(&mut g, BenchmarkId::new("disruptor", &params), subscriptions);
+            disruptor_1p(
+                &mut g,
+                BenchmarkId::new("disruptor", &params),
+                subscriptions,
+            );
         }
         bench_bus(
             &mut g,

@@ -506,8 +506,14 @@ impl Core {
         let mut groups: Vec<Vec<(Envelope, E)>> = (0..shards).map(|_| Vec::new()).collect();
         let mut unkeyed = self.round_robin();
         let mut failed = None;
-        for (event, options) in items.by_ref() {
-            let envelope = Envelope::stamp(source, options);
+        let mut now = 0;
+        for (i, (event, options)) in items.by_ref().enumerate() {
+            // The clock is read once per message's worth of events: ids stay unique and
+            // ordered by their sequence numbers.
+            if i % MAX_GROUP == 0 {
+                now = crate::event::unix_nanos();
+            }
+            let envelope = Envelope::stamp_at(now, source, options);
             let index = match envelope.key() {
                 Some(key) => key.shard(shards),
                 None => unkeyed,

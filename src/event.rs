@@ -568,7 +568,13 @@ pub struct Envelope {
 
 impl Envelope {
     pub(crate) fn stamp(source: NameId, options: Publish) -> Envelope {
-        let id = EventId::new();
+        Envelope::stamp_at(unix_nanos(), source, options)
+    }
+
+    /// An envelope whose id carries time `nanos` (for events of one batch, read once).
+    #[inline]
+    pub(crate) fn stamp_at(nanos: u64, source: NameId, options: Publish) -> Envelope {
+        let id = EventId::at(nanos);
         Envelope {
             id,
             correlation: options.correlation.unwrap_or(id),

@@ -42,7 +42,7 @@ use crate::event::{Envelope, Event, EventId, NameId, unix_nanos};
 use crate::handler::{Context, HandlerError};
 use crate::ledger::Gate;
 use crate::metrics::{Collect, Recorder, Span};
-use crate::registry::{Snapshot, Sub, before};
+use crate::registry::{Snapshot, Sub, TypeTable, before};
 use crate::retry::Jitter;
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::trace::{TraceEntry, TraceOutcome};
@@ -200,10 +200,32 @@ fn run_event<E: Event>(
         worker.core.tap(envelope, event);
     }
     let snapshot = worker.snapshot_for(generation);
+    let flow = deliver_all(
+        worker,
+        snapshot.table::<E>(),
+        envelope,
+        event,
+        generation,
+        deliveries,
+    );
+    worker.snapshot = Some(snapshot);
+    flow
+}
+
+/// Runs the deliveries of one event to the subscriptions of `table` it was matched to.
+#[inline]
+fn deliver_all<E: Event>(
+    worker: &mut Worker<'_>,
+    table: Option<&TypeTable<E>>,
+    envelope: &Envelope,
+    event: &E,
+    generation: u32,
+    deliveries: usize,
+) -> Flow {
     let source = envelope.source_id();
     let mut flow = Flow::Continue;
     let mut remaining = deliveries;
-    if let Some(table) = snapshot.table::<E>() {
+    if let Some(table) = table {
         for sub in table
             .subs
             .iter()
@@ -228,7 +250,6 @@ fn run_event<E: Event>(
     if flow == Flow::Continue && remaining > 0 {
         worker.shared.settle_cancelled(remaining);
     }
-    worker.snapshot = Some(snapshot);
     flow
 }
 
@@ -291,12 +312,27 @@ fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow {
     let Ok(items) = batch.items.downcast::<Vec<(Envelope, E)>>() else {
         unreachable!("a batch's functions match its payload")
     };
+    // One snapshot, table and tap check for the whole message: its events share their type,
+    // source and generation.
+    let snapshot = worker.snapshot_for(batch.generation);
+    let table = snapshot.table::<E>();
+    let tapped = worker.core.taps.on();
     for (envelope, event) in items.into_inner() {
         rest -= per_event;
         // Shutdown reads these if it gives up on a delivery of this event.
         worker.rest = rest;
         worker.open_batch();
-        let flow = run_event(worker, &envelope, &event, batch.generation, per_event);
+        if tapped {
+            worker.core.tap(&envelope, &event);
+        }
+        let flow = deliver_all(
+            worker,
+            table,
+            &envelope,
+            &event,
+            batch.generation,
+            per_event,
+        );
         worker.count_in_batch();
         if !worker.pending.is_empty() {
             let shared = Arc::new(SharedEvent {
@@ -310,10 +346,12 @@ fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow {
             if flow == Flow::Stop {
                 worker.shared.settle_left(rest);
             }
+            worker.snapshot = Some(snapshot);
             return flow;
         }
     }
     worker.rest = 0;
+    worker.snapshot = Some(snapshot);
     Flow::Continue
 }
 

@@ -218,4 +218,3 @@ impl Drop for NaiveBus {
         }
     }
 }
-

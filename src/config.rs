@@ -28,10 +28,11 @@ pub enum WaitStrategy {
     /// that finds it parked pays for waking it (a system call), which the event waits for.
     #[default]
     Block,
-    /// Poll the channel for up to the given time — spinning briefly, then yielding the core
-    /// between polls — and park after that. Events that arrive within it are picked up without
-    /// a wake-up: lower and steadier latency, for a core kept busy while the bus is idle for
-    /// less than that. At most 1 second.
+    /// Poll the channel, busy-waiting, for up to the given time, and park after that. Events
+    /// that arrive within it are picked up without a wake-up: lower and steadier latency, for
+    /// a core kept busy while the bus is idle for less than that. A worker that shares its core
+    /// with the publisher (a process pinned to one CPU) takes that time from it. At most 1
+    /// second.
     SpinThenPark(Duration),
 }
 

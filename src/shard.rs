@@ -1204,23 +1204,19 @@ impl Worker<'_> {
     }
 }
 
-/// Polls `rx` for up to `spin` before the worker parks: a few rounds of busy waiting, then
-/// yielding the core between polls (on a shared core the publisher needs it).
+/// Polls `rx` for up to `spin` before the worker parks, busy-waiting between polls.
 fn spin_for(rx: &Receiver<Msg>, spin: Duration) -> Result<Msg, TryRecvError> {
     let deadline = unix_nanos().saturating_add(spin.as_nanos() as u64);
-    let mut round = 0u32;
+    let mut polls = 0u32;
     loop {
-        if round < 16 {
-            for _ in 0..1 << round.min(6) {
-                std::hint::spin_loop();
-            }
-        } else {
-            std::thread::yield_now();
-        }
-        round += 1;
         match rx.try_recv() {
-            Err(TryRecvError::Empty) if unix_nanos() < deadline => {}
+            Err(TryRecvError::Empty) => {}
             other => return other,
+        }
+        std::hint::spin_loop();
+        polls = polls.wrapping_add(1);
+        if polls % 64 == 0 && unix_nanos() >= deadline {
+            return Err(TryRecvError::Empty);
         }
     }
 }

@@ -1215,7 +1215,7 @@ fn spin_for(rx: &Receiver<Msg>, spin: Duration) -> Result<Msg, TryRecvError> {
         }
         std::hint::spin_loop();
         polls = polls.wrapping_add(1);
-        if polls % 64 == 0 && unix_nanos() >= deadline {
+        if polls.is_multiple_of(64) && unix_nanos() >= deadline {
             return Err(TryRecvError::Empty);
         }
     }

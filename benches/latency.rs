@@ -151,6 +151,9 @@ fn microbus(
     record.histogram()
 }
 
+/// One case's run, giving its latencies.
+type Run<'a> = Box<dyn Fn() -> Histogram<u64> + 'a>;
+
 fn micros(nanos: u64) -> String {
     format!("{:.2}", nanos as f64 / 1e3)
 }
@@ -164,7 +167,7 @@ fn main() {
         "case", "rate/s", "p50", "p90", "p99", "p99.9", "max"
     );
     for (rate, events) in [(100_000u64, 200_000u64), (1_000_000, 1_000_000)] {
-        let cases: [(&str, Box<dyn Fn() -> Histogram<u64>>); 4] = [
+        let cases: [(&str, Run<'_>); 4] = [
             (
                 "crossbeam",
                 Box::new(|| crossbeam(&clock, rate, events, false)),

@@ -58,7 +58,12 @@
 //! waits and [`Bus::publish_timeout`] gives up after a while; [`Bus::publish_delayed`] hands
 //! the event to the timer to be delivered later. Whenever an event is not
 //! accepted, the error hands it back. An event that matches no subscription is counted
-//! ([`BusStats::unmatched`]), not silently dropped.
+//! ([`BusStats::unmatched`]), not silently dropped. [`Bus::publish_batch`] groups many events
+//! per shard and moves up to 64 through the channel as one message, keeping per-key order.
+//!
+//! Idle workers park in their channel ([`WaitStrategy::Block`]); with
+//! [`WaitStrategy::SpinThenPark`] they poll for a while first, for lower latency at the price
+//! of a busy core.
 //!
 //! # Subscribing
 //!

@@ -347,4 +347,51 @@ mod tests {
         assert!(RetryPolicy::default().validate("retry").is_ok());
         assert!(RetryPolicy::none().validate("retry").is_ok());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Exponential backoff stays within its bounds: no delay after the last attempt,
+            /// none above the cap, none shortened by more than the jitter, and without jitter
+            /// delays never shrink from one attempt to the next.
+            #[test]
+            fn backoff_stays_within_its_bounds(
+                base_ms in 1u64..10_000,
+                factor in 1.0f64..4.0,
+                cap_factor in 1u64..100,
+                jitter in 0.0f64..=1.0,
+                attempts in 1u32..12,
+                draw in any::<u64>(),
+            ) {
+                let base = Duration::from_millis(base_ms);
+                let max = base * cap_factor as u32;
+                let policy = RetryPolicy::exponential(base)
+                    .factor(factor)
+                    .max_delay(max)
+                    .jitter(jitter)
+                    .max_attempts(attempts);
+                prop_assert!(policy.validate("retry").is_ok());
+                let mut previous = Duration::ZERO;
+                for attempt in 1..=attempts + 1 {
+                    let delay = policy.delay_after(attempt, draw);
+                    let full = policy.delay_after(attempt, 0);
+                    if attempt >= attempts {
+                        prop_assert_eq!(delay, None);
+                        prop_assert_eq!(full, None);
+                        continue;
+                    }
+                    let (delay, full) = (delay.unwrap(), full.unwrap());
+                    prop_assert!(full <= max);
+                    prop_assert!(full >= base);
+                    prop_assert!(full >= previous, "{:?} after {:?}", full, previous);
+                    prop_assert!(delay <= full);
+                    let floor = full.as_secs_f64() * (1.0 - jitter);
+                    prop_assert!(delay.as_secs_f64() >= floor - 1e-9, "{:?} below {}", delay, floor);
+                    previous = full;
+                }
+            }
+        }
+    }
 }

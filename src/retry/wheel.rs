@@ -414,4 +414,78 @@ mod tests {
         assert_eq!(wheel.len(), 0);
         assert_eq!(wheel.next_tick(), None);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Schedule(u64),
+            Advance(u64),
+        }
+
+        /// Delays and jumps of every scale the wheel handles differently: within a slot, across
+        /// levels, beyond the top level's range.
+        fn span() -> impl Strategy<Value = u64> {
+            prop_oneof![
+                0..3u64,
+                0..70u64,
+                0..5_000u64,
+                0..RANGE + 100,
+                RANGE - 100..3 * RANGE,
+            ]
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                3 => span().prop_map(Op::Schedule),
+                2 => span().prop_map(Op::Advance),
+            ]
+        }
+
+        proptest! {
+            /// Against a sorted list: each advance returns exactly the entries due by then,
+            /// none early, none twice; `len` and `next_tick` agree with the model.
+            #[test]
+            fn the_wheel_matches_a_sorted_list(start in 0..RANGE, ops in prop::collection::vec(op(), 1..200)) {
+                let mut wheel = Wheel::new(start);
+                let mut model: Vec<(u64, u32)> = Vec::new();
+                let mut now = start;
+                let mut out = Vec::new();
+                for (id, op) in ops.into_iter().enumerate() {
+                    match op {
+                        Op::Schedule(delay) => {
+                            wheel.schedule(now + delay, id as u32);
+                            model.push((now + delay, id as u32));
+                        }
+                        Op::Advance(by) => {
+                            now += by;
+                            out.clear();
+                            wheel.advance(now, &mut out);
+                            let mut fired = out.clone();
+                            fired.sort_unstable();
+                            let mut due: Vec<u32> =
+                                model.iter().filter(|(d, _)| *d <= now).map(|(_, id)| *id).collect();
+                            due.sort_unstable();
+                            prop_assert_eq!(fired, due);
+                            model.retain(|(d, _)| *d > now);
+                        }
+                    }
+                    prop_assert_eq!(wheel.len(), model.len());
+                    let earliest = model.iter().map(|(d, _)| *d).min();
+                    match (wheel.next_tick(), earliest) {
+                        (None, None) => {}
+                        (Some(tick), Some(deadline)) => prop_assert!(tick <= deadline.max(now)),
+                        (tick, deadline) => prop_assert!(false, "next_tick {:?} with earliest {:?}", tick, deadline),
+                    }
+                }
+                let mut rest = wheel.drain();
+                rest.sort_unstable();
+                let mut expected: Vec<u32> = model.iter().map(|(_, id)| *id).collect();
+                expected.sort_unstable();
+                prop_assert_eq!(rest, expected);
+            }
+        }
+    }
 }

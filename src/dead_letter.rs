@@ -353,13 +353,25 @@ impl Ring {
         entries.remove(index)
     }
 
-    /// Puts entries back (a redrive that could not go through), oldest first.
+    /// Puts entries back (a redrive that could not go through) in id order. If dead letters
+    /// arrived meanwhile and the ring overflows, the oldest are evicted, as by [`push`](Self::push).
     pub(crate) fn put_back(&self, letters: Vec<DeadLetter>) {
-        let mut entries = self.entries.lock();
-        for letter in letters.into_iter().rev() {
-            entries.push_front(letter);
+        let evicted: Vec<DeadLetter> = {
+            let mut entries = self.entries.lock();
+            for letter in letters.into_iter().rev() {
+                entries.push_front(letter);
+            }
+            entries.make_contiguous().sort_by_key(|l| l.id);
+            let over = entries.len().saturating_sub(self.capacity);
+            entries.drain(..over).collect()
+        };
+        self.evicted
+            .fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        if let Some(sink) = &self.sink {
+            for old in &evicted {
+                sink(old);
+            }
         }
-        entries.make_contiguous().sort_by_key(|l| l.id);
     }
 }
 
@@ -646,6 +658,137 @@ impl Clone for DeadLetter {
             reason: self.reason,
             redrive: self.redrive.clone(),
             blocked: self.blocked.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{NameId, Publish};
+    use proptest::prelude::*;
+
+    const REASONS: [DeadLetterReason; 3] = [
+        DeadLetterReason::RetriesExhausted,
+        DeadLetterReason::Permanent,
+        DeadLetterReason::Shutdown,
+    ];
+
+    fn letter(id: u64, reason: DeadLetterReason) -> DeadLetter {
+        let now = SystemTime::now();
+        DeadLetter {
+            id,
+            envelope: Envelope::stamp(NameId::intern("tests"), Publish::new()),
+            event_name: "Tested",
+            event_version: 1,
+            payload: "{}".to_owned(),
+            subscription: 1,
+            handler: "handler".to_owned(),
+            service: "tests",
+            errors: vec!["failed".to_owned()],
+            attempts: 1,
+            first_failure: now,
+            last_failure: now,
+            reason,
+            redrive: None,
+            blocked: None,
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push(usize),
+        /// Take the entry at this position of the ring (modulo its length), as a redrive does.
+        TakeAt(usize),
+        /// Take every entry of a reason, as a filtered redrive or purge does.
+        TakeReason(usize),
+        /// Put the last taken entries back, as a redrive that could not go does.
+        PutBack,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..3usize).prop_map(Op::Push),
+            1 => any::<usize>().prop_map(Op::TakeAt),
+            1 => (0..3usize).prop_map(Op::TakeReason),
+            1 => Just(Op::PutBack),
+        ]
+    }
+
+    fn ids(ring: &Ring) -> Vec<u64> {
+        let mut ids = Vec::new();
+        ring.each(&DeadLetterFilter::new(), |l| ids.push(l.id));
+        ids
+    }
+
+    proptest! {
+        /// Against a `VecDeque` model: the ring holds at most `capacity` entries, the newest,
+        /// in order; `evicted + len == pushed + put back − taken`; and the sink gets exactly
+        /// the evicted entries, oldest first.
+        #[test]
+        fn the_ring_matches_a_bounded_queue(capacity in 1usize..8, ops in prop::collection::vec(op(), 1..150)) {
+            let sunk = Arc::new(Mutex::new(Vec::new()));
+            let sink: DeadLetterSink = {
+                let sunk = sunk.clone();
+                Arc::new(move |l: &DeadLetter| sunk.lock().push(l.id))
+            };
+            let ring = Ring::new(capacity, Some(sink), None, Arc::default());
+            let mut model: VecDeque<(u64, usize)> = VecDeque::new();
+            let mut model_evicted = Vec::new();
+            let (mut pushed, mut taken, mut put_back) = (0u64, 0u64, 0u64);
+            let mut last_taken: Vec<DeadLetter> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Push(reason) => {
+                        let id = ring.next_id();
+                        ring.push(letter(id, REASONS[reason]));
+                        pushed += 1;
+                        if model.len() == capacity {
+                            model_evicted.push(model.pop_front().unwrap().0);
+                        }
+                        model.push_back((id, reason));
+                    }
+                    Op::TakeAt(at) => {
+                        if model.is_empty() {
+                            continue;
+                        }
+                        let (id, _) = model.remove(at % model.len()).unwrap();
+                        let letter = ring.take_id(id);
+                        prop_assert_eq!(letter.as_ref().map(|l| l.id), Some(id));
+                        taken += 1;
+                        last_taken = letter.into_iter().collect();
+                    }
+                    Op::TakeReason(reason) => {
+                        let filter = DeadLetterFilter::new().reason(REASONS[reason]);
+                        last_taken = ring.take(&filter);
+                        let expected: Vec<u64> =
+                            model.iter().filter(|(_, r)| *r == reason).map(|(id, _)| *id).collect();
+                        let got: Vec<u64> = last_taken.iter().map(|l| l.id).collect();
+                        prop_assert_eq!(got, expected);
+                        model.retain(|(_, r)| *r != reason);
+                        taken += last_taken.len() as u64;
+                    }
+                    Op::PutBack => {
+                        let back = std::mem::take(&mut last_taken);
+                        put_back += back.len() as u64;
+                        for l in &back {
+                            let reason = REASONS.iter().position(|r| *r == l.reason).unwrap();
+                            model.push_back((l.id, reason));
+                        }
+                        model.make_contiguous().sort_unstable();
+                        while model.len() > capacity {
+                            model_evicted.push(model.pop_front().unwrap().0);
+                        }
+                        ring.put_back(back);
+                    }
+                }
+                let expected: Vec<u64> = model.iter().map(|(id, _)| *id).collect();
+                prop_assert_eq!(ids(&ring), expected);
+                prop_assert!(ring.len() <= capacity);
+                prop_assert_eq!(ring.evicted(), model_evicted.len() as u64);
+                prop_assert_eq!(ring.evicted() + ring.len() as u64, pushed + put_back - taken);
+                prop_assert_eq!(&*sunk.lock(), &model_evicted);
+            }
         }
     }
 }

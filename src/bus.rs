@@ -33,7 +33,7 @@ use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subsc
 use crate::retry::RetryPolicy;
 use crate::retry::timer::{REOFFER_DELAY, Timer};
 use crate::shard::{
-    ABANDONED, Batch, IDLE, MAX_GROUP, Msg, Routed, Shard, Task, Work, WorkerShared, run_worker,
+    Batch, MAX_GROUP, Msg, Routed, Shard, Task, Work, WorkerShared, run_worker, wait_for_batches,
 };
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::tap::{Tapped, Taps};
@@ -75,7 +75,7 @@ impl Drop for OwnThread {
     }
 }
 
-static NEXT_BUS_ID: AtomicU64 = AtomicU64::new(1);
+static NEXT_BUS_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// How many times a publisher that found its shard full tries again (spinning, then yielding)
 /// before it blocks.
@@ -881,22 +881,20 @@ impl Core {
             }
             open
         });
-        for (index, shard) in self.shards.iter().enumerate() {
-            if own == Some(index) {
-                continue;
-            }
-            let batch = &shard.worker.batch;
-            let seen = batch.load(Ordering::SeqCst);
-            if seen % 2 == 1 {
-                let mut step = 0;
-                // Once the bus has stopped no call starts anywhere; a worker detached inside a
-                // handler may keep its batch open for as long as that handler runs.
-                while batch.load(Ordering::Acquire) == seen && !self.stopped.load(Ordering::SeqCst)
-                {
-                    backoff(&mut step);
-                }
-            }
-        }
+        let others = self
+            .shards
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| own != Some(*index))
+            .map(|(_, shard)| &shard.worker.batch);
+        let mut step = 0;
+        // Once the bus has stopped no call starts anywhere; a worker detached inside a handler
+        // may keep its batch open for as long as that handler runs.
+        wait_for_batches(
+            others,
+            || self.stopped.load(Ordering::SeqCst),
+            || backoff(&mut step),
+        );
         if let Some(batch) = own_batch.filter(|_| reopen) {
             batch.store(batch.load(Ordering::Relaxed) + 1, Ordering::SeqCst);
         }
@@ -913,10 +911,7 @@ impl Core {
             running: self
                 .shards
                 .iter()
-                .filter(|s| {
-                    let state = s.worker.state.load(Ordering::Relaxed);
-                    !matches!(state, IDLE | ABANDONED)
-                })
+                .filter(|s| s.worker.running())
                 .count(),
             waiting: self.timer.len(),
             next_due_in: self
@@ -1097,18 +1092,11 @@ impl Core {
             while index < running.len() {
                 let (worker, thread) = &running[index];
                 let worker = *worker;
-                let state = &self.shards[worker].worker.state;
-                let s = state.load(Ordering::Acquire);
+                let shared = &self.shards[worker].worker;
                 if thread.is_finished() {
                     let (_, thread) = running.swap_remove(index);
                     let _ = thread.join();
-                } else if past_deadline
-                    && s != IDLE
-                    && s != ABANDONED
-                    && state
-                        .compare_exchange(s, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                {
+                } else if let Some(s) = past_deadline.then(|| shared.abandon()).flatten() {
                     abandoned.push((worker, s));
                     // Detached: it exits when its handler returns.
                     running.swap_remove(index);

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::Ordering;
 
 /// An integration event: a data contract between services.
 ///
@@ -242,7 +242,7 @@ pub(crate) fn unix_nanos() -> u64 {
             .delta_as_nanos(clock.anchor_raw, clock.source.raw())
 }
 
-static NEXT_BLOCK: AtomicU64 = AtomicU64::new(0);
+static NEXT_BLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 thread_local! {
     /// The next low half of an id this thread mints, and the end of its block.

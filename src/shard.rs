@@ -44,7 +44,7 @@ use crate::ledger::Gate;
 use crate::metrics::{Collect, Recorder, Span};
 use crate::registry::{Snapshot, Sub, TypeTable, before};
 use crate::retry::Jitter;
-use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::trace::{TraceEntry, TraceOutcome};
 
 pub(crate) const IDLE: u64 = 0;
@@ -607,7 +607,78 @@ pub(crate) struct WorkerShared {
     pub(crate) collect: Collect,
 }
 
+/// Opens a batch: the word becomes odd. The fence orders the store before the reads of the
+/// subscriptions' `active` flags that follow: with the fence in
+/// [`wait_for_batches`], a Dekker pair.
+#[inline]
+pub(crate) fn open_batch_word(batch: &AtomicU64) {
+    batch.store(batch.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    fence(Ordering::SeqCst);
+}
+
+/// Closes the open batch: the word becomes even. `Release`: a waiter that sees it closed sees
+/// everything its deliveries did.
+#[inline]
+pub(crate) fn close_batch_word(batch: &AtomicU64) {
+    batch.store(batch.load(Ordering::Relaxed) + 1, Ordering::Release);
+}
+
+/// The unsubscriber's side: after a subscription's `active` flag was cleared, waits until each
+/// of `batches` that is open now has closed (or `stop` says no call starts anywhere any more).
+/// A delivery in a batch opened later reads the cleared flag; one in a batch waited for started
+/// before this returned.
+pub(crate) fn wait_for_batches<'a>(
+    batches: impl Iterator<Item = &'a AtomicU64>,
+    stop: impl Fn() -> bool,
+    mut pause: impl FnMut(),
+) {
+    fence(Ordering::SeqCst);
+    for batch in batches {
+        let seen = batch.load(Ordering::Acquire);
+        if seen % 2 == 1 {
+            while batch.load(Ordering::Acquire) == seen && !stop() {
+                pause();
+            }
+        }
+    }
+}
+
 impl WorkerShared {
+    /// Marks delivery to subscription `id` as running. `Release`: whoever takes the delivery
+    /// over with [`abandon`](Self::abandon) sees the stores before it (the event id, the
+    /// deliveries remaining).
+    #[inline]
+    pub(crate) fn begin(&self, id: u64) {
+        self.state.store(id, Ordering::Release);
+    }
+
+    /// Marks the running delivery to `id` done; `false` when shutdown abandoned it first (and
+    /// has reported it).
+    #[inline]
+    pub(crate) fn finish(&self, id: u64) -> bool {
+        self.state
+            .compare_exchange(id, IDLE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Takes over the running delivery, if there is one: its subscription id. Exactly one of
+    /// this and [`finish`](Self::finish) succeeds for a delivery.
+    pub(crate) fn abandon(&self) -> Option<u64> {
+        let s = self.state.load(Ordering::Acquire);
+        (s != IDLE
+            && s != ABANDONED
+            && self
+                .state
+                .compare_exchange(s, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok())
+        .then_some(s)
+    }
+
+    /// Whether a delivery is running.
+    pub(crate) fn running(&self) -> bool {
+        !matches!(self.state.load(Ordering::Relaxed), IDLE | ABANDONED)
+    }
+
     /// The event id of the delivery running (or last run).
     pub(crate) fn current_event(&self) -> Option<EventId> {
         let hi = self.event_hi.load(Ordering::Relaxed);
@@ -724,8 +795,7 @@ impl Worker<'_> {
             if let Some(recorder) = &mut self.recorder {
                 recorder.answer(&self.core.metrics, &self.shared.collect);
             }
-            let batch = &self.shared.batch;
-            batch.store(batch.load(Ordering::Relaxed) + 1, Ordering::SeqCst);
+            open_batch_word(&self.shared.batch);
             self.in_batch = true;
             self.batch_len = 0;
         }
@@ -735,8 +805,7 @@ impl Worker<'_> {
     #[inline]
     fn close_batch(&mut self) {
         if self.in_batch {
-            let batch = &self.shared.batch;
-            batch.store(batch.load(Ordering::Relaxed) + 1, Ordering::Release);
+            close_batch_word(&self.shared.batch);
             self.in_batch = false;
         }
     }
@@ -899,9 +968,7 @@ impl Worker<'_> {
                 .event_hi
                 .store((id128 >> 64) as u64, Ordering::Relaxed);
             shared.event_lo.store(id128 as u64, Ordering::Relaxed);
-            // `Release`: whoever takes the delivery over with a compare-and-swap sees the
-            // stores above.
-            shared.state.store(id, Ordering::Release);
+            shared.begin(id);
             let ctx = Context {
                 envelope,
                 event_name: E::NAME,
@@ -958,11 +1025,7 @@ impl Worker<'_> {
             if let Some((started_at, start)) = traced {
                 self.record_trace(envelope, E::NAME, sub, attempt, &result, started_at, start);
             }
-            if shared
-                .state
-                .compare_exchange(id, IDLE, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
+            if !shared.finish(id) {
                 // Shutdown gave up on this delivery and has already reported it.
                 self.discard_outbox();
                 return Flow::Abandoned;
@@ -1265,5 +1328,72 @@ mod tests {
             "{}",
             std::mem::size_of::<Msg>()
         );
+    }
+}
+
+/// Loom models of the worker's protocols: `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_`.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    /// A delivery to subscription 7 runs while shutdown tries to abandon it: exactly one of
+    /// the worker (finishing) and shutdown (abandoning) owns the outcome.
+    #[test]
+    fn loom_a_delivery_is_settled_by_exactly_one_side() {
+        loom::model(|| {
+            let shared = Arc::new(WorkerShared::default());
+            let worker = {
+                let shared = shared.clone();
+                thread::spawn(move || {
+                    shared.remaining.store(3, Ordering::Relaxed);
+                    shared.begin(7);
+                    shared.finish(7)
+                })
+            };
+            let abandoned = shared.abandon();
+            let finished = worker.join().unwrap();
+            match abandoned {
+                Some(id) => {
+                    assert_eq!(id, 7);
+                    assert!(!finished, "both sides settled the delivery");
+                    // The takeover sees what the worker stored before it began.
+                    assert_eq!(shared.remaining.load(Ordering::Relaxed), 3);
+                }
+                None => assert!(finished, "nobody settled the delivery"),
+            }
+        });
+    }
+
+    /// Unsubscribe against a worker starting a delivery: once `wait_for_batches` returns, no
+    /// delivery starts that read the subscription as active.
+    #[test]
+    fn loom_no_call_starts_after_unsubscribe_returns() {
+        loom::model(|| {
+            let active = Arc::new(AtomicBool::new(true));
+            let batch = Arc::new(AtomicU64::new(0));
+            let returned = Arc::new(AtomicBool::new(false));
+            let worker = {
+                let (active, batch, returned) = (active.clone(), batch.clone(), returned.clone());
+                thread::spawn(move || {
+                    for _ in 0..2 {
+                        open_batch_word(&batch);
+                        if active.load(Ordering::Relaxed) {
+                            // The handler starts.
+                            assert!(
+                                !returned.load(Ordering::Relaxed),
+                                "a call started after unsubscribe returned"
+                            );
+                        }
+                        close_batch_word(&batch);
+                    }
+                })
+            };
+            active.swap(false, Ordering::SeqCst);
+            wait_for_batches(std::iter::once(&*batch), || false, thread::yield_now);
+            returned.store(true, Ordering::Relaxed);
+            worker.join().unwrap();
+        });
     }
 }

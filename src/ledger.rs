@@ -278,8 +278,9 @@ mod loom_models {
     }
 
     /// Shutdown closes the gate while a publisher enters: the event is accepted (and counted)
-    /// or handed back (and not counted), never both; a publisher that starts after the close
-    /// returned is refused.
+    /// or handed back (and not counted), never both; nothing is accepted after the close (the
+    /// count shutdown reads then covers every event accepted), and a publisher that starts
+    /// after the close returned is refused.
     #[test]
     fn loom_closing_the_gate_accepts_or_refuses_each_event_once() {
         loom::model(|| {
@@ -295,11 +296,14 @@ mod loom_models {
                 })
             };
             gate.close();
+            // What shutdown counts as accepted: nothing is counted in for good after this.
+            let at_close = gate.read().net();
             closed.store(true, Ordering::Release);
             let accepted = publisher.join().unwrap();
             let state = gate.read();
             assert!(state.closed);
             assert_eq!(state.net(), u64::from(accepted), "{state:?}");
+            assert!(state.net() <= at_close, "accepted after the close: {state:?}");
         });
     }
 }

@@ -908,11 +908,7 @@ impl Core {
                 .iter()
                 .map(|s| s.rx.len() + s.worker.spill_len.load(Ordering::Relaxed))
                 .sum(),
-            running: self
-                .shards
-                .iter()
-                .filter(|s| s.worker.running())
-                .count(),
+            running: self.shards.iter().filter(|s| s.worker.running()).count(),
             waiting: self.timer.len(),
             next_due_in: self
                 .timer

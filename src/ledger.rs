@@ -263,11 +263,13 @@ mod loom_models {
                 })
             };
             let counted_before = gate.read().accepted > 0;
-            let quiet = Quiescence::check(std::iter::once(&*gate), || {
-                settled.load(Ordering::Acquire)
-            });
+            let quiet =
+                Quiescence::check(std::iter::once(&*gate), || settled.load(Ordering::Acquire));
             if quiet && counted_before {
-                assert!(handled.load(Ordering::Relaxed), "flush passed a delivery still running");
+                assert!(
+                    handled.load(Ordering::Relaxed),
+                    "flush passed a delivery still running"
+                );
             }
             publisher.join().unwrap();
             worker.join().unwrap();
@@ -303,7 +305,10 @@ mod loom_models {
             let state = gate.read();
             assert!(state.closed);
             assert_eq!(state.net(), u64::from(accepted), "{state:?}");
-            assert!(state.net() <= at_close, "accepted after the close: {state:?}");
+            assert!(
+                state.net() <= at_close,
+                "accepted after the close: {state:?}"
+            );
         });
     }
 }

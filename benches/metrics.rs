@@ -5,13 +5,11 @@
 mod common;
 
 use std::hint::black_box;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{CAPACITY, RawChannel, Tick, wait_for};
+use common::{CAPACITY, RawChannel, Tick, counting_bus, timed};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use microbus::{Bus, Context, HandlerResult};
+use microbus::Bus;
 
 fn metrics_on_off(c: &mut Criterion) {
     let mut group = c.benchmark_group("metrics_1p1s");
@@ -31,32 +29,19 @@ fn metrics_on_off(c: &mut Criterion) {
         ("microbus_metrics_every", true, 1),
         ("microbus_metrics_1in16", true, 16),
     ] {
-        let bus = Bus::builder()
+        let builder = Bus::builder()
             .workers(1)
             .channel_capacity(CAPACITY)
             .metrics(enabled)
-            .metrics_sample_every(sample_every)
-            .build()
-            .unwrap();
-        let handled = Arc::new(AtomicU64::new(0));
-        {
-            let handled = handled.clone();
-            bus.subscribe(move |tick: &Tick, _: &Context| -> HandlerResult {
-                black_box(tick);
-                handled.fetch_add(1, Ordering::Release);
-                Ok(())
-            })
-            .unwrap();
-        }
+            .metrics_sample_every(sample_every);
+        let (bus, handled) = counting_bus(builder, 1);
         group.bench_function(BenchmarkId::new(name, &params), |b| {
             b.iter_custom(|iters| {
-                let target = handled.load(Ordering::Acquire) + iters;
-                let start = Instant::now();
-                for i in 0..iters {
-                    bus.publish(Tick(black_box(i))).unwrap();
-                }
-                wait_for(&handled, target);
-                start.elapsed()
+                timed(iters, &handled, 1, |n| {
+                    for i in 0..n {
+                        bus.publish(Tick(black_box(i))).unwrap();
+                    }
+                })
             })
         });
         bus.shutdown().unwrap();

@@ -21,9 +21,9 @@ mod common;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{CAPACITY, NaiveBus, RawChannel, StdChannel, Tick, wait_for};
+use common::{CAPACITY, NaiveBus, RawChannel, StdChannel, Tick, counting_bus, timed};
 use criterion::measurement::WallTime;
 use criterion::{
     BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
@@ -49,31 +49,6 @@ fn builder(workers: usize) -> BusBuilder {
         .workers(workers)
         .channel_capacity(CAPACITY)
         .metrics(false)
-}
-
-/// A bus with `subscriptions` counting subscriptions of `Tick`, and their shared count.
-fn counting_bus(builder: BusBuilder, subscriptions: usize) -> (Bus, Arc<AtomicU64>) {
-    let bus = builder.build().unwrap();
-    let handled = Arc::new(AtomicU64::new(0));
-    for _ in 0..subscriptions {
-        let handled = handled.clone();
-        bus.subscribe(move |tick: &Tick, _: &Context| -> HandlerResult {
-            black_box(tick);
-            handled.fetch_add(1, Ordering::Release);
-            Ok(())
-        })
-        .unwrap();
-    }
-    (bus, handled)
-}
-
-/// Times `publish` of `iters` events until `handled` has grown by `per_event` per event.
-fn timed(iters: u64, handled: &AtomicU64, per_event: u64, publish: impl FnOnce(u64)) -> Duration {
-    let target = handled.load(Ordering::Acquire) + iters * per_event;
-    let start = Instant::now();
-    publish(iters);
-    wait_for(handled, target);
-    start.elapsed()
 }
 
 fn bench_bus(

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use microbus::Event;
+use microbus::{Bus, BusBuilder, Context, Event, HandlerResult};
 use serde::{Deserialize, Serialize};
 
 pub const CAPACITY: usize = 1024;
@@ -217,4 +217,34 @@ impl Drop for NaiveBus {
             worker.join().unwrap();
         }
     }
+}
+
+/// A bus with `subscriptions` counting subscriptions of `Tick`, and their shared count.
+pub fn counting_bus(builder: BusBuilder, subscriptions: usize) -> (Bus, Arc<AtomicU64>) {
+    let bus = builder.build().unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    for _ in 0..subscriptions {
+        let handled = handled.clone();
+        bus.subscribe(move |tick: &Tick, _: &Context| -> HandlerResult {
+            black_box(tick);
+            handled.fetch_add(1, Ordering::Release);
+            Ok(())
+        })
+        .unwrap();
+    }
+    (bus, handled)
+}
+
+/// Times `publish` of `iters` events until `handled` has grown by `per_event` per event.
+pub fn timed(
+    iters: u64,
+    handled: &AtomicU64,
+    per_event: u64,
+    publish: impl FnOnce(u64),
+) -> Duration {
+    let target = handled.load(Ordering::Acquire) + iters * per_event;
+    let start = Instant::now();
+    publish(iters);
+    wait_for(handled, target);
+    start.elapsed()
 }

@@ -57,6 +57,31 @@ impl Tally {
         self.seen[i].load(Ordering::Relaxed)
     }
 
+    /// Checks a run in which some events were handed back to their publishers: each event was
+    /// handled exactly once or handed back, never both, never neither, and none came back
+    /// twice. `returned` are the indices handed back.
+    pub fn assert_handled_or_returned(&self, returned: &[u64]) {
+        let returned_set: std::collections::HashSet<u64> = returned.iter().copied().collect();
+        assert_eq!(
+            returned_set.len(),
+            returned.len(),
+            "an event came back twice"
+        );
+        let wrong: Vec<_> = self
+            .not_once()
+            .into_iter()
+            .filter(|&(i, c)| !(c == 0 && returned_set.contains(&(i as u64))))
+            .collect();
+        assert_eq!(wrong, vec![], "handled other than once, or lost");
+        for &i in returned {
+            assert_eq!(
+                self.get(i as usize),
+                0,
+                "event {i} came back and was handled"
+            );
+        }
+    }
+
     /// Indices seen other than exactly once, with their counts.
     pub fn not_once(&self) -> Vec<(usize, u8)> {
         self.seen

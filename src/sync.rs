@@ -16,3 +16,80 @@ pub(crate) use std::sync::atomic::{
 pub(crate) use loom::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
 };
+
+/// The lock and condition variable of the timer, whose hand-offs the loom models check:
+/// parking_lot's normally, loom's (behind the same interface) under `cfg(loom)`.
+#[cfg(not(loom))]
+pub(crate) use parking_lot::{Condvar, Mutex};
+
+#[cfg(loom)]
+pub(crate) use self::loom_lock::{Condvar, Mutex};
+
+#[cfg(loom)]
+mod loom_lock {
+    use std::ops::{Deref, DerefMut};
+    use std::time::Instant;
+
+    /// loom's mutex with parking_lot's interface.
+    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+
+    /// Its guard; `Condvar` takes it out and puts it back while it waits.
+    pub(crate) struct MutexGuard<'a, T>(Option<loom::sync::MutexGuard<'a, T>>);
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Mutex<T> {
+            Mutex(loom::sync::Mutex::new(value))
+        }
+
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            MutexGuard(Some(self.0.lock().expect("no lock is poisoned in a model")))
+        }
+    }
+
+    impl<T> Deref for MutexGuard<'_, T> {
+        type Target = T;
+
+        fn deref(&self) -> &T {
+            self.0.as_ref().expect("held")
+        }
+    }
+
+    impl<T> DerefMut for MutexGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            self.0.as_mut().expect("held")
+        }
+    }
+
+    /// loom's condition variable with parking_lot's interface.
+    pub(crate) struct Condvar(loom::sync::Condvar);
+
+    impl Condvar {
+        pub(crate) fn new() -> Condvar {
+            Condvar(loom::sync::Condvar::new())
+        }
+
+        pub(crate) fn wait<T>(&self, guard: &mut MutexGuard<'_, T>) {
+            let inner = guard.0.take().expect("held");
+            guard.0 = Some(self.0.wait(inner).expect("no lock is poisoned in a model"));
+        }
+
+        /// A timed wait: loom may end it at any point, as a spurious wake-up.
+        pub(crate) fn wait_until<T>(&self, guard: &mut MutexGuard<'_, T>, until: Instant) {
+            let inner = guard.0.take().expect("held");
+            let timeout = until.saturating_duration_since(Instant::now());
+            let (inner, _) = self
+                .0
+                .wait_timeout(inner, timeout)
+                .expect("no lock is poisoned in a model");
+            guard.0 = Some(inner);
+        }
+
+        pub(crate) fn notify_one(&self) {
+            self.0.notify_one();
+        }
+
+        pub(crate) fn notify_all(&self) {
+            self.0.notify_all();
+        }
+    }
+}

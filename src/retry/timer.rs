@@ -17,11 +17,10 @@
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::TrySendError;
-use parking_lot::{Condvar, Mutex};
 
 use crate::retry::wheel::Wheel;
 use crate::shard::{Msg, Routed, Shard};
-use crate::sync::{AtomicUsize, Ordering};
+use crate::sync::{AtomicUsize, Condvar, Mutex, Ordering};
 
 /// The wheel's tick.
 pub(crate) const TICK: Duration = Duration::from_millis(1);
@@ -182,5 +181,76 @@ mod tests {
         assert_eq!(timer.tick_from(at), 2);
         assert_eq!(timer.tick_from(timer.start + TICK), 1);
         assert_eq!(timer.instant_of(3), timer.start + 3 * TICK);
+    }
+}
+
+/// Loom models of the timer's hand-offs: `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_`.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use crate::event::{Envelope, Event, NameId, Publish};
+    use crate::ledger::Gate;
+    use crate::shard::{Task, Work, WorkerShared};
+    use crossbeam_utils::CachePadded;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Probe(u64);
+
+    impl Event for Probe {
+        const NAME: &'static str = "Probe";
+    }
+
+    fn routed(id: u64) -> Routed {
+        let envelope = Envelope::stamp(NameId::intern("loom"), Publish::new());
+        Routed {
+            shard: 0,
+            work: Work::Task(Task::new(envelope, 0, 1, Probe(id))),
+        }
+    }
+
+    fn id_of(work: Work) -> u64 {
+        match work {
+            Work::Task(task) => task.into_event::<Probe>().0,
+            _ => unreachable!("the model schedules tasks"),
+        }
+    }
+
+    /// Two threads schedule retries while the timer thread sleeps and shutdown stops it: the
+    /// sleeping thread is woken (no lost wake-up: loom reports a deadlock otherwise), and each
+    /// entry is either refused to its scheduler or taken exactly once at shutdown. (The delay
+    /// is long so that no entry falls due: loom needs each run to repeat exactly, and due-ness
+    /// depends on the clock.)
+    #[test]
+    fn loom_each_scheduled_entry_is_taken_once_and_the_timer_stops() {
+        loom::model(|| {
+            let timer = Arc::new(Timer::new());
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let shards = Arc::new(vec![Shard {
+                gate: CachePadded::new(Gate::new()),
+                tx,
+                rx,
+                worker: CachePadded::new(WorkerShared::default()),
+            }]);
+            let runner = {
+                let (timer, shards) = (timer.clone(), shards.clone());
+                thread::spawn(move || timer.run(&shards))
+            };
+            let hour = Duration::from_secs(3600);
+            let scheduler = {
+                let timer = timer.clone();
+                thread::spawn(move || timer.schedule(routed(1), hour).is_ok())
+            };
+            timer.stop();
+            let late = timer.schedule(routed(2), hour).is_ok();
+            let first = scheduler.join().unwrap();
+            runner.join().unwrap();
+            assert!(!late, "an entry was accepted after the timer stopped");
+            assert!(shards[0].rx.try_recv().is_err(), "nothing fell due");
+            let taken: Vec<u64> = timer.take().into_iter().map(|r| id_of(r.work)).collect();
+            assert_eq!(taken, if first { vec![1] } else { vec![] });
+            assert_eq!(timer.parked().0, 0);
+        });
     }
 }

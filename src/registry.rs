@@ -23,7 +23,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::bus::Core;
@@ -32,7 +31,7 @@ use crate::handler::{Context, HandlerError, HandlerResult};
 use crate::metrics::{CellsByWorker, HeldSlot, PublishCounters};
 use crate::retry::RetryPolicy;
 use crate::shard::{Retry, decode_retry};
-use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, Ordering, SwapCell};
 
 pub(crate) type HandlerFn<E> = Box<dyn Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync>;
 
@@ -295,7 +294,7 @@ pub(crate) struct Registry {
     bus: u64,
     /// Every event type ever subscribed, by name and version.
     decoders: Mutex<HashMap<(&'static str, u32), Decoder>>,
-    snapshot: ArcSwap<Snapshot>,
+    snapshot: SwapCell<Snapshot>,
     /// The current generation, for cheap staleness checks.
     generation: AtomicU32,
     write: Mutex<()>,
@@ -311,7 +310,7 @@ impl Registry {
             bus,
             counters: PublishCounters::new(count_publishes),
             decoders: Mutex::new(HashMap::new()),
-            snapshot: ArcSwap::from_pointee(Snapshot::new(0, TypeMap::default())),
+            snapshot: SwapCell::from_pointee(Snapshot::new(0, TypeMap::default())),
             generation: AtomicU32::new(0),
             write: Mutex::new(()),
             next_id: AtomicU64::new(1),
@@ -627,5 +626,114 @@ impl fmt::Debug for Subscription {
             .field("handler", &self.meta.name)
             .field("active", &self.is_active())
             .finish()
+    }
+}
+
+/// Loom models of the handler tables: `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_`.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use loom::thread;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Probe;
+
+    impl Event for Probe {
+        const NAME: &'static str = "Probe";
+    }
+
+    /// Each run of the model gets a bus id of its own: the route caches are per thread, and
+    /// loom's threads may share one.
+    static NEXT_BUS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 40);
+
+    fn sub(registry: &Registry, from: Option<NameId>) -> Sub<Probe> {
+        let meta = Arc::new(SubMeta {
+            id: registry.next_id(),
+            name: "probe".into(),
+            service: NameId::intern("loom"),
+            filter: from,
+            event_name: Probe::NAME,
+            type_id: TypeId::of::<Probe>(),
+            since_gen: AtomicU32::new(0),
+            retry: RetryPolicy::none(),
+            active: AtomicBool::new(true),
+            failed: AtomicU64::new(0),
+            panicked: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            cells: Box::new([]),
+        });
+        Sub {
+            meta,
+            handler: Box::new(|_: &Probe, _: &Context<'_>| Ok(())),
+        }
+    }
+
+    /// A publisher matches an event while another thread subscribes and unsubscribes, and a
+    /// worker takes the event: in the tables the worker sees (the current ones, or newer), the
+    /// subscriptions that match the event's generation — still there, or remembered as removed
+    /// — are exactly as many as the publisher counted. So the worker runs or cancels every
+    /// delivery that was counted, and no other.
+    #[test]
+    fn loom_workers_find_exactly_the_deliveries_publishers_counted() {
+        loom::model(|| {
+            let bus = NEXT_BUS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let registry = std::sync::Arc::new(Registry::new(bus, false));
+            let source = NameId::intern("orders");
+            let first = registry.insert(sub(&registry, None));
+            let sent = std::sync::Arc::new(AtomicU64::new(0));
+            let subscriber = {
+                let registry = registry.clone();
+                thread::spawn(move || {
+                    registry.insert(sub(&registry, Some(source)));
+                    first.active.store(false, Ordering::SeqCst);
+                    registry.remove(&first);
+                })
+            };
+            let publisher = {
+                let (registry, sent) = (registry.clone(), sent.clone());
+                thread::spawn(move || {
+                    let (generation, deliveries) = registry.route::<Probe>(source, 1);
+                    // Into the channel: the generation (at least 1: the first subscription
+                    // made one) and the count travel with the event.
+                    sent.store(
+                        (u64::from(generation) << 32) | deliveries as u64,
+                        Ordering::Release,
+                    );
+                })
+            };
+            let message = loop {
+                let message = sent.load(Ordering::Acquire);
+                if message != 0 {
+                    break message;
+                }
+                thread::yield_now();
+            };
+            let generation = ((message >> 32) & u64::from(u32::MAX)) as u32;
+            let deliveries = (message & u64::from(u32::MAX)) as usize;
+            let snapshot = registry.load_full();
+            assert!(
+                !before(snapshot.generation, generation),
+                "the worker saw older tables"
+            );
+            let table = snapshot
+                .table::<Probe>()
+                .expect("subscribed before publishing");
+            let live = table
+                .subs
+                .iter()
+                .filter(|s| s.meta.matched(generation, source))
+                .count();
+            let removed = table
+                .removed
+                .iter()
+                .filter(|t| before(generation, t.removed_gen) && t.meta.matched(generation, source))
+                .count();
+            assert_eq!(live + removed, deliveries);
+            subscriber.join().unwrap();
+            publisher.join().unwrap();
+        });
     }
 }

@@ -17,6 +17,14 @@ pub(crate) use loom::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
 };
 
+/// The cell that holds the current handler tables: arc-swap's lock-free `ArcSwap` normally, a
+/// loom mutex around an `Arc` (the same interface) under `cfg(loom)`.
+#[cfg(not(loom))]
+pub(crate) type SwapCell<T> = arc_swap::ArcSwap<T>;
+
+#[cfg(loom)]
+pub(crate) use self::loom_lock::SwapCell;
+
 /// The lock and condition variable of the timer, whose hand-offs the loom models check:
 /// parking_lot's normally, loom's (behind the same interface) under `cfg(loom)`.
 #[cfg(not(loom))]
@@ -57,6 +65,30 @@ mod loom_lock {
     impl<T> DerefMut for MutexGuard<'_, T> {
         fn deref_mut(&mut self) -> &mut T {
             self.0.as_mut().expect("held")
+        }
+    }
+
+    /// An `ArcSwap` stand-in: a loom mutex around an `Arc`.
+    pub(crate) struct SwapCell<T>(loom::sync::Mutex<std::sync::Arc<T>>);
+
+    impl<T> SwapCell<T> {
+        pub(crate) fn from_pointee(value: T) -> SwapCell<T> {
+            SwapCell(loom::sync::Mutex::new(std::sync::Arc::new(value)))
+        }
+
+        pub(crate) fn load(&self) -> std::sync::Arc<T> {
+            self.load_full()
+        }
+
+        pub(crate) fn load_full(&self) -> std::sync::Arc<T> {
+            self.0
+                .lock()
+                .expect("no lock is poisoned in a model")
+                .clone()
+        }
+
+        pub(crate) fn store(&self, value: std::sync::Arc<T>) {
+            *self.0.lock().expect("no lock is poisoned in a model") = value;
         }
     }
 

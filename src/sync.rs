@@ -25,6 +25,19 @@ pub(crate) type SwapCell<T> = arc_swap::ArcSwap<T>;
 #[cfg(loom)]
 pub(crate) use self::loom_lock::SwapCell;
 
+/// The time the timer reads: the monotonic clock, or under `cfg(loom)` a clock that stands
+/// still (loom needs every run of a model to repeat exactly).
+#[cfg(not(loom))]
+pub(crate) fn clock_now() -> std::time::Instant {
+    std::time::Instant::now()
+}
+
+#[cfg(loom)]
+pub(crate) fn clock_now() -> std::time::Instant {
+    static FROZEN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *FROZEN.get_or_init(std::time::Instant::now)
+}
+
 /// The lock and condition variable of the timer, whose hand-offs the loom models check:
 /// parking_lot's normally, loom's (behind the same interface) under `cfg(loom)`.
 #[cfg(not(loom))]

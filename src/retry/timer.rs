@@ -20,7 +20,7 @@ use crossbeam_channel::TrySendError;
 
 use crate::retry::wheel::Wheel;
 use crate::shard::{Msg, Routed, Shard};
-use crate::sync::{AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{AtomicUsize, Condvar, Mutex, Ordering, clock_now};
 
 /// The wheel's tick.
 pub(crate) const TICK: Duration = Duration::from_millis(1);
@@ -52,7 +52,7 @@ impl Timer {
             }),
             wake: Condvar::new(),
             len: AtomicUsize::new(0),
-            start: Instant::now(),
+            start: clock_now(),
         }
     }
 
@@ -75,7 +75,7 @@ impl Timer {
     /// the timer has stopped.
     #[allow(clippy::result_large_err)] // The error is the event itself, handed back.
     pub(crate) fn schedule(&self, routed: Routed, delay: Duration) -> Result<(), Routed> {
-        let deadline = self.tick_from(Instant::now() + delay);
+        let deadline = self.tick_from(clock_now() + delay);
         let mut state = self.state.lock();
         if state.stopped {
             return Err(routed);
@@ -132,7 +132,7 @@ impl Timer {
                     if state.stopped {
                         return;
                     }
-                    let now = self.tick_at(Instant::now());
+                    let now = self.tick_at(clock_now());
                     state.wheel.advance(now, &mut due);
                     let taken: usize = due.iter().map(|r: &Routed| r.work.deliveries()).sum();
                     state.deliveries -= taken;
@@ -251,6 +251,61 @@ mod loom_models {
             let taken: Vec<u64> = timer.take().into_iter().map(|r| id_of(r.work)).collect();
             assert_eq!(taken, if first { vec![1] } else { vec![] });
             assert_eq!(timer.parked().0, 0);
+        });
+    }
+
+    /// Work falls due while another thread schedules more and the shard's channel has room
+    /// for one message: each entry reaches the shard's channel or its worker's spill queue
+    /// (with a wake-up), or is taken at shutdown, or is refused after the stop — exactly once.
+    /// (The model's clock stands still, so that every run repeats: due-ness does not depend
+    /// on timing.)
+    #[test]
+    fn loom_due_work_reaches_the_shard_exactly_once() {
+        loom::model(|| {
+            let timer = Arc::new(Timer::new());
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let shards = Arc::new(vec![Shard {
+                gate: CachePadded::new(Gate::new()),
+                tx,
+                rx,
+                worker: CachePadded::new(WorkerShared::default()),
+            }]);
+            let runner = {
+                let (timer, shards) = (timer.clone(), shards.clone());
+                thread::spawn(move || timer.run(&shards))
+            };
+            let scheduler = {
+                let timer = timer.clone();
+                thread::spawn(move || {
+                    let a = timer.schedule(routed(1), Duration::ZERO).is_ok();
+                    let b = timer.schedule(routed(2), Duration::ZERO).is_ok();
+                    (a, b)
+                })
+            };
+            let (a, b) = scheduler.join().unwrap();
+            timer.stop();
+            runner.join().unwrap();
+            let mut seen = Vec::new();
+            while let Ok(msg) = shards[0].rx.try_recv() {
+                if let Msg::Work(work) = msg {
+                    seen.push(id_of(work));
+                }
+            }
+            seen.extend(
+                shards[0]
+                    .worker
+                    .take_spill()
+                    .into_iter()
+                    .map(|r| id_of(r.work)),
+            );
+            seen.extend(timer.take().into_iter().map(|r| id_of(r.work)));
+            seen.sort_unstable();
+            let expected: Vec<u64> = [(a, 1), (b, 2)]
+                .into_iter()
+                .filter(|&(ok, _)| ok)
+                .map(|(_, id)| id)
+                .collect();
+            assert_eq!(seen, expected);
         });
     }
 }

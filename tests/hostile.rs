@@ -1,5 +1,6 @@
-//! Hostile use, each with its documented outcome: subscribing from inside a handler,
-//! zero-sized and very large events, and dropping the bus while its handlers run. (Flush and
+//! Hostile use, each with its documented outcome: subscribing from inside a handler (through a
+//! captured handle, which keeps the bus alive until `shutdown` is called), zero-sized and very
+//! large events, and dropping the bus while its handlers run. (Flush and
 //! shutdown from a handler, unsubscribing from one, publishing from one into a full shard, a
 //! handler past the deadline, a captured handle and publishing during shutdown have their own
 //! tests in `lifetime.rs`, `subscribe.rs`, `outbox.rs`, `shutdown.rs` and `batch.rs`.)

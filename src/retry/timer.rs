@@ -210,6 +210,23 @@ mod loom_models {
         }
     }
 
+    /// A timer, one shard whose channel holds one message, and the timer thread running.
+    fn running_timer() -> (Arc<Timer>, Arc<Vec<Shard>>, thread::JoinHandle<()>) {
+        let timer = Arc::new(Timer::new());
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let shards = Arc::new(vec![Shard {
+            gate: CachePadded::new(Gate::new()),
+            tx,
+            rx,
+            worker: CachePadded::new(WorkerShared::default()),
+        }]);
+        let runner = {
+            let (timer, shards) = (timer.clone(), shards.clone());
+            thread::spawn(move || timer.run(&shards))
+        };
+        (timer, shards, runner)
+    }
+
     fn id_of(work: Work) -> u64 {
         match work {
             Work::Task(task) => task.into_event::<Probe>().0,
@@ -225,18 +242,7 @@ mod loom_models {
     #[test]
     fn loom_each_scheduled_entry_is_taken_once_and_the_timer_stops() {
         loom::model(|| {
-            let timer = Arc::new(Timer::new());
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            let shards = Arc::new(vec![Shard {
-                gate: CachePadded::new(Gate::new()),
-                tx,
-                rx,
-                worker: CachePadded::new(WorkerShared::default()),
-            }]);
-            let runner = {
-                let (timer, shards) = (timer.clone(), shards.clone());
-                thread::spawn(move || timer.run(&shards))
-            };
+            let (timer, shards, runner) = running_timer();
             let hour = Duration::from_secs(3600);
             let scheduler = {
                 let timer = timer.clone();
@@ -262,18 +268,7 @@ mod loom_models {
     #[test]
     fn loom_due_work_reaches_the_shard_exactly_once() {
         loom::model(|| {
-            let timer = Arc::new(Timer::new());
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            let shards = Arc::new(vec![Shard {
-                gate: CachePadded::new(Gate::new()),
-                tx,
-                rx,
-                worker: CachePadded::new(WorkerShared::default()),
-            }]);
-            let runner = {
-                let (timer, shards) = (timer.clone(), shards.clone());
-                thread::spawn(move || timer.run(&shards))
-            };
+            let (timer, shards, runner) = running_timer();
             let scheduler = {
                 let timer = timer.clone();
                 thread::spawn(move || {

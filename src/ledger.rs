@@ -234,48 +234,56 @@ mod loom_models {
     use loom::sync::Arc;
     use loom::thread;
 
-    /// A publisher counts an event in and a worker settles it while `flush` checks for
-    /// quiescence: a check that passes after the event was counted saw it settled, handler
-    /// effects included.
+    /// A publisher counts an event in on one shard; its handler publishes a follow-up on the
+    /// other shard (counted in before the parent is settled) and the worker settles both, while
+    /// `flush` checks for quiescence. A check that passes after the parent was counted saw the
+    /// follow-up handled too: the double collect catches a count that moved between the reads
+    /// of the two gates.
     #[test]
     fn loom_flush_never_passes_an_outstanding_delivery() {
         loom::model(|| {
-            let gate = Arc::new(Gate::new());
+            let gates = Arc::new([Gate::new(), Gate::new()]);
             let settled = Arc::new(AtomicU64::new(0));
             let sent = Arc::new(AtomicBool::new(false));
-            let handled = Arc::new(AtomicBool::new(false));
+            let child_handled = Arc::new(AtomicBool::new(false));
             let publisher = {
-                let (gate, sent) = (gate.clone(), sent.clone());
+                let (gates, sent) = (gates.clone(), sent.clone());
                 thread::spawn(move || {
-                    assert!(gate.enter(1));
+                    assert!(gates[1].enter(1));
                     // Into the channel.
                     sent.store(true, Ordering::Release);
                 })
             };
             let worker = {
-                let (sent, handled, settled) = (sent.clone(), handled.clone(), settled.clone());
+                let (gates, sent, settled, child_handled) = (
+                    gates.clone(),
+                    sent.clone(),
+                    settled.clone(),
+                    child_handled.clone(),
+                );
                 thread::spawn(move || {
                     while !sent.load(Ordering::Acquire) {
                         thread::yield_now();
                     }
-                    handled.store(true, Ordering::Relaxed);
+                    // The parent's handler succeeds: its follow-up is counted in, then the
+                    // parent is settled; then the follow-up runs and is settled.
+                    gates[0].accept(1);
                     settled.store(1, Ordering::Release);
+                    child_handled.store(true, Ordering::Relaxed);
+                    settled.store(2, Ordering::Release);
                 })
             };
-            let counted_before = gate.read().accepted > 0;
-            let quiet =
-                Quiescence::check(std::iter::once(&*gate), || settled.load(Ordering::Acquire));
+            let counted_before = gates[1].read().accepted > 0;
+            let quiet = Quiescence::check(gates.iter(), || settled.load(Ordering::Acquire));
             if quiet && counted_before {
                 assert!(
-                    handled.load(Ordering::Relaxed),
-                    "flush passed a delivery still running"
+                    child_handled.load(Ordering::Relaxed),
+                    "flush passed a delivery still outstanding"
                 );
             }
             publisher.join().unwrap();
             worker.join().unwrap();
-            assert!(Quiescence::check(std::iter::once(&*gate), || {
-                settled.load(Ordering::Acquire)
-            }));
+            assert!(Quiescence::check(gates.iter(), || settled.load(Ordering::Acquire)));
         });
     }
 

@@ -236,9 +236,9 @@ mod loom_models {
 
     /// A publisher counts an event in on one shard; its handler publishes a follow-up on the
     /// other shard (counted in before the parent is settled) and the worker settles both, while
-    /// `flush` checks for quiescence. A check that passes after the parent was counted saw the
-    /// follow-up handled too: the double collect catches a count that moved between the reads
-    /// of the two gates.
+    /// `flush` checks for quiescence. A check that starts after the parent was counted and
+    /// passes saw the follow-up handled too: the double collect catches a count that moved
+    /// between the reads of the two gates.
     #[test]
     fn loom_flush_never_passes_an_outstanding_delivery() {
         loom::model(|| {
@@ -273,9 +273,11 @@ mod loom_models {
                     settled.store(2, Ordering::Release);
                 })
             };
-            let counted_before = gates[1].read().accepted > 0;
-            let quiet = Quiescence::check(gates.iter(), || settled.load(Ordering::Acquire));
-            if quiet && counted_before {
+            // Flush starts once the parent was sent (counted in before it).
+            while !sent.load(Ordering::Acquire) {
+                thread::yield_now();
+            }
+            if Quiescence::check(gates.iter(), || settled.load(Ordering::Acquire)) {
                 assert!(
                     child_handled.load(Ordering::Relaxed),
                     "flush passed a delivery still outstanding"

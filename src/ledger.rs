@@ -274,16 +274,13 @@ mod loom_models {
                 })
             };
             // Flush starts once the parent was sent (counted in before it).
-            while !sent.load(Ordering::Acquire) {
-                thread::yield_now();
-            }
+            publisher.join().unwrap();
             if Quiescence::check(gates.iter(), || settled.load(Ordering::Acquire)) {
                 assert!(
                     child_handled.load(Ordering::Relaxed),
                     "flush passed a delivery still outstanding"
                 );
             }
-            publisher.join().unwrap();
             worker.join().unwrap();
             assert!(Quiescence::check(gates.iter(), || settled.load(Ordering::Acquire)));
         });

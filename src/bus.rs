@@ -25,7 +25,7 @@ use crate::error::{
     ConfigError, FlushError, Pending, PublishBatchError, PublishError, PublishTimeoutError,
     ShutdownError, SubscribeError, TryPublishError,
 };
-use crate::event::{Envelope, Event, EventId, NameId, Publish};
+use crate::event::{Envelope, Event, EventId, NameId, Publish, Stamp};
 use crate::handler::{Context, Handler, HandlerResult};
 use crate::ledger::{Gate, Quiescence, net_sum, outstanding};
 use crate::metrics::{Collect, Metrics, MetricsSnapshot};
@@ -317,23 +317,23 @@ impl Core {
         &self,
         source: NameId,
         event: E,
-        options: Publish,
+        stamp: Stamp,
     ) -> Result<(), (Refusal, E)> {
         if self.is_closing() {
             self.refused.fetch_add(1, Ordering::Relaxed);
             self.registry.uncount(TypeId::of::<E>(), source, 1, true);
             return Err((Refusal::Shutdown, event));
         }
-        self.count_unmatched(source, &event, options);
+        self.count_unmatched(source, &event, stamp);
         Ok(())
     }
 
     /// Counts an event that matched no subscription, and shows it to the taps (it never
     /// reaches a worker).
-    fn count_unmatched<E: Event>(&self, source: NameId, event: &E, options: Publish) {
+    fn count_unmatched<E: Event>(&self, source: NameId, event: &E, stamp: Stamp) {
         self.unmatched.fetch_add(1, Ordering::Relaxed);
         if self.taps.on() {
-            let envelope = Envelope::stamp(source, options);
+            let envelope = stamp.envelope(source);
             self.tap(&envelope, event);
         }
     }
@@ -360,14 +360,14 @@ impl Core {
         &self,
         source: NameId,
         event: E,
-        options: Publish,
+        stamp: Stamp,
         mode: Mode,
     ) -> Result<(), (Refusal, E)> {
         let (generation, deliveries) = self.registry.route::<E>(source, 1);
         if deliveries == 0 {
-            return self.unmatched(source, event, options);
+            return self.unmatched(source, event, stamp);
         }
-        let envelope = Envelope::stamp(source, options);
+        let envelope = stamp.envelope(source);
         let index = self.shard_for(&envelope);
         let shard = &self.shards[index];
         if !shard.gate.enter(deliveries) {
@@ -409,7 +409,9 @@ impl Core {
     ) -> Result<(), E> {
         let (generation, deliveries) = self.registry.route::<E>(source, 1);
         if deliveries == 0 {
-            return self.unmatched(source, event, options).map_err(|(_, e)| e);
+            return self
+                .unmatched(source, event, Stamp::New(options))
+                .map_err(|(_, e)| e);
         }
         let envelope = Envelope::stamp(source, options);
         let index = self.shard_for(&envelope);
@@ -498,7 +500,7 @@ impl Core {
         if deliveries == 0 {
             for (event, options) in items {
                 self.registry.count::<E>(source, 1, true);
-                self.count_unmatched(source, &event, options);
+                self.count_unmatched(source, &event, Stamp::New(options));
             }
             return Ok(());
         }
@@ -663,7 +665,7 @@ impl Core {
         }
         let (generation, deliveries) = self.registry.route::<E>(source, 1);
         if deliveries == 0 {
-            self.count_unmatched(source, &event, options);
+            self.count_unmatched(source, &event, Stamp::New(options));
             return Ok(None);
         }
         let envelope = Envelope::stamp(source, options);
@@ -745,15 +747,7 @@ impl Core {
     /// Rebuilds a dead letter read from a file, matching it to today's event types and
     /// subscriptions.
     pub(crate) fn rebuild(&self, line: crate::dead_letter::Line) -> DeadLetter {
-        let e = &line.envelope;
-        let envelope = Envelope::from_parts(
-            e.id,
-            e.correlation_id,
-            e.causation_id,
-            &e.source,
-            e.key,
-            e.headers.clone(),
-        );
+        let envelope = line.envelope.clone();
         let event_name = NameId::intern(&line.event).as_str();
         let service = NameId::intern(&line.service).as_str();
         let payload = line.payload.get().to_owned();
@@ -1538,7 +1532,66 @@ impl Bus {
         options: Publish,
     ) -> Result<(), PublishError<E>> {
         self.core()
-            .publish(self.source, event, options, Mode::Block)
+            .publish(self.source, event, Stamp::New(options), Mode::Block)
+            .map_err(|(_, e)| PublishError::Shutdown(e))
+    }
+
+    /// Publishes `event` with an envelope made elsewhere — read back from a file or received
+    /// from another process — keeping its id, correlation, causation, source, key and
+    /// headers: the event re-enters the bus as the same event, published by the service the
+    /// envelope names. Waits while the shard is full, as [`publish`](Self::publish) does.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Envelope, Event, HandlerResult};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::sync::{Arc, Mutex};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct OrderPaid { order_id: u64 }
+    /// impl Event for OrderPaid { const NAME: &'static str = "OrderPaid"; }
+    ///
+    /// // An envelope that travelled as JSON, say from another process.
+    /// let original = Bus::builder().service_name("payments").build()?;
+    /// let seen = Arc::new(Mutex::new(None));
+    /// let sent = seen.clone();
+    /// original.subscribe(move |_: &OrderPaid, ctx: &Context| -> HandlerResult {
+    ///     *sent.lock().unwrap() = Some(serde_json::to_string(ctx.envelope()).unwrap());
+    ///     Ok(())
+    /// })?;
+    /// original.publish(OrderPaid { order_id: 7 })?;
+    /// original.flush(Duration::from_secs(5))?;
+    /// let json = seen.lock().unwrap().take().unwrap();
+    ///
+    /// let bus = Bus::builder().service_name("shipping").build()?;
+    /// let arrived = Arc::new(Mutex::new(None));
+    /// let got = arrived.clone();
+    /// bus.subscribe(move |_: &OrderPaid, ctx: &Context| -> HandlerResult {
+    ///     *got.lock().unwrap() = Some(ctx.envelope().clone());
+    ///     Ok(())
+    /// })?;
+    /// let envelope: Envelope = serde_json::from_str(&json)?;
+    /// bus.publish_envelope(OrderPaid { order_id: 7 }, envelope.clone())?;
+    /// bus.flush(Duration::from_secs(5))?;
+    /// let arrived = arrived.lock().unwrap().take().unwrap();
+    /// assert_eq!(arrived, envelope);
+    /// assert_eq!(arrived.source(), "payments");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Shutdown`] with the event when the bus is shutting down.
+    pub fn publish_envelope<E: Event>(
+        &self,
+        event: E,
+        envelope: Envelope,
+    ) -> Result<(), PublishError<E>> {
+        let source = envelope.source_id();
+        self.core()
+            .publish(source, event, Stamp::Given(envelope), Mode::Block)
             .map_err(|(_, e)| PublishError::Shutdown(e))
     }
 
@@ -1647,7 +1700,7 @@ impl Bus {
         options: Publish,
     ) -> Result<(), TryPublishError<E>> {
         self.core()
-            .publish(self.source, event, options, Mode::Try)
+            .publish(self.source, event, Stamp::New(options), Mode::Try)
             .map_err(|(why, e)| match why {
                 Refusal::Shutdown => TryPublishError::Shutdown(e),
                 Refusal::Full | Refusal::Timeout => TryPublishError::Full(e),
@@ -1683,7 +1736,7 @@ impl Bus {
             None => Mode::Block,
         };
         self.core()
-            .publish(self.source, event, options, mode)
+            .publish(self.source, event, Stamp::New(options), mode)
             .map_err(|(why, e)| match why {
                 Refusal::Shutdown => PublishTimeoutError::Shutdown(e),
                 Refusal::Full | Refusal::Timeout => PublishTimeoutError::Timeout(e),

@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Envelope, EventId, Headers};
+use crate::event::Envelope;
 use crate::shard::Retry;
 use crate::sync::{AtomicU64, Ordering};
 
@@ -392,7 +392,7 @@ pub struct LoadSummary {
 pub(crate) struct Line {
     pub(crate) event: String,
     pub(crate) version: u32,
-    pub(crate) envelope: LineEnvelope,
+    pub(crate) envelope: Envelope,
     pub(crate) payload: Box<serde_json::value::RawValue>,
     pub(crate) handler: String,
     pub(crate) service: String,
@@ -401,17 +401,6 @@ pub(crate) struct Line {
     pub(crate) first_failure_unix_nanos: u64,
     pub(crate) last_failure_unix_nanos: u64,
     pub(crate) reason: DeadLetterReason,
-}
-
-#[derive(Deserialize)]
-pub(crate) struct LineEnvelope {
-    pub(crate) id: EventId,
-    pub(crate) correlation_id: EventId,
-    pub(crate) causation_id: Option<EventId>,
-    pub(crate) source: String,
-    pub(crate) key: Option<u64>,
-    #[serde(default)]
-    pub(crate) headers: Headers,
 }
 
 /// Why a redrive did not go through. The dead letter stays in (or goes back to) the ring,

@@ -555,7 +555,7 @@ impl fmt::Debug for Publish {
 /// correlation id is its id. An event published from a handler through
 /// [`Context::publish`](crate::Context::publish) inherits the handled event's correlation id
 /// and names it as its causation.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Envelope {
     id: EventId,
     correlation: EventId,
@@ -668,6 +668,52 @@ impl Serialize for Envelope {
         s.serialize_field("key", &self.key().map(PartitionKey::get))?;
         s.serialize_field("headers", self.headers())?;
         s.end()
+    }
+}
+
+/// What an envelope deserializes from: what [`Envelope`]'s `Serialize` writes
+/// (`published_at_unix_nanos` is derived from the id, and ignored).
+#[derive(Deserialize)]
+struct EnvelopeFields {
+    id: EventId,
+    correlation_id: EventId,
+    causation_id: Option<EventId>,
+    source: String,
+    key: Option<u64>,
+    #[serde(default)]
+    headers: Headers,
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    /// Reads back what `Serialize` wrote: the same id, correlation, causation, source, key and
+    /// headers. A source that is not a valid service name is an error.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let f = EnvelopeFields::deserialize(deserializer)?;
+        crate::config::check_name("source", &f.source).map_err(serde::de::Error::custom)?;
+        Ok(Envelope::from_parts(
+            f.id,
+            f.correlation_id,
+            f.causation_id,
+            &f.source,
+            f.key,
+            f.headers,
+        ))
+    }
+}
+
+/// How a publish gets its envelope: stamped now from options, or given whole.
+pub(crate) enum Stamp {
+    New(Publish),
+    Given(Envelope),
+}
+
+impl Stamp {
+    #[inline]
+    pub(crate) fn envelope(self, source: NameId) -> Envelope {
+        match self {
+            Stamp::New(options) => Envelope::stamp(source, options),
+            Stamp::Given(envelope) => envelope,
+        }
     }
 }
 

@@ -316,3 +316,66 @@ fn spinning_workers_deliver_everything_and_still_park() {
     assert_eq!(tally.not_once(), vec![]);
     assert!(bus.shutdown().unwrap().is_balanced());
 }
+
+#[test]
+fn an_envelope_made_elsewhere_is_kept_whole() {
+    use microbus::{Envelope, EventId, Headers};
+    let bus = Bus::builder()
+        .service_name("shipping")
+        .workers(2)
+        .build()
+        .unwrap();
+    let seen: Arc<Mutex<Vec<Envelope>>> = Arc::default();
+    {
+        let seen = seen.clone();
+        bus.subscribe(move |_: &Keyed, ctx: &Context| -> HandlerResult {
+            seen.lock().unwrap().push(ctx.envelope().clone());
+            Ok(())
+        })
+        .unwrap();
+    }
+    // An envelope as another process would send it: JSON with every field set.
+    let correlation = EventId::new();
+    let causation = EventId::new();
+    let id = EventId::new();
+    let json = format!(
+        r#"{{"id":"{id}","correlation_id":"{correlation}","causation_id":"{causation}","source":"payments","published_at_unix_nanos":0,"key":42,"headers":{{"tenant":"acme","trace":"t-1"}}}}"#
+    );
+    let envelope: Envelope = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Envelope>(&serde_json::to_string(&envelope).unwrap()).unwrap(),
+        envelope
+    );
+    bus.publish_envelope(Keyed { key: 42, seq: 1 }, envelope.clone())
+        .unwrap();
+    bus.flush(WAIT).unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen, [envelope.clone()]);
+    let got = &seen[0];
+    assert_eq!(
+        (got.id(), got.correlation_id(), got.causation_id()),
+        (id, correlation, Some(causation))
+    );
+    assert_eq!(got.source(), "payments");
+    assert_eq!(got.key().map(|k| k.get()), Some(42));
+    let mut headers = Headers::default();
+    headers.insert("tenant", "acme");
+    headers.insert("trace", "t-1");
+    assert_eq!(got.headers(), &headers);
+    // Counted as published by the service the envelope names.
+    let m = bus.metrics();
+    assert_eq!(m.event("Keyed", "payments").unwrap().published, 1);
+    assert!(m.event("Keyed", "shipping").is_none());
+    bus.shutdown().unwrap();
+    let back = bus
+        .publish_envelope(Keyed { key: 1, seq: 2 }, envelope)
+        .unwrap_err();
+    assert_eq!(back.into_event(), Keyed { key: 1, seq: 2 });
+}
+
+#[test]
+fn an_envelope_with_a_bad_source_does_not_decode() {
+    let json = r#"{"id":"0196a0b2-7c3d-7e4f-8a9b-0c1d2e3f4a5b","correlation_id":"0196a0b2-7c3d-7e4f-8a9b-0c1d2e3f4a5b","causation_id":null,"source":" padded","key":null}"#;
+    let error = serde_json::from_str::<microbus::Envelope>(json).unwrap_err();
+    assert!(error.to_string().contains("source"), "{error}");
+}

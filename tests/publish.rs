@@ -350,7 +350,7 @@ fn an_envelope_made_elsewhere_is_kept_whole() {
         .unwrap();
     bus.flush(WAIT).unwrap();
     let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen, [envelope.clone()]);
+    assert_eq!(seen, std::slice::from_ref(&envelope));
     let got = &seen[0];
     assert_eq!(
         (got.id(), got.correlation_id(), got.causation_id()),

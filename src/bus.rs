@@ -38,6 +38,7 @@ use crate::shard::{
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::tap::{Tapped, Taps};
 use crate::trace::{Trace, TraceRing};
+use crate::track::{Settled, Tracker, Tracking};
 
 thread_local! {
     /// The bus whose worker or timer thread this is (0: none), and the worker's index.
@@ -262,6 +263,11 @@ struct Swept {
 
 impl Swept {
     fn add(&mut self, work: Work, dead_letters: &Ring) {
+        work.track(match &work {
+            Work::Retry(_) if dead_letters.enabled() => Settled::DeadLettered,
+            Work::Retry(_) => Settled::Discarded,
+            _ => Settled::Left,
+        });
         match work {
             Work::Task(_) | Work::Batch(_) => self.left += work.deliveries() as u64,
             Work::Retry(retry) if dead_letters.enabled() => {
@@ -332,9 +338,15 @@ impl Core {
     /// reaches a worker).
     fn count_unmatched<E: Event>(&self, source: NameId, event: &E, stamp: Stamp) {
         self.unmatched.fetch_add(1, Ordering::Relaxed);
-        if self.taps.on() {
+        let tracked = stamp.is_tracked();
+        if self.taps.on() || tracked {
             let envelope = stamp.envelope(source);
-            self.tap(&envelope, event);
+            if let Some(t) = envelope.tracker() {
+                t.arm(envelope.id(), 0);
+            }
+            if self.taps.on() {
+                self.tap(&envelope, event);
+            }
         }
     }
 
@@ -368,6 +380,9 @@ impl Core {
             return self.unmatched(source, event, stamp);
         }
         let envelope = stamp.envelope(source);
+        if let Some(t) = envelope.tracker() {
+            t.arm(envelope.id(), deliveries);
+        }
         let index = self.shard_for(&envelope);
         let shard = &self.shards[index];
         if !shard.gate.enter(deliveries) {
@@ -700,7 +715,10 @@ impl Core {
         };
         match self.timer.schedule(routed, REOFFER_DELAY) {
             Ok(()) => 0,
-            Err(routed) => routed.work.deliveries(),
+            Err(routed) => {
+                routed.work.track(Settled::Left);
+                routed.work.deliveries()
+            }
         }
     }
 
@@ -1593,6 +1611,68 @@ impl Bus {
         self.core()
             .publish(source, event, Stamp::Given(envelope), Mode::Block)
             .map_err(|(_, e)| PublishError::Shutdown(e))
+    }
+
+    /// Publishes `event` as [`publish_with`](Self::publish_with) does and returns a
+    /// [`Tracker`] that completes once every delivery of the event has settled (succeeded,
+    /// dead-lettered, discarded, cancelled, left or abandoned), with what became of each.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Event, HandlerError, HandlerResult, Publish, RetryPolicy};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct OrderPaid { order_id: u64 }
+    /// impl Event for OrderPaid { const NAME: &'static str = "OrderPaid"; }
+    ///
+    /// let bus = Bus::builder().retry(RetryPolicy::none()).build()?;
+    /// bus.subscribe(|_: &OrderPaid, _: &Context| -> HandlerResult { Ok(()) })?;
+    /// bus.subscribe(|_: &OrderPaid, _: &Context| -> HandlerResult {
+    ///     Err(HandlerError::msg("out of stock"))
+    /// })?;
+    /// let tracker = bus.publish_tracked(OrderPaid { order_id: 7 }, Publish::new())?;
+    /// let done = tracker.wait(Duration::from_secs(5)).expect("settled");
+    /// assert_eq!((done.deliveries, done.succeeded, done.dead_lettered), (2, 1, 1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Shutdown`] with the event when the bus is shutting down.
+    pub fn publish_tracked<E: Event>(
+        &self,
+        event: E,
+        options: Publish,
+    ) -> Result<Tracker, PublishError<E>> {
+        let tracking = Tracking::new();
+        let options = options.tracked(tracking.clone());
+        self.core()
+            .publish(self.source, event, Stamp::New(options), Mode::Block)
+            .map_err(|(_, e)| PublishError::Shutdown(e))?;
+        Ok(Tracker(tracking))
+    }
+
+    /// [`publish_envelope`](Self::publish_envelope) with a [`Tracker`], as
+    /// [`publish_tracked`](Self::publish_tracked) gives: what a bridge acknowledges by.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Shutdown`] with the event when the bus is shutting down.
+    pub fn publish_envelope_tracked<E: Event>(
+        &self,
+        event: E,
+        envelope: Envelope,
+    ) -> Result<Tracker, PublishError<E>> {
+        let tracking = Tracking::new();
+        let envelope = envelope.with_tracker(tracking.clone());
+        let source = envelope.source_id();
+        self.core()
+            .publish(source, event, Stamp::Given(envelope), Mode::Block)
+            .map_err(|(_, e)| PublishError::Shutdown(e))?;
+        Ok(Tracker(tracking))
     }
 
     /// Publishes events of one type in batches: they are grouped per shard and each group of

@@ -17,7 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::sync::Ordering;
+use crate::sync::{Arc, Ordering};
+use crate::track::Tracking;
 
 /// An integration event: a data contract between services.
 ///
@@ -496,7 +497,7 @@ pub struct Publish {
     pub(crate) key: Option<PartitionKey>,
     pub(crate) correlation: Option<EventId>,
     pub(crate) causation: Option<EventId>,
-    pub(crate) headers: Option<Box<Headers>>,
+    pub(crate) headers: Option<Box<Extra>>,
 }
 
 impl Publish {
@@ -532,9 +533,25 @@ impl Publish {
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Publish {
         self.headers
             .get_or_insert_with(Default::default)
+            .headers
             .insert(name, value);
         self
     }
+
+    /// Attaches `tracker` to the event's envelope (kept out of the hot path: only tracked
+    /// publishes allocate for it).
+    pub(crate) fn tracked(mut self, tracker: Arc<Tracking>) -> Publish {
+        self.headers.get_or_insert_with(Default::default).tracker = Some(tracker);
+        self
+    }
+}
+
+/// What an envelope carries only when it is used: headers, and the tracking of a tracked
+/// publish. Boxed, so that an envelope without them stays small.
+#[derive(Clone, Default)]
+pub(crate) struct Extra {
+    pub(crate) headers: Headers,
+    pub(crate) tracker: Option<Arc<Tracking>>,
 }
 
 impl fmt::Debug for Publish {
@@ -543,7 +560,7 @@ impl fmt::Debug for Publish {
             .field("key", &self.key)
             .field("correlation", &self.correlation)
             .field("causation", &self.causation)
-            .field("headers", &self.headers)
+            .field("headers", &self.headers.as_ref().map(|e| &e.headers))
             .finish()
     }
 }
@@ -555,7 +572,7 @@ impl fmt::Debug for Publish {
 /// correlation id is its id. An event published from a handler through
 /// [`Context::publish`](crate::Context::publish) inherits the handled event's correlation id
 /// and names it as its causation.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Envelope {
     id: EventId,
     correlation: EventId,
@@ -563,8 +580,22 @@ pub struct Envelope {
     key: u64,
     source: NameId,
     has_key: bool,
-    headers: Option<Box<Headers>>,
+    extra: Option<Box<Extra>>,
 }
+
+impl PartialEq for Envelope {
+    /// Equal envelopes carry the same id, correlation, causation, source, key and headers.
+    fn eq(&self, other: &Envelope) -> bool {
+        self.id == other.id
+            && self.correlation == other.correlation
+            && self.causation == other.causation
+            && self.source == other.source
+            && self.key() == other.key()
+            && self.headers() == other.headers()
+    }
+}
+
+impl Eq for Envelope {}
 
 impl Envelope {
     pub(crate) fn stamp(source: NameId, options: Publish) -> Envelope {
@@ -582,7 +613,7 @@ impl Envelope {
             key: options.key.map_or(0, PartitionKey::get),
             has_key: options.key.is_some(),
             source,
-            headers: options.headers,
+            extra: options.headers,
         }
     }
 
@@ -602,8 +633,25 @@ impl Envelope {
             key: key.unwrap_or(0),
             has_key: key.is_some(),
             source: NameId::intern(source),
-            headers: (!headers.is_empty()).then(|| Box::new(headers)),
+            extra: (!headers.is_empty()).then(|| {
+                Box::new(Extra {
+                    headers,
+                    tracker: None,
+                })
+            }),
         }
+    }
+
+    /// The envelope with `tracker` attached (replacing any), for a tracked publish.
+    pub(crate) fn with_tracker(mut self, tracker: Arc<Tracking>) -> Envelope {
+        self.extra.get_or_insert_with(Default::default).tracker = Some(tracker);
+        self
+    }
+
+    /// The tracking of a tracked publish, if this is one.
+    #[inline]
+    pub(crate) fn tracker(&self) -> Option<&Tracking> {
+        self.extra.as_ref()?.tracker.as_deref()
     }
 
     /// The event's unique id.
@@ -646,7 +694,7 @@ impl Envelope {
         static EMPTY: Headers = Headers {
             entries: Vec::new(),
         };
-        self.headers.as_deref().unwrap_or(&EMPTY)
+        self.extra.as_ref().map_or(&EMPTY, |e| &e.headers)
     }
 }
 
@@ -708,6 +756,17 @@ pub(crate) enum Stamp {
 }
 
 impl Stamp {
+    /// Whether the publish is tracked.
+    pub(crate) fn is_tracked(&self) -> bool {
+        match self {
+            Stamp::New(options) => options
+                .headers
+                .as_ref()
+                .is_some_and(|e| e.tracker.is_some()),
+            Stamp::Given(envelope) => envelope.tracker().is_some(),
+        }
+    }
+
     #[inline]
     pub(crate) fn envelope(self, source: NameId) -> Envelope {
         match self {
@@ -727,8 +786,8 @@ impl fmt::Debug for Envelope {
         if let Some(key) = self.key() {
             s.field("key", &key);
         }
-        if let Some(headers) = &self.headers {
-            s.field("headers", headers);
+        if let Some(extra) = &self.extra {
+            s.field("headers", &extra.headers);
         }
         s.finish()
     }

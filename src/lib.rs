@@ -173,6 +173,7 @@ mod shard;
 mod sync;
 mod tap;
 mod trace;
+mod track;
 
 pub use crate::bus::{AbandonedDelivery, Bus, BusBuilder, BusStats, ShutdownReport};
 pub use crate::config::{
@@ -198,6 +199,7 @@ pub use crate::retry::{
 };
 pub use crate::tap::Tapped;
 pub use crate::trace::{Trace, TraceEntry, TraceOutcome};
+pub use crate::track::{Completion, Tracker};
 
 /// Building blocks exposed for the benchmarks. Not part of the stable API.
 #[doc(hidden)]

@@ -46,6 +46,7 @@ use crate::registry::{Snapshot, Sub, TypeTable, before};
 use crate::retry::Jitter;
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::trace::{TraceEntry, TraceOutcome};
+use crate::track::Settled;
 
 pub(crate) const IDLE: u64 = 0;
 pub(crate) const ABANDONED: u64 = u64::MAX;
@@ -78,6 +79,19 @@ impl Work {
             Work::Task(task) => task.deliveries(),
             Work::Batch(batch) => batch.deliveries(),
             Work::Retry(_) => 1,
+        }
+    }
+
+    /// Settles the tracked deliveries it holds as `how` (batches are never tracked).
+    pub(crate) fn track(&self, how: Settled) {
+        match self {
+            Work::Task(task) => {
+                if let Some(t) = task.envelope.tracker() {
+                    t.settle(how, task.deliveries());
+                }
+            }
+            Work::Batch(_) => {}
+            Work::Retry(retry) => retry.track(how),
         }
     }
 
@@ -248,6 +262,9 @@ fn deliver_all<E: Event>(
         }
     }
     if flow == Flow::Continue && remaining > 0 {
+        if let Some(t) = envelope.tracker() {
+            t.settle(Settled::Cancelled, remaining);
+        }
         worker.shared.settle_cancelled(remaining);
     }
     flow
@@ -387,6 +404,8 @@ pub(crate) struct Retry {
     sub: Arc<dyn Any + Send + Sync>,
     pub(crate) attempt: u32,
     history: History,
+    /// Whether the event's tracker (if any) counts this delivery: not for a redrive.
+    tracked: bool,
 }
 
 impl Clone for Retry {
@@ -397,11 +416,21 @@ impl Clone for Retry {
             sub: self.sub.clone(),
             attempt: self.attempt,
             history: self.history.clone(),
+            tracked: self.tracked,
         }
     }
 }
 
 impl Retry {
+    /// Settles the delivery in the event's tracker, if it counts there.
+    pub(crate) fn track(&self, how: Settled) {
+        if self.tracked
+            && let Some(t) = self.event.envelope.tracker()
+        {
+            t.settle(how, 1);
+        }
+    }
+
     /// Turns the retry into dead letter `id`.
     pub(crate) fn bury(self, reason: DeadLetterReason, id: u64) -> DeadLetter {
         (self.ops.bury)(self, reason, id)
@@ -421,7 +450,9 @@ fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flow {
     let Some(event) = retry.event.event.downcast_ref::<E>() else {
         unreachable!("a retry's functions match its event")
     };
+    worker.untracked = !retry.tracked;
     let flow = worker.deliver(&retry.event.envelope, &sub, event, 0, retry.attempt, false);
+    worker.untracked = false;
     let failed = std::mem::take(&mut worker.pending);
     for failure in failed {
         let mut history = retry.history.clone();
@@ -433,6 +464,7 @@ fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flow {
                 sub: failure.sub,
                 attempt: failure.attempt + 1,
                 history,
+                tracked: retry.tracked,
             },
             failure.then,
         );
@@ -464,6 +496,7 @@ fn bury<E: Event>(retry: Retry, reason: DeadLetterReason, id: u64) -> DeadLetter
             errors: Vec::new(),
             first_failure: retry.history.first_failure,
         },
+        tracked: false,
     });
     DeadLetter {
         id,
@@ -528,6 +561,7 @@ pub(crate) fn decode_retry<E: Event>(
             errors: Vec::new(),
             first_failure: SystemTime::now(),
         },
+        tracked: false,
     })
 }
 
@@ -779,6 +813,8 @@ pub(crate) struct Worker<'a> {
     recorder: Option<Recorder>,
     /// Deliveries of the events after the current one in the batch message being run.
     rest: usize,
+    /// Set while a retry runs that the event's tracker does not count (a redrive).
+    untracked: bool,
 }
 
 enum Outcome {
@@ -873,6 +909,7 @@ impl Worker<'_> {
                         errors: vec![failure.error],
                         first_failure: now,
                     },
+                    tracked: true,
                 },
                 failure.then,
             );
@@ -905,7 +942,13 @@ impl Worker<'_> {
 
     /// Settles a failed delivery in the dead-letter ring (or as discarded when it is off).
     fn bury(&mut self, retry: Retry, reason: DeadLetterReason) {
-        if self.core.dead_letters.enabled() {
+        let kept = self.core.dead_letters.enabled();
+        retry.track(if kept {
+            Settled::DeadLettered
+        } else {
+            Settled::Discarded
+        });
+        if kept {
             let id = self.core.dead_letters.next_id();
             self.core.dead_letters.push(retry.bury(reason, id));
             self.shared.settle_dead_lettered();
@@ -954,7 +997,12 @@ impl Worker<'_> {
     ) -> Flow {
         let shared = self.shared;
         let id = sub.meta.id;
+        let tracker = envelope.tracker().filter(|_| !self.untracked);
         if shared.stop.load(Ordering::Relaxed) {
+            // Trackers first: once the ledger says settled (`flush`), trackers have completed.
+            if let Some(t) = tracker {
+                t.settle(Settled::Left, remaining + 1);
+            }
             shared.settle_left(remaining + 1);
             return Flow::Stop;
         }
@@ -1028,6 +1076,10 @@ impl Worker<'_> {
             if !shared.finish(id) {
                 // Shutdown gave up on this delivery and has already reported it.
                 self.discard_outbox();
+                if let Some(t) = tracker {
+                    t.settle(Settled::Left, remaining);
+                    t.settle(Settled::Abandoned, 1);
+                }
                 return Flow::Abandoned;
             }
             result
@@ -1035,20 +1087,26 @@ impl Worker<'_> {
             Outcome::Cancelled
         };
         let stats = &shared.stats;
-        match outcome {
+        let settled = match outcome {
             Outcome::Succeeded => {
                 self.flush_outbox();
                 bump(&stats.succeeded, 1);
+                Settled::Succeeded
             }
             Outcome::Cancelled => {
                 sub.meta.cancelled.fetch_add(1, Ordering::Relaxed);
                 bump(&stats.cancelled, 1);
+                Settled::Cancelled
             }
             Outcome::Failed(error, panicked) => {
                 if self.failed(sub, attempt, error, panicked) {
                     return Flow::Continue;
                 }
+                Settled::Discarded
             }
+        };
+        if let Some(t) = tracker {
+            t.settle(settled, 1);
         }
         shared.settle(1);
         Flow::Continue
@@ -1303,6 +1361,7 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
             .enabled
             .then(|| Recorder::new(index, core.metrics.sample_every)),
         rest: 0,
+        untracked: false,
     };
     worker.run_loop(&shard.rx);
     worker.close_batch();

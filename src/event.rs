@@ -648,6 +648,12 @@ impl Envelope {
         self
     }
 
+    /// Whether the envelope has headers or a tracker: the cheap test before either is read.
+    #[inline]
+    pub(crate) fn has_extra(&self) -> bool {
+        self.extra.is_some()
+    }
+
     /// The tracking of a tracked publish, if this is one.
     #[inline]
     pub(crate) fn tracker(&self) -> Option<&Tracking> {

@@ -262,9 +262,7 @@ fn deliver_all<E: Event>(
         }
     }
     if flow == Flow::Continue && remaining > 0 {
-        if let Some(t) = envelope.tracker() {
-            t.settle(Settled::Cancelled, remaining);
-        }
+        worker.track(envelope, Settled::Cancelled, remaining);
         worker.shared.settle_cancelled(remaining);
     }
     flow
@@ -997,12 +995,9 @@ impl Worker<'_> {
     ) -> Flow {
         let shared = self.shared;
         let id = sub.meta.id;
-        let tracker = envelope.tracker().filter(|_| !self.untracked);
         if shared.stop.load(Ordering::Relaxed) {
             // Trackers first: once the ledger says settled (`flush`), trackers have completed.
-            if let Some(t) = tracker {
-                t.settle(Settled::Left, remaining + 1);
-            }
+            self.track(envelope, Settled::Left, remaining + 1);
             shared.settle_left(remaining + 1);
             return Flow::Stop;
         }
@@ -1076,10 +1071,8 @@ impl Worker<'_> {
             if !shared.finish(id) {
                 // Shutdown gave up on this delivery and has already reported it.
                 self.discard_outbox();
-                if let Some(t) = tracker {
-                    t.settle(Settled::Left, remaining);
-                    t.settle(Settled::Abandoned, 1);
-                }
+                self.track(envelope, Settled::Left, remaining);
+                self.track(envelope, Settled::Abandoned, 1);
                 return Flow::Abandoned;
             }
             result
@@ -1105,11 +1098,28 @@ impl Worker<'_> {
                 Settled::Discarded
             }
         };
-        if let Some(t) = tracker {
-            t.settle(settled, 1);
-        }
+        self.track(envelope, settled, 1);
         shared.settle(1);
         Flow::Continue
+    }
+
+    /// Settles `n` deliveries of `envelope`'s event in its tracker, if it is tracked (and this
+    /// is not a redrive).
+    #[inline]
+    fn track(&self, envelope: &Envelope, how: Settled, n: usize) {
+        if envelope.has_extra() {
+            self.track_slow(envelope, how, n);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn track_slow(&self, envelope: &Envelope, how: Settled, n: usize) {
+        if !self.untracked
+            && let Some(t) = envelope.tracker()
+        {
+            t.settle(how, n);
+        }
     }
 
     /// Adds a handler run to the trace ring.

@@ -61,6 +61,11 @@
 //! ([`BusStats::unmatched`]), not silently dropped. [`Bus::publish_batch`] groups many events
 //! per shard and moves up to 64 through the channel as one message, keeping per-key order.
 //!
+//! [`Bus::publish_envelope`] lets an event re-enter with an [`Envelope`] made elsewhere (a
+//! file, another process), keeping its id, correlation and source; [`Bus::publish_tracked`]
+//! returns a [`Tracker`] that completes, with a [`Completion`], once every delivery of the event
+//! has settled.
+//!
 //! Idle workers park in their channel ([`WaitStrategy::Block`]); with
 //! [`WaitStrategy::SpinThenPark`] they poll for a while first, for lower latency at the price
 //! of a busy core.

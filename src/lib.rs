@@ -164,6 +164,8 @@
     rust_2018_idioms
 )]
 
+#[cfg(feature = "redis")]
+pub mod bridge;
 mod bus;
 mod config;
 mod dead_letter;

@@ -5,7 +5,9 @@
 //! retried and dead-lettered like any handler's). Importing is a thread per event type that
 //! reads with `XREADGROUP` under a consumer group, publishes each entry into the bus with its
 //! original envelope and a [`Tracker`](crate::Tracker), and acknowledges it (`XACK`) only once
-//! every local delivery of it has settled.
+//! every local delivery of it has settled. An entry that does not decode is dead-lettered with
+//! its raw text ([`DeadLetterReason::Undecodable`](crate::DeadLetterReason::Undecodable)) and
+//! acknowledged.
 //!
 //! Wire format, version 1: one stream entry per event, field `m`, a JSON object
 //! `{"wire":1,"event":NAME,"version":VERSION,"envelope":{…},"payload":{…}}` — the envelope as
@@ -232,6 +234,40 @@ impl Drop for Bridge {
     }
 }
 
+/// The name under which undecodable entries are dead-lettered.
+const IMPORT: &str = "redis-import";
+
+/// Decodes one entry; on failure, the envelope if that much decoded, and why.
+#[allow(clippy::result_large_err)] // The error carries the envelope that did decode.
+fn decode<E: Event>(bytes: &[u8]) -> Result<WireIn<E>, (Option<Envelope>, String)> {
+    if bytes.is_empty() {
+        return Err((None, "no field `m` in the entry".to_owned()));
+    }
+    match serde_json::from_slice::<WireIn<E>>(bytes) {
+        Ok(w) if w.wire == WIRE_VERSION && w.event == E::NAME && w.version == E::VERSION => Ok(w),
+        Ok(w) => Err((
+            Some(w.envelope),
+            format!(
+                "expected {} v{} (wire {WIRE_VERSION}), got {} v{} (wire {})",
+                E::NAME,
+                E::VERSION,
+                w.event,
+                w.version,
+                w.wire
+            ),
+        )),
+        Err(e) => {
+            let envelope = serde_json::from_slice::<serde_json::Value>(bytes)
+                .ok()
+                .and_then(|v| serde_json::from_value::<Envelope>(v.get("envelope")?.clone()).ok());
+            Err((
+                envelope,
+                format!("does not decode as {} v{}: {e}", E::NAME, E::VERSION),
+            ))
+        }
+    }
+}
+
 fn import_loop<E: Event>(
     bus: &Bus,
     connection: &mut redis::Connection,
@@ -271,23 +307,18 @@ fn import_loop<E: Event>(
             continue;
         };
         for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
-            let Some(bytes) = entry.get::<Vec<u8>>("m") else {
-                counters.decode_failures.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let decoded: Result<WireIn<E>, _> = serde_json::from_slice(&bytes);
-            let Ok(wire) = decoded.map_err(|e| e.to_string()).and_then(|w| {
-                if w.wire == WIRE_VERSION && w.event == E::NAME && w.version == E::VERSION {
-                    Ok(w)
-                } else {
-                    Err(format!(
-                        "unexpected {} v{} (wire {})",
-                        w.event, w.version, w.wire
-                    ))
+            let bytes = entry.get::<Vec<u8>>("m").unwrap_or_default();
+            let wire = match decode::<E>(&bytes) {
+                Ok(wire) => wire,
+                Err((envelope, why)) => {
+                    // Kept with its raw text and acknowledged: it would never decode.
+                    counters.decode_failures.fetch_add(1, Ordering::Relaxed);
+                    bus.core()
+                        .bury_undecodable(E::NAME, E::VERSION, envelope, &bytes, IMPORT, why);
+                    let _ = ack_tx.send(entry.id.clone());
+                    outstanding += 1;
+                    continue;
                 }
-            }) else {
-                counters.decode_failures.fetch_add(1, Ordering::Relaxed);
-                continue;
             };
             match bus.publish_envelope_tracked(wire.payload, wire.envelope) {
                 Ok(tracker) => {

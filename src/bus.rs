@@ -806,6 +806,48 @@ impl Core {
         }
     }
 
+    /// Keeps a message from outside the process that did not decode as a dead letter: its raw
+    /// text (as a JSON string), the envelope if that much decoded, and why. It is not a
+    /// delivery (no subscription ran it), so the statistics do not count it; it cannot be
+    /// redriven.
+    #[cfg(feature = "redis")]
+    pub(crate) fn bury_undecodable(
+        &self,
+        event: &str,
+        version: u32,
+        envelope: Option<Envelope>,
+        raw: &[u8],
+        handler: &str,
+        why: String,
+    ) {
+        if !self.dead_letters.enabled() {
+            return;
+        }
+        let now = SystemTime::now();
+        let envelope =
+            envelope.unwrap_or_else(|| Envelope::stamp(NameId::intern(handler), Publish::new()));
+        let service = envelope.source();
+        let letter = DeadLetter {
+            id: self.dead_letters.next_id(),
+            envelope,
+            event_name: NameId::intern(event).as_str(),
+            event_version: version,
+            payload: serde_json::to_string(&String::from_utf8_lossy(raw))
+                .expect("a string serializes"),
+            subscription: 0,
+            handler: handler.to_owned(),
+            service,
+            errors: vec![why.clone()],
+            attempts: 0,
+            first_failure: now,
+            last_failure: now,
+            reason: DeadLetterReason::Undecodable,
+            redrive: None,
+            blocked: Some(why),
+        };
+        self.dead_letters.push(letter);
+    }
+
     /// The seed of worker `index`'s jitter generator.
     pub(crate) fn worker_seed(&self, index: usize) -> u64 {
         self.jitter_seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
@@ -1492,7 +1534,7 @@ impl Bus {
         BusBuilder::default()
     }
 
-    fn core(&self) -> &Arc<Core> {
+    pub(crate) fn core(&self) -> &Arc<Core> {
         &self.handle.core
     }
 

@@ -31,6 +31,9 @@ pub enum DeadLetterReason {
     Permanent,
     /// A retry was still waiting when the bus shut down.
     Shutdown,
+    /// A message from outside the process (a bridge) that did not decode into its event type:
+    /// kept with its raw text, never retried.
+    Undecodable,
 }
 
 impl fmt::Display for DeadLetterReason {
@@ -39,6 +42,7 @@ impl fmt::Display for DeadLetterReason {
             Self::RetriesExhausted => "retries exhausted",
             Self::Permanent => "permanent error",
             Self::Shutdown => "shutdown",
+            Self::Undecodable => "undecodable",
         })
     }
 }

@@ -118,3 +118,91 @@ fn ten_thousand_events_cross_with_their_envelopes() {
     orders.shutdown().unwrap();
     payments.shutdown().unwrap();
 }
+
+#[test]
+fn entries_that_do_not_decode_are_dead_lettered_with_their_raw_text_and_acknowledged() {
+    use microbus::DeadLetterReason;
+    use redis::Commands;
+    let url = redis_url();
+    let prefix = prefix("poison");
+    let stream = format!("{prefix}:OrderCreated");
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    // Not JSON; JSON of another version; and a good one after them.
+    let good_envelope = {
+        let bus = Bus::builder().service_name("orders").build().unwrap();
+        let seen = Arc::new(Mutex::new(None));
+        let put = seen.clone();
+        bus.tap(move |t| *put.lock().unwrap() = Some(t.envelope().clone()));
+        bus.publish(OrderCreated { order_id: 1 }).unwrap();
+        let envelope = seen.lock().unwrap().take().unwrap();
+        bus.shutdown().unwrap();
+        envelope
+    };
+    let envelope_json = serde_json::to_string(&good_envelope).unwrap();
+    let messages = [
+        "not json at all".to_owned(),
+        format!(
+            r#"{{"wire":1,"event":"OrderCreated","version":2,"envelope":{envelope_json},"payload":{{"order_id":"two"}}}}"#
+        ),
+        format!(
+            r#"{{"wire":1,"event":"OrderCreated","version":1,"envelope":{envelope_json},"payload":{{"order_id":3}}}}"#
+        ),
+    ];
+    for m in &messages {
+        let _: String = redis.xadd(&stream, "*", &[("m", m)]).unwrap();
+    }
+
+    let payments = Bus::builder()
+        .service_name("payments")
+        .workers(1)
+        .build()
+        .unwrap();
+    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    {
+        let handled = handled.clone();
+        payments
+            .subscribe(move |e: &OrderCreated, _: &Context| -> HandlerResult {
+                handled.lock().unwrap().push(e.order_id);
+                Ok(())
+            })
+            .unwrap();
+    }
+    let bridge = Bridge::connect(&payments, &url, &prefix).unwrap();
+    bridge.import::<OrderCreated>("payments").unwrap();
+    let deadline = Instant::now() + WAIT;
+    while bridge.stats().acked < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    bridge.stop();
+    assert_eq!(*handled.lock().unwrap(), [3]);
+    let stats = bridge.stats();
+    assert_eq!(
+        (stats.imported, stats.decode_failures, stats.acked),
+        (1, 2, 3)
+    );
+    let letters = payments.dead_letters().list();
+    assert_eq!(letters.len(), 2);
+    for (letter, raw) in letters.iter().zip(&messages) {
+        assert_eq!(letter.reason(), DeadLetterReason::Undecodable);
+        assert_eq!(letter.handler(), "redis-import");
+        let text: String = serde_json::from_str(letter.payload_json()).unwrap();
+        assert_eq!(&text, raw, "the raw text is kept");
+        assert!(letter.not_redrivable().is_some());
+    }
+    // The second message's envelope decoded and is kept; the first had none.
+    assert_eq!(letters[1].envelope(), &good_envelope);
+    // Nothing stays pending: every entry was acknowledged.
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("payments")
+        .query(&mut redis)
+        .unwrap();
+    let redis::Value::Array(summary) = pending else {
+        panic!("{pending:?}")
+    };
+    assert_eq!(summary.first(), Some(&redis::Value::Int(0)), "{summary:?}");
+    payments.shutdown().unwrap();
+}

@@ -85,6 +85,10 @@ pub struct BridgeStats {
     pub acked: u64,
     /// Entries that did not decode.
     pub decode_failures: u64,
+    /// Entries taken over from consumers that left them pending.
+    pub claimed: u64,
+    /// Redelivered entries dropped because their event id was seen already.
+    pub duplicates: u64,
 }
 
 #[derive(Default)]
@@ -93,6 +97,8 @@ struct Counters {
     imported: AtomicU64,
     acked: AtomicU64,
     decode_failures: AtomicU64,
+    claimed: AtomicU64,
+    duplicates: AtomicU64,
 }
 
 /// A bridge between a bus and Redis Streams under a key prefix: `<prefix>:<Event::NAME>`.
@@ -161,39 +167,54 @@ impl Bridge {
             .map_err(|e| BridgeError(e.to_string()))
     }
 
-    /// Reads the stream of `E` under consumer group `group` (created at the stream's start if
-    /// it does not exist) and publishes each entry into the bus with its original envelope;
-    /// an entry is acknowledged once every local delivery of it has settled.
+    /// Reads the stream of `E` under consumer group `group` with the default
+    /// [`ImportOptions`]; see [`import_with`](Self::import_with).
+    ///
+    /// # Errors
+    ///
+    /// As [`import_with`](Self::import_with).
+    pub fn import<E: Event>(&self, group: &str) -> Result<(), BridgeError> {
+        self.import_with::<E>(ImportOptions::new(group))
+    }
+
+    /// Reads the stream of `E` under the consumer group of `options` (created at the stream's
+    /// start if it does not exist) and publishes each entry into the bus with its original
+    /// envelope; an entry is acknowledged once every local delivery of it has settled. Entries
+    /// another consumer left pending longer than the claim time (it died) are taken over;
+    /// entries delivered more often than the limit are dead-lettered; an event id seen again
+    /// within the window is acknowledged without being published twice.
     ///
     /// # Errors
     ///
     /// A [`BridgeError`] when no connection can be made or the group cannot be created.
-    pub fn import<E: Event>(&self, group: &str) -> Result<(), BridgeError> {
+    pub fn import_with<E: Event>(&self, options: ImportOptions) -> Result<(), BridgeError> {
         let mut connection = self.client.get_connection()?;
         let stream = self.stream::<E>();
         let created: redis::RedisResult<()> =
-            connection.xgroup_create_mkstream(&stream, group, "0");
+            connection.xgroup_create_mkstream(&stream, &options.group, "0");
         if let Err(e) = created
             && e.code() != Some("BUSYGROUP")
         {
             return Err(e.into());
         }
-        let (bus, stop, counters) = (self.bus.clone(), self.stop.clone(), self.counters.clone());
-        let group = group.to_owned();
-        let consumer = format!("{}-{}", bus.service_name(), std::process::id());
+        let importer = Importer {
+            bus: self.bus.clone(),
+            stream,
+            consumer: format!(
+                "{}-{}-{}",
+                self.bus.service_name(),
+                std::process::id(),
+                crate::event::EventId::new()
+            ),
+            options,
+            stop: self.stop.clone(),
+            counters: self.counters.clone(),
+            recent: Recent::default(),
+            held: std::collections::HashSet::new(),
+        };
         let thread = std::thread::Builder::new()
             .name(format!("microbus-redis-import-{}", E::NAME))
-            .spawn(move || {
-                import_loop::<E>(
-                    &bus,
-                    &mut connection,
-                    &stream,
-                    &group,
-                    &consumer,
-                    &stop,
-                    &counters,
-                );
-            })
+            .spawn(move || importer.run::<E>(&mut connection))
             .map_err(|e| BridgeError(e.to_string()))?;
         self.threads.lock().push(thread);
         Ok(())
@@ -207,6 +228,8 @@ impl Bridge {
             imported: c.imported.load(Ordering::Relaxed),
             acked: c.acked.load(Ordering::Relaxed),
             decode_failures: c.decode_failures.load(Ordering::Relaxed),
+            claimed: c.claimed.load(Ordering::Relaxed),
+            duplicates: c.duplicates.load(Ordering::Relaxed),
         }
     }
 
@@ -234,8 +257,71 @@ impl Drop for Bridge {
     }
 }
 
-/// The name under which undecodable entries are dead-lettered.
+/// The name under which entries that are not published are dead-lettered.
 const IMPORT: &str = "redis-import";
+
+/// How an import reads its stream.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    group: String,
+    claim_idle: Duration,
+    max_deliveries: u32,
+    dedup_window: usize,
+}
+
+impl ImportOptions {
+    /// Reads under consumer group `group`, taking over entries pending for 30 s, dead-lettering
+    /// entries delivered more than 5 times, and remembering the last 100,000 event ids.
+    pub fn new(group: &str) -> ImportOptions {
+        ImportOptions {
+            group: group.to_owned(),
+            claim_idle: Duration::from_secs(30),
+            max_deliveries: 5,
+            dedup_window: 100_000,
+        }
+    }
+
+    /// Takes over entries another consumer has left pending (unacknowledged) this long.
+    pub fn claim_idle(mut self, idle: Duration) -> ImportOptions {
+        self.claim_idle = idle;
+        self
+    }
+
+    /// Dead-letters an entry once it has been delivered more than `n` times.
+    pub fn max_deliveries(mut self, n: u32) -> ImportOptions {
+        self.max_deliveries = n;
+        self
+    }
+
+    /// How many recent event ids are remembered to drop redelivered duplicates.
+    pub fn dedup_window(mut self, ids: usize) -> ImportOptions {
+        self.dedup_window = ids;
+        self
+    }
+}
+
+/// The event ids published lately, oldest first.
+#[derive(Default)]
+struct Recent {
+    order: std::collections::VecDeque<crate::event::EventId>,
+    set: std::collections::HashSet<crate::event::EventId>,
+}
+
+impl Recent {
+    /// Remembers `id`; `false` when it was remembered already.
+    fn insert(&mut self, id: crate::event::EventId, window: usize) -> bool {
+        if !self.set.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        while self.order.len() > window {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
 
 /// Decodes one entry; on failure, the envelope if that much decoded, and why.
 #[allow(clippy::result_large_err)] // The error carries the envelope that did decode.
@@ -268,71 +354,197 @@ fn decode<E: Event>(bytes: &[u8]) -> Result<WireIn<E>, (Option<Envelope>, String
     }
 }
 
-fn import_loop<E: Event>(
-    bus: &Bus,
-    connection: &mut redis::Connection,
-    stream: &str,
-    group: &str,
-    consumer: &str,
-    stop: &AtomicBool,
-    counters: &Counters,
-) {
-    let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<String>();
-    let options = StreamReadOptions::default()
-        .group(group, consumer)
-        .count(READ_COUNT)
-        .block(READ_BLOCK.as_millis() as usize);
-    let mut outstanding = 0usize;
-    loop {
-        let acks: Vec<String> = ack_rx.try_iter().collect();
-        if !acks.is_empty() {
-            let acked: redis::RedisResult<u64> = connection.xack(stream, group, &acks);
-            if acked.is_ok() {
-                counters
-                    .acked
-                    .fetch_add(acks.len() as u64, Ordering::Relaxed);
-                outstanding -= acks.len();
+/// One import thread's state.
+struct Importer {
+    bus: Bus,
+    stream: String,
+    consumer: String,
+    options: ImportOptions,
+    stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+    recent: Recent,
+    /// Entries taken and not acknowledged yet: a claim leaves them alone (the claim resets
+    /// their idle time, and they would come back as their own duplicates).
+    held: std::collections::HashSet<String>,
+}
+
+/// What became of one entry.
+enum Taken {
+    /// Published, acknowledged when its deliveries settle.
+    Published,
+    /// Acknowledge now: a duplicate, or dead-lettered.
+    Ack,
+    /// The bus is shutting down: leave it pending for another consumer.
+    Stop,
+}
+
+impl Importer {
+    fn run<E: Event>(mut self, connection: &mut redis::Connection) {
+        let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<String>();
+        let read = StreamReadOptions::default()
+            .group(&self.options.group, &self.consumer)
+            .count(READ_COUNT)
+            .block(READ_BLOCK.as_millis() as usize);
+        let mut last_claim = std::time::Instant::now();
+        loop {
+            let acks: Vec<String> = ack_rx.try_iter().collect();
+            if !acks.is_empty() {
+                let acked: redis::RedisResult<u64> =
+                    connection.xack(&self.stream, &self.options.group, &acks);
+                if acked.is_ok() {
+                    self.counters
+                        .acked
+                        .fetch_add(acks.len() as u64, Ordering::Relaxed);
+                    for id in &acks {
+                        self.held.remove(id);
+                    }
+                }
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                if self.held.is_empty() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            let mut entries = Vec::new();
+            if last_claim.elapsed() >= self.options.claim_idle / 2 {
+                last_claim = std::time::Instant::now();
+                entries.extend(self.claim(connection));
+            }
+            let reply: redis::RedisResult<Option<StreamReadReply>> =
+                connection.xread_options(&[&self.stream], &[">"], &read);
+            if let Ok(Some(reply)) = reply {
+                entries.extend(reply.keys.into_iter().flat_map(|k| k.ids).map(|e| (e, 1)));
+            }
+            for (entry, deliveries) in entries {
+                match self.take::<E>(&entry, deliveries, &ack_tx) {
+                    Taken::Published => {
+                        self.held.insert(entry.id.clone());
+                    }
+                    Taken::Ack => {
+                        self.held.insert(entry.id.clone());
+                        let _ = ack_tx.send(entry.id.clone());
+                    }
+                    Taken::Stop => return,
+                }
             }
         }
-        if stop.load(Ordering::SeqCst) {
-            if outstanding == 0 {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-            continue;
-        }
-        let reply: redis::RedisResult<Option<StreamReadReply>> =
-            connection.xread_options(&[stream], &[">"], &options);
-        let Ok(Some(reply)) = reply else {
-            continue;
+    }
+
+    /// Takes over entries other consumers left pending past the claim time, with how often
+    /// each was delivered.
+    fn claim(
+        &mut self,
+        connection: &mut redis::Connection,
+    ) -> Vec<(redis::streams::StreamId, u64)> {
+        let idle = self.options.claim_idle.as_millis() as u64;
+        let claimed: redis::RedisResult<redis::streams::StreamAutoClaimReply> = connection
+            .xautoclaim_options(
+                &self.stream,
+                &self.options.group,
+                &self.consumer,
+                idle,
+                "0-0",
+                redis::streams::StreamAutoClaimOptions::default().count(READ_COUNT),
+            );
+        let Ok(claimed) = claimed else {
+            return Vec::new();
         };
-        for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
-            let bytes = entry.get::<Vec<u8>>("m").unwrap_or_default();
-            let wire = match decode::<E>(&bytes) {
-                Ok(wire) => wire,
-                Err((envelope, why)) => {
-                    // Kept with its raw text and acknowledged: it would never decode.
-                    counters.decode_failures.fetch_add(1, Ordering::Relaxed);
-                    bus.core()
-                        .bury_undecodable(E::NAME, E::VERSION, envelope, &bytes, IMPORT, why);
-                    let _ = ack_tx.send(entry.id.clone());
-                    outstanding += 1;
-                    continue;
-                }
-            };
-            match bus.publish_envelope_tracked(wire.payload, wire.envelope) {
-                Ok(tracker) => {
-                    counters.imported.fetch_add(1, Ordering::Relaxed);
-                    outstanding += 1;
-                    let ack_tx = ack_tx.clone();
-                    let id = entry.id.clone();
-                    tracker.on_complete(move |_| {
-                        let _ = ack_tx.send(id);
-                    });
-                }
-                // The bus is shutting down: the entry stays pending for another consumer.
-                Err(_) => return,
+        let others: Vec<_> = claimed
+            .claimed
+            .into_iter()
+            .filter(|entry| !self.held.contains(&entry.id))
+            .collect();
+        self.counters
+            .claimed
+            .fetch_add(others.len() as u64, Ordering::Relaxed);
+        others
+            .into_iter()
+            .map(|entry| {
+                let deliveries = self.deliveries(connection, &entry.id);
+                (entry, deliveries)
+            })
+            .collect()
+    }
+
+    /// How many times entry `id` has been delivered (from the group's pending list).
+    fn deliveries(&self, connection: &mut redis::Connection, id: &str) -> u64 {
+        let pending: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+            .arg(&self.stream)
+            .arg(&self.options.group)
+            .arg(id)
+            .arg(id)
+            .arg(1)
+            .query(connection);
+        match pending {
+            Ok(redis::Value::Array(rows)) => match rows.first() {
+                Some(redis::Value::Array(row)) => match row.get(3) {
+                    Some(redis::Value::Int(n)) => *n as u64,
+                    _ => 1,
+                },
+                _ => 1,
+            },
+            _ => 1,
+        }
+    }
+
+    fn take<E: Event>(
+        &mut self,
+        entry: &redis::streams::StreamId,
+        deliveries: u64,
+        ack_tx: &crossbeam_channel::Sender<String>,
+    ) -> Taken {
+        let bytes = entry.get::<Vec<u8>>("m").unwrap_or_default();
+        let core = self.bus.core();
+        let wire = match decode::<E>(&bytes) {
+            Ok(wire) => wire,
+            Err((envelope, why)) => {
+                // Kept with its raw text and acknowledged: it would never decode.
+                self.counters
+                    .decode_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                core.bury_unpublished(E::NAME, E::VERSION, envelope, &bytes, IMPORT, why, true);
+                return Taken::Ack;
             }
+        };
+        if deliveries > u64::from(self.options.max_deliveries) {
+            let why = format!(
+                "delivered {deliveries} times, more than the {} allowed",
+                self.options.max_deliveries
+            );
+            core.bury_unpublished(
+                E::NAME,
+                E::VERSION,
+                Some(wire.envelope),
+                &bytes,
+                IMPORT,
+                why,
+                false,
+            );
+            return Taken::Ack;
+        }
+        if !self
+            .recent
+            .insert(wire.envelope.id(), self.options.dedup_window)
+        {
+            self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Taken::Ack;
+        }
+        match self
+            .bus
+            .publish_envelope_tracked(wire.payload, wire.envelope)
+        {
+            Ok(tracker) => {
+                self.counters.imported.fetch_add(1, Ordering::Relaxed);
+                let ack_tx = ack_tx.clone();
+                let id = entry.id.clone();
+                tracker.on_complete(move |_| {
+                    let _ = ack_tx.send(id);
+                });
+                Taken::Published
+            }
+            Err(_) => Taken::Stop,
         }
     }
 }

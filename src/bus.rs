@@ -806,12 +806,14 @@ impl Core {
         }
     }
 
-    /// Keeps a message from outside the process that did not decode as a dead letter: its raw
-    /// text (as a JSON string), the envelope if that much decoded, and why. It is not a
-    /// delivery (no subscription ran it), so the statistics do not count it; it cannot be
-    /// redriven.
+    /// Keeps a message from outside the process that is not published as a dead letter: its
+    /// raw text (as a JSON string), the envelope if that much decoded, and why —
+    /// [`DeadLetterReason::Undecodable`] when it did not decode, else
+    /// [`DeadLetterReason::RetriesExhausted`] (delivered too often). It is not a delivery (no
+    /// subscription ran it), so the statistics do not count it; it cannot be redriven.
     #[cfg(feature = "redis")]
-    pub(crate) fn bury_undecodable(
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn bury_unpublished(
         &self,
         event: &str,
         version: u32,
@@ -819,6 +821,7 @@ impl Core {
         raw: &[u8],
         handler: &str,
         why: String,
+        undecodable: bool,
     ) {
         if !self.dead_letters.enabled() {
             return;
@@ -841,7 +844,11 @@ impl Core {
             attempts: 0,
             first_failure: now,
             last_failure: now,
-            reason: DeadLetterReason::Undecodable,
+            reason: if undecodable {
+                DeadLetterReason::Undecodable
+            } else {
+                DeadLetterReason::RetriesExhausted
+            },
             redrive: None,
             blocked: Some(why),
         };

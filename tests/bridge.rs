@@ -206,3 +206,175 @@ fn entries_that_do_not_decode_are_dead_lettered_with_their_raw_text_and_acknowle
     assert_eq!(summary.first(), Some(&redis::Value::Int(0)), "{summary:?}");
     payments.shutdown().unwrap();
 }
+
+/// Set in the child process of the takeover test: the URL and key prefix to read from.
+const CHILD: &str = "MICROBUS_BRIDGE_TAKEOVER_CHILD";
+
+/// In the child process only: a consumer that reads entries and dies before acknowledging any
+/// (its handler aborts the process).
+#[test]
+fn takeover_child() {
+    let Ok(spec) = std::env::var(CHILD) else {
+        return; // Run by the takeover test, in a process of its own.
+    };
+    let (url, prefix) = spec.split_once('|').unwrap();
+    let bus = Bus::builder()
+        .service_name("payments")
+        .workers(1)
+        .build()
+        .unwrap();
+    bus.subscribe(|_: &OrderCreated, _: &Context| -> HandlerResult {
+        std::process::abort();
+    })
+    .unwrap();
+    let bridge = Bridge::connect(&bus, url, prefix).unwrap();
+    bridge.import::<OrderCreated>("payments").unwrap();
+    std::thread::sleep(WAIT);
+    unreachable!("the handler aborts the process");
+}
+
+/// What a takeover run saw: the orders handled, the entries the dead consumer left pending,
+/// the bridge's counters, and the dead letters of the taking bus.
+struct Takeover {
+    handled: Vec<u64>,
+    left_pending: u64,
+    stats: microbus::bridge::BridgeStats,
+    dead_letters: Vec<microbus::DeadLetter>,
+}
+
+/// Exports `events` orders, lets a child consumer read some and die, then imports with
+/// `options` (claiming after 200 ms) until every entry was acknowledged.
+fn take_over(test: &str, events: u64, options: microbus::bridge::ImportOptions) -> Takeover {
+    use redis::Commands;
+    let url = redis_url();
+    let prefix = prefix(test);
+    let orders = Bus::builder()
+        .service_name("orders")
+        .workers(1)
+        .build()
+        .unwrap();
+    let exporter = Bridge::connect(&orders, &url, &prefix).unwrap();
+    exporter.export::<OrderCreated>().unwrap();
+    for order_id in 0..events {
+        orders.publish(OrderCreated { order_id }).unwrap();
+    }
+    orders.flush(WAIT).unwrap();
+
+    // A consumer reads a batch of entries and dies without acknowledging them.
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "takeover_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CHILD, format!("{url}|{prefix}"))
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child consumer was meant to die");
+    let stream = format!("{prefix}:OrderCreated");
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let pending = |redis: &mut redis::Connection| -> u64 {
+        let summary: redis::Value = redis::cmd("XPENDING")
+            .arg(&stream)
+            .arg("payments")
+            .query(redis)
+            .unwrap();
+        match summary {
+            redis::Value::Array(fields) => match fields.first() {
+                Some(redis::Value::Int(n)) => *n as u64,
+                _ => panic!("{fields:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    };
+    let left_pending = pending(&mut redis);
+    assert!(left_pending > 0, "the dead consumer left entries pending");
+
+    let payments = Bus::builder()
+        .service_name("payments")
+        .workers(2)
+        .build()
+        .unwrap();
+    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    {
+        let handled = handled.clone();
+        payments
+            .subscribe(move |e: &OrderCreated, _: &Context| -> HandlerResult {
+                handled.lock().unwrap().push(e.order_id);
+                Ok(())
+            })
+            .unwrap();
+    }
+    let bridge = Bridge::connect(&payments, &url, &prefix).unwrap();
+    bridge
+        .import_with::<OrderCreated>(options.claim_idle(Duration::from_millis(200)))
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while (bridge.stats().acked < events || pending(&mut redis) > 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bridge.stop();
+    assert_eq!(pending(&mut redis), 0, "every entry was acknowledged");
+    let _: () = redis.del(&stream).unwrap();
+    let handled = handled.lock().unwrap().clone();
+    let taken = Takeover {
+        handled,
+        left_pending,
+        stats: bridge.stats(),
+        dead_letters: payments.dead_letters().list(),
+    };
+    orders.shutdown().unwrap();
+    payments.shutdown().unwrap();
+    taken
+}
+
+#[test]
+fn another_consumer_takes_over_what_a_dead_one_left_pending() {
+    const EVENTS: u64 = 200;
+    let taken = take_over(
+        "takeover",
+        EVENTS,
+        microbus::bridge::ImportOptions::new("payments"),
+    );
+    let mut handled = taken.handled.clone();
+    handled.sort_unstable();
+    handled.dedup();
+    assert_eq!(
+        handled,
+        (0..EVENTS).collect::<Vec<_>>(),
+        "every order handled at least once"
+    );
+    assert_eq!(
+        taken.stats.claimed, taken.left_pending,
+        "exactly the unacknowledged entries were taken over"
+    );
+    assert!(taken.dead_letters.is_empty());
+}
+
+#[test]
+fn entries_delivered_too_often_are_dead_lettered() {
+    const EVENTS: u64 = 200;
+    // The dead consumer's entries come back a second time: over a limit of one.
+    let options = microbus::bridge::ImportOptions::new("payments").max_deliveries(1);
+    let taken = take_over("poison", EVENTS, options);
+    assert_eq!(taken.dead_letters.len() as u64, taken.left_pending);
+    assert_eq!(taken.handled.len() as u64 + taken.left_pending, EVENTS);
+    for letter in &taken.dead_letters {
+        assert_eq!(
+            letter.reason(),
+            microbus::DeadLetterReason::RetriesExhausted
+        );
+        assert!(
+            letter.errors()[0].contains("delivered 2 times"),
+            "{:?}",
+            letter.errors()
+        );
+        let raw: String = serde_json::from_str(letter.payload_json()).unwrap();
+        assert!(raw.contains("\"wire\":1"), "the raw entry is kept: {raw}");
+    }
+}

@@ -7,7 +7,11 @@
 //! original envelope and a [`Tracker`](crate::Tracker), and acknowledges it (`XACK`) only once
 //! every local delivery of it has settled. An entry that does not decode is dead-lettered with
 //! its raw text ([`DeadLetterReason::Undecodable`](crate::DeadLetterReason::Undecodable)) and
-//! acknowledged.
+//! acknowledged. Entries other consumers left pending past an idle time are claimed
+//! (`XAUTOCLAIM`); entries delivered too often are dead-lettered; event ids seen lately are
+//! not published twice. A lost connection is made again on the next command, the reader
+//! backing off up to a second, and re-reads its own pending entries first (a reply lost with
+//! the connection).
 //!
 //! Wire format, version 1: one stream entry per event, field `m`, a JSON object
 //! `{"wire":1,"event":NAME,"version":VERSION,"envelope":{…},"payload":{…}}` — the envelope as
@@ -89,6 +93,8 @@ pub struct BridgeStats {
     pub claimed: u64,
     /// Redelivered entries dropped because their event id was seen already.
     pub duplicates: u64,
+    /// Connections made again after one was lost.
+    pub reconnects: u64,
 }
 
 #[derive(Default)]
@@ -99,6 +105,49 @@ struct Counters {
     decode_failures: AtomicU64,
     claimed: AtomicU64,
     duplicates: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+/// A connection that is made again when it is lost: the next command after a failure
+/// reconnects (counted).
+struct Link {
+    client: redis::Client,
+    connection: Option<redis::Connection>,
+    counters: Arc<Counters>,
+}
+
+impl Link {
+    fn new(client: redis::Client, counters: Arc<Counters>) -> Result<Link, BridgeError> {
+        let connection = client.get_connection()?;
+        Ok(Link {
+            client,
+            connection: Some(connection),
+            counters,
+        })
+    }
+
+    /// Runs `command`, connecting first if the connection was lost; a failure that is not a
+    /// reply from the server drops the connection.
+    fn run<T>(
+        &mut self,
+        command: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> redis::RedisResult<T> {
+        let connection = match &mut self.connection {
+            Some(connection) => connection,
+            None => {
+                let connection = self.client.get_connection()?;
+                self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.connection.insert(connection)
+            }
+        };
+        let result = command(connection);
+        if let Err(e) = &result
+            && (e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal())
+        {
+            self.connection = None;
+        }
+        result
+    }
 }
 
 /// A bridge between a bus and Redis Streams under a key prefix: `<prefix>:<Event::NAME>`.
@@ -143,7 +192,7 @@ impl Bridge {
     ///
     /// A [`BridgeError`] when no connection can be made or the bus is shut down.
     pub fn export<E: Event>(&self) -> Result<Subscription, BridgeError> {
-        let connection = Mutex::new(self.client.get_connection()?);
+        let link = Mutex::new(Link::new(self.client.clone(), self.counters.clone())?);
         let stream = self.stream::<E>();
         let counters = self.counters.clone();
         let handler = move |event: &E, ctx: &Context<'_>| -> HandlerResult {
@@ -155,9 +204,10 @@ impl Bridge {
                 payload: event,
             })
             .map_err(HandlerError::permanent)?;
-            let _: String = connection
+            // A failure fails the delivery, which the bus retries: on a new connection.
+            let _: String = link
                 .lock()
-                .xadd(&stream, "*", &[("m", message)])
+                .run(|c| c.xadd(&stream, "*", &[("m", &message)]))
                 .map_err(HandlerError::from)?;
             counters.exported.fetch_add(1, Ordering::Relaxed);
             Ok(())
@@ -188,10 +238,10 @@ impl Bridge {
     ///
     /// A [`BridgeError`] when no connection can be made or the group cannot be created.
     pub fn import_with<E: Event>(&self, options: ImportOptions) -> Result<(), BridgeError> {
-        let mut connection = self.client.get_connection()?;
+        let mut link = Link::new(self.client.clone(), self.counters.clone())?;
         let stream = self.stream::<E>();
         let created: redis::RedisResult<()> =
-            connection.xgroup_create_mkstream(&stream, &options.group, "0");
+            link.run(|c| c.xgroup_create_mkstream(&stream, &options.group, "0"));
         if let Err(e) = created
             && e.code() != Some("BUSYGROUP")
         {
@@ -214,7 +264,7 @@ impl Bridge {
         };
         let thread = std::thread::Builder::new()
             .name(format!("microbus-redis-import-{}", E::NAME))
-            .spawn(move || importer.run::<E>(&mut connection))
+            .spawn(move || importer.run::<E>(&mut link))
             .map_err(|e| BridgeError(e.to_string()))?;
         self.threads.lock().push(thread);
         Ok(())
@@ -230,6 +280,7 @@ impl Bridge {
             decode_failures: c.decode_failures.load(Ordering::Relaxed),
             claimed: c.claimed.load(Ordering::Relaxed),
             duplicates: c.duplicates.load(Ordering::Relaxed),
+            reconnects: c.reconnects.load(Ordering::Relaxed),
         }
     }
 
@@ -379,24 +430,32 @@ enum Taken {
 }
 
 impl Importer {
-    fn run<E: Event>(mut self, connection: &mut redis::Connection) {
+    fn run<E: Event>(mut self, link: &mut Link) {
         let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<String>();
         let read = StreamReadOptions::default()
             .group(&self.options.group, &self.consumer)
             .count(READ_COUNT)
             .block(READ_BLOCK.as_millis() as usize);
         let mut last_claim = std::time::Instant::now();
+        let mut acks: Vec<String> = Vec::new();
+        let mut backoff = Duration::ZERO;
+        // After a connection is lost, first the entries this consumer was given and may never
+        // have received (the reply was lost): its own pending history, read from id 0.
+        let mut recovering = false;
         loop {
-            let acks: Vec<String> = ack_rx.try_iter().collect();
+            if !backoff.is_zero() {
+                std::thread::sleep(backoff);
+            }
+            acks.extend(ack_rx.try_iter());
             if !acks.is_empty() {
-                let acked: redis::RedisResult<u64> =
-                    connection.xack(&self.stream, &self.options.group, &acks);
+                let (stream, group) = (&self.stream, &self.options.group);
+                let acked: redis::RedisResult<u64> = link.run(|c| c.xack(stream, group, &acks));
                 if acked.is_ok() {
                     self.counters
                         .acked
                         .fetch_add(acks.len() as u64, Ordering::Relaxed);
-                    for id in &acks {
-                        self.held.remove(id);
+                    for id in acks.drain(..) {
+                        self.held.remove(&id);
                     }
                 }
             }
@@ -404,18 +463,38 @@ impl Importer {
                 if self.held.is_empty() {
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(1));
+                backoff = Duration::from_millis(1);
                 continue;
             }
             let mut entries = Vec::new();
             if last_claim.elapsed() >= self.options.claim_idle / 2 {
                 last_claim = std::time::Instant::now();
-                entries.extend(self.claim(connection));
+                entries.extend(self.claim(link));
             }
+            let stream = &self.stream;
+            let from = if recovering { "0" } else { ">" };
             let reply: redis::RedisResult<Option<StreamReadReply>> =
-                connection.xread_options(&[&self.stream], &[">"], &read);
-            if let Ok(Some(reply)) = reply {
-                entries.extend(reply.keys.into_iter().flat_map(|k| k.ids).map(|e| (e, 1)));
+                link.run(|c| c.xread_options(&[stream], &[from], &read));
+            match reply {
+                Ok(reply) => {
+                    backoff = Duration::ZERO;
+                    let read: Vec<_> = reply
+                        .into_iter()
+                        .flat_map(|r| r.keys)
+                        .flat_map(|k| k.ids)
+                        .filter(|e| !self.held.contains(&e.id))
+                        .collect();
+                    if recovering && read.is_empty() {
+                        recovering = false;
+                    }
+                    entries.extend(read.into_iter().map(|e| (e, 1)));
+                }
+                // Lost the server: try again, waiting longer each time, up to a second.
+                Err(_) => {
+                    recovering = true;
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                }
             }
             for (entry, deliveries) in entries {
                 match self.take::<E>(&entry, deliveries, &ack_tx) {
@@ -434,20 +513,19 @@ impl Importer {
 
     /// Takes over entries other consumers left pending past the claim time, with how often
     /// each was delivered.
-    fn claim(
-        &mut self,
-        connection: &mut redis::Connection,
-    ) -> Vec<(redis::streams::StreamId, u64)> {
+    fn claim(&mut self, link: &mut Link) -> Vec<(redis::streams::StreamId, u64)> {
         let idle = self.options.claim_idle.as_millis() as u64;
-        let claimed: redis::RedisResult<redis::streams::StreamAutoClaimReply> = connection
-            .xautoclaim_options(
-                &self.stream,
-                &self.options.group,
-                &self.consumer,
+        let (stream, group, consumer) = (&self.stream, &self.options.group, &self.consumer);
+        let claimed: redis::RedisResult<redis::streams::StreamAutoClaimReply> = link.run(|c| {
+            c.xautoclaim_options(
+                stream,
+                group,
+                consumer,
                 idle,
                 "0-0",
                 redis::streams::StreamAutoClaimOptions::default().count(READ_COUNT),
-            );
+            )
+        });
         let Ok(claimed) = claimed else {
             return Vec::new();
         };
@@ -462,21 +540,23 @@ impl Importer {
         others
             .into_iter()
             .map(|entry| {
-                let deliveries = self.deliveries(connection, &entry.id);
+                let deliveries = self.deliveries(link, &entry.id);
                 (entry, deliveries)
             })
             .collect()
     }
 
     /// How many times entry `id` has been delivered (from the group's pending list).
-    fn deliveries(&self, connection: &mut redis::Connection, id: &str) -> u64 {
-        let pending: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
-            .arg(&self.stream)
-            .arg(&self.options.group)
-            .arg(id)
-            .arg(id)
-            .arg(1)
-            .query(connection);
+    fn deliveries(&self, link: &mut Link, id: &str) -> u64 {
+        let pending: redis::RedisResult<redis::Value> = link.run(|c| {
+            redis::cmd("XPENDING")
+                .arg(&self.stream)
+                .arg(&self.options.group)
+                .arg(id)
+                .arg(id)
+                .arg(1)
+                .query(c)
+        });
         match pending {
             Ok(redis::Value::Array(rows)) => match rows.first() {
                 Some(redis::Value::Array(row)) => match row.get(3) {

@@ -378,3 +378,138 @@ fn entries_delivered_too_often_are_dead_lettered() {
         assert!(raw.contains("\"wire\":1"), "the raw entry is kept: {raw}");
     }
 }
+
+/// A redis-server of the test's own, with its append-only file on, so that a restart keeps the
+/// streams.
+struct OwnServer {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl OwnServer {
+    fn start() -> OwnServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("microbus-redis-{port}-{}", EventId::new()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = OwnServer {
+            port,
+            dir,
+            child: None,
+        };
+        server.run();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn run(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is on the PATH (.ci/redis installs it)");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        let deadline = Instant::now() + WAIT;
+        while client.get_connection().is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server gracefully (it writes its append-only file) and waits for it.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_redis_restart_mid_stream_loses_nothing() {
+    const EVENTS: u64 = 2_000;
+    let _ = redis_url(); // Same precondition as the other tests: a redis-server to run.
+    let mut server = OwnServer::start();
+    let url = server.url();
+    let prefix = prefix("restart");
+    let orders = Bus::builder()
+        .service_name("orders")
+        .workers(1)
+        .retry(microbus::RetryPolicy::fixed(Duration::from_millis(20)).max_attempts(500))
+        .build()
+        .unwrap();
+    let exporter = Bridge::connect(&orders, &url, &prefix).unwrap();
+    exporter.export::<OrderCreated>().unwrap();
+    let payments = Bus::builder()
+        .service_name("payments")
+        .workers(1)
+        .build()
+        .unwrap();
+    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    {
+        let handled = handled.clone();
+        payments
+            .subscribe(move |e: &OrderCreated, _: &Context| -> HandlerResult {
+                handled.lock().unwrap().push(e.order_id);
+                Ok(())
+            })
+            .unwrap();
+    }
+    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    importer.import::<OrderCreated>("payments").unwrap();
+
+    for order_id in 0..EVENTS {
+        orders.publish(OrderCreated { order_id }).unwrap();
+        if order_id == EVENTS / 2 {
+            // Mid-stream: the server goes away for a moment and comes back with its data.
+            server.stop();
+            std::thread::sleep(Duration::from_millis(200));
+            server.run();
+        }
+        if order_id % 100 == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    orders.flush(WAIT).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while importer.stats().acked < EVENTS && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    importer.stop();
+    let mut handled = handled.lock().unwrap().clone();
+    handled.sort_unstable();
+    handled.dedup();
+    assert_eq!(handled, (0..EVENTS).collect::<Vec<_>>(), "nothing lost");
+    assert!(exporter.stats().reconnects + importer.stats().reconnects > 0);
+    assert!(orders.dead_letters().is_empty());
+    orders.shutdown().unwrap();
+    payments.shutdown().unwrap();
+}

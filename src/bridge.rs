@@ -431,7 +431,9 @@ enum Taken {
 
 impl Importer {
     fn run<E: Event>(mut self, link: &mut Link) {
-        let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<String>();
+        // Entries settled: to acknowledge (`true`), or to leave pending (`false`: a delivery
+        // never ran, so another consumer must take the entry again).
+        let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<(String, bool)>();
         let read = StreamReadOptions::default()
             .group(&self.options.group, &self.consumer)
             .count(READ_COUNT)
@@ -446,7 +448,13 @@ impl Importer {
             if !backoff.is_zero() {
                 std::thread::sleep(backoff);
             }
-            acks.extend(ack_rx.try_iter());
+            for (id, ack) in ack_rx.try_iter() {
+                if ack {
+                    acks.push(id);
+                } else {
+                    self.held.remove(&id);
+                }
+            }
             if !acks.is_empty() {
                 let (stream, group) = (&self.stream, &self.options.group);
                 let acked: redis::RedisResult<u64> = link.run(|c| c.xack(stream, group, &acks));
@@ -459,8 +467,12 @@ impl Importer {
                     }
                 }
             }
-            if self.stop.load(Ordering::SeqCst) {
-                if self.held.is_empty() {
+            // Stopping (the bridge stopped, or the bus is shutting down): take nothing more,
+            // acknowledge what settles; once the bus has stopped, what is still held (a
+            // handler past the deadline) stays pending for another consumer.
+            let core = self.bus.core();
+            if self.stop.load(Ordering::SeqCst) || core.is_closing() {
+                if self.held.is_empty() || (core.is_stopped() && ack_rx.is_empty()) {
                     return;
                 }
                 backoff = Duration::from_millis(1);
@@ -503,7 +515,7 @@ impl Importer {
                     }
                     Taken::Ack => {
                         self.held.insert(entry.id.clone());
-                        let _ = ack_tx.send(entry.id.clone());
+                        let _ = ack_tx.send((entry.id.clone(), true));
                     }
                     Taken::Stop => return,
                 }
@@ -573,7 +585,7 @@ impl Importer {
         &mut self,
         entry: &redis::streams::StreamId,
         deliveries: u64,
-        ack_tx: &crossbeam_channel::Sender<String>,
+        ack_tx: &crossbeam_channel::Sender<(String, bool)>,
     ) -> Taken {
         let bytes = entry.get::<Vec<u8>>("m").unwrap_or_default();
         let core = self.bus.core();
@@ -619,8 +631,10 @@ impl Importer {
                 self.counters.imported.fetch_add(1, Ordering::Relaxed);
                 let ack_tx = ack_tx.clone();
                 let id = entry.id.clone();
-                tracker.on_complete(move |_| {
-                    let _ = ack_tx.send(id);
+                // Acknowledged when every delivery succeeded or was dead-lettered (or its
+                // subscription ended); left pending when one never ran (shutdown's deadline).
+                tracker.on_complete(move |c| {
+                    let _ = ack_tx.send((id, c.left == 0 && c.abandoned == 0));
                 });
                 Taken::Published
             }

@@ -299,6 +299,12 @@ impl Core {
         self.closing.load(Ordering::Relaxed)
     }
 
+    /// Whether shutdown has passed its deadline: no delivery starts any more.
+    #[cfg(feature = "redis")]
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
     #[inline]
     fn shard_for(&self, envelope: &Envelope) -> usize {
         let shards = self.shards.len();

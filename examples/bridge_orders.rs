@@ -68,7 +68,9 @@ fn wait_for(count: &AtomicU64, target: u64) -> Result<(), Box<dyn std::error::Er
     let deadline = Instant::now() + Duration::from_secs(60);
     while count.load(Ordering::SeqCst) < target {
         if Instant::now() > deadline {
-            return Err(format!("only {} of {target} arrived", count.load(Ordering::SeqCst)).into());
+            return Err(
+                format!("only {} of {target} arrived", count.load(Ordering::SeqCst)).into(),
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -86,7 +88,10 @@ fn run_orders(url: &str, orders: u64) -> Result<(), Box<dyn std::error::Error>> 
         let chain = chain.clone();
         notifications.subscribe(move |e: &PaymentCaptured, ctx: &Context| -> HandlerResult {
             if e.order_id == 1 {
-                chain.lock().unwrap().push(("PaymentCaptured", ctx.envelope().clone()));
+                chain
+                    .lock()
+                    .unwrap()
+                    .push(("PaymentCaptured", ctx.envelope().clone()));
             }
             Ok(())
         })?;
@@ -95,7 +100,10 @@ fn run_orders(url: &str, orders: u64) -> Result<(), Box<dyn std::error::Error>> 
         let (chain, shipped) = (chain.clone(), shipped.clone());
         notifications.subscribe(move |e: &OrderShipped, ctx: &Context| -> HandlerResult {
             if e.order_id == 1 {
-                chain.lock().unwrap().push(("OrderShipped", ctx.envelope().clone()));
+                chain
+                    .lock()
+                    .unwrap()
+                    .push(("OrderShipped", ctx.envelope().clone()));
             }
             shipped.fetch_add(1, Ordering::SeqCst);
             Ok(())
@@ -105,7 +113,10 @@ fn run_orders(url: &str, orders: u64) -> Result<(), Box<dyn std::error::Error>> 
         let chain = chain.clone();
         bus.tap(move |t| {
             if t.event_name() == "OrderCreated" && t.payload_json().contains("\"order_id\":1,") {
-                chain.lock().unwrap().push(("OrderCreated", t.envelope().clone()));
+                chain
+                    .lock()
+                    .unwrap()
+                    .push(("OrderCreated", t.envelope().clone()));
             }
         });
     }
@@ -157,21 +168,26 @@ fn run_payments(url: &str, orders: u64) -> Result<(), Box<dyn std::error::Error>
     let bus = Bus::builder().service_name("payments").build()?;
     let shipping = bus.service("shipping")?;
     let shipped = Arc::new(AtomicU64::new(0));
-    bus.subscribe_from("orders", |order: &OrderCreated, ctx: &Context| -> HandlerResult {
-        ctx.publish(PaymentCaptured {
-            order_id: order.order_id,
-        })?;
-        Ok(())
-    })?;
+    bus.subscribe_from(
+        "orders",
+        |order: &OrderCreated, ctx: &Context| -> HandlerResult {
+            ctx.publish(PaymentCaptured {
+                order_id: order.order_id,
+            })?;
+            Ok(())
+        },
+    )?;
     {
         let shipped = shipped.clone();
-        shipping.subscribe(move |paid: &PaymentCaptured, ctx: &Context| -> HandlerResult {
-            ctx.publish(OrderShipped {
-                order_id: paid.order_id,
-            })?;
-            shipped.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        })?;
+        shipping.subscribe(
+            move |paid: &PaymentCaptured, ctx: &Context| -> HandlerResult {
+                ctx.publish(OrderShipped {
+                    order_id: paid.order_id,
+                })?;
+                shipped.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            },
+        )?;
     }
     let bridge = Bridge::connect(&bus, url, PREFIX)?;
     bridge.import::<OrderCreated>("payments")?;

@@ -13,6 +13,26 @@ use microbus::bridge::Bridge;
 use microbus::{Bus, Context, Envelope, Event, EventId, HandlerResult, Publish};
 use serde::{Deserialize, Serialize};
 
+/// A `payments` bus with `workers` workers whose handler records each order id it handles.
+fn payments_recording(workers: usize) -> (Bus, Arc<Mutex<Vec<u64>>>) {
+    let payments = Bus::builder()
+        .service_name("payments")
+        .workers(workers)
+        .build()
+        .unwrap();
+    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    {
+        let handled = handled.clone();
+        payments
+            .subscribe(move |e: &OrderCreated, _: &Context| -> HandlerResult {
+                handled.lock().unwrap().push(e.order_id);
+                Ok(())
+            })
+            .unwrap();
+    }
+    (payments, handled)
+}
+
 fn redis_url() -> String {
     std::env::var("MICROBUS_REDIS_URL").expect(
         "these tests need a Redis server: set MICROBUS_REDIS_URL (for example \
@@ -155,21 +175,7 @@ fn entries_that_do_not_decode_are_dead_lettered_with_their_raw_text_and_acknowle
         let _: String = redis.xadd(&stream, "*", &[("m", m)]).unwrap();
     }
 
-    let payments = Bus::builder()
-        .service_name("payments")
-        .workers(1)
-        .build()
-        .unwrap();
-    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
-    {
-        let handled = handled.clone();
-        payments
-            .subscribe(move |e: &OrderCreated, _: &Context| -> HandlerResult {
-                handled.lock().unwrap().push(e.order_id);
-                Ok(())
-            })
-            .unwrap();
-    }
+    let (payments, handled) = payments_recording(1);
     let bridge = Bridge::connect(&payments, &url, &prefix).unwrap();
     bridge.import::<OrderCreated>("payments").unwrap();
     let deadline = Instant::now() + WAIT;
@@ -295,21 +301,7 @@ fn take_over(test: &str, events: u64, options: microbus::bridge::ImportOptions) 
     let left_pending = pending(&mut redis);
     assert!(left_pending > 0, "the dead consumer left entries pending");
 
-    let payments = Bus::builder()
-        .service_name("payments")
-        .workers(2)
-        .build()
-        .unwrap();
-    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
-    {
-        let handled = handled.clone();
-        payments
-            .subscribe(move |e: &OrderCreated, _: &Context| -> HandlerResult {
-                handled.lock().unwrap().push(e.order_id);
-                Ok(())
-            })
-            .unwrap();
-    }
+    let (payments, handled) = payments_recording(2);
     let bridge = Bridge::connect(&payments, &url, &prefix).unwrap();
     bridge
         .import_with::<OrderCreated>(options.claim_idle(Duration::from_millis(200)))
@@ -468,21 +460,7 @@ fn a_redis_restart_mid_stream_loses_nothing() {
         .unwrap();
     let exporter = Bridge::connect(&orders, &url, &prefix).unwrap();
     exporter.export::<OrderCreated>().unwrap();
-    let payments = Bus::builder()
-        .service_name("payments")
-        .workers(1)
-        .build()
-        .unwrap();
-    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
-    {
-        let handled = handled.clone();
-        payments
-            .subscribe(move |e: &OrderCreated, _: &Context| -> HandlerResult {
-                handled.lock().unwrap().push(e.order_id);
-                Ok(())
-            })
-            .unwrap();
-    }
+    let (payments, handled) = payments_recording(1);
     let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
     importer.import::<OrderCreated>("payments").unwrap();
 

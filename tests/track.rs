@@ -13,6 +13,12 @@ use microbus::{
     Bus, Completion, Context, HandlerError, HandlerResult, Publish, RetryPolicy, Tracker,
 };
 
+/// Publishes event `seq` of publisher 0, tracked.
+fn tracked(bus: &Bus, seq: u64) -> Tracker {
+    bus.publish_tracked(Numbered { publisher: 0, seq }, Publish::new())
+        .unwrap()
+}
+
 #[test]
 fn a_tracker_completes_with_every_outcome_counted() {
     quiet_worker_panics();
@@ -37,15 +43,7 @@ fn a_tracker_completes_with_every_outcome_counted() {
         Err(HandlerError::permanent(HandlerError::msg("never")))
     })
     .unwrap();
-    let tracker = bus
-        .publish_tracked(
-            Numbered {
-                publisher: 0,
-                seq: 1,
-            },
-            Publish::new(),
-        )
-        .unwrap();
+    let tracker = tracked(&bus, 1);
     let done = tracker.wait(WAIT).expect("every delivery settles");
     let expected = {
         let mut c = Completion::default();
@@ -87,15 +85,7 @@ fn discards_cancellations_and_events_nobody_hears_complete_too() {
         Err(HandlerError::msg("dropped: dead letters are off"))
     })
     .unwrap();
-    let discarded = bus
-        .publish_tracked(
-            Numbered {
-                publisher: 0,
-                seq: 1,
-            },
-            Publish::new(),
-        )
-        .unwrap();
+    let discarded = tracked(&bus, 1);
     assert_eq!(discarded.wait(WAIT).unwrap().discarded, 1);
     bus.shutdown().unwrap();
 
@@ -114,15 +104,7 @@ fn discards_cancellations_and_events_nobody_hears_complete_too() {
     })
     .unwrap();
     entered.recv().unwrap();
-    let tracker = bus
-        .publish_tracked(
-            Numbered {
-                publisher: 0,
-                seq: 1,
-            },
-            Publish::new(),
-        )
-        .unwrap();
+    let tracker = tracked(&bus, 1);
     // `unsubscribe` waits for the running call, so it goes on another thread; the handler is
     // released once the subscription reads as ended.
     let unsubscriber = std::thread::spawn(move || cancelled_sub.unsubscribe());
@@ -144,25 +126,9 @@ fn the_deadline_completes_trackers_as_left_and_abandoned() {
         entered,
         ..
     } = hold_the_only_worker(16);
-    let held = bus
-        .publish_tracked(
-            Numbered {
-                publisher: 0,
-                seq: 0,
-            },
-            Publish::new(),
-        )
-        .unwrap();
+    let held = tracked(&bus, 0);
     entered.recv().unwrap();
-    let queued = bus
-        .publish_tracked(
-            Numbered {
-                publisher: 0,
-                seq: 1,
-            },
-            Publish::new(),
-        )
-        .unwrap();
+    let queued = tracked(&bus, 1);
     let report = bus.shutdown_timeout(Duration::from_millis(50)).unwrap();
     assert_eq!((report.stats.abandoned, report.stats.left), (1, 1));
     assert_eq!(queued.wait(WAIT).unwrap().left, 1);

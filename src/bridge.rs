@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::bus::Bus;
 use crate::event::{Envelope, Event};
 use crate::handler::{Context, HandlerError, HandlerResult};
+use crate::metrics::BridgeCounters;
 use crate::registry::{SubscribeOptions, Subscription};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Ordering};
 
@@ -77,24 +78,22 @@ struct WireIn<E> {
     payload: E,
 }
 
-/// The bridge's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct BridgeStats {
-    /// Events written to their stream.
-    pub exported: u64,
-    /// Stream entries published into the bus.
-    pub imported: u64,
-    /// Entries acknowledged once every local delivery settled.
-    pub acked: u64,
-    /// Entries that did not decode.
-    pub decode_failures: u64,
-    /// Entries taken over from consumers that left them pending.
-    pub claimed: u64,
-    /// Redelivered entries dropped because their event id was seen already.
-    pub duplicates: u64,
-    /// Connections made again after one was lost.
-    pub reconnects: u64,
+/// The bridge's counters: the same figures [`Bus::metrics`](crate::Bus::metrics) reports.
+pub type BridgeStats = BridgeCounters;
+
+impl Counters {
+    fn read(&self) -> BridgeCounters {
+        BridgeCounters {
+            prefix: String::new(),
+            exported: self.exported.load(Ordering::Relaxed),
+            imported: self.imported.load(Ordering::Relaxed),
+            acked: self.acked.load(Ordering::Relaxed),
+            decode_failures: self.decode_failures.load(Ordering::Relaxed),
+            claimed: self.claimed.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -170,12 +169,21 @@ impl Bridge {
         let client = redis::Client::open(url)?;
         let mut connection = client.get_connection()?;
         let _: String = redis::cmd("PING").query(&mut connection)?;
+        let counters: Arc<Counters> = Arc::default();
+        // The bus reports the bridge's counters in its metrics for as long as the bridge lives.
+        let (weak, name) = (Arc::downgrade(&counters), prefix.to_owned());
+        bus.core().bridges.lock().push(Box::new(move || {
+            weak.upgrade().map(|c| BridgeCounters {
+                prefix: name.clone(),
+                ..c.read()
+            })
+        }));
         Ok(Bridge {
             bus: bus.clone(),
             client,
             prefix: prefix.to_owned(),
             stop: Arc::default(),
-            counters: Arc::default(),
+            counters,
             threads: Mutex::new(Vec::new()),
         })
     }
@@ -270,17 +278,11 @@ impl Bridge {
         Ok(())
     }
 
-    /// The bridge's counters.
+    /// The bridge's counters (also in [`Bus::metrics`](crate::Bus::metrics)).
     pub fn stats(&self) -> BridgeStats {
-        let c = &self.counters;
-        BridgeStats {
-            exported: c.exported.load(Ordering::Relaxed),
-            imported: c.imported.load(Ordering::Relaxed),
-            acked: c.acked.load(Ordering::Relaxed),
-            decode_failures: c.decode_failures.load(Ordering::Relaxed),
-            claimed: c.claimed.load(Ordering::Relaxed),
-            duplicates: c.duplicates.load(Ordering::Relaxed),
-            reconnects: c.reconnects.load(Ordering::Relaxed),
+        BridgeCounters {
+            prefix: self.prefix.clone(),
+            ..self.counters.read()
         }
     }
 

@@ -28,7 +28,10 @@ use crate::error::{
 use crate::event::{Envelope, Event, EventId, NameId, Publish, Stamp};
 use crate::handler::{Context, Handler, HandlerResult};
 use crate::ledger::{Gate, Quiescence, net_sum, outstanding};
-use crate::metrics::{Collect, Metrics, MetricsSnapshot};
+use crate::metrics::{BridgeCounters, Collect, Metrics, MetricsSnapshot};
+
+/// Reads one bridge's counters for a metrics snapshot; `None` once the bridge is gone.
+pub(crate) type BridgeReport = Box<dyn Fn() -> Option<BridgeCounters> + Send + Sync>;
 use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subscription};
 use crate::retry::RetryPolicy;
 use crate::retry::timer::{REOFFER_DELAY, Timer};
@@ -231,6 +234,8 @@ pub(crate) struct Core {
     pub(crate) taps: Taps,
     pub(crate) traces: TraceRing,
     pub(crate) metrics: Metrics,
+    /// The counters of the bridges on the bus; `None` once a bridge is gone.
+    pub(crate) bridges: Mutex<Vec<BridgeReport>>,
     jitter_seed: u64,
     pub(crate) config: Config,
     spill_capacity: usize,
@@ -1062,6 +1067,7 @@ impl Core {
             timer_pending: 0,
             dead_letters_held: 0,
             workers_behind: Vec::new(),
+            bridges: Vec::new(),
         };
         if metrics.enabled {
             let asked: Vec<(&Collect, u64)> = self
@@ -1089,6 +1095,7 @@ impl Core {
             .collect();
         snapshot.timer_pending = self.timer.len() as u64;
         snapshot.dead_letters_held = self.dead_letters.len() as u64;
+        snapshot.bridges = self.bridges.lock().iter().filter_map(|b| b()).collect();
         snapshot
     }
 
@@ -1455,6 +1462,7 @@ impl BusBuilder {
             taps: Taps::default(),
             traces: TraceRing::new(config.trace_capacity),
             metrics: Metrics::new(config.metrics, config.metrics_sample_every),
+            bridges: Mutex::new(Vec::new()),
             jitter_seed,
             spill_capacity: config.spill_capacity(),
             config,

@@ -199,7 +199,9 @@ pub use crate::event::{
     Envelope, Event, EventId, Headers, ParseEventIdError, PartitionKey, Publish,
 };
 pub use crate::handler::{Context, Handler, HandlerError, HandlerResult};
-pub use crate::metrics::{EventCounts, EventLatency, HandlerMetrics, Latency, MetricsSnapshot};
+pub use crate::metrics::{
+    BridgeCounters, EventCounts, EventLatency, HandlerMetrics, Latency, MetricsSnapshot,
+};
 pub use crate::registry::{SubscribeOptions, Subscription, SubscriptionStats};
 pub use crate::retry::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_DELAY, DEFAULT_RETRY_DELAY, MAX_ATTEMPTS, RetryPolicy,

@@ -135,6 +135,22 @@ fn ten_thousand_events_cross_with_their_envelopes() {
     }
     assert_eq!(importer.stats().acked, EVENTS);
     assert_eq!(exporter.stats().exported, EVENTS);
+    // The bus reports its bridges' counters in its metrics, for as long as they live.
+    let metrics = orders.metrics();
+    assert_eq!(metrics.bridges.len(), 1);
+    assert_eq!(metrics.bridges[0].prefix, prefix);
+    assert_eq!(metrics.bridges[0].exported, EVENTS);
+    let exposition = metrics.to_prometheus();
+    let line = format!("microbus_bridge_exported_total{{prefix=\"{prefix}\"}} {EVENTS}");
+    assert!(
+        exposition.lines().any(|l| l == line),
+        "{line} in\n{exposition}"
+    );
+    assert!(metrics.to_string().contains("bridges"));
+    // An import ends with its bridge (an export lives on as the subscription it is).
+    assert_eq!(payments.metrics().bridges[0].acked, EVENTS);
+    drop(importer);
+    assert!(payments.metrics().bridges.is_empty());
     orders.shutdown().unwrap();
     payments.shutdown().unwrap();
 }

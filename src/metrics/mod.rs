@@ -27,7 +27,9 @@
 
 mod snapshot;
 
-pub use snapshot::{EventCounts, EventLatency, HandlerMetrics, Latency, MetricsSnapshot};
+pub use snapshot::{
+    BridgeCounters, EventCounts, EventLatency, HandlerMetrics, Latency, MetricsSnapshot,
+};
 
 use std::any::TypeId;
 use std::collections::HashMap;

@@ -142,6 +142,31 @@ pub struct MetricsSnapshot {
     /// Workers whose latest latencies could not be collected because a handler kept them busy
     /// past the collection wait; their earlier latencies are included.
     pub workers_behind: Vec<usize>,
+    /// The counters of each Redis bridge on the bus (cargo feature `redis`).
+    #[serde(default)]
+    pub bridges: Vec<BridgeCounters>,
+}
+
+/// The counters of one bridge to Redis Streams.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BridgeCounters {
+    /// The bridge's stream key prefix.
+    pub prefix: String,
+    /// Events written to their stream.
+    pub exported: u64,
+    /// Stream entries published into the bus.
+    pub imported: u64,
+    /// Entries acknowledged once every local delivery settled.
+    pub acked: u64,
+    /// Entries taken over from consumers that left them pending.
+    pub claimed: u64,
+    /// Redelivered entries dropped because their event id was seen already.
+    pub duplicates: u64,
+    /// Entries that did not decode.
+    pub decode_failures: u64,
+    /// Connections made again after one was lost.
+    pub reconnects: u64,
 }
 
 impl MetricsSnapshot {
@@ -313,6 +338,45 @@ impl MetricsSnapshot {
                 e.handler_time,
                 e.end_to_end,
             );
+        }
+        for b in &self.bridges {
+            let labels = [("prefix", b.prefix.as_str())];
+            for (name, help, value) in [
+                ("exported", "Events written to Redis streams.", b.exported),
+                (
+                    "imported",
+                    "Stream entries published into the bus.",
+                    b.imported,
+                ),
+                ("acked", "Stream entries acknowledged.", b.acked),
+                (
+                    "claimed",
+                    "Stream entries taken over from other consumers.",
+                    b.claimed,
+                ),
+                (
+                    "duplicates",
+                    "Redelivered entries dropped as duplicates.",
+                    b.duplicates,
+                ),
+                (
+                    "decode_failures",
+                    "Stream entries that did not decode.",
+                    b.decode_failures,
+                ),
+                (
+                    "reconnects",
+                    "Connections to Redis made again.",
+                    b.reconnects,
+                ),
+            ] {
+                out.counter(
+                    &format!("microbus_bridge_{name}_total"),
+                    help,
+                    &labels,
+                    value,
+                );
+            }
         }
         out.text
     }
@@ -631,6 +695,35 @@ impl fmt::Display for MetricsSnapshot {
                         ("end to end", &e.end_to_end),
                     ],
                 );
+            }
+            table.write(f)?;
+        }
+        if !self.bridges.is_empty() {
+            writeln!(f, "\nbridges")?;
+            let mut table = Table::new(
+                &[
+                    "prefix",
+                    "exported",
+                    "imported",
+                    "acked",
+                    "claimed",
+                    "duplicates",
+                    "undecodable",
+                    "reconnects",
+                ],
+                1,
+            );
+            for b in &self.bridges {
+                table.row(vec![
+                    b.prefix.clone(),
+                    b.exported.to_string(),
+                    b.imported.to_string(),
+                    b.acked.to_string(),
+                    b.claimed.to_string(),
+                    b.duplicates.to_string(),
+                    b.decode_failures.to_string(),
+                    b.reconnects.to_string(),
+                ]);
             }
             table.write(f)?;
         }

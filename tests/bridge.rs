@@ -507,3 +507,52 @@ fn a_redis_restart_mid_stream_loses_nothing() {
     orders.shutdown().unwrap();
     payments.shutdown().unwrap();
 }
+
+#[test]
+fn import_threads_stop_with_the_bus() {
+    use redis::Commands;
+    let url = redis_url();
+    let prefix = prefix("lifecycle");
+    let stream = format!("{prefix}:OrderCreated");
+    let (payments, handled) = payments_recording(1);
+    let bridge = Bridge::connect(&payments, &url, &prefix).unwrap();
+    bridge.import::<OrderCreated>("payments").unwrap();
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let entry = |order_id: u64| -> String {
+        let bus = Bus::builder().service_name("orders").build().unwrap();
+        let seen = Arc::new(Mutex::new(None));
+        let put = seen.clone();
+        bus.tap(move |t| *put.lock().unwrap() = Some(t.envelope().clone()));
+        bus.publish(OrderCreated { order_id }).unwrap();
+        let envelope = seen.lock().unwrap().take().unwrap();
+        bus.shutdown().unwrap();
+        format!(
+            r#"{{"wire":1,"event":"OrderCreated","version":1,"envelope":{},"payload":{{"order_id":{order_id}}}}}"#,
+            serde_json::to_string(&envelope).unwrap()
+        )
+    };
+    let _: String = redis.xadd(&stream, "*", &[("m", entry(1))]).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while bridge.stats().acked < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(*handled.lock().unwrap(), [1]);
+    // The bus shuts down: the import thread stops reading, without `bridge.stop()`.
+    payments.shutdown().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _: String = redis.xadd(&stream, "*", &[("m", entry(2))]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Another consumer of the group gets the new entry: nobody took it.
+    let options = redis::streams::StreamReadOptions::default()
+        .group("payments", "another")
+        .count(10);
+    let reply: redis::streams::StreamReadReply =
+        redis.xread_options(&[&stream], &[">"], &options).unwrap();
+    let entries: Vec<_> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(*handled.lock().unwrap(), [1]);
+    assert_eq!(bridge.stats().imported, 1);
+}

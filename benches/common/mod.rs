@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Sender};
 use microbus::{Bus, BusBuilder, Context, Event, HandlerResult};
 use serde::{Deserialize, Serialize};
 
@@ -37,111 +37,114 @@ pub fn wait_for(counter: &AtomicU64, target: u64) {
     }
 }
 
-/// The floor: a bounded crossbeam channel and a consumer that blocks, then drains.
-pub struct RawChannel {
-    tx: Option<Sender<u64>>,
+/// One end of a channel of `u64`s, as a [`Floor`] uses it.
+pub trait Channel: Send + 'static {
+    type Tx;
+    type Rx: Send + 'static;
+    fn bounded(capacity: usize) -> (Self::Tx, Self::Rx);
+    fn send(tx: &Self::Tx, value: u64);
+    /// Blocks for a value; `None` once the sender is gone.
+    fn recv(rx: &Self::Rx) -> Option<u64>;
+    /// A value if one is there.
+    fn try_recv(rx: &Self::Rx) -> Option<u64>;
+}
+
+/// A bounded channel of `u64`s whose consumer blocks for one value, then drains the rest
+/// without blocking, counting each: the floor the benches compare with.
+pub struct Floor<C: Channel> {
+    tx: Option<C::Tx>,
     handled: Arc<AtomicU64>,
     consumer: Option<JoinHandle<()>>,
 }
 
-impl RawChannel {
-    pub fn new() -> RawChannel {
-        let (tx, rx): (Sender<u64>, Receiver<u64>) = crossbeam_channel::bounded(CAPACITY);
+impl<C: Channel> Floor<C> {
+    pub fn new() -> Floor<C> {
+        let (tx, rx) = C::bounded(CAPACITY);
         let handled = Arc::new(AtomicU64::new(0));
         let consumer = {
             let handled = handled.clone();
             std::thread::spawn(move || {
-                while let Ok(v) = rx.recv() {
+                while let Some(v) = C::recv(&rx) {
                     black_box(v);
                     handled.fetch_add(1, Ordering::Release);
-                    loop {
-                        match rx.try_recv() {
-                            Ok(v) => {
-                                black_box(v);
-                                handled.fetch_add(1, Ordering::Release);
-                            }
-                            Err(TryRecvError::Empty) => break,
-                            Err(TryRecvError::Disconnected) => return,
-                        }
-                    }
-                }
-            })
-        };
-        RawChannel {
-            tx: Some(tx),
-            handled,
-            consumer: Some(consumer),
-        }
-    }
-
-    pub fn run(&self, iters: u64) -> Duration {
-        let tx = self.tx.as_ref().unwrap();
-        let target = self.handled.load(Ordering::Acquire) + iters;
-        let start = Instant::now();
-        for i in 0..iters {
-            tx.send(black_box(i)).unwrap();
-        }
-        wait_for(&self.handled, target);
-        start.elapsed()
-    }
-}
-
-impl Drop for RawChannel {
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        self.consumer.take().unwrap().join().unwrap();
-    }
-}
-
-/// `std::sync::mpsc::sync_channel` with the same consumer.
-pub struct StdChannel {
-    tx: Option<std::sync::mpsc::SyncSender<u64>>,
-    handled: Arc<AtomicU64>,
-    consumer: Option<JoinHandle<()>>,
-}
-
-impl StdChannel {
-    pub fn new() -> StdChannel {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(CAPACITY);
-        let handled = Arc::new(AtomicU64::new(0));
-        let consumer = {
-            let handled = handled.clone();
-            std::thread::spawn(move || {
-                while let Ok(v) = rx.recv() {
-                    black_box(v);
-                    handled.fetch_add(1, Ordering::Release);
-                    while let Ok(v) = rx.try_recv() {
+                    while let Some(v) = C::try_recv(&rx) {
                         black_box(v);
                         handled.fetch_add(1, Ordering::Release);
                     }
                 }
             })
         };
-        StdChannel {
+        Floor {
             tx: Some(tx),
             handled,
             consumer: Some(consumer),
         }
     }
 
+    /// Sends `iters` values and waits until the consumer has counted them all.
     pub fn run(&self, iters: u64) -> Duration {
         let tx = self.tx.as_ref().unwrap();
         let target = self.handled.load(Ordering::Acquire) + iters;
         let start = Instant::now();
         for i in 0..iters {
-            tx.send(black_box(i)).unwrap();
+            C::send(tx, black_box(i));
         }
         wait_for(&self.handled, target);
         start.elapsed()
     }
 }
 
-impl Drop for StdChannel {
+impl<C: Channel> Drop for Floor<C> {
     fn drop(&mut self) {
         drop(self.tx.take());
         self.consumer.take().unwrap().join().unwrap();
     }
 }
+
+/// crossbeam's bounded channel.
+pub struct Crossbeam;
+
+impl Channel for Crossbeam {
+    type Tx = Sender<u64>;
+    type Rx = Receiver<u64>;
+    fn bounded(capacity: usize) -> (Sender<u64>, Receiver<u64>) {
+        crossbeam_channel::bounded(capacity)
+    }
+    fn send(tx: &Sender<u64>, value: u64) {
+        tx.send(value).unwrap();
+    }
+    fn recv(rx: &Receiver<u64>) -> Option<u64> {
+        rx.recv().ok()
+    }
+    fn try_recv(rx: &Receiver<u64>) -> Option<u64> {
+        rx.try_recv().ok()
+    }
+}
+
+/// `std::sync::mpsc::sync_channel`.
+pub struct StdSync;
+
+impl Channel for StdSync {
+    type Tx = std::sync::mpsc::SyncSender<u64>;
+    type Rx = std::sync::mpsc::Receiver<u64>;
+    fn bounded(capacity: usize) -> (Self::Tx, Self::Rx) {
+        std::sync::mpsc::sync_channel(capacity)
+    }
+    fn send(tx: &Self::Tx, value: u64) {
+        tx.send(value).unwrap();
+    }
+    fn recv(rx: &Self::Rx) -> Option<u64> {
+        rx.recv().ok()
+    }
+    fn try_recv(rx: &Self::Rx) -> Option<u64> {
+        rx.try_recv().ok()
+    }
+}
+
+/// The floor: crossbeam's bounded channel.
+pub type RawChannel = Floor<Crossbeam>;
+/// The same with the standard library's `sync_channel`.
+pub type StdChannel = Floor<StdSync>;
 
 type NaiveHandler = Arc<dyn Fn(&dyn Any) + Send + Sync>;
 

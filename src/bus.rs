@@ -21,6 +21,7 @@ use crate::config::{Config, WaitStrategy, check_name};
 use crate::dead_letter::{
     DeadLetter, DeadLetterReason, DeadLetterSink, DeadLetters, RedriveError, Ring,
 };
+use crate::defer::Deferrals;
 use crate::error::{
     ConfigError, FlushError, Pending, PublishBatchError, PublishError, PublishTimeoutError,
     ShutdownError, SubscribeError, TryPublishError,
@@ -132,7 +133,8 @@ pub struct BusStats {
     pub evicted: u64,
     /// Deliveries whose subscription ended before they ran.
     pub cancelled: u64,
-    /// Deliveries still running when the shutdown deadline passed.
+    /// Deliveries still running when the shutdown deadline passed, or deferred
+    /// ([`Context::defer`]) and not completed by then.
     pub abandoned: u64,
     /// Deliveries that never ran because the shutdown deadline passed.
     pub left: u64,
@@ -159,10 +161,11 @@ impl BusStats {
 }
 
 /// A delivery that was still running when the shutdown deadline passed. Its worker thread was
-/// detached (a thread cannot be stopped from outside) and exits when the handler returns.
+/// detached (a thread cannot be stopped from outside) and exits when the handler returns. A
+/// deferred delivery ([`Context::defer`]) not completed by the deadline is reported too.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AbandonedDelivery {
-    /// The detached worker thread's name.
+    /// The detached worker thread's name, or `deferred` for a deferred delivery.
     pub worker: String,
     /// The [`Event::NAME`] of the event.
     pub event: &'static str,
@@ -234,6 +237,8 @@ pub(crate) struct Core {
     pub(crate) taps: Taps,
     pub(crate) traces: TraceRing,
     pub(crate) metrics: Metrics,
+    /// Deliveries whose handlers deferred their outcome.
+    pub(crate) deferrals: Deferrals,
     /// The counters of the bridges on the bus; `None` once a bridge is gone.
     pub(crate) bridges: Mutex<Vec<BridgeReport>>,
     jitter_seed: u64,
@@ -880,9 +885,11 @@ impl Core {
     }
 
     fn settled(&self) -> u64 {
-        self.shards.iter().fold(0u64, |sum, s| {
-            sum.wrapping_add(s.worker.stats.settled.load(Ordering::Acquire))
-        })
+        self.shards
+            .iter()
+            .fold(self.deferrals.settled.load(Ordering::Acquire), |sum, s| {
+                sum.wrapping_add(s.worker.stats.settled.load(Ordering::Acquire))
+            })
     }
 
     fn is_quiescent(&self) -> bool {
@@ -986,6 +993,7 @@ impl Core {
                 .timer
                 .earliest()
                 .map(|due| due.saturating_duration_since(now)),
+            deferred: self.deferrals.outstanding(),
         }
     }
 
@@ -1013,7 +1021,13 @@ impl Core {
             refused: self.refused.load(Ordering::Relaxed),
             ..BusStats::default()
         };
-        let mut settled = abandoned + swept.total();
+        let d = &self.deferrals;
+        stats.succeeded += d.succeeded.load(Ordering::Relaxed);
+        stats.failed += d.failed.load(Ordering::Relaxed);
+        stats.retried += d.retried.load(Ordering::Relaxed);
+        stats.dead_lettered += d.dead_lettered.load(Ordering::Relaxed);
+        stats.discarded += d.discarded.load(Ordering::Relaxed);
+        let mut settled = abandoned + swept.total() + d.settled.load(Ordering::Acquire);
         for shard in self.shards.iter() {
             let w = &shard.worker.stats;
             settled += w.settled.load(Ordering::Acquire);
@@ -1181,6 +1195,13 @@ impl Core {
         self.stopped.store(true, Ordering::SeqCst);
 
         let mut detached = Vec::new();
+        // Deferred deliveries not completed by now never will be, as far as the report goes.
+        let deferred = self.deferrals.abandon_all(|sub| {
+            self.registry
+                .lookup(sub)
+                .map_or_else(|| "?".to_owned(), |m| m.name.to_string())
+        });
+        let given_up = (abandoned.len() + deferred.len()) as u64;
         for &(index, sub) in &abandoned {
             let worker: &WorkerShared = &self.shards[index].worker;
             swept.left += worker.remaining.load(Ordering::Relaxed);
@@ -1193,6 +1214,7 @@ impl Core {
                 handler: meta.map_or_else(|| "?".to_owned(), |m| m.name.to_string()),
             });
         }
+        detached.extend(deferred);
         // What is left in the channels and spill queues never ran. A publisher that counted
         // its event in before the gates closed may still be sending it, or giving it back:
         // sweep until the ledger balances.
@@ -1210,7 +1232,7 @@ impl Core {
             }
             let settled = self
                 .settled()
-                .wrapping_add(abandoned.len() as u64)
+                .wrapping_add(given_up)
                 .wrapping_add(swept.total());
             let net = net_sum(self.shards.iter().map(|s| &*s.gate));
             // A publisher refused after the closing may add and refund in between: that only
@@ -1221,7 +1243,7 @@ impl Core {
             backoff(&mut step);
         };
         ShutdownReport {
-            stats: self.stats_with(abandoned.len() as u64, swept, Some(net)),
+            stats: self.stats_with(given_up, swept, Some(net)),
             deadline_passed: !quiet,
             abandoned: detached,
             elapsed: started.elapsed(),
@@ -1462,6 +1484,7 @@ impl BusBuilder {
             taps: Taps::default(),
             traces: TraceRing::new(config.trace_capacity),
             metrics: Metrics::new(config.metrics, config.metrics_sample_every),
+            deferrals: Deferrals::default(),
             bridges: Mutex::new(Vec::new()),
             jitter_seed,
             spill_capacity: config.spill_capacity(),
@@ -1922,6 +1945,7 @@ impl Bus {
             cancelled: AtomicU64::new(0),
             retried: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            deferred_succeeded: AtomicU64::new(0),
             last_error: Mutex::new(None),
             cells: crate::metrics::cells(core.metrics.enabled, core.shards.len()),
         });

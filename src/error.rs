@@ -253,6 +253,8 @@ pub struct Pending {
     pub waiting: usize,
     /// How long until the earliest of them is due.
     pub next_due_in: Option<Duration>,
+    /// Deferred deliveries ([`Context::defer`](crate::Context::defer)) not yet completed.
+    pub deferred: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -310,6 +312,9 @@ impl fmt::Display for FlushError {
                 )?;
                 if let Some(due) = p.next_due_in {
                     write!(f, " (the next due in {due:?})")?;
+                }
+                if p.deferred > 0 {
+                    write!(f, "; {} deferred deliveries not completed", p.deferred)?;
                 }
                 Ok(())
             }

@@ -11,11 +11,12 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::bus::Core;
+use crate::defer::Deferred;
 use crate::error::{PublishBatchError, PublishError};
 use crate::event::{Envelope, Event, EventId, Publish};
 use crate::registry::SubMeta;
 use crate::shard::WorkerShared;
-use crate::sync::Ordering;
+use crate::sync::{Arc, Ordering};
 
 /// What a handler returns.
 pub type HandlerResult = Result<(), HandlerError>;
@@ -160,7 +161,7 @@ pub struct Context<'a> {
     pub(crate) event_name: &'static str,
     pub(crate) sub: &'a SubMeta,
     pub(crate) attempt: u32,
-    pub(crate) core: &'a Core,
+    pub(crate) core: &'a Arc<Core>,
     pub(crate) worker: &'a WorkerShared,
 }
 
@@ -209,6 +210,75 @@ impl Context<'_> {
     /// Which attempt this is, counting from 1.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// Defers this delivery's outcome: the handler returns, the worker moves on, and the
+    /// delivery settles when the returned [`Deferred`] is completed, from any thread.
+    ///
+    /// This is for handlers that hand their work to something slower than the worker and do
+    /// not want to hold it meanwhile: a thread that writes to a socket in batches, say, and
+    /// completes each delivery once its batch is confirmed. Until then the delivery is
+    /// outstanding ([`Bus::flush`](crate::Bus::flush) waits for it); a failure is retried
+    /// (the handler runs again) or dead-lettered as if the handler had returned it.
+    ///
+    /// The deferral counts only if the handler then returns `Ok`: after an error or a panic,
+    /// the attempt failed as usual and completing the `Deferred` does nothing. Events the
+    /// handler published through this context leave when it returns, not when the deferral
+    /// completes. Latencies of a deferred delivery end when the handler returns.
+    ///
+    /// # Panics
+    ///
+    /// When called a second time for the same delivery (the panic fails the attempt).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Deferred, Event, HandlerResult};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct Shipped { order_id: u64 }
+    /// impl Event for Shipped { const NAME: &'static str = "Shipped"; }
+    ///
+    /// let (tx, rx) = crossbeam_channel::unbounded::<(u64, Deferred)>();
+    /// // Another thread does the slow part and settles each delivery.
+    /// let writer = std::thread::spawn(move || {
+    ///     for (order_id, done) in rx {
+    ///         if order_id % 2 == 0 { done.succeed() } else { done.fail(microbus::HandlerError::msg("odd")) }
+    ///     }
+    /// });
+    ///
+    /// let bus = Bus::builder().workers(1).retry(microbus::RetryPolicy::none()).build()?;
+    /// bus.subscribe(move |e: &Shipped, ctx: &Context| -> HandlerResult {
+    ///     tx.send((e.order_id, ctx.defer())).expect("the writer runs");
+    ///     Ok(())
+    /// })?;
+    /// bus.publish(Shipped { order_id: 2 })?;
+    /// bus.publish(Shipped { order_id: 3 })?;
+    /// bus.flush(Duration::from_secs(5))?; // waits for both deferrals
+    /// let report = bus.shutdown()?;
+    /// assert_eq!((report.stats.succeeded, report.stats.dead_lettered), (1, 1));
+    /// # drop(bus); writer.join().unwrap();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn defer(&self) -> Deferred {
+        let mut current = self.worker.deferral.lock();
+        assert!(
+            current.is_none(),
+            "Context::defer was called twice for one delivery"
+        );
+        let slot = self
+            .core
+            .deferrals
+            .slot(self.event_name, self.envelope.id(), self.sub.id);
+        *current = Some(slot.clone());
+        drop(current);
+        self.worker.staged.store(true, Ordering::Relaxed);
+        Deferred {
+            core: self.core.clone(),
+            slot: Some(slot),
+        }
     }
 
     /// Whether the bus is shutting down; a long handler may stop early.

@@ -169,6 +169,7 @@ pub mod bridge;
 mod bus;
 mod config;
 mod dead_letter;
+mod defer;
 mod error;
 mod event;
 mod handler;
@@ -191,6 +192,7 @@ pub use crate::dead_letter::{
     DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, DeadLetters, LoadSummary,
     RedriveError,
 };
+pub use crate::defer::Deferred;
 pub use crate::error::{
     ConfigError, FlushError, Pending, PublishBatchError, PublishError, PublishTimeoutError,
     ShutdownError, SubscribeError, TryPublishError,

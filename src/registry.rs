@@ -52,6 +52,8 @@ pub(crate) struct SubMeta {
     pub(crate) cancelled: AtomicU64,
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
+    /// Deferred deliveries completed with success (on whatever thread completed them).
+    pub(crate) deferred_succeeded: AtomicU64,
     pub(crate) last_error: Mutex<Option<String>>,
     /// Counters each worker writes on every delivery (none with metrics off).
     pub(crate) cells: CellsByWorker,
@@ -662,6 +664,7 @@ mod loom_models {
             cancelled: AtomicU64::new(0),
             retried: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            deferred_succeeded: AtomicU64::new(0),
             last_error: Mutex::new(None),
             cells: Box::new([]),
         });

@@ -38,11 +38,12 @@ use smallbox::{SmallBox, smallbox};
 use crate::bus::Core;
 use crate::config::WaitStrategy;
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
+use crate::defer::Slot;
 use crate::event::{Envelope, Event, EventId, NameId, unix_nanos};
-use crate::handler::{Context, HandlerError};
+use crate::handler::{Context, HandlerError, HandlerResult};
 use crate::ledger::Gate;
 use crate::metrics::{Collect, Recorder, Span};
-use crate::registry::{Snapshot, Sub, TypeTable, before};
+use crate::registry::{Snapshot, Sub, SubMeta, TypeTable, before};
 use crate::retry::Jitter;
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::trace::{TraceEntry, TraceOutcome};
@@ -128,6 +129,7 @@ pub(crate) struct TaskOps {
     retry: fn(&mut Worker<'_>, &Retry) -> Flow,
     bury: fn(Retry, DeadLetterReason, u64) -> DeadLetter,
     subscription: fn(&Arc<dyn Any + Send + Sync>) -> u64,
+    meta: fn(&Arc<dyn Any + Send + Sync>) -> &SubMeta,
     type_id: fn() -> TypeId,
 }
 
@@ -141,6 +143,7 @@ impl<E: Event> OpsOf<E> {
         retry: run_retry::<E>,
         bury: bury::<E>,
         subscription: subscription_of::<E>,
+        meta: meta_of::<E>,
         type_id: TypeId::of::<E>,
     };
 }
@@ -349,11 +352,12 @@ fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow {
             per_event,
         );
         worker.count_in_batch();
-        if !worker.pending.is_empty() {
+        if !worker.pending.is_empty() || !worker.deferred.is_empty() {
             let shared = Arc::new(SharedEvent {
                 envelope,
                 event: Box::new(event),
             });
+            worker.arm_deferred(batch.ops, &shared, None, true);
             worker.retry_failed(batch.ops, shared);
         }
         if flow != Flow::Continue {
@@ -451,6 +455,9 @@ fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flow {
     worker.untracked = !retry.tracked;
     let flow = worker.deliver(&retry.event.envelope, &sub, event, 0, retry.attempt, false);
     worker.untracked = false;
+    if !worker.deferred.is_empty() {
+        worker.arm_deferred(retry.ops, &retry.event, Some(&retry.history), retry.tracked);
+    }
     let failed = std::mem::take(&mut worker.pending);
     for failure in failed {
         let mut history = retry.history.clone();
@@ -565,10 +572,88 @@ pub(crate) fn decode_retry<E: Event>(
 
 /// The id of the subscription in an `Arc<Sub<E>>`.
 fn subscription_of<E: Event>(sub: &Arc<dyn Any + Send + Sync>) -> u64 {
+    meta_of::<E>(sub).id
+}
+
+/// The subscription in an `Arc<Sub<E>>`.
+fn meta_of<E: Event>(sub: &Arc<dyn Any + Send + Sync>) -> &SubMeta {
     match sub.downcast_ref::<Sub<E>>() {
-        Some(sub) => sub.meta.id,
+        Some(sub) => &sub.meta,
         None => unreachable!("a retry's functions match its subscription"),
     }
+}
+
+/// Settles a deferred delivery, on whatever thread completed it: as a handler returning
+/// `result` would (a failure is tried again on shard `shard`, or dead-lettered). `seed` draws
+/// the retry's jitter.
+pub(crate) fn settle_deferred(
+    core: &Core,
+    mut retry: Retry,
+    shard: usize,
+    result: HandlerResult,
+    seed: u64,
+) {
+    let counts = &core.deferrals;
+    let meta = (retry.ops.meta)(&retry.sub);
+    let error = match result {
+        Ok(()) => {
+            meta.deferred_succeeded.fetch_add(1, Ordering::Relaxed);
+            counts.succeeded.fetch_add(1, Ordering::Relaxed);
+            // Trackers first: once the ledger says settled (`flush`), trackers have completed.
+            retry.track(Settled::Succeeded);
+            counts.settle(1);
+            return;
+        }
+        Err(error) => error,
+    };
+    meta.record_failure(&error, false);
+    counts.failed.fetch_add(1, Ordering::Relaxed);
+    if retry.history.errors.is_empty() {
+        retry.history.first_failure = SystemTime::now();
+    }
+    retry.history.errors.push(error.to_string());
+    let then = if error.is_permanent() {
+        Then::Bury(DeadLetterReason::Permanent)
+    } else {
+        let draw = Jitter::new(core.worker_seed(core.shards.len()) ^ seed).draw();
+        match meta.retry.delay_after(retry.attempt, draw) {
+            Some(delay) => Then::Retry(delay),
+            None => Then::Bury(DeadLetterReason::RetriesExhausted),
+        }
+    };
+    let reason = match then {
+        Then::Retry(delay) => {
+            counts.retried.fetch_add(1, Ordering::Relaxed);
+            meta.retried.fetch_add(1, Ordering::Relaxed);
+            retry.attempt += 1;
+            let routed = Routed {
+                shard,
+                work: Work::Retry(retry),
+            };
+            match core.wait_on_timer(routed, delay) {
+                Ok(()) => return,
+                Err(Routed {
+                    work: Work::Retry(back),
+                    ..
+                }) => {
+                    retry = back;
+                    DeadLetterReason::Shutdown
+                }
+                Err(_) => unreachable!("a retry was scheduled"),
+            }
+        }
+        Then::Bury(reason) => reason,
+    };
+    if core.dead_letters.enabled() {
+        retry.track(Settled::DeadLettered);
+        let id = core.dead_letters.next_id();
+        core.dead_letters.push(retry.bury(reason, id));
+        counts.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    } else {
+        retry.track(Settled::Discarded);
+        counts.discarded.fetch_add(1, Ordering::Relaxed);
+    }
+    counts.settle(1);
 }
 
 /// What becomes of a failed attempt.
@@ -631,7 +716,10 @@ pub(crate) struct WorkerShared {
     pub(crate) spill_len: AtomicUsize,
     /// Events the running handler published, with their delay if any.
     pub(crate) outbox: Mutex<Vec<(Routed, Option<Duration>)>>,
+    /// Set when the running handler staged events or deferred its outcome.
     pub(crate) staged: AtomicBool,
+    /// The running handler's deferral ([`Context::defer`]).
+    pub(crate) deferral: Mutex<Option<Arc<Slot>>>,
     /// Failed deliveries of the current event whose retries are not scheduled yet (they are
     /// once the event's other deliveries have run).
     pub(crate) held_retries: AtomicU64,
@@ -795,7 +883,7 @@ pub(crate) struct Shard {
 
 /// The worker thread's own view.
 pub(crate) struct Worker<'a> {
-    core: &'a Core,
+    core: &'a Arc<Core>,
     index: usize,
     shared: &'a WorkerShared,
     scratch: Vec<(Routed, Option<Duration>)>,
@@ -806,6 +894,8 @@ pub(crate) struct Worker<'a> {
     snapshot: Option<Arc<Snapshot>>,
     /// Failed attempts of the current work that are retried or dead-lettered.
     pending: Vec<Failed>,
+    /// Deferred deliveries of the current work, armed once the work is done with its event.
+    deferred: Vec<Deferral>,
     jitter: Jitter,
     /// The worker's latencies; `None` with metrics off.
     recorder: Option<Recorder>,
@@ -817,8 +907,17 @@ pub(crate) struct Worker<'a> {
 
 enum Outcome {
     Succeeded,
+    /// The handler returned `Ok` after [`Context::defer`]: settled when the deferral completes.
+    Deferred(Arc<Slot>),
     Cancelled,
     Failed(HandlerError, bool),
+}
+
+/// A deferred delivery of the current work, waiting to be armed with its event.
+struct Deferral {
+    slot: Arc<Slot>,
+    sub: Arc<dyn Any + Send + Sync>,
+    attempt: u32,
 }
 
 impl Worker<'_> {
@@ -881,7 +980,7 @@ impl Worker<'_> {
     /// heap to share it between them.
     #[inline]
     fn after(&mut self, work: Work) {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.deferred.is_empty() {
             return;
         }
         let Work::Task(task) = work else {
@@ -889,7 +988,34 @@ impl Worker<'_> {
         };
         let ops = task.ops;
         let event = (ops.share)(task);
+        self.arm_deferred(ops, &event, None, true);
         self.retry_failed(ops, event);
+    }
+
+    /// Hands the deferred deliveries of `event` over to their slots: as first attempts
+    /// (`history` `None`) or as retries with their history.
+    #[cold]
+    fn arm_deferred(
+        &mut self,
+        ops: &'static TaskOps,
+        event: &Arc<SharedEvent>,
+        history: Option<&History>,
+        tracked: bool,
+    ) {
+        for deferral in std::mem::take(&mut self.deferred) {
+            let retry = Retry {
+                ops,
+                event: event.clone(),
+                sub: deferral.sub,
+                attempt: deferral.attempt,
+                history: history.cloned().unwrap_or_else(|| History {
+                    errors: Vec::new(),
+                    first_failure: SystemTime::now(),
+                }),
+                tracked,
+            };
+            deferral.slot.arm(self.core, retry, self.index);
+        }
     }
 
     /// Retries or dead-letters the failed deliveries of `event`.
@@ -1044,11 +1170,14 @@ impl Worker<'_> {
                 }
                 None => None,
             };
-            let result = match catch_unwind(AssertUnwindSafe(|| (sub.handler)(event, &ctx))) {
+            let mut result = match catch_unwind(AssertUnwindSafe(|| (sub.handler)(event, &ctx))) {
                 Ok(Ok(())) => Outcome::Succeeded,
                 Ok(Err(error)) => Outcome::Failed(error, false),
                 Err(payload) => Outcome::Failed(HandlerError::from_panic(payload), true),
             };
+            if shared.staged.load(Ordering::Relaxed) {
+                result = take_deferral(shared, result);
+            }
             if let Some(recorder) = &mut self.recorder {
                 let succeeded = matches!(result, Outcome::Succeeded);
                 if succeeded {
@@ -1069,7 +1198,14 @@ impl Worker<'_> {
                 self.record_trace(envelope, E::NAME, sub, attempt, &result, started_at, start);
             }
             if !shared.finish(id) {
-                // Shutdown gave up on this delivery and has already reported it.
+                // Shutdown gave up on this delivery and has already reported it, with the
+                // failed deliveries of the event held for retry as discarded.
+                if let Outcome::Deferred(slot) = &result {
+                    slot.void();
+                }
+                for _ in std::mem::take(&mut self.pending) {
+                    self.track(envelope, Settled::Discarded, 1);
+                }
                 self.discard_outbox();
                 self.track(envelope, Settled::Left, remaining);
                 self.track(envelope, Settled::Abandoned, 1);
@@ -1085,6 +1221,17 @@ impl Worker<'_> {
                 self.flush_outbox();
                 bump(&stats.succeeded, 1);
                 Settled::Succeeded
+            }
+            Outcome::Deferred(slot) => {
+                // Outstanding until the deferral completes (or shutdown takes it over).
+                self.flush_outbox();
+                self.core.deferrals.register(&slot);
+                self.deferred.push(Deferral {
+                    slot,
+                    sub: sub.clone(),
+                    attempt,
+                });
+                return Flow::Continue;
             }
             Outcome::Cancelled => {
                 sub.meta.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -1146,6 +1293,7 @@ impl Worker<'_> {
             attempt,
             outcome: match result {
                 Outcome::Failed(error, _) => TraceOutcome::Failed(error.to_string()),
+                Outcome::Deferred(_) => TraceOutcome::Deferred,
                 _ => TraceOutcome::Succeeded,
             },
             started_at,
@@ -1335,6 +1483,21 @@ impl Worker<'_> {
     }
 }
 
+/// After a handler that staged events or deferred: its deferral, if it made one, turns a
+/// success into [`Outcome::Deferred`]; after a failure the deferral is void.
+#[cold]
+#[inline(never)]
+fn take_deferral(shared: &WorkerShared, result: Outcome) -> Outcome {
+    match (shared.deferral.lock().take(), result) {
+        (Some(slot), Outcome::Succeeded) => Outcome::Deferred(slot),
+        (Some(slot), result) => {
+            slot.void();
+            result
+        }
+        (None, result) => result,
+    }
+}
+
 /// Polls `rx` for up to `spin` before the worker parks, busy-waiting between polls.
 fn spin_for(rx: &Receiver<Msg>, spin: Duration) -> Result<Msg, TryRecvError> {
     let deadline = unix_nanos().saturating_add(spin.as_nanos() as u64);
@@ -1365,6 +1528,7 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
         batch_len: 0,
         snapshot: Some(core.registry.load_full()),
         pending: Vec::new(),
+        deferred: Vec::new(),
         jitter: Jitter::new(core.worker_seed(index)),
         recorder: core
             .metrics

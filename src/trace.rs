@@ -22,6 +22,9 @@ pub enum TraceOutcome {
     Succeeded,
     /// The handler returned an error or panicked; the text of the error.
     Failed(String),
+    /// The handler returned `Ok` after [`Context::defer`](crate::Context::defer): the outcome
+    /// comes later, from the [`Deferred`](crate::Deferred).
+    Deferred,
 }
 
 /// One handler run of a traced conversation.
@@ -93,6 +96,7 @@ impl Trace {
             let outcome = match &run.outcome {
                 TraceOutcome::Succeeded => "ok".to_owned(),
                 TraceOutcome::Failed(error) => format!("failed: {error}"),
+                TraceOutcome::Deferred => "deferred".to_owned(),
             };
             writeln!(
                 f,

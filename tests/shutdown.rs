@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{FollowUp, Held, Numbered, Tally, WAIT, count, hold_the_only_worker};
-use microbus::{Bus, Context, HandlerResult, PublishError};
+use microbus::{Bus, Context, Deferred, HandlerError, HandlerResult, PublishError, RetryPolicy};
 
 #[test]
 fn shutdown_handles_everything_queued_before_it_returns() {
@@ -151,6 +151,59 @@ fn the_deadline_holds_against_a_stuck_handler() {
         std::thread::yield_now();
     }
     assert_eq!(*handled.lock().unwrap(), vec![0]);
+}
+
+/// A worker detached inside a handler, with an earlier delivery of the same event failed (held
+/// for retry) and another deferred: the report counts the held retry as discarded and the
+/// deferral as abandoned, and when the handler returns at last the worker neither
+/// dead-letters the held retry nor settles anything twice.
+#[test]
+fn a_detached_worker_does_not_settle_what_shutdown_reported() {
+    let bus = Bus::builder()
+        .workers(1)
+        .retry(RetryPolicy::fixed(Duration::from_millis(1)).max_attempts(3))
+        .build()
+        .unwrap();
+    bus.subscribe(|_: &Numbered, _: &Context| -> HandlerResult { Err(HandlerError::msg("fails")) })
+        .unwrap();
+    let (deferred_tx, deferred_rx) = crossbeam_channel::unbounded::<Deferred>();
+    bus.subscribe(move |_: &Numbered, ctx: &Context| -> HandlerResult {
+        deferred_tx.send(ctx.defer()).unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let (entered_tx, entered_rx) = crossbeam_channel::bounded(1);
+    let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
+    let (returned_tx, returned_rx) = crossbeam_channel::bounded(1);
+    bus.subscribe(move |_: &Numbered, _: &Context| -> HandlerResult {
+        entered_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+        returned_tx.send(()).unwrap();
+        Ok(())
+    })
+    .unwrap();
+    bus.publish(Numbered {
+        publisher: 0,
+        seq: 0,
+    })
+    .unwrap();
+    entered_rx.recv_timeout(WAIT).unwrap();
+    let deferred = deferred_rx.recv_timeout(WAIT).unwrap();
+    let report = bus.shutdown_timeout(Duration::from_millis(50)).unwrap();
+    assert!(report.is_balanced(), "{report}");
+    assert_eq!(report.stats.delivered, 3);
+    assert_eq!(report.stats.discarded, 1, "{report}");
+    assert_eq!(report.stats.abandoned, 2, "{report}");
+    let mut workers: Vec<&str> = report.abandoned.iter().map(|a| a.worker.as_str()).collect();
+    workers.sort_unstable();
+    assert_eq!(workers, ["deferred", "microbus-worker-0"]);
+    release_tx.send(()).unwrap();
+    returned_rx.recv_timeout(WAIT).unwrap();
+    deferred.succeed();
+    // Give the detached worker time to finish with the event.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(bus.dead_letters().len(), 0);
+    assert_eq!(bus.stats(), report.stats);
 }
 
 #[test]

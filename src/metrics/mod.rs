@@ -408,7 +408,8 @@ impl Metrics {
                     event: meta.event_name.to_owned(),
                     active: meta.active.load(Ordering::Relaxed),
                     delivered: sum(|c| &c.delivered),
-                    succeeded: sum(|c| &c.succeeded),
+                    succeeded: sum(|c| &c.succeeded)
+                        + meta.deferred_succeeded.load(Ordering::Relaxed),
                     failed: meta.failed.load(Ordering::Relaxed),
                     panicked: meta.panicked.load(Ordering::Relaxed),
                     retried: meta.retried.load(Ordering::Relaxed),

@@ -1,8 +1,10 @@
 //! A bridge to Redis Streams (cargo feature `redis`): chosen event types leave the bus for a
 //! stream and come back into another bus, envelope and all.
 //!
-//! Ground rules: exporting is a subscription (an `XADD` per event, so a Redis failure is
-//! retried and dead-lettered like any handler's). Importing is a thread per event type that
+//! Ground rules: exporting is a subscription whose deliveries are
+//! [deferred](crate::Context::defer) to an export thread that pipelines the `XADD`s, one round
+//! trip per batch; each delivery settles with its own reply, so a Redis failure is retried and
+//! dead-lettered like any handler's. Importing is a thread per event type that
 //! reads with `XREADGROUP` under a consumer group, publishes each entry into the bus with its
 //! original envelope and a [`Tracker`](crate::Tracker), and acknowledges it (`XACK`) only once
 //! every local delivery of it has settled. An entry that does not decode is dead-lettered with
@@ -26,7 +28,8 @@ use redis::Commands;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use serde::{Deserialize, Serialize};
 
-use crate::bus::Bus;
+use crate::bus::{Bus, Core};
+use crate::defer::Deferred;
 use crate::event::{Envelope, Event};
 use crate::handler::{Context, HandlerError, HandlerResult};
 use crate::metrics::BridgeCounters;
@@ -192,17 +195,33 @@ impl Bridge {
         format!("{}:{}", self.prefix, E::NAME)
     }
 
-    /// Forwards every event of type `E` published on the bus to its stream. The subscription is
-    /// named `redis-export`; a failed `XADD` fails the delivery, which is retried and
-    /// dead-lettered as the bus's retry policy says.
+    /// Forwards every event of type `E` published on the bus to its stream.
+    ///
+    /// The subscription, named `redis-export`, encodes each event on the worker and
+    /// [defers](Context::defer) its delivery to an export thread, which sends what has
+    /// gathered as one pipeline of `XADD`s (up to 512, one round trip) and settles each
+    /// delivery with its own reply: confirmed, it succeeds; refused or lost with the
+    /// connection, it fails and is retried (the handler runs again) and dead-lettered as the
+    /// bus's retry policy says. An `XADD` that reached the server before the connection broke
+    /// is sent again: the stream then holds the event twice, which an import drops by event id.
+    /// The thread lives as long as the subscription, or until the bus has stopped.
     ///
     /// # Errors
     ///
     /// A [`BridgeError`] when no connection can be made or the bus is shut down.
     pub fn export<E: Event>(&self) -> Result<Subscription, BridgeError> {
-        let link = Mutex::new(Link::new(self.client.clone(), self.counters.clone())?);
-        let stream = self.stream::<E>();
-        let counters = self.counters.clone();
+        let mut link = Link::new(self.client.clone(), self.counters.clone())?;
+        let (tx, rx) = crossbeam_channel::bounded::<Outgoing>(EXPORT_QUEUE);
+        let exporter = Exporter {
+            stream: self.stream::<E>(),
+            rx,
+            core: self.bus.core().clone(),
+            counters: self.counters.clone(),
+        };
+        std::thread::Builder::new()
+            .name(format!("microbus-redis-export-{}", E::NAME))
+            .spawn(move || exporter.run(&mut link))
+            .map_err(|e| BridgeError(e.to_string()))?;
         let handler = move |event: &E, ctx: &Context<'_>| -> HandlerResult {
             let message = serde_json::to_string(&WireOut {
                 wire: WIRE_VERSION,
@@ -212,12 +231,12 @@ impl Bridge {
                 payload: event,
             })
             .map_err(HandlerError::permanent)?;
-            // A failure fails the delivery, which the bus retries: on a new connection.
-            let _: String = link
-                .lock()
-                .run(|c| c.xadd(&stream, "*", &[("m", &message)]))
-                .map_err(HandlerError::from)?;
-            counters.exported.fetch_add(1, Ordering::Relaxed);
+            // Waits while the export thread is a full queue behind: backpressure.
+            tx.send(Outgoing {
+                message,
+                done: ctx.defer(),
+            })
+            .map_err(|_| HandlerError::msg("the export thread has stopped"))?;
             Ok(())
         };
         self.bus
@@ -286,7 +305,8 @@ impl Bridge {
         }
     }
 
-    /// Stops the import threads after they acknowledged what has settled.
+    /// Stops the import threads after they acknowledged what has settled. Export threads
+    /// belong to their subscriptions and keep running.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         for thread in self.threads.lock().drain(..) {
@@ -307,6 +327,77 @@ impl fmt::Debug for Bridge {
 impl Drop for Bridge {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// How many encoded events wait for the export thread at most.
+const EXPORT_QUEUE: usize = 4096;
+/// The most `XADD`s in one pipeline.
+const PIPELINE: usize = 512;
+
+/// An encoded event on its way to the stream, and its delivery.
+struct Outgoing {
+    message: String,
+    done: Deferred,
+}
+
+/// One export thread's state.
+struct Exporter {
+    stream: String,
+    rx: crossbeam_channel::Receiver<Outgoing>,
+    core: Arc<Core>,
+    counters: Arc<Counters>,
+}
+
+impl Exporter {
+    /// Sends what has gathered as one pipeline, settles each delivery with its reply, and
+    /// goes round again; stops when the subscription is gone or the bus has stopped.
+    fn run(self, link: &mut Link) {
+        let mut batch: Vec<Outgoing> = Vec::with_capacity(PIPELINE);
+        loop {
+            match self.rx.recv_timeout(READ_BLOCK) {
+                Ok(first) => batch.push(first),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if self.core.is_stopped() {
+                        return;
+                    }
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            }
+            batch.extend(self.rx.try_iter().take(PIPELINE - 1));
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for out in &batch {
+                pipe.xadd(&self.stream, "*", &[("m", &out.message)]);
+            }
+            let replies: redis::RedisResult<Vec<redis::RedisResult<String>>> =
+                link.run(|c| pipe.query(c));
+            match replies {
+                Ok(replies) if replies.len() == batch.len() => {
+                    for (out, reply) in batch.drain(..).zip(replies) {
+                        match reply {
+                            Ok(_) => {
+                                self.counters.exported.fetch_add(1, Ordering::Relaxed);
+                                out.done.succeed();
+                            }
+                            Err(e) => out.done.fail(e),
+                        }
+                    }
+                }
+                Ok(replies) => {
+                    let why = format!("{} replies to {} XADDs", replies.len(), batch.len());
+                    for out in batch.drain(..) {
+                        out.done.fail(HandlerError::msg(&why));
+                    }
+                }
+                Err(e) => {
+                    for out in batch.drain(..) {
+                        out.done.fail(HandlerError::msg(&e));
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -132,9 +132,7 @@ fn one_xadd_a_round_trip(url: &str, stream: &str, events: u64) -> f64 {
     let message = r#"{"wire":1,"event":"OrderCreated","version":1,"payload":{"order_id":1}}"#;
     let start = Instant::now();
     for _ in 0..events {
-        let _: String = redis
-            .xadd(stream, "*", &[("m", message)])
-            .expect("added");
+        let _: String = redis.xadd(stream, "*", &[("m", message)]).expect("added");
     }
     rate(events, start.elapsed())
 }
@@ -145,9 +143,23 @@ fn redis_benchmark(url: &str, stream: &str, events: u64, pipeline: u32) -> Optio
     let address = url.trim_start_matches("redis://");
     let (host, port) = address.split_once(':').unwrap_or((address, "6379"));
     let out = std::process::Command::new("redis-benchmark")
-        .args(["-h", host, "-p", port.trim_end_matches('/'), "-q", "-c", "50"])
+        .args([
+            "-h",
+            host,
+            "-p",
+            port.trim_end_matches('/'),
+            "-q",
+            "-c",
+            "50",
+        ])
         .args(["-n", &events.to_string(), "-P", &pipeline.to_string()])
-        .args(["XADD", stream, "*", "m", "an-event-of-about-two-hundred-bytes"])
+        .args([
+            "XADD",
+            stream,
+            "*",
+            "m",
+            "an-event-of-about-two-hundred-bytes",
+        ])
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -190,7 +202,10 @@ fn main() {
         Some(v) => println!("{name:<44}{v:>14.0}"),
         None => println!("{name:<44}{:>14}", "(no redis-benchmark)"),
     };
-    row("export, pipelined (publish to confirmed)", Some(export_rate));
+    row(
+        "export, pipelined (publish to confirmed)",
+        Some(export_rate),
+    );
     row("import (read, handled, acknowledged)", Some(import_rate));
     row("round trip (publish to handled remotely)", Some(trip));
     row("one XADD a round trip, one connection", Some(single));

@@ -556,3 +556,77 @@ fn import_threads_stop_with_the_bus() {
     assert_eq!(*handled.lock().unwrap(), [1]);
     assert_eq!(bridge.stats().imported, 1);
 }
+
+/// An export's delivery settles only when its `XADD` is confirmed: once `flush` returns, the
+/// stream holds every event (the export thread sends them in pipelines, and flush waited for
+/// each reply).
+#[test]
+fn flush_returns_once_every_export_is_confirmed() {
+    use redis::Commands;
+    const EVENTS: u64 = 5_000;
+    let url = redis_url();
+    let prefix = prefix("confirmed");
+    let orders = Bus::builder()
+        .service_name("orders")
+        .workers(2)
+        .build()
+        .unwrap();
+    let bridge = Bridge::connect(&orders, &url, &prefix).unwrap();
+    bridge.export::<OrderCreated>().unwrap();
+    for order_id in 0..EVENTS {
+        orders.publish(OrderCreated { order_id }).unwrap();
+    }
+    orders.flush(WAIT).unwrap();
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let len: u64 = redis.xlen(format!("{prefix}:OrderCreated")).unwrap();
+    assert_eq!(len, EVENTS);
+    assert_eq!(bridge.stats().exported, EVENTS);
+    let stats = orders.stats();
+    assert_eq!(
+        (stats.succeeded, stats.failed, stats.in_flight),
+        (EVENTS, 0, 0)
+    );
+    let _: () = redis.del(format!("{prefix}:OrderCreated")).unwrap();
+}
+
+/// With the server gone, each export fails, is retried by the bus and then dead-lettered with
+/// the connection error: nothing hangs and nothing is lost.
+#[test]
+fn exports_to_a_server_that_is_gone_are_retried_then_dead_lettered() {
+    const EVENTS: u64 = 50;
+    let _ = redis_url(); // Same precondition as the other tests: a redis-server to run.
+    let mut server = OwnServer::start();
+    let orders = Bus::builder()
+        .service_name("orders")
+        .workers(1)
+        .retry(microbus::RetryPolicy::fixed(Duration::from_millis(2)).max_attempts(3))
+        .build()
+        .unwrap();
+    let bridge = Bridge::connect(&orders, &server.url(), &prefix("gone")).unwrap();
+    bridge.export::<OrderCreated>().unwrap();
+    server.stop();
+    for order_id in 0..EVENTS {
+        orders.publish(OrderCreated { order_id }).unwrap();
+    }
+    orders.flush(WAIT).unwrap();
+    let letters = orders.dead_letters().list();
+    assert_eq!(letters.len() as u64, EVENTS);
+    let mut ids: Vec<u64> = letters
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<OrderCreated>(l.payload_json())
+                .unwrap()
+                .order_id
+        })
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..EVENTS).collect::<Vec<_>>());
+    assert!(letters.iter().all(|l| l.errors().len() == 3), "{letters:?}");
+    let stats = orders.stats();
+    assert_eq!((stats.failed, stats.retried), (3 * EVENTS, 2 * EVENTS));
+    assert_eq!((stats.succeeded, stats.in_flight), (0, 0));
+    assert_eq!(bridge.stats().exported, 0);
+}

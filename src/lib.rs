@@ -81,6 +81,10 @@
 //! correlation id, name the handled event as their causation, and leave only when the handler
 //! returns `Ok` (an outbox). They never make a worker wait.
 //!
+//! A handler that hands its work to a slower thread calls [`Context::defer`] and returns: the
+//! delivery stays outstanding until the [`Deferred`] is completed from any thread, and a failure
+//! is retried and dead-lettered as if the handler had returned it.
+//!
 //! # Retries
 //!
 //! A handler that returns an error or panics fails that one delivery: the worker and the

@@ -102,6 +102,25 @@ pub(crate) enum Refusal {
     Shutdown,
 }
 
+/// The error of a blocking publish that was refused.
+fn refused<E>(why: Refusal, event: E) -> PublishError<E> {
+    match why {
+        Refusal::Full => PublishError::Full(event),
+        Refusal::Timeout | Refusal::Shutdown => PublishError::Shutdown(event),
+    }
+}
+
+/// How long a publisher on a rayon worker thread waits for a full shard whose worker makes no
+/// progress before it uses the shard's overflow queue.
+#[cfg(feature = "rayon")]
+const RAYON_STALL: Duration = Duration::from_millis(100);
+
+#[cfg(feature = "rayon")]
+thread_local! {
+    /// Set while a publisher on this rayon thread runs other work of its pool.
+    static YIELDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 enum Lifecycle {
     Running,
     Stopping,
@@ -477,17 +496,17 @@ impl Core {
         &self,
         source: NameId,
         items: impl IntoIterator<Item = (E, Publish)>,
-    ) -> Result<(), Vec<E>> {
+    ) -> Result<(), (Refusal, Vec<E>)> {
         let (generation, deliveries) = self.registry.route::<E>(source, 0);
         if deliveries == 0 && self.is_closing() {
             let back: Vec<E> = items.into_iter().map(|(event, _)| event).collect();
             self.refused.fetch_add(back.len() as u64, Ordering::Relaxed);
-            return Err(back);
+            return Err((Refusal::Shutdown, back));
         }
         let result = self.in_groups(source, items, deliveries, |index, group| {
             self.send_group(index, group, source, generation, deliveries)
         });
-        if let Err(back) = &result {
+        if let Err((Refusal::Shutdown, back)) = &result {
             self.refused.fetch_add(back.len() as u64, Ordering::Relaxed);
         }
         result
@@ -513,6 +532,7 @@ impl Core {
             });
             Ok(())
         })
+        .map_err(|(_, back)| back)
     }
 
     /// Stamps `items` and groups them per shard — by key; unkeyed events fill one shard's
@@ -525,8 +545,8 @@ impl Core {
         source: NameId,
         items: impl IntoIterator<Item = (E, Publish)>,
         deliveries: usize,
-        mut emit: impl FnMut(usize, Vec<(Envelope, E)>) -> Result<(), Vec<E>>,
-    ) -> Result<(), Vec<E>> {
+        mut emit: impl FnMut(usize, Vec<(Envelope, E)>) -> Result<(), (Refusal, Vec<E>)>,
+    ) -> Result<(), (Refusal, Vec<E>)> {
         let mut items = items.into_iter();
         if deliveries == 0 {
             for (event, options) in items {
@@ -573,12 +593,12 @@ impl Core {
                 .filter(|(_, group)| !group.is_empty())
                 .find_map(|(index, group)| emit(index, group).err());
         }
-        let Some(mut back) = failed else {
+        let Some((why, mut back)) = failed else {
             return Ok(());
         };
         back.extend(groups.flat_map(|(_, group)| group).map(|(_, event)| event));
         back.extend(items.map(|(event, _)| event));
-        Err(back)
+        Err((why, back))
     }
 
     /// Sends one group of a batch to shard `index` through its gate.
@@ -589,13 +609,13 @@ impl Core {
         source: NameId,
         generation: u32,
         per_event: usize,
-    ) -> Result<(), Vec<E>> {
+    ) -> Result<(), (Refusal, Vec<E>)> {
         let events = group.len();
         let deliveries = events * per_event;
         let shard = &self.shards[index];
         let batch = Batch::new(group, source, generation, per_event);
         if !shard.gate.enter(deliveries) {
-            return Err(batch.into_events().collect());
+            return Err((Refusal::Shutdown, batch.into_events().collect()));
         }
         let msg = Msg::Work(Work::Batch(batch));
         let sent = match shard.tx.try_send(msg) {
@@ -608,12 +628,12 @@ impl Core {
                 self.registry.count::<E>(source, events as u64, false);
                 Ok(())
             }
-            Err((_, msg)) => {
+            Err((why, msg)) => {
                 shard.gate.refund(deliveries);
                 let Msg::Work(Work::Batch(batch)) = msg else {
                     unreachable!("a batch was sent")
                 };
-                Err(batch.into_events().collect())
+                Err((why, batch.into_events().collect()))
             }
         }
     }
@@ -636,6 +656,10 @@ impl Core {
             let left = self.spill_or_wait(worker, routed);
             self.shards[worker].worker.settle_left(left);
             return Ok(());
+        }
+        #[cfg(feature = "rayon")]
+        if rayon::current_thread_index().is_some() {
+            return self.send_on_rayon(index, msg, mode);
         }
         let tx = &self.shards[index].tx;
         // First wait without registering with the channel, as crossbeam's own `send` does: on
@@ -680,6 +704,62 @@ impl Core {
         } else {
             let _ = oper.recv(&self.signal_rx);
             Err((Refusal::Shutdown, msg))
+        }
+    }
+
+    /// The slow path on a rayon worker thread, which must not block: the shard's worker may be
+    /// inside a handler that waits for this very pool (`par_iter` in a handler), and a pool
+    /// whose threads all wait for the worker would never run it. So while the shard is full the
+    /// publisher runs other work of its pool (`rayon::yield_now`: the handler's, perhaps) and
+    /// tries again; once the worker has made no progress for [`RAYON_STALL`], the event goes to
+    /// the shard's overflow queue (its worker's spill queue, which the worker takes ahead of
+    /// its channel), and when that is full too it comes back as [`Refusal::Full`].
+    #[cfg(feature = "rayon")]
+    #[cold]
+    #[allow(clippy::result_large_err)] // The error is the message itself, handed back.
+    fn send_on_rayon(&self, index: usize, mut msg: Msg, mode: Mode) -> Result<(), (Refusal, Msg)> {
+        let shard = &self.shards[index];
+        loop {
+            if self.is_closing() {
+                return Err((Refusal::Shutdown, msg));
+            }
+            if let Mode::Until(deadline) = mode
+                && Instant::now() >= deadline
+            {
+                return Err((Refusal::Timeout, msg));
+            }
+            msg = match shard.tx.try_send(msg) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(msg)) => msg,
+                Err(TrySendError::Disconnected(msg)) => return Err((Refusal::Shutdown, msg)),
+            };
+            if shard.worker.stalled_for(RAYON_STALL) {
+                let Msg::Work(work) = msg else {
+                    unreachable!("publishers send work")
+                };
+                return match shard
+                    .worker
+                    .spill(Routed { shard: index, work }, self.spill_capacity)
+                {
+                    Ok(()) => {
+                        // Wakes the worker if it has emptied its channel and parked since.
+                        let _ = shard.tx.try_send(Msg::Wake);
+                        Ok(())
+                    }
+                    Err(routed) => Err((Refusal::Full, Msg::Work(routed.work))),
+                };
+            }
+            // Runs other work of the pool, but not from inside work it already runs for a
+            // publish: each would nest another on this thread's stack.
+            if YIELDING.replace(true) {
+                std::thread::yield_now();
+                continue;
+            }
+            let ran = rayon::yield_now();
+            YIELDING.set(false);
+            if ran != Some(rayon::Yield::Executed) {
+                std::thread::yield_now();
+            }
         }
     }
 
@@ -1637,7 +1717,7 @@ impl Bus {
     ) -> Result<(), PublishError<E>> {
         self.core()
             .publish(self.source, event, Stamp::New(options), Mode::Block)
-            .map_err(|(_, e)| PublishError::Shutdown(e))
+            .map_err(|(why, e)| refused(why, e))
     }
 
     /// Publishes `event` with an envelope made elsewhere — read back from a file or received
@@ -1696,7 +1776,7 @@ impl Bus {
         let source = envelope.source_id();
         self.core()
             .publish(source, event, Stamp::Given(envelope), Mode::Block)
-            .map_err(|(_, e)| PublishError::Shutdown(e))
+            .map_err(|(why, e)| refused(why, e))
     }
 
     /// Publishes `event` as [`publish_with`](Self::publish_with) does and returns a
@@ -1737,7 +1817,7 @@ impl Bus {
         let options = options.tracked(tracking.clone());
         self.core()
             .publish(self.source, event, Stamp::New(options), Mode::Block)
-            .map_err(|(_, e)| PublishError::Shutdown(e))?;
+            .map_err(|(why, e)| refused(why, e))?;
         Ok(Tracker(tracking))
     }
 
@@ -1757,7 +1837,7 @@ impl Bus {
         let source = envelope.source_id();
         self.core()
             .publish(source, event, Stamp::Given(envelope), Mode::Block)
-            .map_err(|(_, e)| PublishError::Shutdown(e))?;
+            .map_err(|(why, e)| refused(why, e))?;
         Ok(Tracker(tracking))
     }
 
@@ -1811,7 +1891,10 @@ impl Bus {
     ) -> Result<(), PublishBatchError<E>> {
         self.core()
             .publish_batch(self.source, items)
-            .map_err(PublishBatchError::new)
+            .map_err(|(why, back)| match why {
+                Refusal::Full => PublishBatchError::full(back),
+                Refusal::Timeout | Refusal::Shutdown => PublishBatchError::new(back),
+            })
     }
 
     /// Publishes `event` to be delivered after `delay`: it is accepted now (and counted by

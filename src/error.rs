@@ -47,23 +47,34 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// `publish` failed: the bus is shut down. The event comes back.
+/// `publish` failed: the bus is shut down, or (on a rayon worker thread only) waiting for room
+/// could deadlock. The event comes back.
 pub enum PublishError<E> {
     /// The bus is shutting down or shut down.
     Shutdown(E),
+    /// Published from a rayon worker thread: the event's shard stayed full while its worker
+    /// made no progress, and the shard's overflow queue was full too. Waiting could deadlock
+    /// (the worker may be waiting for this very pool), so the event comes back instead; see
+    /// the crate docs on rayon.
+    Full(E),
 }
 
 impl<E> PublishError<E> {
     /// The event that was not published.
     pub fn into_event(self) -> E {
         match self {
-            Self::Shutdown(e) => e,
+            Self::Shutdown(e) | Self::Full(e) => e,
         }
     }
 
     /// Whether the bus was shut down.
     pub fn is_shutdown(&self) -> bool {
         matches!(self, Self::Shutdown(_))
+    }
+
+    /// Whether the shard and its overflow were full (a publish from a rayon worker thread).
+    pub fn is_full(&self) -> bool {
+        matches!(self, Self::Full(_))
     }
 }
 
@@ -122,15 +133,41 @@ impl<E> PublishTimeoutError<E> {
     }
 }
 
-/// `publish_batch` failed: the bus is shutting down. The events that were not accepted come
-/// back; the others were published.
+/// `publish_batch` failed: the bus is shutting down, or (on a rayon worker thread only) a
+/// shard and its overflow were full, as for [`PublishError::Full`]. The events that were not
+/// accepted come back; the others were published.
 pub struct PublishBatchError<E> {
     events: Vec<E>,
+    full: bool,
 }
 
 impl<E> PublishBatchError<E> {
     pub(crate) fn new(events: Vec<E>) -> Self {
-        PublishBatchError { events }
+        PublishBatchError {
+            events,
+            full: false,
+        }
+    }
+
+    pub(crate) fn full(events: Vec<E>) -> Self {
+        PublishBatchError { events, full: true }
+    }
+
+    /// Whether the bus was shut down.
+    pub fn is_shutdown(&self) -> bool {
+        !self.full
+    }
+
+    /// Whether a shard and its overflow were full (a publish from a rayon worker thread).
+    pub fn is_full(&self) -> bool {
+        self.full
+    }
+
+    /// Adds the events of another error: for publishes made in pieces.
+    #[cfg(feature = "rayon")]
+    pub(crate) fn merge(&mut self, other: PublishBatchError<E>) {
+        self.full |= other.full;
+        self.events.extend(other.events);
     }
 
     /// The events that were not published: in publish order among events of the same shard
@@ -158,9 +195,14 @@ impl<E> fmt::Debug for PublishBatchError<E> {
 
 impl<E> fmt::Display for PublishBatchError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let why = if self.full {
+            "on a full shard from a rayon worker thread"
+        } else {
+            "on a bus that is shut down"
+        };
         write!(
             f,
-            "publishing a batch on a bus that is shut down: {} events came back",
+            "publishing a batch {why}: {} events came back",
             self.events.len()
         )
     }
@@ -170,13 +212,19 @@ impl<E> std::error::Error for PublishBatchError<E> {}
 
 impl<E> From<PublishError<E>> for TryPublishError<E> {
     fn from(err: PublishError<E>) -> Self {
-        TryPublishError::Shutdown(err.into_event())
+        match err {
+            PublishError::Shutdown(e) => TryPublishError::Shutdown(e),
+            PublishError::Full(e) => TryPublishError::Full(e),
+        }
     }
 }
 
 impl<E> From<PublishError<E>> for PublishTimeoutError<E> {
     fn from(err: PublishError<E>) -> Self {
-        PublishTimeoutError::Shutdown(err.into_event())
+        match err {
+            PublishError::Shutdown(e) => PublishTimeoutError::Shutdown(e),
+            PublishError::Full(e) => PublishTimeoutError::Timeout(e),
+        }
     }
 }
 
@@ -203,7 +251,8 @@ macro_rules! event_error_fmt {
 }
 
 event_error_fmt!(PublishError {
-    Shutdown => "publishing on a bus that is shut down"
+    Shutdown => "publishing on a bus that is shut down",
+    Full => "publishing from a rayon worker thread on a full shard whose worker made no progress"
 });
 event_error_fmt!(TryPublishError {
     Full => "publishing on a full shard",

@@ -179,6 +179,8 @@ mod event;
 mod handler;
 mod ledger;
 mod metrics;
+#[cfg(feature = "rayon")]
+mod par;
 mod registry;
 mod retry;
 mod shard;

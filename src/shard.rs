@@ -725,6 +725,10 @@ pub(crate) struct WorkerShared {
     pub(crate) held_retries: AtomicU64,
     /// Requests for the worker's latencies, and its answers.
     pub(crate) collect: Collect,
+    /// What publishers waiting on a full shard last saw of the worker's progress, and when
+    /// (see [`stalled_for`](WorkerShared::stalled_for)).
+    watch: AtomicU64,
+    watch_at: AtomicU64,
 }
 
 /// Opens a batch: the word becomes odd. The fence orders the store before the reads of the
@@ -804,6 +808,22 @@ impl WorkerShared {
         let hi = self.event_hi.load(Ordering::Relaxed);
         let lo = self.event_lo.load(Ordering::Relaxed);
         EventId::from_u128((u128::from(hi) << 64) | u128::from(lo))
+    }
+
+    /// Whether the worker has started no new event and opened or closed no batch for `d`, as
+    /// far as callers of this have seen: how a publisher that must not block tells a busy
+    /// worker from one that is stuck (perhaps waiting for that publisher's thread pool).
+    pub(crate) fn stalled_for(&self, d: Duration) -> bool {
+        let progress = self.event_lo.load(Ordering::Relaxed)
+            ^ self.batch.load(Ordering::Relaxed).rotate_left(32);
+        let now = unix_nanos();
+        let at = self.watch_at.load(Ordering::Relaxed);
+        if at == 0 || self.watch.load(Ordering::Relaxed) != progress {
+            self.watch.store(progress, Ordering::Relaxed);
+            self.watch_at.store(now, Ordering::Relaxed);
+            return false;
+        }
+        now.saturating_sub(at) >= d.as_nanos() as u64
     }
 
     /// Settles `n` deliveries as left over (never run).

@@ -727,7 +727,9 @@ pub(crate) struct WorkerShared {
     pub(crate) collect: Collect,
     /// What publishers waiting on a full shard last saw of the worker's progress, and when
     /// (see [`stalled_for`](WorkerShared::stalled_for)).
+    #[cfg(feature = "rayon")]
     watch: AtomicU64,
+    #[cfg(feature = "rayon")]
     watch_at: AtomicU64,
 }
 
@@ -813,6 +815,7 @@ impl WorkerShared {
     /// Whether the worker has started no new event and opened or closed no batch for `d`, as
     /// far as callers of this have seen: how a publisher that must not block tells a busy
     /// worker from one that is stuck (perhaps waiting for that publisher's thread pool).
+    #[cfg(feature = "rayon")]
     pub(crate) fn stalled_for(&self, d: Duration) -> bool {
         let progress = self.event_lo.load(Ordering::Relaxed)
             ^ self.batch.load(Ordering::Relaxed).rotate_left(32);

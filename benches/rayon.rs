@@ -14,13 +14,16 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use microbus::Bus;
 use rayon::prelude::*;
 
+/// One way of publishing `n` events on a bus.
+type Publisher = fn(&Bus, u64);
+
 fn publish_from_rayon(c: &mut Criterion) {
     let mut g = c.benchmark_group("rayon");
     g.throughput(Throughput::Elements(1));
     g.sample_size(10);
     g.warm_up_time(Duration::from_millis(500));
     g.measurement_time(Duration::from_secs(2));
-    let cases: [(&str, fn(&Bus, u64)); 3] = [
+    let cases: [(&str, Publisher); 3] = [
         ("publish_par_iter", |bus, n| {
             bus.publish_par_iter((0..n).into_par_iter().map(|v| Tick(black_box(v))))
                 .unwrap();

@@ -85,6 +85,25 @@
 //! delivery stays outstanding until the [`Deferred`] is completed from any thread, and a failure
 //! is retried and dead-lettered as if the handler had returned it.
 //!
+//! # rayon
+//!
+//! With the `rayon` cargo feature (on by default), `Bus::publish_par_iter` and
+//! `Bus::publish_par_iter_with` publish the events of a parallel iterator, each rayon task
+//! grouping its events per shard through the batch path. Handlers may use rayon for their own
+//! work: the bus's workers are threads of their own, never rayon's, so a `par_iter` in a
+//! handler runs on rayon's pool while the worker waits for it.
+//!
+//! The two together could deadlock: the pool's threads publish into a full shard while the
+//! shard's worker runs a handler that waits for that same pool. So a publish on a rayon worker
+//! thread (of any pool) never blocks on a full shard. While the shard is full it runs other work
+//! of its pool (the waiting handler's, perhaps) and tries again; once the shard's worker has
+//! made no progress for 100 ms, the event goes to the shard's overflow queue (bounded by
+//! [`BusBuilder::spill_capacity`], taken by the worker ahead of its channel); and when that is
+//! full too, the event comes back: [`PublishError::Full`], or [`PublishBatchError::is_full`]
+//! with the events not accepted. Every event is handled or handed back; publish what came back
+//! from a thread outside the pool, or give the handlers' rayon work a pool of its own
+//! (`rayon::ThreadPool::install`). Publishes from other threads wait for room as always.
+//!
 //! # Retries
 //!
 //! A handler that returns an error or panics fails that one delivery: the worker and the

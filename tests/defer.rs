@@ -13,8 +13,8 @@ use std::time::Duration;
 use common::{Numbered, Tally, WAIT, quiet_worker_panics};
 use crossbeam_channel::{Receiver, Sender};
 use microbus::{
-    Bus, Context, DeadLetterReason, Deferred, HandlerError, HandlerResult, Publish, RetryPolicy,
-    TraceOutcome,
+    Bus, BusBuilder, Context, DeadLetterReason, Deferred, HandlerError, HandlerResult, Publish,
+    RetryPolicy, TraceOutcome,
 };
 
 /// One deferral on its way to a completer: the event's `seq`, the attempt, the handle.
@@ -29,6 +29,19 @@ fn defer_all(bus: &Bus, tx: Sender<Job>, calls: Arc<AtomicU64>) {
         Ok(())
     })
     .unwrap();
+}
+
+/// A bus built by `builder` whose handler defers every delivery to the returned receiver.
+fn deferring(builder: BusBuilder) -> (Bus, Receiver<Job>) {
+    let bus = builder.build().unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    defer_all(&bus, tx, Arc::default());
+    (bus, rx)
+}
+
+/// Event `seq` of publisher 0.
+fn numbered(seq: u64) -> Numbered {
+    Numbered { publisher: 0, seq }
 }
 
 /// A thread that completes each deferral with `decide(seq, attempt)`, in batches as they come.
@@ -67,7 +80,7 @@ fn deferred_deliveries_settle_from_another_thread() {
         })
     };
     for seq in 0..N {
-        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+        bus.publish(numbered(seq)).unwrap();
     }
     bus.flush(WAIT).unwrap();
     // Flush waited for the completions, not just the handlers.
@@ -87,18 +100,8 @@ fn deferred_deliveries_settle_from_another_thread() {
 
 #[test]
 fn flush_and_trackers_wait_for_a_deferral() {
-    let bus = Bus::builder().workers(1).build().unwrap();
-    let (tx, rx) = crossbeam_channel::unbounded();
-    defer_all(&bus, tx, Arc::default());
-    let tracker = bus
-        .publish_tracked(
-            Numbered {
-                publisher: 0,
-                seq: 1,
-            },
-            Publish::new(),
-        )
-        .unwrap();
+    let (bus, rx) = deferring(Bus::builder().workers(1));
+    let tracker = bus.publish_tracked(numbered(1), Publish::new()).unwrap();
     let (_, attempt, done) = rx.recv_timeout(WAIT).unwrap();
     assert_eq!(attempt, 1);
     // The handler has returned; the delivery is still outstanding.
@@ -143,7 +146,7 @@ fn a_failed_deferral_runs_the_handler_again_until_it_succeeds() {
         })
     };
     for seq in 0..N {
-        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+        bus.publish(numbered(seq)).unwrap();
     }
     bus.flush(WAIT).unwrap();
     let stats = bus.stats();
@@ -166,27 +169,17 @@ fn a_failed_deferral_runs_the_handler_again_until_it_succeeds() {
 
 #[test]
 fn a_deferral_that_keeps_failing_is_dead_lettered_with_every_error() {
-    let bus = Bus::builder()
-        .workers(1)
-        .retry(RetryPolicy::fixed(Duration::from_millis(1)).max_attempts(3))
-        .build()
-        .unwrap();
-    let (tx, rx) = crossbeam_channel::unbounded();
-    defer_all(&bus, tx, Arc::default());
+    let (bus, rx) = deferring(
+        Bus::builder()
+            .workers(1)
+            .retry(RetryPolicy::fixed(Duration::from_millis(1)).max_attempts(3)),
+    );
     let done = completer(rx, |seq, attempt| match seq {
         0 => Err(HandlerError::msg(format!("down {attempt}"))),
         _ => Err(HandlerError::permanent(HandlerError::msg("refused"))),
     });
-    bus.publish(Numbered {
-        publisher: 0,
-        seq: 0,
-    })
-    .unwrap();
-    bus.publish(Numbered {
-        publisher: 0,
-        seq: 1,
-    })
-    .unwrap();
+    bus.publish(numbered(0)).unwrap();
+    bus.publish(numbered(1)).unwrap();
     bus.flush(WAIT).unwrap();
     let mut letters = bus.dead_letters().list();
     letters.sort_by_key(|l| l.errors().len());
@@ -209,18 +202,8 @@ fn a_deferral_that_keeps_failing_is_dead_lettered_with_every_error() {
 
 #[test]
 fn a_redriven_dead_letter_defers_again() {
-    let bus = Bus::builder()
-        .workers(1)
-        .retry(RetryPolicy::none())
-        .build()
-        .unwrap();
-    let (tx, rx) = crossbeam_channel::unbounded();
-    defer_all(&bus, tx, Arc::default());
-    bus.publish(Numbered {
-        publisher: 0,
-        seq: 7,
-    })
-    .unwrap();
+    let (bus, rx) = deferring(Bus::builder().workers(1).retry(RetryPolicy::none()));
+    bus.publish(numbered(7)).unwrap();
     let (_, _, first) = rx.recv_timeout(WAIT).unwrap();
     first.fail(HandlerError::msg("not yet"));
     bus.flush(WAIT).unwrap();
@@ -239,18 +222,8 @@ fn a_redriven_dead_letter_defers_again() {
 
 #[test]
 fn dropping_a_deferral_fails_the_delivery() {
-    let bus = Bus::builder()
-        .workers(1)
-        .retry(RetryPolicy::none())
-        .build()
-        .unwrap();
-    let (tx, rx) = crossbeam_channel::unbounded();
-    defer_all(&bus, tx, Arc::default());
-    bus.publish(Numbered {
-        publisher: 0,
-        seq: 0,
-    })
-    .unwrap();
+    let (bus, rx) = deferring(Bus::builder().workers(1).retry(RetryPolicy::none()));
+    bus.publish(numbered(0)).unwrap();
     drop(rx.recv_timeout(WAIT).unwrap());
     bus.flush(WAIT).unwrap();
     let letter = bus.dead_letters().list().pop().expect("dead-lettered");
@@ -259,19 +232,13 @@ fn dropping_a_deferral_fails_the_delivery() {
         ["the deferred delivery was dropped without being completed"]
     );
     // With dead letters off, it is discarded and still settled once.
-    let off = Bus::builder()
-        .workers(1)
-        .retry(RetryPolicy::none())
-        .dead_letter_capacity(0)
-        .build()
-        .unwrap();
-    let (tx, rx) = crossbeam_channel::unbounded();
-    defer_all(&off, tx, Arc::default());
-    off.publish(Numbered {
-        publisher: 0,
-        seq: 0,
-    })
-    .unwrap();
+    let (off, rx) = deferring(
+        Bus::builder()
+            .workers(1)
+            .retry(RetryPolicy::none())
+            .dead_letter_capacity(0),
+    );
+    off.publish(numbered(0)).unwrap();
     drop(rx.recv_timeout(WAIT).unwrap());
     off.flush(WAIT).unwrap();
     let stats = off.stats();
@@ -304,16 +271,8 @@ fn a_handler_that_fails_after_deferring_fails_the_attempt_and_the_deferral_is_vo
         })
         .unwrap();
     }
-    bus.publish(Numbered {
-        publisher: 0,
-        seq: 0,
-    })
-    .unwrap();
-    bus.publish(Numbered {
-        publisher: 0,
-        seq: 1,
-    })
-    .unwrap();
+    bus.publish(numbered(0)).unwrap();
+    bus.publish(numbered(1)).unwrap();
     bus.flush(WAIT).unwrap();
     // The first attempts' deferrals do nothing now, succeed or fail.
     let mut kept = std::mem::take(&mut *kept.lock().unwrap());
@@ -342,11 +301,7 @@ fn deferring_twice_fails_the_attempt() {
         Ok(())
     })
     .unwrap();
-    bus.publish(Numbered {
-        publisher: 0,
-        seq: 0,
-    })
-    .unwrap();
+    bus.publish(numbered(0)).unwrap();
     bus.flush(WAIT).unwrap();
     let letter = bus.dead_letters().list().pop().expect("dead-lettered");
     assert!(letter.errors()[0].contains("called twice"), "{letter:?}");
@@ -355,28 +310,14 @@ fn deferring_twice_fails_the_attempt() {
 
 #[test]
 fn a_deferral_never_completed_is_abandoned_at_the_shutdown_deadline() {
-    let bus = Bus::builder()
-        .workers(1)
-        .shutdown_timeout(Duration::from_millis(100))
-        .trace_capacity(16)
-        .build()
-        .unwrap();
-    let (tx, rx) = crossbeam_channel::unbounded();
-    defer_all(&bus, tx, Arc::default());
-    let tracker = bus
-        .publish_tracked(
-            Numbered {
-                publisher: 0,
-                seq: 0,
-            },
-            Publish::new(),
-        )
-        .unwrap();
-    bus.publish(Numbered {
-        publisher: 0,
-        seq: 1,
-    })
-    .unwrap();
+    let (bus, rx) = deferring(
+        Bus::builder()
+            .workers(1)
+            .shutdown_timeout(Duration::from_millis(100))
+            .trace_capacity(16),
+    );
+    let tracker = bus.publish_tracked(numbered(0), Publish::new()).unwrap();
+    bus.publish(numbered(1)).unwrap();
     let (_, _, kept) = rx.recv_timeout(WAIT).unwrap();
     let (_, _, completed) = rx.recv_timeout(WAIT).unwrap();
     completed.succeed();

@@ -23,26 +23,28 @@ fn within<T: Send + 'static>(what: &str, scenario: impl FnOnce() -> T + Send + '
         .unwrap_or_else(|_| panic!("{what}: deadlocked (no end in 60 s)"))
 }
 
-/// A bus whose handler of `Numbered` marks each event in `tally`.
-fn tallying(bus: &Bus, tally: &Arc<Tally>) {
-    let tally = tally.clone();
+/// A bus of 2 workers with channels of `capacity` whose handler of `Numbered` marks each of
+/// the `n` events in the returned tally.
+fn tallying(capacity: usize, n: u64) -> (Bus, Arc<Tally>) {
+    let bus = Bus::builder()
+        .workers(2)
+        .channel_capacity(capacity)
+        .build()
+        .unwrap();
+    let tally = Arc::new(Tally::new(n as usize));
+    let marks = tally.clone();
     bus.subscribe(move |e: &Numbered, _: &Context| -> HandlerResult {
-        tally.mark(e.seq as usize);
+        marks.mark(e.seq as usize);
         Ok(())
     })
     .unwrap();
+    (bus, tally)
 }
 
 #[test]
 fn publish_par_iter_publishes_every_event_once() {
     const N: u64 = 200_000;
-    let bus = Bus::builder()
-        .workers(2)
-        .channel_capacity(64)
-        .build()
-        .unwrap();
-    let tally = Arc::new(Tally::new(N as usize));
-    tallying(&bus, &tally);
+    let (bus, tally) = tallying(64, N);
     bus.publish_par_iter(
         (0..N / 2)
             .into_par_iter()
@@ -66,13 +68,7 @@ fn publish_par_iter_publishes_every_event_once() {
 #[test]
 fn publishing_one_by_one_from_rayon_tasks_is_exact_under_backpressure() {
     const N: u64 = 100_000;
-    let bus = Bus::builder()
-        .workers(2)
-        .channel_capacity(8)
-        .build()
-        .unwrap();
-    let tally = Arc::new(Tally::new(N as usize));
-    tallying(&bus, &tally);
+    let (bus, tally) = tallying(8, N);
     let returned = Mutex::new(Vec::new());
     (0..N).into_par_iter().for_each(|seq| {
         // The workers keep up (they never wait for the pool), so events come back only if a
@@ -124,6 +120,22 @@ fn handlers_use_rayon_from_the_bus_own_worker_threads() {
     );
 }
 
+/// A rayon pool of 2 threads, and a bus of 1 worker with tiny queues: a channel of
+/// `capacity` and an overflow of `overflow`.
+fn pool_and_bus(capacity: usize, overflow: usize) -> (Arc<rayon::ThreadPool>, Bus) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let bus = Bus::builder()
+        .workers(1)
+        .channel_capacity(capacity)
+        .spill_capacity(overflow)
+        .build()
+        .unwrap();
+    (Arc::new(pool), bus)
+}
+
 /// The deadlock the policy exists for: a pool's threads all publish into a full shard while
 /// the shard's worker runs a handler that waits for the same pool. Tiny capacities make it
 /// happen at once. Nothing deadlocks: each event is handled, or handed back once the worker
@@ -133,18 +145,7 @@ fn handlers_use_rayon_from_the_bus_own_worker_threads() {
 fn publishers_on_a_pool_never_deadlock_with_a_handler_waiting_for_that_pool() {
     const N: u64 = 20_000;
     let (tally, returned, stats) = within("pool publishers against a pool handler", || {
-        let pool = Arc::new(
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(2)
-                .build()
-                .unwrap(),
-        );
-        let bus = Bus::builder()
-            .workers(1)
-            .channel_capacity(1)
-            .spill_capacity(4)
-            .build()
-            .unwrap();
+        let (pool, bus) = pool_and_bus(1, 4);
         let tally = Arc::new(Tally::new(N as usize));
         {
             let (tally, pool) = (tally.clone(), pool.clone());
@@ -196,18 +197,7 @@ fn a_handler_whose_rayon_work_publishes_into_its_own_full_shard_gets_events_back
     const PARENTS: u64 = 10;
     const CHILDREN: u64 = 50;
     let (tally, returned, stats) = within("a handler's rayon work publishing", || {
-        let pool = Arc::new(
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(2)
-                .build()
-                .unwrap(),
-        );
-        let bus = Bus::builder()
-            .workers(1)
-            .channel_capacity(2)
-            .spill_capacity(8)
-            .build()
-            .unwrap();
+        let (pool, bus) = pool_and_bus(2, 8);
         let children = Arc::new(Tally::new((PARENTS * CHILDREN) as usize));
         let returned: Arc<Mutex<Vec<u64>>> = Arc::default();
         let handle: Arc<Mutex<Option<Bus>>> = Arc::new(Mutex::new(Some(bus.clone())));

@@ -115,10 +115,35 @@ fn refused<E>(why: Refusal, event: E) -> PublishError<E> {
 #[cfg(feature = "rayon")]
 const RAYON_STALL: Duration = Duration::from_millis(100);
 
+/// How deep publishers on one rayon thread nest other work of their pool while they wait: the
+/// work they run may publish and wait in turn, each level on the same stack. One level is
+/// enough to run a handler's job that waits in the pool's queue; deeper levels were measured
+/// to help no further (a parallel iterator's own jobs come first and keep coming).
+#[cfg(feature = "rayon")]
+const RAYON_NESTING: u32 = 1;
+
 #[cfg(feature = "rayon")]
 thread_local! {
-    /// Set while a publisher on this rayon thread runs other work of its pool.
-    static YIELDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// How many publishers on this rayon thread are running other work of its pool.
+    static NESTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs one unit of other work of the current rayon pool, unless this thread already runs
+/// [`RAYON_NESTING`] of them for waiting publishers (each nests on its stack). Whether it ran one.
+#[cfg(feature = "rayon")]
+fn run_other_rayon_work() -> bool {
+    struct Nested;
+    impl Drop for Nested {
+        fn drop(&mut self) {
+            NESTED.set(NESTED.get() - 1);
+        }
+    }
+    if NESTED.get() >= RAYON_NESTING {
+        return false;
+    }
+    NESTED.set(NESTED.get() + 1);
+    let _nested = Nested;
+    rayon::yield_now() == Some(rayon::Yield::Executed)
 }
 
 enum Lifecycle {
@@ -749,15 +774,7 @@ impl Core {
                     Err(routed) => Err((Refusal::Full, Msg::Work(routed.work))),
                 };
             }
-            // Runs other work of the pool, but not from inside work it already runs for a
-            // publish: each would nest another on this thread's stack.
-            if YIELDING.replace(true) {
-                std::thread::yield_now();
-                continue;
-            }
-            let ran = rayon::yield_now();
-            YIELDING.set(false);
-            if ran != Some(rayon::Yield::Executed) {
+            if !run_other_rayon_work() {
                 std::thread::yield_now();
             }
         }

@@ -136,6 +136,40 @@ fn pool_and_bus(capacity: usize, overflow: usize) -> (Arc<rayon::ThreadPool>, Bu
     (Arc::new(pool), bus)
 }
 
+/// The plain case of that deadlock: the pool has one thread, a task on it publishes events
+/// one after another, and the only worker's handler waits for the same pool. The publisher
+/// runs the handler's job while it waits for room, so every event goes through and none
+/// comes back.
+#[test]
+fn a_publisher_on_a_pool_runs_the_job_of_a_handler_waiting_for_that_pool() {
+    const N: u64 = 2_000;
+    let (tally, returned) = within("a one-thread pool publishing", || {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let pool = Arc::new(pool);
+        let (bus, tally) = tallying(1, N);
+        let inner = pool.clone();
+        bus.subscribe(move |_: &Numbered, _: &Context| -> HandlerResult {
+            let sum: u64 = inner.install(|| (0..64u64).into_par_iter().sum());
+            assert_eq!(sum, 2_016);
+            Ok(())
+        })
+        .unwrap();
+        let returned: Vec<u64> = pool.install(|| {
+            (0..N)
+                .filter_map(|seq| bus.publish(Numbered { publisher: 0, seq }).err())
+                .map(|e| e.into_event().seq)
+                .collect()
+        });
+        bus.flush(WAIT).unwrap();
+        (tally, returned)
+    });
+    assert_eq!(returned, Vec::<u64>::new());
+    assert_eq!(tally.not_once(), vec![]);
+}
+
 /// The deadlock the policy exists for: a pool's threads all publish into a full shard while
 /// the shard's worker runs a handler that waits for the same pool. Tiny capacities make it
 /// happen at once. Nothing deadlocks: each event is handled, or handed back once the worker

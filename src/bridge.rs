@@ -118,9 +118,22 @@ struct Link {
     counters: Arc<Counters>,
 }
 
+/// How long connecting, sending a command or waiting for its reply may take before the
+/// connection counts as lost: a server that stops answering does not hang the bridge's threads
+/// (reads block for at most [`READ_BLOCK`] by design).
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection with [`IO_TIMEOUT`] on each step.
+fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
+    let connection = client.get_connection_with_timeout(IO_TIMEOUT)?;
+    connection.set_read_timeout(Some(IO_TIMEOUT))?;
+    connection.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(connection)
+}
+
 impl Link {
     fn new(client: redis::Client, counters: Arc<Counters>) -> Result<Link, BridgeError> {
-        let connection = client.get_connection()?;
+        let connection = connect(&client)?;
         Ok(Link {
             client,
             connection: Some(connection),
@@ -137,7 +150,7 @@ impl Link {
         let connection = match &mut self.connection {
             Some(connection) => connection,
             None => {
-                let connection = self.client.get_connection()?;
+                let connection = connect(&self.client)?;
                 self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                 self.connection.insert(connection)
             }
@@ -170,7 +183,7 @@ impl Bridge {
     /// A [`BridgeError`] when the URL is malformed or the server does not answer.
     pub fn connect(bus: &Bus, url: &str, prefix: &str) -> Result<Bridge, BridgeError> {
         let client = redis::Client::open(url)?;
-        let mut connection = client.get_connection()?;
+        let mut connection = connect(&client)?;
         let _: String = redis::cmd("PING").query(&mut connection)?;
         let counters: Arc<Counters> = Arc::default();
         // The bus reports the bridge's counters in its metrics for as long as the bridge lives.

@@ -630,3 +630,26 @@ fn exports_to_a_server_that_is_gone_are_retried_then_dead_lettered() {
     assert_eq!((stats.succeeded, stats.in_flight), (0, 0));
     assert_eq!(bridge.stats().exported, 0);
 }
+
+/// A server that accepts the connection and never answers: connecting gives up with an error
+/// once the bridge's I/O timeouts (5 s a step) run out, instead of hanging.
+#[test]
+fn a_server_that_never_answers_is_an_error_not_a_hang() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    let (done, finished) = crossbeam_channel::bounded::<()>(1);
+    let silent = std::thread::spawn(move || {
+        // Holds the connection open, says nothing, until the test is over.
+        let held = listener.accept().map(|(stream, _)| stream);
+        let _ = finished.recv_timeout(WAIT);
+        drop(held);
+    });
+    let bus = Bus::builder().build().unwrap();
+    let started = Instant::now();
+    let err = Bridge::connect(&bus, &url, &prefix("silent")).unwrap_err();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "{took:?}: {err}");
+    done.send(()).unwrap();
+    silent.join().unwrap();
+    bus.shutdown().unwrap();
+}

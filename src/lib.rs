@@ -98,7 +98,8 @@
 //! thread (of any pool) never blocks on a full shard. While the shard is full it runs other work
 //! of its pool (the waiting handler's, perhaps) and tries again; once the shard's worker has
 //! made no progress for 100 ms, the event goes to the shard's overflow queue (bounded by
-//! [`BusBuilder::spill_capacity`], taken by the worker ahead of its channel); and when that is
+//! [`BusBuilder::spill_capacity`], taken by the worker ahead of its channel, so the event may
+//! overtake earlier ones of its key); and when that is
 //! full too, the event comes back: [`PublishError::Full`], or [`PublishBatchError::is_full`]
 //! with the events not accepted. Every event is handled or handed back; publish what came back
 //! from a thread outside the pool, or give the handlers' rayon work a pool of its own
@@ -174,7 +175,9 @@
 //!   counts add up ([`BusStats::is_balanced`]).
 //! - Events published by one thread with the same key reach each subscription in publish
 //!   order. Unkeyed events are spread over the shards and may be handled in any order; retries,
-//!   and events published by handlers that had to wait for room, may fall behind later ones.
+//!   and events published by handlers that had to wait for room, may fall behind later ones;
+//!   an event a rayon thread put in a stuck shard's overflow queue (see rayon above) may
+//!   overtake earlier ones still in the shard's channel.
 //! - All subscriptions of an event run on its shard, one after another, so a slow handler
 //!   delays the events behind it on that shard.
 //! - Nothing survives the process: the bus lives in memory.

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Numbered, Tally, WAIT, quiet_worker_panics};
+use common::{FollowUp, Numbered, Tally, WAIT, quiet_worker_panics};
 use crossbeam_channel::{Receiver, Sender};
 use microbus::{
     Bus, BusBuilder, Context, DeadLetterReason, Deferred, HandlerError, HandlerResult, Publish,
@@ -284,6 +284,37 @@ fn a_handler_that_fails_after_deferring_fails_the_attempt_and_the_deferral_is_vo
     assert_eq!((stats.failed, stats.panicked, stats.retried), (2, 1, 2));
     assert_eq!(stats.dead_lettered, 0);
     assert_eq!(stats.delivered, 2);
+}
+
+/// What a deferring handler publishes leaves when it returns: the follow-up is handled while
+/// the deferred delivery is still outstanding.
+#[test]
+fn a_deferring_handler_publishes_when_it_returns() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    bus.subscribe(move |e: &Numbered, ctx: &Context| -> HandlerResult {
+        ctx.publish(FollowUp {
+            parent: e.seq,
+            index: 0,
+        })?;
+        tx.send(ctx.defer()).unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let (seen_tx, seen_rx) = crossbeam_channel::unbounded();
+    bus.subscribe(move |e: &FollowUp, _: &Context| -> HandlerResult {
+        seen_tx.send(e.parent).unwrap();
+        Ok(())
+    })
+    .unwrap();
+    bus.publish(numbered(9)).unwrap();
+    let deferred = rx.recv_timeout(WAIT).unwrap();
+    assert_eq!(seen_rx.recv_timeout(WAIT).unwrap(), 9);
+    let waiting = bus.flush(Duration::from_millis(50)).unwrap_err();
+    assert_eq!(waiting.pending().map(|p| p.deferred), Some(1));
+    deferred.succeed();
+    bus.flush(WAIT).unwrap();
+    assert_eq!(bus.stats().succeeded, 2);
 }
 
 #[test]

@@ -190,9 +190,10 @@ fn run_payments(url: &str, orders: u64) -> Result<(), Box<dyn std::error::Error>
         )?;
     }
     let bridge = Bridge::connect(&bus, url, PREFIX)?;
-    bridge.import::<OrderCreated>("payments")?;
+    // Exports first: an import may publish at once, and what it causes must find them.
     bridge.export::<PaymentCaptured>()?;
     bridge.export::<OrderShipped>()?;
+    bridge.import::<OrderCreated>("payments")?;
     println!("payments and shipping are waiting for {orders} orders");
     wait_for(&shipped, orders)?;
     bus.flush(Duration::from_secs(30))?;

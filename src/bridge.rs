@@ -274,6 +274,10 @@ impl Bridge {
     /// entries delivered more often than the limit are dead-lettered; an event id seen again
     /// within the window is acknowledged without being published twice.
     ///
+    /// The thread starts publishing at once: subscribe what the imported events lead to
+    /// (handlers, and the exports of the events they publish) first. An event that matches no
+    /// subscription when it is published is counted as unmatched, not kept for later.
+    ///
     /// # Errors
     ///
     /// A [`BridgeError`] when no connection can be made or the group cannot be created.

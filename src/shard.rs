@@ -826,7 +826,7 @@ impl WorkerShared {
             self.watch_at.store(now, Ordering::Relaxed);
             return false;
         }
-        now.saturating_sub(at) >= d.as_nanos() as u64
+        u128::from(now.saturating_sub(at)) >= d.as_nanos()
     }
 
     /// Settles `n` deliveries as left over (never run).
@@ -1523,7 +1523,8 @@ fn take_deferral(shared: &WorkerShared, result: Outcome) -> Outcome {
 
 /// Polls `rx` for up to `spin` before the worker parks, busy-waiting between polls.
 fn spin_for(rx: &Receiver<Msg>, spin: Duration) -> Result<Msg, TryRecvError> {
-    let deadline = unix_nanos().saturating_add(spin.as_nanos() as u64);
+    let spin = u64::try_from(spin.as_nanos()).unwrap_or(u64::MAX);
+    let deadline = unix_nanos().saturating_add(spin);
     let mut polls = 0u32;
     loop {
         match rx.try_recv() {

@@ -151,11 +151,17 @@ impl Tracker {
 
     /// Waits up to `timeout` for every delivery to settle.
     pub fn wait(&self, timeout: Duration) -> Option<Completion> {
-        let deadline = Instant::now() + timeout;
+        // A timeout past what an `Instant` can hold waits for ever.
+        let deadline = Instant::now().checked_add(timeout);
         let mut done = self.0.done.lock();
         while done.is_none() {
-            if self.0.completed.wait_until(&mut done, deadline).timed_out() {
-                break;
+            match deadline {
+                Some(deadline) => {
+                    if self.0.completed.wait_until(&mut done, deadline).timed_out() {
+                        break;
+                    }
+                }
+                None => self.0.completed.wait(&mut done),
             }
         }
         *done

@@ -150,6 +150,11 @@ impl RetryPolicy {
     /// The delay before the attempt that follows failed attempt `attempt` (counting from 1),
     /// or `None` when `attempt` was the last. `draw` is the random number that sets the jitter
     /// (any `u64`; 0 means no shortening).
+    ///
+    /// The arithmetic saturates and never panics, whatever the policy: an exponential delay
+    /// that outgrows the cap (or `f64`) is the cap, a factor below 1 or not a number counts as
+    /// 1 and a jitter outside 0 to 1 is clamped into it (validation refuses such policies for
+    /// a bus; this keeps a direct call total).
     pub fn delay_after(&self, attempt: u32, draw: u64) -> Option<Duration> {
         if attempt >= self.max_attempts {
             return None;
@@ -158,18 +163,37 @@ impl RetryPolicy {
             Backoff::None => return None,
             Backoff::Fixed(delay) => delay,
             Backoff::Exponential { base, factor, max } => {
-                let exponent = i32::try_from(attempt - 1).unwrap_or(i32::MAX);
-                let secs = base.as_secs_f64() * factor.powi(exponent);
-                if secs >= max.as_secs_f64() {
-                    max
+                let factor = if factor >= 1.0 { factor } else { 1.0 };
+                let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+                let grown = factor.powi(exponent);
+                // `grown` is at least 1 (or infinite): at or past the cap's ratio, the cap.
+                let ratio = max.as_secs_f64() / base.as_secs_f64();
+                if base.is_zero() {
+                    Duration::ZERO
+                } else if grown >= ratio {
+                    max.max(base)
                 } else {
-                    Duration::from_secs_f64(secs)
+                    Duration::try_from_secs_f64(base.as_secs_f64() * grown)
+                        .map_or(max.max(base), |d| d.min(max.max(base)))
                 }
             }
         };
         // A uniform fraction in [0, 1) from the top 53 bits of the draw.
         let unit = (draw >> 11) as f64 / (1u64 << 53) as f64;
-        Some(delay.mul_f64(1.0 - self.jitter * unit))
+        let jitter = if self.jitter > 0.0 {
+            self.jitter.min(1.0)
+        } else {
+            0.0
+        };
+        let fraction = (1.0 - jitter * unit).clamp(0.0, 1.0);
+        if fraction == 1.0 {
+            return Some(delay);
+        }
+        // Below 1: the result is shorter than `delay` (its `f64` rounding aside, caught here).
+        Some(
+            Duration::try_from_secs_f64(delay.as_secs_f64() * fraction)
+                .map_or(delay, |d| d.min(delay)),
+        )
     }
 
     /// Checks the policy, naming `field` in the error.
@@ -202,17 +226,6 @@ impl RetryPolicy {
                     format!("max_delay ({max:?}) must not be below the first delay ({base:?})"),
                 ));
             }
-        }
-        let longest = match self.backoff {
-            Backoff::None => Duration::ZERO,
-            Backoff::Fixed(delay) => delay,
-            Backoff::Exponential { max, .. } => max,
-        };
-        if longest > Duration::from_secs(365 * 24 * 3600) {
-            return Err(ConfigError::new(
-                field,
-                format!("delays must be at most a year (got {longest:?})"),
-            ));
         }
         Ok(())
     }
@@ -298,6 +311,49 @@ mod tests {
     }
 
     #[test]
+    fn policy_arithmetic_saturates_and_never_panics() {
+        // 0 × ∞ used to be NaN.
+        let zero = RetryPolicy::exponential(Duration::ZERO)
+            .factor(1e300)
+            .max_attempts(MAX_ATTEMPTS);
+        assert!(zero.validate("retry").is_ok());
+        for attempt in [1, 2, 310, 999] {
+            assert_eq!(zero.delay_after(attempt, u64::MAX), Some(Duration::ZERO));
+        }
+        // Factor 10 overflowed `f64` near attempt 310: the cap from there on.
+        let ten = RetryPolicy::exponential(MS)
+            .factor(10.0)
+            .max_attempts(MAX_ATTEMPTS);
+        assert_eq!(ten.delay_after(309, 0), Some(DEFAULT_MAX_RETRY_DELAY));
+        assert_eq!(ten.delay_after(999, 0), Some(DEFAULT_MAX_RETRY_DELAY));
+        // The longest delays there are, with and without jitter.
+        let forever = RetryPolicy::fixed(Duration::MAX).jitter(1.0);
+        assert!(forever.validate("retry").is_ok());
+        assert_eq!(forever.delay_after(1, 0), Some(Duration::MAX));
+        // The most jitter takes all but 2^-53 of the delay off.
+        assert!(forever.delay_after(1, u64::MAX).unwrap() < Duration::from_secs(4096));
+        let huge = RetryPolicy::exponential(Duration::MAX).max_delay(Duration::MAX);
+        assert_eq!(huge.delay_after(3, 0), Some(Duration::MAX));
+        // Values validation refuses still give an answer.
+        for policy in [
+            RetryPolicy::exponential(MS).factor(f64::NAN),
+            RetryPolicy::exponential(MS).factor(-3.0),
+            RetryPolicy::exponential(MS).factor(f64::INFINITY),
+            RetryPolicy::exponential(10 * MS).max_delay(MS),
+            RetryPolicy::fixed(MS).jitter(2.0),
+            RetryPolicy::fixed(MS).jitter(-1.0),
+            RetryPolicy::fixed(MS).jitter(f64::NAN),
+        ] {
+            for attempt in [0, 1, 2, 3] {
+                for draw in [0, 1 << 40, u64::MAX] {
+                    let delay = policy.delay_after(attempt, draw).unwrap();
+                    assert!(delay <= DEFAULT_MAX_RETRY_DELAY, "{policy:?}: {delay:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn jitter_stays_within_its_bounds() {
         let policy = RetryPolicy::fixed(Duration::from_secs(10))
             .jitter(0.2)
@@ -335,10 +391,6 @@ mod tests {
             (RetryPolicy::exponential(MS).factor(0.5), "factor"),
             (RetryPolicy::exponential(MS).factor(f64::INFINITY), "factor"),
             (RetryPolicy::exponential(MS * 10).max_delay(MS), "max_delay"),
-            (
-                RetryPolicy::fixed(Duration::from_secs(400 * 24 * 3600)),
-                "a year",
-            ),
         ] {
             let err = policy.validate("retry").unwrap_err();
             assert_eq!(err.field(), "retry");
@@ -353,6 +405,31 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
+            /// Any policy at all, valid or not, answers without panicking, never above the
+            /// longer of its first delay and its cap.
+            #[test]
+            fn any_policy_answers(
+                base in any::<u64>(),
+                base_nanos in 0u32..1_000_000_000,
+                max in any::<u64>(),
+                factor in any::<f64>(),
+                jitter in any::<f64>(),
+                attempts in any::<u32>(),
+                attempt in any::<u32>(),
+                draw in any::<u64>(),
+            ) {
+                let base = Duration::new(base, base_nanos);
+                let max = Duration::from_secs(max);
+                let policy = RetryPolicy::exponential(base)
+                    .factor(factor)
+                    .max_delay(max)
+                    .jitter(jitter)
+                    .max_attempts(attempts);
+                if let Some(delay) = policy.delay_after(attempt, draw) {
+                    prop_assert!(delay <= base.max(max));
+                }
+            }
+
             /// Exponential backoff stays within its bounds: no delay after the last attempt,
             /// none above the cap, none shortened by more than the jitter, and without jitter
             /// delays never shrink from one attempt to the next.

@@ -75,7 +75,11 @@ impl Timer {
     /// the timer has stopped.
     #[allow(clippy::result_large_err)] // The error is the event itself, handed back.
     pub(crate) fn schedule(&self, routed: Routed, delay: Duration) -> Result<(), Routed> {
-        let deadline = self.tick_from(clock_now() + delay);
+        // A delay past what an `Instant` can hold never falls due: the wheel's overflow list
+        // keeps it until shutdown.
+        let deadline = clock_now()
+            .checked_add(delay)
+            .map_or(u64::MAX, |at| self.tick_from(at));
         let mut state = self.state.lock();
         if state.stopped {
             return Err(routed);

@@ -492,7 +492,10 @@ impl fmt::Debug for Headers {
 /// let options = Publish::keyed(42u64).correlation(trace).header("tenant", "acme");
 /// # let _ = options;
 /// ```
-#[derive(Clone, Default)]
+///
+/// A clone carries the key, correlation, causation and headers; the tracking of a tracked
+/// publish belongs to the call that asked for it and is never cloned.
+#[derive(Default)]
 pub struct Publish {
     pub(crate) key: Option<PartitionKey>,
     pub(crate) correlation: Option<EventId>,
@@ -546,12 +549,37 @@ impl Publish {
     }
 }
 
+impl Clone for Publish {
+    fn clone(&self) -> Publish {
+        Publish {
+            key: self.key,
+            correlation: self.correlation,
+            causation: self.causation,
+            headers: Extra::clone_untracked(&self.headers),
+        }
+    }
+}
+
 /// What an envelope carries only when it is used: headers, and the tracking of a tracked
 /// publish. Boxed, so that an envelope without them stays small.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub(crate) struct Extra {
     pub(crate) headers: Headers,
     pub(crate) tracker: Option<Arc<Tracking>>,
+}
+
+impl Extra {
+    /// A copy of the headers without the tracking: a tracker is attached by the one publish
+    /// call that asks for it, so no copy of an envelope or of options may re-arm it.
+    fn clone_untracked(extra: &Option<Box<Extra>>) -> Option<Box<Extra>> {
+        let headers = &extra.as_ref()?.headers;
+        (!headers.is_empty()).then(|| {
+            Box::new(Extra {
+                headers: headers.clone(),
+                tracker: None,
+            })
+        })
+    }
 }
 
 impl fmt::Debug for Publish {
@@ -572,7 +600,11 @@ impl fmt::Debug for Publish {
 /// correlation id is its id. An event published from a handler through
 /// [`Context::publish`](crate::Context::publish) inherits the handled event's correlation id
 /// and names it as its causation.
-#[derive(Clone)]
+///
+/// A clone (or a copy read back with serde) is the same envelope without the tracking of a
+/// tracked publish: publishing it again does not count towards the original's [`Tracker`].
+///
+/// [`Tracker`]: crate::Tracker
 pub struct Envelope {
     id: EventId,
     correlation: EventId,
@@ -581,6 +613,20 @@ pub struct Envelope {
     source: NameId,
     has_key: bool,
     extra: Option<Box<Extra>>,
+}
+
+impl Clone for Envelope {
+    fn clone(&self) -> Envelope {
+        Envelope {
+            id: self.id,
+            correlation: self.correlation,
+            causation: self.causation,
+            key: self.key,
+            source: self.source,
+            has_key: self.has_key,
+            extra: Extra::clone_untracked(&self.extra),
+        }
+    }
 }
 
 impl PartialEq for Envelope {

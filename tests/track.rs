@@ -232,3 +232,85 @@ fn an_envelope_publish_can_be_tracked() {
     assert_eq!(*seen.lock().unwrap(), [envelope.id()]);
     bus.shutdown().unwrap();
 }
+
+#[test]
+fn a_forwarded_envelope_does_not_carry_the_tracker() {
+    // A handler forwards its event to another bus with a copy of its envelope (the documented
+    // way for an event to re-enter a bus): the copy is not tracked, and the original tracker
+    // counts the original deliveries only.
+    let other = Bus::builder().workers(1).build().unwrap();
+    let (forwarded_tx, forwarded) = crossbeam_channel::unbounded();
+    other
+        .subscribe(move |e: &Numbered, ctx: &Context| -> HandlerResult {
+            forwarded_tx.send((e.seq, ctx.event_id())).unwrap();
+            Ok(())
+        })
+        .unwrap();
+    let bus = Bus::builder().workers(1).build().unwrap();
+    {
+        let other = other.clone();
+        bus.subscribe(move |e: &Numbered, ctx: &Context| -> HandlerResult {
+            other
+                .publish_envelope(e.clone(), ctx.envelope().clone())
+                .unwrap();
+            // Serialized and read back, as a bridge would carry it.
+            let json = serde_json::to_string(ctx.envelope()).unwrap();
+            other
+                .publish_envelope(e.clone(), serde_json::from_str(&json).unwrap())
+                .unwrap();
+            // Both copies have been handled over there before this delivery settles.
+            other.flush(WAIT).unwrap();
+            Ok(())
+        })
+        .unwrap();
+    }
+    bus.subscribe(|_: &Numbered, _: &Context| -> HandlerResult { Ok(()) })
+        .unwrap();
+    let tracker = tracked(&bus, 5);
+    let done = tracker.wait(WAIT).unwrap();
+    assert_eq!((done.deliveries, done.succeeded), (2, 2), "{done:?}");
+    let id = tracker.event_id();
+    assert_eq!(forwarded.try_iter().collect::<Vec<_>>(), [(5, id), (5, id)]);
+    assert!(bus.shutdown().unwrap().is_balanced());
+    assert!(other.shutdown().unwrap().is_balanced());
+}
+
+#[test]
+fn cloned_options_and_envelopes_keep_everything_but_the_tracker() {
+    let options = Publish::keyed(9u64).header("tenant", "acme");
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let (seen_tx, seen) = crossbeam_channel::unbounded();
+    bus.subscribe(move |_: &Numbered, ctx: &Context| -> HandlerResult {
+        seen_tx.send(ctx.envelope().clone()).unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let tracker = bus
+        .publish_tracked(
+            Numbered {
+                publisher: 0,
+                seq: 1,
+            },
+            options.clone(),
+        )
+        .unwrap();
+    assert_eq!(tracker.wait(WAIT).unwrap().succeeded, 1);
+    let envelope = seen.recv().unwrap();
+    assert_eq!(envelope.key(), Some(9u64.into()));
+    assert_eq!(envelope.headers().get("tenant"), Some("acme"));
+    assert_eq!(envelope.clone(), envelope);
+    // Publishing the same envelope again is a new, untracked publish: the tracker's
+    // completion does not move.
+    bus.publish_envelope(
+        Numbered {
+            publisher: 0,
+            seq: 1,
+        },
+        envelope,
+    )
+    .unwrap();
+    bus.flush(WAIT).unwrap();
+    let done = tracker.completion().unwrap();
+    assert_eq!((done.deliveries, done.succeeded), (1, 1), "{done:?}");
+    assert!(bus.shutdown().unwrap().is_balanced());
+}

@@ -387,8 +387,13 @@ pub struct LoadSummary {
     pub loaded: usize,
     /// Of those, how many cannot be redriven (see [`DeadLetter::not_redrivable`]).
     pub not_redrivable: usize,
-    /// Lines that are not dead letters: their numbers (from 1) and what was wrong.
+    /// Lines that are not dead letters: their numbers (from 1) and what was wrong (a line
+    /// that is not UTF-8, say one cut in the middle of a character by a crash, is one of
+    /// them). Loading goes on past them.
     pub malformed: Vec<(usize, String)>,
+    /// Dead letters read but not kept because dead letters are off
+    /// ([`dead_letter_capacity(0)`](crate::BusBuilder::dead_letter_capacity)).
+    pub not_kept: usize,
 }
 
 /// One line of a dead-letter file, as [`DeadLetter::to_json`] writes it.
@@ -437,6 +442,34 @@ impl fmt::Display for RedriveError {
 }
 
 impl std::error::Error for RedriveError {}
+
+/// A redrive of many dead letters ([`DeadLetters::redrive_where`],
+/// [`DeadLetters::redrive_all`]) that the bus's shutdown cut short: some dead letters may
+/// already have gone back out, the rest stayed in the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedriveCutShort {
+    /// Dead letters that went back to their subscriptions before the bus shut down. Like any
+    /// accepted delivery they run, or are settled by the shutdown (a redrive still waiting
+    /// then becomes a dead letter again, with reason
+    /// [`Shutdown`](DeadLetterReason::Shutdown)).
+    pub redriven: usize,
+    /// Dead letters that matched and stayed in the ring: not sent because the bus was shutting
+    /// down, or because their subscription has ended.
+    pub stayed: usize,
+}
+
+impl fmt::Display for RedriveCutShort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the bus shut down during the redrive: {} dead letters went back out, {} stayed in the ring",
+            self.redriven, self.stayed
+        )
+    }
+}
+
+impl std::error::Error for RedriveCutShort {}
 
 /// The bus's dead letters: list, filter, export, redrive, purge. From
 /// [`Bus::dead_letters`](crate::Bus::dead_letters).
@@ -538,34 +571,38 @@ impl DeadLetters {
     }
 
     /// Redrives every dead letter that matches `filter` and returns how many went back. Those
-    /// whose subscription has ended stay in the ring.
+    /// whose subscription has ended, or that cannot be redriven, stay in the ring.
     ///
     /// # Errors
     ///
-    /// [`RedriveError::Shutdown`] once the bus is shut down (nothing is redriven).
-    pub fn redrive_where(&self, filter: &DeadLetterFilter) -> Result<usize, RedriveError> {
+    /// [`RedriveCutShort`] when the bus is shutting down, before or during the redrive: how
+    /// many went back out before it, and how many stayed in the ring.
+    pub fn redrive_where(&self, filter: &DeadLetterFilter) -> Result<usize, RedriveCutShort> {
         let mut kept = Vec::new();
         let mut sent = 0;
-        let mut shutdown = None;
+        let mut shutdown = false;
         for letter in self.ring().take(filter) {
-            if shutdown.is_some() {
+            if shutdown {
                 kept.push(letter);
                 continue;
             }
             match self.core.redrive(letter) {
                 Ok(()) => sent += 1,
                 Err((letter, error)) => {
-                    if let RedriveError::Shutdown(_) = error {
-                        shutdown = Some(error);
-                    }
+                    shutdown = matches!(error, RedriveError::Shutdown(_));
                     kept.push(letter);
                 }
             }
         }
+        let stayed = kept.len();
         self.ring().put_back(kept);
-        match shutdown {
-            Some(error) => Err(error),
-            None => Ok(sent),
+        if shutdown {
+            Err(RedriveCutShort {
+                redriven: sent,
+                stayed,
+            })
+        } else {
+            Ok(sent)
         }
     }
 
@@ -574,7 +611,7 @@ impl DeadLetters {
     /// # Errors
     ///
     /// As [`redrive_where`](Self::redrive_where).
-    pub fn redrive_all(&self) -> Result<usize, RedriveError> {
+    pub fn redrive_all(&self) -> Result<usize, RedriveCutShort> {
         self.redrive_where(&DeadLetterFilter::new())
     }
 
@@ -586,18 +623,36 @@ impl DeadLetters {
     /// is kept all the same, with its payload as raw JSON and the reason
     /// ([`DeadLetter::not_redrivable`]).
     ///
+    /// With dead letters off the lines are read and checked, and counted as not kept.
+    ///
     /// # Errors
     ///
-    /// The reader's I/O errors. Lines that are not dead letters at all are counted in the
-    /// summary, not fatal.
-    pub fn load_json_lines(&self, reader: impl std::io::BufRead) -> std::io::Result<LoadSummary> {
+    /// The reader's I/O errors: the entries before the error are loaded, and the error does
+    /// not say how many (read such a source into memory first if that matters). Lines that
+    /// are not dead letters at all, or not UTF-8, are counted in the summary, not fatal.
+    pub fn load_json_lines(
+        &self,
+        mut reader: impl std::io::BufRead,
+    ) -> std::io::Result<LoadSummary> {
         let mut summary = LoadSummary::default();
-        for (number, line) in reader.lines().enumerate() {
-            let line = line?;
+        let mut bytes = Vec::new();
+        for number in 1.. {
+            bytes.clear();
+            if reader.read_until(b'\n', &mut bytes)? == 0 {
+                break;
+            }
+            let line = match std::str::from_utf8(&bytes) {
+                Ok(line) => line,
+                Err(e) => {
+                    summary.malformed.push((number, format!("not UTF-8: {e}")));
+                    continue;
+                }
+            };
             if line.trim().is_empty() {
                 continue;
             }
-            match serde_json::from_str::<Line>(&line) {
+            match serde_json::from_str::<Line>(line) {
+                Ok(_) if !self.ring().enabled() => summary.not_kept += 1,
                 Ok(parsed) => {
                     let letter = self.core.rebuild(parsed);
                     if letter.blocked.is_some() {
@@ -606,7 +661,7 @@ impl DeadLetters {
                     summary.loaded += 1;
                     self.ring().push(letter);
                 }
-                Err(e) => summary.malformed.push((number + 1, e.to_string())),
+                Err(e) => summary.malformed.push((number, e.to_string())),
             }
         }
         Ok(summary)

@@ -218,7 +218,7 @@ pub use crate::config::{
 };
 pub use crate::dead_letter::{
     DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, DeadLetters, LoadSummary,
-    RedriveError,
+    RedriveCutShort, RedriveError,
 };
 pub use crate::defer::Deferred;
 pub use crate::error::{

@@ -531,3 +531,114 @@ fn a_sink_line_that_cannot_be_written_is_counted() {
         (1, 3, 3)
     );
 }
+
+/// A bus whose handler of `Numbered` fails (no retries) until `fixed` is set, with `events`
+/// dead letters already in its ring.
+fn failed_bus(events: u64, capacity: usize, fixed: Arc<AtomicBool>) -> Bus {
+    let bus = Bus::builder()
+        .workers(2)
+        .retry(RetryPolicy::none())
+        .dead_letter_capacity(capacity)
+        .build()
+        .unwrap();
+    bus.subscribe(move |_: &Numbered, _: &Context| -> HandlerResult {
+        if fixed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        Err(HandlerError::msg("down"))
+    })
+    .unwrap();
+    for seq in 0..events {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    bus.flush(WAIT).unwrap();
+    bus
+}
+
+#[test]
+fn a_line_cut_inside_a_character_is_one_more_bad_line() {
+    let exported = failed_bus(3, 10, Arc::default())
+        .dead_letters()
+        .export_json();
+    let lines: Vec<&str> = exported.lines().collect();
+    assert_eq!(lines.len(), 3);
+    // A crash cut the second line after the first byte of a two-byte character.
+    let mut file = Vec::new();
+    file.extend_from_slice(lines[0].as_bytes());
+    file.extend_from_slice(b"\n{\"event\":\"Numbered\",\"handler\":\"caf\xc3\n");
+    file.extend_from_slice(lines[1].as_bytes());
+    file.extend_from_slice(b"\n");
+    file.extend_from_slice(lines[2].as_bytes());
+    let bus = failed_bus(0, 10, Arc::default());
+    let summary = bus.dead_letters().load_json_lines(&file[..]).unwrap();
+    assert_eq!(summary.loaded, 3);
+    assert_eq!(summary.malformed.len(), 1, "{summary:?}");
+    assert_eq!(summary.malformed[0].0, 2);
+    assert!(summary.malformed[0].1.contains("UTF-8"), "{summary:?}");
+    assert_eq!(bus.dead_letters().len(), 3);
+    // Loading again adds the same three, no more: nothing was half-loaded before.
+    let again = bus.dead_letters().load_json_lines(&file[..]).unwrap();
+    assert_eq!((again.loaded, again.malformed.len()), (3, 1));
+    assert_eq!(bus.dead_letters().len(), 6);
+}
+
+#[test]
+fn with_dead_letters_off_loading_keeps_none_and_says_so() {
+    let exported = failed_bus(3, 10, Arc::default())
+        .dead_letters()
+        .export_json();
+    let bus = failed_bus(0, 0, Arc::default());
+    let summary = bus
+        .dead_letters()
+        .load_json_lines(exported.as_bytes())
+        .unwrap();
+    assert_eq!((summary.loaded, summary.not_kept), (0, 3), "{summary:?}");
+    assert!(summary.malformed.is_empty());
+    let dead = bus.dead_letters();
+    assert_eq!((dead.len(), dead.evicted()), (0, 0));
+}
+
+#[test]
+fn a_redrive_cut_short_by_shutdown_says_how_many_went_and_stayed() {
+    const LETTERS: u64 = 20_000;
+    let mut cut_short = 0;
+    for _ in 0..20 {
+        let fixed = Arc::new(AtomicBool::new(false));
+        let bus = failed_bus(LETTERS, LETTERS as usize, fixed.clone());
+        fixed.store(true, Ordering::SeqCst);
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let stopper = {
+            let (bus, start) = (bus.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                bus.shutdown_timeout(Duration::from_millis(100)).unwrap()
+            })
+        };
+        start.wait();
+        let result = bus.dead_letters().redrive_all();
+        let report = stopper.join().unwrap();
+        assert!(report.is_balanced(), "{report}");
+        let dead = bus.dead_letters();
+        let stayed = dead
+            .filter(&DeadLetterFilter::new().reason(DeadLetterReason::RetriesExhausted))
+            .len();
+        // What went back out either ran or was buried again at the shutdown.
+        let back = dead
+            .filter(&DeadLetterFilter::new().reason(DeadLetterReason::Shutdown))
+            .len() as u64;
+        let went = (report.stats.succeeded + back) as usize;
+        assert_eq!(dead.len(), stayed + back as usize);
+        match result {
+            Ok(sent) => assert_eq!((sent, stayed), (LETTERS as usize, 0)),
+            Err(error) => {
+                cut_short += 1;
+                assert_eq!((error.redriven, error.stayed), (went, stayed), "{error}");
+                assert_eq!(went + stayed, LETTERS as usize);
+            }
+        }
+        if cut_short >= 3 {
+            break;
+        }
+    }
+    assert!(cut_short > 0, "the shutdown never cut a redrive short");
+}

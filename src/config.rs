@@ -7,8 +7,14 @@ use crate::retry::RetryPolicy;
 
 /// The default per-shard channel capacity, in events.
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 1024;
-/// The largest per-shard channel capacity, in events.
+/// The largest per-shard channel capacity, in events (see also [`MAX_CHANNEL_MEMORY`]).
 pub const MAX_CHANNEL_CAPACITY: usize = 1 << 24;
+/// The most memory the shards' channels may take together, in bytes: `workers ×
+/// channel_capacity × CHANNEL_SLOT_BYTES` (136 bytes a slot, allocated when the bus is built).
+/// 1 GiB, about 7.9 million queued events.
+pub const MAX_CHANNEL_MEMORY: usize = 1 << 30;
+/// The bytes one channel slot takes: a message of at most 128 bytes and the channel's stamp.
+pub(crate) const CHANNEL_SLOT_BYTES: usize = 136;
 /// The largest number of workers (shards).
 pub const MAX_WORKERS: usize = 1024;
 /// The default time `shutdown` gives handlers to finish what was accepted.
@@ -130,6 +136,23 @@ impl Config {
                 format!(
                     "must be at most {MAX_CHANNEL_CAPACITY} (got {})",
                     self.channel_capacity
+                ),
+            ));
+        }
+        let channels = self
+            .workers
+            .saturating_mul(self.channel_capacity)
+            .saturating_mul(CHANNEL_SLOT_BYTES);
+        if channels > MAX_CHANNEL_MEMORY {
+            return Err(ConfigError::new(
+                "channel_capacity",
+                format!(
+                    "the channels of all workers must fit in {} MiB (got {} workers × {} \
+                     slots × {CHANNEL_SLOT_BYTES} bytes = {} MiB)",
+                    MAX_CHANNEL_MEMORY >> 20,
+                    self.workers,
+                    self.channel_capacity,
+                    channels >> 20
                 ),
             ));
         }

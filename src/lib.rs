@@ -214,7 +214,8 @@ mod track;
 pub use crate::bus::{AbandonedDelivery, Bus, BusBuilder, BusStats, ShutdownReport};
 pub use crate::config::{
     DEFAULT_CHANNEL_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_SERVICE_NAME,
-    DEFAULT_SHUTDOWN_TIMEOUT, MAX_CHANNEL_CAPACITY, MAX_NAME_LEN, MAX_WORKERS, WaitStrategy,
+    DEFAULT_SHUTDOWN_TIMEOUT, MAX_CHANNEL_CAPACITY, MAX_CHANNEL_MEMORY, MAX_NAME_LEN, MAX_WORKERS,
+    WaitStrategy,
 };
 pub use crate::dead_letter::{
     DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, DeadLetters, LoadSummary,

@@ -1585,6 +1585,11 @@ mod tests {
             "{}",
             std::mem::size_of::<Msg>()
         );
+        // The configuration's memory ceiling counts a slot as a message and its stamp.
+        assert!(
+            std::mem::size_of::<Msg>() + std::mem::size_of::<usize>()
+                <= crate::config::CHANNEL_SLOT_BYTES
+        );
     }
 }
 

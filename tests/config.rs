@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use microbus::{Bus, BusBuilder, MAX_CHANNEL_CAPACITY, MAX_NAME_LEN, MAX_WORKERS, WaitStrategy};
+use microbus::{
+    Bus, BusBuilder, MAX_CHANNEL_CAPACITY, MAX_CHANNEL_MEMORY, MAX_NAME_LEN, MAX_WORKERS,
+    WaitStrategy,
+};
 
 fn field_of(builder: BusBuilder) -> &'static str {
     builder.build().unwrap_err().field()
@@ -88,4 +91,31 @@ fn the_limits_themselves_are_valid() {
         defaults.workers(),
         std::thread::available_parallelism().unwrap().get()
     );
+}
+
+#[test]
+fn channels_that_would_not_fit_in_memory_are_refused_before_anything_is_allocated() {
+    // Each shard's channel is allocated when the bus is built: 2^24 slots of 136 bytes would
+    // be 2.3 GB for one worker.
+    for (workers, capacity) in [
+        (1, MAX_CHANNEL_CAPACITY),
+        (MAX_WORKERS, MAX_CHANNEL_MEMORY / 136 / MAX_WORKERS + 1),
+        (8, MAX_CHANNEL_MEMORY / 136 / 8 + 1),
+    ] {
+        let err = Bus::builder()
+            .workers(workers)
+            .channel_capacity(capacity)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "channel_capacity");
+        assert!(err.reason().contains("1024 MiB"), "{err}");
+    }
+    // The ceiling itself builds (1 GiB, touched once as the channel stamps its slots).
+    let bus = Bus::builder()
+        .workers(1)
+        .channel_capacity(MAX_CHANNEL_MEMORY / 136)
+        .metrics(false)
+        .build()
+        .unwrap();
+    assert!(bus.shutdown().unwrap().is_balanced());
 }

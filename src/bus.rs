@@ -10,6 +10,7 @@
 use std::any::TypeId;
 use std::cell::Cell;
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,6 +28,7 @@ use crate::error::{
     ShutdownError, SubscribeError, TryPublishError,
 };
 use crate::event::{Envelope, Event, EventId, NameId, Publish, Stamp};
+use crate::guard::{CallbackPanics, Leftovers, Panics, Runner};
 use crate::handler::{Context, Handler, HandlerResult};
 use crate::ledger::{Gate, Quiescence, net_sum, outstanding};
 use crate::metrics::{BridgeCounters, Collect, Metrics, MetricsSnapshot};
@@ -37,7 +39,8 @@ use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subsc
 use crate::retry::RetryPolicy;
 use crate::retry::timer::{REOFFER_DELAY, Timer};
 use crate::shard::{
-    Batch, MAX_GROUP, Msg, Routed, Shard, Task, Work, WorkerShared, run_worker, wait_for_batches,
+    ABANDONED, Batch, IDLE, MAX_GROUP, Msg, Routed, Shard, Task, Work, WorkerCounts, WorkerShared,
+    run_worker, seam_of, wait_for_batches,
 };
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::tap::{Tapped, Taps};
@@ -81,6 +84,11 @@ impl Drop for OwnThread {
 }
 
 static NEXT_BUS_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// How long past its deadline [`Bus::shutdown`] may take at most, whatever user code is running:
+/// to detach workers stuck in handlers or callbacks, to sweep what never ran, and to wait for
+/// the thread that runs what user code it left over (see [`ShutdownReport::cut_off`]).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
 
 /// How many times a publisher that found its shard full tries again (spinning, then yielding)
 /// before it blocks.
@@ -188,6 +196,9 @@ pub struct BusStats {
     pub unmatched: u64,
     /// Events handed back to their publisher because the bus was shutting down.
     pub refused: u64,
+    /// Panics caught in user code outside handlers, by where they happened (not terms of
+    /// the ledger: each delivery concerned is settled as if the code had returned).
+    pub callback_panics: CallbackPanics,
 }
 
 impl BusStats {
@@ -204,19 +215,31 @@ impl BusStats {
     }
 }
 
-/// A delivery that was still running when the shutdown deadline passed. Its worker thread was
-/// detached (a thread cannot be stopped from outside) and exits when the handler returns. A
-/// deferred delivery ([`Context::defer`]) not completed by the deadline is reported too.
+/// What shutdown gave up on at its deadline: a worker still running a handler, or user code
+/// outside one (a tap, a hook, a sink, a tracker's callback, an event's `Serialize` or `Drop`),
+/// or a deferred delivery ([`Context::defer`]) not completed by then. A worker thread is
+/// detached (a thread cannot be stopped from outside): it exits when that code returns, and
+/// settles nothing more.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AbandonedDelivery {
     /// The detached worker thread's name, or `deferred` for a deferred delivery.
     pub worker: String,
-    /// The [`Event::NAME`] of the event.
+    /// The [`Event::NAME`] of the event (`?` when the worker was outside a handler).
     pub event: &'static str,
-    /// The event's id.
+    /// The event's id (outside a handler: the event the worker ran last).
     pub event_id: Option<EventId>,
-    /// The handler's name.
+    /// The handler's name (empty when the worker was outside a handler).
     pub handler: String,
+    /// Outside a handler, where the worker was: `hook`, `sink`, `tracker`, `tap`, `serde`,
+    /// `drop` (the seams of [`CallbackPanics`]), or `bus` for the bus's own code; `None` in a
+    /// handler or a deferred delivery.
+    pub seam: Option<&'static str>,
+    /// The deliveries this accounts for in [`BusStats::abandoned`] and [`BusStats::left`]: in
+    /// a handler, the running one, those of its event after it (left) and those held for a
+    /// retry (discarded); outside one, every delivery of the message the worker held; 1 for a
+    /// deferred delivery.
+    pub deliveries: u64,
 }
 
 /// What [`Bus::shutdown`] did: the final statistics, and what did not finish in time.
@@ -230,6 +253,11 @@ pub struct ShutdownReport {
     pub deadline_passed: bool,
     /// Deliveries given up at the deadline, with their detached workers.
     pub abandoned: Vec<AbandonedDelivery>,
+    /// User code that shutdown left to a thread of its own (trackers' callbacks, dead letters
+    /// to make and hand to the hook and the sink, events to drop) and that had not finished
+    /// by the deadline plus [`SHUTDOWN_GRACE`]: how many such jobs it cut off. That thread
+    /// carries on; what it does later is not in the report.
+    pub cut_off: u64,
     /// How long the shutdown took.
     pub elapsed: Duration,
 }
@@ -259,16 +287,25 @@ impl fmt::Display for ShutdownReport {
             ("panics", s.panicked),
             ("unmatched events", s.unmatched),
             ("refused events", s.refused),
+            ("callback panics", s.callback_panics.total()),
+            ("cut off", self.cut_off),
         ] {
             writeln!(f, "  {label:<17}{value:>12}")?;
         }
         for a in &self.abandoned {
             let id = a.event_id.map(|id| id.to_string()).unwrap_or_default();
-            writeln!(
-                f,
-                "  abandoned: {} {id} in {} on {}",
-                a.event, a.handler, a.worker
-            )?;
+            match a.seam {
+                None => writeln!(
+                    f,
+                    "  abandoned: {} {id} in {} on {}",
+                    a.event, a.handler, a.worker
+                )?,
+                Some(seam) => writeln!(
+                    f,
+                    "  detached: {} in {seam} code after {id}, holding {} deliveries",
+                    a.worker, a.deliveries
+                )?,
+            }
         }
         Ok(())
     }
@@ -277,6 +314,8 @@ impl fmt::Display for ShutdownReport {
 /// The state shared by every handle, subscription and thread of one bus.
 pub(crate) struct Core {
     pub(crate) id: u64,
+    /// Panics caught in user code outside handlers, by seam.
+    pub(crate) panics: Panics,
     pub(crate) dead_letters: Ring,
     pub(crate) taps: Taps,
     pub(crate) traces: TraceRing,
@@ -316,20 +355,41 @@ struct Swept {
 }
 
 impl Swept {
-    fn add(&mut self, work: Work, dead_letters: &Ring) {
-        work.track(match &work {
-            Work::Retry(_) if dead_letters.enabled() => Settled::DeadLettered,
+    /// Settles what shutdown found waiting: events that never ran are left, retries that never
+    /// ran are dead letters (reason [`Shutdown`](DeadLetterReason::Shutdown)), or discarded
+    /// with dead letters off. It only counts: the user code that follows (trackers' callbacks,
+    /// the event's `Serialize` and `Drop`, the hook and the sink) goes to `leftovers`.
+    fn add(&mut self, core: &Arc<Core>, work: Work, leftovers: &mut Leftovers) {
+        let kept = core.dead_letters.enabled();
+        let how = match &work {
+            Work::Retry(_) if kept => Settled::DeadLettered,
             Work::Retry(_) => Settled::Discarded,
             _ => Settled::Left,
-        });
+        };
+        if let Some(done) = work.track(how) {
+            leftovers.push(move |runner| done.run(runner));
+        }
         match work {
-            Work::Task(_) | Work::Batch(_) => self.left += work.deliveries() as u64,
-            Work::Retry(retry) if dead_letters.enabled() => {
-                let id = dead_letters.next_id();
-                dead_letters.push(retry.bury(DeadLetterReason::Shutdown, id));
-                self.dead_lettered += 1;
+            Work::Task(_) | Work::Batch(_) => {
+                self.left += work.deliveries() as u64;
+                if work.needs_drop() {
+                    leftovers.drop(work);
+                }
             }
-            Work::Retry(_) => self.discarded += 1,
+            Work::Retry(retry) if kept => {
+                self.dead_lettered += 1;
+                let core = core.clone();
+                leftovers.push(move |runner| {
+                    let id = core.dead_letters.next_id();
+                    let letter = retry.bury(DeadLetterReason::Shutdown, id, runner);
+                    let after = core.dead_letters.push(letter);
+                    core.dead_letters.call_back(after, runner);
+                });
+            }
+            Work::Retry(retry) => {
+                self.discarded += 1;
+                leftovers.drop(retry);
+            }
         }
     }
 
@@ -401,30 +461,30 @@ impl Core {
         let tracked = stamp.is_tracked();
         if self.taps.on() || tracked {
             let envelope = stamp.envelope(source);
-            if let Some(t) = envelope.tracker() {
-                t.arm(envelope.id(), 0);
+            if let Some(done) = envelope.tracker().and_then(|t| t.arm(envelope.id(), 0)) {
+                done.run(&mut &self.panics);
             }
             if self.taps.on() {
-                self.tap(&envelope, event);
+                self.tap(&envelope, event, &mut &self.panics);
             }
+            self.panics.drop(envelope);
         }
     }
 
-    /// Shows an event to the taps.
+    /// Shows an event to the taps, each under `runner`'s guard (the event's `Serialize`, when
+    /// a tap asks for the payload, under the guard too).
     #[cold]
-    pub(crate) fn tap<E: Event>(&self, envelope: &Envelope, event: &E) {
-        let payload = || {
-            serde_json::to_string(event).unwrap_or_else(|e| {
-                serde_json::to_string(&format!("the event did not serialize: {e}"))
-                    .expect("a string serializes")
-            })
-        };
-        self.taps.call(&Tapped {
-            event: E::NAME,
-            version: E::VERSION,
-            envelope,
-            payload: &payload,
-        });
+    pub(crate) fn tap<E: Event>(&self, envelope: &Envelope, event: &E, runner: &mut dyn Runner) {
+        let payload = || crate::shard::to_json(event, &mut &self.panics);
+        self.taps.call(
+            &Tapped {
+                event: E::NAME,
+                version: E::VERSION,
+                envelope,
+                payload: &payload,
+            },
+            runner,
+        );
     }
 
     /// Publishes from outside a handler's outbox: through the gate.
@@ -441,7 +501,8 @@ impl Core {
         }
         let envelope = stamp.envelope(source);
         if let Some(t) = envelope.tracker() {
-            t.arm(envelope.id(), deliveries);
+            // With deliveries to come, arming completes nothing.
+            let _none = t.arm(envelope.id(), deliveries);
         }
         let index = self.shard_for(&envelope);
         let shard = &self.shards[index];
@@ -679,7 +740,7 @@ impl Core {
             };
             let routed = Routed { shard: index, work };
             let left = self.spill_or_wait(worker, routed);
-            self.shards[worker].worker.settle_left(left);
+            self.shards[worker].worker.settle_left_accepted(left);
             return Ok(());
         }
         #[cfg(feature = "rayon")]
@@ -829,8 +890,13 @@ impl Core {
         match self.timer.schedule(routed, REOFFER_DELAY) {
             Ok(()) => 0,
             Err(routed) => {
-                routed.work.track(Settled::Left);
-                routed.work.deliveries()
+                // The timer has stopped: the bus is shutting down, and the event never runs.
+                if let Some(done) = routed.work.track(Settled::Left) {
+                    done.run(&mut &self.panics);
+                }
+                let left = routed.work.deliveries();
+                self.panics.drop(routed);
+                left
             }
         }
     }
@@ -965,7 +1031,8 @@ impl Core {
             redrive: None,
             blocked: Some(why),
         };
-        self.dead_letters.push(letter);
+        let after = self.dead_letters.push(letter);
+        self.dead_letters.call_back(after, &mut &self.panics);
     }
 
     /// The seed of worker `index`'s jitter generator.
@@ -982,10 +1049,21 @@ impl Core {
     }
 
     fn settled(&self) -> u64 {
+        self.settled_with(&[])
+    }
+
+    /// The deliveries settled, with the counts of the workers shutdown detached.
+    fn settled_with(&self, frozen: &[Option<WorkerCounts>]) -> u64 {
+        let deferred = self.deferrals.settled.load(Ordering::Acquire);
         self.shards
             .iter()
-            .fold(self.deferrals.settled.load(Ordering::Acquire), |sum, s| {
-                sum.wrapping_add(s.worker.stats.settled.load(Ordering::Acquire))
+            .enumerate()
+            .fold(deferred, |sum, (index, shard)| {
+                let settled = match frozen.get(index).copied().flatten() {
+                    Some(counts) => counts.settled,
+                    None => shard.worker.stats.settled.load(Ordering::Acquire),
+                };
+                sum.wrapping_add(settled)
             })
     }
 
@@ -1105,9 +1183,29 @@ impl Core {
         }
     }
 
-    /// The counts, with what shutdown itself settled (`abandoned`, `swept`), and the gates'
-    /// net count (read now when `None`).
-    fn stats_with(&self, abandoned: u64, swept: Swept, net: Option<u64>) -> BusStats {
+    /// Each worker's counts: read now, or as `frozen` when shutdown detached it (a detached
+    /// worker's later writes do not count).
+    fn worker_counts<'a>(
+        &'a self,
+        frozen: &'a [Option<WorkerCounts>],
+    ) -> impl Iterator<Item = WorkerCounts> + 'a {
+        self.shards.iter().enumerate().map(|(index, shard)| {
+            match frozen.get(index).copied().flatten() {
+                Some(counts) => counts,
+                None => shard.worker.stats.read(),
+            }
+        })
+    }
+
+    /// The counts, with what shutdown itself settled (`abandoned`, `swept`), the gates' net
+    /// count (read now when `None`) and the counts of the workers shutdown detached.
+    fn stats_with(
+        &self,
+        abandoned: u64,
+        swept: Swept,
+        net: Option<u64>,
+        frozen: &[Option<WorkerCounts>],
+    ) -> BusStats {
         let mut stats = BusStats {
             abandoned,
             left: swept.left,
@@ -1116,6 +1214,7 @@ impl Core {
             evicted: self.dead_letters.evicted(),
             unmatched: self.unmatched.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
+            callback_panics: self.panics.counts(),
             ..BusStats::default()
         };
         let d = &self.deferrals;
@@ -1125,17 +1224,16 @@ impl Core {
         stats.dead_lettered += d.dead_lettered.load(Ordering::Relaxed);
         stats.discarded += d.discarded.load(Ordering::Relaxed);
         let mut settled = abandoned + swept.total() + d.settled.load(Ordering::Acquire);
-        for shard in self.shards.iter() {
-            let w = &shard.worker.stats;
-            settled += w.settled.load(Ordering::Acquire);
-            stats.succeeded += w.succeeded.load(Ordering::Relaxed);
-            stats.failed += w.failed.load(Ordering::Relaxed);
-            stats.panicked += w.panicked.load(Ordering::Relaxed);
-            stats.discarded += w.discarded.load(Ordering::Relaxed);
-            stats.cancelled += w.cancelled.load(Ordering::Relaxed);
-            stats.left += w.left.load(Ordering::Relaxed);
-            stats.retried += w.retried.load(Ordering::Relaxed);
-            stats.dead_lettered += w.dead_lettered.load(Ordering::Relaxed);
+        for w in self.worker_counts(frozen) {
+            settled += w.settled;
+            stats.succeeded += w.succeeded;
+            stats.failed += w.failed;
+            stats.panicked += w.panicked;
+            stats.discarded += w.discarded;
+            stats.cancelled += w.cancelled;
+            stats.left += w.left;
+            stats.retried += w.retried;
+            stats.dead_lettered += w.dead_lettered;
         }
         let net = net.unwrap_or_else(|| net_sum(self.shards.iter().map(|s| &*s.gate)));
         let out = outstanding(net, settled);
@@ -1148,10 +1246,11 @@ impl Core {
         if let Lifecycle::Done(report) = &*self.lifecycle.lock() {
             return BusStats {
                 refused: self.refused.load(Ordering::Relaxed),
+                callback_panics: self.panics.counts(),
                 ..report.stats.clone()
             };
         }
-        let stats = self.stats_with(0, Swept::default(), None);
+        let stats = self.stats_with(0, Swept::default(), None, &[]);
         BusStats {
             // A worker may settle an event a moment before its publisher counts it accepted:
             // live counts never show fewer deliveries than outcomes.
@@ -1210,7 +1309,10 @@ impl Core {
         snapshot
     }
 
-    pub(crate) fn shutdown(&self, timeout: Duration) -> Result<ShutdownReport, ShutdownError> {
+    pub(crate) fn shutdown(
+        self: &Arc<Self>,
+        timeout: Duration,
+    ) -> Result<ShutdownReport, ShutdownError> {
         if OwnThread::is_own(self.id) {
             return Err(ShutdownError::InHandler);
         }
@@ -1225,15 +1327,34 @@ impl Core {
             }
             *lifecycle = Lifecycle::Stopping;
         }
-        let report = self.stop(timeout);
+        let started = Instant::now();
+        // The shutdown thread runs no user code, so nothing should unwind out of `stop`; if
+        // something does all the same, the bus still ends up stopped, never half-way.
+        let report = catch_unwind(AssertUnwindSafe(|| self.stop(started, timeout))).unwrap_or_else(
+            |payload| {
+                crate::guard::drop_payload(payload);
+                self.stopped.store(true, Ordering::SeqCst);
+                ShutdownReport {
+                    stats: self.stats_with(0, Swept::default(), None, &[]),
+                    deadline_passed: true,
+                    abandoned: Vec::new(),
+                    cut_off: 0,
+                    elapsed: started.elapsed(),
+                }
+            },
+        );
         *self.lifecycle.lock() = Lifecycle::Done(Box::new(report.clone()));
         self.lifecycle_cv.notify_all();
         Ok(report)
     }
 
-    fn stop(&self, timeout: Duration) -> ShutdownReport {
-        let started = Instant::now();
+    /// Stops the bus (see [`Bus::shutdown`]): by `timeout` after `started` plus
+    /// [`SHUTDOWN_GRACE`], whatever user code is running.
+    fn stop(self: &Arc<Self>, started: Instant, timeout: Duration) -> ShutdownReport {
         let deadline = started.checked_add(timeout);
+        // The latest it returns (`None`: it waits for ever).
+        let last = deadline.and_then(|d| d.checked_add(SHUTDOWN_GRACE));
+        let past = |at: Option<Instant>| at.is_some_and(|at| Instant::now() >= at);
         self.closing.store(true, Ordering::SeqCst);
         for shard in self.shards.iter() {
             shard.gate.close();
@@ -1247,15 +1368,17 @@ impl Core {
             let _ = thread.join();
         }
         // What waits on the timer does not run: events to re-offer are left, retries not yet
-        // due are failed deliveries given up.
+        // due are failed deliveries given up. User code that follows goes to `leftovers`, for
+        // a thread that shutdown can leave behind.
+        let mut leftovers = Leftovers::default();
         let mut swept = Swept::default();
         for routed in self.timer.take() {
-            swept.add(routed.work, &self.dead_letters);
+            swept.add(self, routed.work, &mut leftovers);
         }
 
         // Stop the workers between deliveries. Past the deadline, a worker still inside a
-        // handler is detached and its delivery taken over: the compare-and-swap decides
-        // whether the worker or shutdown owns its outcome.
+        // handler or a callback is detached: the compare-and-swap on its state word decides
+        // whether the worker or shutdown owns what it holds, and its counts are frozen.
         for shard in self.shards.iter() {
             shard.worker.stop.store(true, Ordering::SeqCst);
             let _ = shard.tx.try_send(Msg::Wake);
@@ -1266,9 +1389,11 @@ impl Core {
                 .enumerate()
                 .collect();
         let mut abandoned = Vec::new();
+        let mut frozen: Vec<Option<WorkerCounts>> = vec![None; self.shards.len()];
         let mut step = 0;
         while !running.is_empty() {
-            let past_deadline = deadline.is_some_and(|d| Instant::now() >= d);
+            let past_deadline = past(deadline);
+            let past_last = past(last);
             let mut index = 0;
             while index < running.len() {
                 let (worker, thread) = &running[index];
@@ -1277,12 +1402,25 @@ impl Core {
                 if thread.is_finished() {
                     let (_, thread) = running.swap_remove(index);
                     let _ = thread.join();
-                } else if let Some(s) = past_deadline.then(|| shared.abandon()).flatten() {
-                    abandoned.push((worker, s));
-                    // Detached: it exits when its handler returns.
-                    running.swap_remove(index);
+                    continue;
+                }
+                let taken = if past_deadline {
+                    shared.abandon()
                 } else {
-                    index += 1;
+                    None
+                };
+                // Past the grace a worker that has not come back from the bus's own code is
+                // left too (it settles nothing the report counts).
+                let taken = taken
+                    .or_else(|| past_last.then(|| shared.state.swap(ABANDONED, Ordering::AcqRel)));
+                match taken {
+                    Some(state) => {
+                        frozen[worker] = Some(shared.stats.read());
+                        abandoned.push((worker, state));
+                        // Detached: it exits when it comes back.
+                        running.swap_remove(index);
+                    }
+                    None => index += 1,
                 }
             }
             if !running.is_empty() {
@@ -1291,60 +1429,138 @@ impl Core {
         }
         self.stopped.store(true, Ordering::SeqCst);
 
-        let mut detached = Vec::new();
         // Deferred deliveries not completed by now never will be, as far as the report goes.
-        let deferred = self.deferrals.abandon_all(|sub| {
-            self.registry
-                .lookup(sub)
-                .map_or_else(|| "?".to_owned(), |m| m.name.to_string())
-        });
-        let given_up = (abandoned.len() + deferred.len()) as u64;
-        for &(index, sub) in &abandoned {
+        let mut detached = self.deferrals.abandon_all(
+            |sub| {
+                self.registry
+                    .lookup(sub)
+                    .map_or_else(|| "?".to_owned(), |m| m.name.to_string())
+            },
+            &mut leftovers,
+        );
+        let mut given_up = detached.len() as u64;
+        for &(index, state) in &abandoned {
             let worker: &WorkerShared = &self.shards[index].worker;
-            swept.left += worker.remaining.load(Ordering::Relaxed);
-            swept.discarded += worker.held_retries.load(Ordering::Relaxed);
-            let meta = self.registry.lookup(sub);
-            detached.push(AbandonedDelivery {
-                worker: format!("microbus-worker-{index}"),
-                event: meta.as_ref().map_or("?", |m| m.event_name),
-                event_id: worker.current_event(),
-                handler: meta.map_or_else(|| "?".to_owned(), |m| m.name.to_string()),
-            });
+            let name = format!("microbus-worker-{index}");
+            let event_id = worker.current_event();
+            let in_handler = state != IDLE && state != ABANDONED && seam_of(state).is_none();
+            match in_handler {
+                false => {
+                    // In a callback (or the bus's own code): what it held is abandoned.
+                    let held = worker.holding.load(Ordering::Relaxed);
+                    given_up += held;
+                    detached.push(AbandonedDelivery {
+                        worker: name,
+                        event: "?",
+                        event_id,
+                        handler: String::new(),
+                        seam: Some(seam_of(state).map_or("bus", |seam| seam.name())),
+                        deliveries: held,
+                    });
+                }
+                true => {
+                    // In a handler: that delivery is abandoned, the event's later deliveries
+                    // are left, and its failed ones held for retry are discarded.
+                    let left = worker.remaining.load(Ordering::Relaxed);
+                    let held = worker.held_retries.load(Ordering::Relaxed);
+                    given_up += 1;
+                    swept.left += left;
+                    swept.discarded += held;
+                    let meta = self.registry.lookup(state);
+                    detached.push(AbandonedDelivery {
+                        worker: name,
+                        event: meta.as_ref().map_or("?", |m| m.event_name),
+                        event_id,
+                        handler: meta.map_or_else(|| "?".to_owned(), |m| m.name.to_string()),
+                        seam: None,
+                        deliveries: 1 + left + held,
+                    });
+                }
+            }
         }
-        detached.extend(deferred);
         // What is left in the channels and spill queues never ran. A publisher that counted
         // its event in before the gates closed may still be sending it, or giving it back:
-        // sweep until the ledger balances.
+        // sweep until the ledger balances (or, should it not, until the grace runs out: what
+        // is missing then is counted as abandoned).
         let mut step = 0;
         let net = loop {
             for shard in self.shards.iter() {
                 while let Ok(msg) = shard.rx.try_recv() {
                     if let Msg::Work(work) = msg {
-                        swept.add(work, &self.dead_letters);
+                        swept.add(self, work, &mut leftovers);
                     }
                 }
                 for routed in shard.worker.take_spill() {
-                    swept.add(routed.work, &self.dead_letters);
+                    swept.add(self, routed.work, &mut leftovers);
                 }
             }
             let settled = self
-                .settled()
+                .settled_with(&frozen)
                 .wrapping_add(given_up)
                 .wrapping_add(swept.total());
             let net = net_sum(self.shards.iter().map(|s| &*s.gate));
             // A publisher refused after the closing may add and refund in between: that only
             // ever makes the reading larger for a moment.
-            if outstanding(net, settled) <= 0 {
+            let out = outstanding(net, settled);
+            if out <= 0 {
+                break net;
+            }
+            if past(last) {
+                given_up += out as u64;
                 break net;
             }
             backoff(&mut step);
         };
+        // A stopped bus keeps no user code: the handler tables, the taps, the dead-letter hook
+        // and sink, and the dead letters' way back to their handlers go, so that the user's
+        // handles are their last owners (a handler that captured a `Bus` is no cycle).
+        leftovers.drop(self.registry.forget());
+        leftovers.drop(self.taps.forget());
+        leftovers.drop(self.dead_letters.forget_callbacks());
+        leftovers.drop(self.dead_letters.strip_redrives());
+        let cut_off = self.clean_up(leftovers, last);
         ShutdownReport {
-            stats: self.stats_with(given_up, swept, Some(net)),
-            deadline_passed: !quiet,
+            stats: self.stats_with(given_up, swept, Some(net), &frozen),
+            deadline_passed: !quiet || !detached.is_empty(),
             abandoned: detached,
+            cut_off,
             elapsed: started.elapsed(),
         }
+    }
+
+    /// Runs the user code shutdown left over on a thread of its own, and waits for it until
+    /// `last`: how many jobs it had not finished by then (it carries on, detached).
+    fn clean_up(self: &Arc<Self>, leftovers: Leftovers, last: Option<Instant>) -> u64 {
+        let jobs = leftovers.len() as u64;
+        if jobs == 0 {
+            return 0;
+        }
+        let finished = Arc::new(AtomicU64::new(0));
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
+        let jobs_cell = Arc::new(Mutex::new(Some(leftovers)));
+        let thread = {
+            let (finished, jobs_cell, core) = (finished.clone(), jobs_cell.clone(), self.clone());
+            std::thread::Builder::new()
+                .name("microbus-cleanup".to_owned())
+                .spawn(move || {
+                    if let Some(leftovers) = jobs_cell.lock().take() {
+                        leftovers.run(&mut &core.panics, &finished);
+                    }
+                    let _ = done_tx.send(());
+                })
+        };
+        if thread.is_err() {
+            // No thread to be had: run them here, whatever the deadline.
+            if let Some(leftovers) = jobs_cell.lock().take() {
+                leftovers.run(&mut &self.panics, &finished);
+            }
+            return 0;
+        }
+        let _ = match last {
+            Some(last) => done_rx.recv_deadline(last).map_err(|_| ()),
+            None => done_rx.recv().map_err(|_| ()),
+        };
+        jobs - finished.load(Ordering::Acquire).min(jobs)
     }
 }
 
@@ -1577,6 +1793,7 @@ impl BusBuilder {
         let metrics_on = config.metrics;
         let core = Arc::new(Core {
             id,
+            panics: Panics::default(),
             dead_letters,
             taps: Taps::default(),
             traces: TraceRing::new(config.trace_capacity),

@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::event::Envelope;
+use crate::guard::{Runner, Seam, drop_with};
 use crate::shard::Retry;
 use crate::sync::{AtomicU64, Ordering};
 
@@ -268,9 +269,19 @@ pub(crate) struct Ring {
     entries: Mutex<VecDeque<DeadLetter>>,
     next_id: AtomicU64,
     evicted: AtomicU64,
-    sink: Option<DeadLetterSink>,
-    on_dead_letter: Option<DeadLetterSink>,
+    /// The sink and the hook: user code, run by whoever pushed, under the guard, once the
+    /// delivery is settled. Dropped when the bus stops ([`Ring::forget_callbacks`]).
+    sink: Mutex<Option<DeadLetterSink>>,
+    on_dead_letter: Mutex<Option<DeadLetterSink>>,
     sink_failures: Arc<AtomicU64>,
+}
+
+/// What a push leaves to do once the delivery is settled: the hook's view of the new dead
+/// letter, and the letters evicted for the sink. Run it with [`Ring::call_back`].
+#[must_use = "the hook and the sink must be called"]
+pub(crate) struct Aftermath {
+    hooked: Option<DeadLetter>,
+    evicted: Vec<DeadLetter>,
 }
 
 impl Ring {
@@ -285,8 +296,8 @@ impl Ring {
             entries: Mutex::new(VecDeque::new()),
             next_id: AtomicU64::new(1),
             evicted: AtomicU64::new(0),
-            sink,
-            on_dead_letter,
+            sink: Mutex::new(sink),
+            on_dead_letter: Mutex::new(on_dead_letter),
             sink_failures,
         }
     }
@@ -300,11 +311,10 @@ impl Ring {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Keeps `letter`, evicting the oldest entry when the ring is full.
-    pub(crate) fn push(&self, letter: DeadLetter) {
-        if let Some(hook) = &self.on_dead_letter {
-            hook(&letter);
-        }
+    /// Keeps `letter`, evicting the oldest entry when the ring is full. The hook and the sink
+    /// are left to the caller ([`call_back`](Self::call_back)).
+    pub(crate) fn push(&self, letter: DeadLetter) -> Aftermath {
+        let hooked = self.on_dead_letter.lock().is_some().then(|| letter.clone());
         let evicted = {
             let mut entries = self.entries.lock();
             let evicted = if entries.len() >= self.capacity {
@@ -315,12 +325,42 @@ impl Ring {
             entries.push_back(letter);
             evicted
         };
-        if let Some(old) = evicted {
+        if evicted.is_some() {
             self.evicted.fetch_add(1, Ordering::Relaxed);
-            if let Some(sink) = &self.sink {
-                sink(&old);
-            }
         }
+        Aftermath {
+            hooked,
+            evicted: evicted.into_iter().collect(),
+        }
+    }
+
+    /// Runs what a push left to do, each call under `runner`'s guard: the hook, then the sink
+    /// for each evicted letter; then drops the evicted letters (their events' `Drop`).
+    pub(crate) fn call_back(&self, after: Aftermath, runner: &mut dyn Runner) {
+        let Aftermath { hooked, evicted } = after;
+        if let Some(letter) = hooked {
+            let hook = self.on_dead_letter.lock().clone();
+            if let Some(hook) = hook {
+                runner.run(Seam::Hook, &mut || hook(&letter));
+            }
+            drop_with(runner, letter);
+        }
+        if evicted.is_empty() {
+            return;
+        }
+        let sink = self.sink.lock().clone();
+        for old in evicted {
+            if let Some(sink) = &sink {
+                runner.run(Seam::Sink, &mut || sink(&old));
+            }
+            drop_with(runner, old);
+        }
+    }
+
+    /// Drops the sink and the hook (the bus has stopped): user handles become their last
+    /// owners.
+    pub(crate) fn forget_callbacks(&self) -> [Option<DeadLetterSink>; 2] {
+        [self.sink.lock().take(), self.on_dead_letter.lock().take()]
     }
 
     pub(crate) fn evicted(&self) -> u64 {
@@ -358,8 +398,9 @@ impl Ring {
     }
 
     /// Puts entries back (a redrive that could not go through) in id order. If dead letters
-    /// arrived meanwhile and the ring overflows, the oldest are evicted, as by [`push`](Self::push).
-    pub(crate) fn put_back(&self, letters: Vec<DeadLetter>) {
+    /// arrived meanwhile and the ring overflows, the oldest are evicted, as by
+    /// [`push`](Self::push) (no hook: they are not new).
+    pub(crate) fn put_back(&self, letters: Vec<DeadLetter>) -> Aftermath {
         let evicted: Vec<DeadLetter> = {
             let mut entries = self.entries.lock();
             for letter in letters.into_iter().rev() {
@@ -371,11 +412,21 @@ impl Ring {
         };
         self.evicted
             .fetch_add(evicted.len() as u64, Ordering::Relaxed);
-        if let Some(sink) = &self.sink {
-            for old in &evicted {
-                sink(old);
-            }
+        Aftermath {
+            hooked: None,
+            evicted,
         }
+    }
+
+    /// Strips the way back to their subscriptions from the letters held (the bus has stopped:
+    /// none can be redriven, and the subscriptions' handlers are let go). Returns what it
+    /// took, for the caller to drop.
+    pub(crate) fn strip_redrives(&self) -> Vec<Retry> {
+        let mut entries = self.entries.lock();
+        entries
+            .iter_mut()
+            .filter_map(|l| l.redrive.take())
+            .collect()
     }
 }
 
@@ -507,6 +558,12 @@ impl DeadLetters {
         &self.core.dead_letters
     }
 
+    /// Puts letters back in the ring, handing any it evicts to the sink.
+    fn put_back(&self, letters: Vec<DeadLetter>) {
+        let after = self.ring().put_back(letters);
+        self.ring().call_back(after, &mut &self.core.panics);
+    }
+
     /// How many dead letters the ring holds.
     pub fn len(&self) -> usize {
         self.ring().len()
@@ -565,7 +622,7 @@ impl DeadLetters {
     pub fn redrive(&self, id: u64) -> Result<(), RedriveError> {
         let letter = self.ring().take_id(id).ok_or(RedriveError::NotFound(id))?;
         self.core.redrive(letter).map_err(|(letter, error)| {
-            self.ring().put_back(vec![letter]);
+            self.put_back(vec![letter]);
             error
         })
     }
@@ -595,7 +652,7 @@ impl DeadLetters {
             }
         }
         let stayed = kept.len();
-        self.ring().put_back(kept);
+        self.put_back(kept);
         if shutdown {
             Err(RedriveCutShort {
                 redriven: sent,
@@ -659,7 +716,8 @@ impl DeadLetters {
                         summary.not_redrivable += 1;
                     }
                     summary.loaded += 1;
-                    self.ring().push(letter);
+                    let after = self.ring().push(letter);
+                    self.ring().call_back(after, &mut &self.core.panics);
                 }
                 Err(e) => summary.malformed.push((number, e.to_string())),
             }
@@ -674,7 +732,11 @@ impl DeadLetters {
 
     /// Removes the dead letters that match `filter` and returns how many there were.
     pub fn purge_where(&self, filter: &DeadLetterFilter) -> usize {
-        self.ring().take(filter).len()
+        let purged = self.ring().take(filter);
+        let n = purged.len();
+        // Their events' `Drop` is user code.
+        self.core.panics.drop(purged);
+        n
     }
 }
 
@@ -781,6 +843,7 @@ mod tests {
                 Arc::new(move |l: &DeadLetter| sunk.lock().push(l.id))
             };
             let ring = Ring::new(capacity, Some(sink), None, Arc::default());
+            let panics = crate::guard::Panics::default();
             let mut model: VecDeque<(u64, usize)> = VecDeque::new();
             let mut model_evicted = Vec::new();
             let (mut pushed, mut taken, mut put_back) = (0u64, 0u64, 0u64);
@@ -789,7 +852,8 @@ mod tests {
                 match op {
                     Op::Push(reason) => {
                         let id = ring.next_id();
-                        ring.push(letter(id, REASONS[reason]));
+                        let after = ring.push(letter(id, REASONS[reason]));
+                        ring.call_back(after, &mut &panics);
                         pushed += 1;
                         if model.len() == capacity {
                             model_evicted.push(model.pop_front().unwrap().0);
@@ -827,7 +891,8 @@ mod tests {
                         while model.len() > capacity {
                             model_evicted.push(model.pop_front().unwrap().0);
                         }
-                        ring.put_back(back);
+                        let after = ring.put_back(back);
+                        ring.call_back(after, &mut &panics);
                     }
                 }
                 let expected: Vec<u64> = model.iter().map(|(id, _)| *id).collect();

@@ -23,6 +23,8 @@ use parking_lot::Mutex;
 
 use crate::bus::{AbandonedDelivery, Core};
 use crate::event::EventId;
+use crate::guard::Leftovers;
+use crate::guard::{Runner, drop_with};
 use crate::handler::{HandlerError, HandlerResult};
 use crate::shard::Retry;
 use crate::sync::{Arc, AtomicU64, Ordering};
@@ -103,23 +105,36 @@ impl Deferrals {
 
     /// Shutdown, past its deadline, with the workers stopped or detached: takes over every
     /// deferred delivery still outstanding, reporting each as abandoned. `handler` names a
-    /// subscription.
-    pub(crate) fn abandon_all(&self, handler: impl Fn(u64) -> String) -> Vec<AbandonedDelivery> {
+    /// subscription. What it took over goes to `leftovers`: tracker callbacks to run and
+    /// events to drop (user code the shutdown thread does not run itself).
+    pub(crate) fn abandon_all(
+        &self,
+        handler: impl Fn(u64) -> String,
+        leftovers: &mut Leftovers,
+    ) -> Vec<AbandonedDelivery> {
         let slots: Vec<Arc<Slot>> = self.outstanding.lock().drain().map(|(_, s)| s).collect();
         let mut abandoned = Vec::new();
         for slot in slots {
-            match std::mem::replace(&mut *slot.state.lock(), State::Closed) {
+            let state = std::mem::replace(&mut *slot.state.lock(), State::Closed);
+            match state {
                 State::Closed => continue,
-                State::Armed(retry, _) => retry.track(Settled::Abandoned),
+                State::Armed(retry, _) => {
+                    if let Some(done) = retry.track(Settled::Abandoned) {
+                        leftovers.push(move |runner| done.run(runner));
+                    }
+                    leftovers.drop(retry);
+                }
                 // A worker detached in a later delivery of the same event never armed it
                 // (its tracker, if any, does not complete).
-                State::Open(_) => {}
+                State::Open(result) => leftovers.drop(result),
             }
             abandoned.push(AbandonedDelivery {
                 worker: DEFERRED.to_owned(),
                 event: slot.event,
                 event_id: Some(slot.event_id),
                 handler: handler(slot.subscription),
+                seam: None,
+                deliveries: 1,
             });
         }
         abandoned
@@ -130,18 +145,22 @@ impl Deferrals {
 pub(crate) const DEFERRED: &str = "deferred";
 
 impl Slot {
-    /// The worker hands the delivery over; settles it at once if its outcome has arrived.
-    pub(crate) fn arm(&self, core: &Core, retry: Retry, shard: usize) {
+    /// The worker hands the delivery over; settles it at once if its outcome has arrived
+    /// (user code, the hook or a tracker's callback, then runs under `runner`'s guard).
+    pub(crate) fn arm(&self, core: &Core, retry: Retry, shard: usize, runner: &mut dyn Runner) {
         let mut state = self.state.lock();
         match std::mem::replace(&mut *state, State::Closed) {
             State::Open(None) => *state = State::Armed(Box::new(retry), shard),
             State::Open(Some(result)) => {
                 drop(state);
                 core.deferrals.forget(self);
-                crate::shard::settle_deferred(core, retry, shard, result, self.id);
+                crate::shard::settle_deferred(core, retry, shard, result, self.id, runner);
             }
             // Taken over by shutdown.
-            State::Armed(..) | State::Closed => {}
+            State::Armed(..) | State::Closed => {
+                drop(state);
+                drop_with(runner, retry);
+            }
         }
     }
 
@@ -152,7 +171,14 @@ impl Slot {
             State::Armed(retry, shard) => {
                 drop(state);
                 core.deferrals.forget(self);
-                crate::shard::settle_deferred(core, *retry, shard, result, self.id);
+                crate::shard::settle_deferred(
+                    core,
+                    *retry,
+                    shard,
+                    result,
+                    self.id,
+                    &mut &core.panics,
+                );
             }
             State::Open(Some(_)) | State::Closed => {}
         }

@@ -198,6 +198,7 @@ mod dead_letter;
 mod defer;
 mod error;
 mod event;
+mod guard;
 mod handler;
 mod ledger;
 mod metrics;
@@ -211,7 +212,9 @@ mod tap;
 mod trace;
 mod track;
 
-pub use crate::bus::{AbandonedDelivery, Bus, BusBuilder, BusStats, ShutdownReport};
+pub use crate::bus::{
+    AbandonedDelivery, Bus, BusBuilder, BusStats, SHUTDOWN_GRACE, ShutdownReport,
+};
 pub use crate::config::{
     DEFAULT_CHANNEL_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_SERVICE_NAME,
     DEFAULT_SHUTDOWN_TIMEOUT, MAX_CHANNEL_CAPACITY, MAX_CHANNEL_MEMORY, MAX_NAME_LEN, MAX_WORKERS,
@@ -229,6 +232,7 @@ pub use crate::error::{
 pub use crate::event::{
     Envelope, Event, EventId, Headers, ParseEventIdError, PartitionKey, Publish,
 };
+pub use crate::guard::CallbackPanics;
 pub use crate::handler::{Context, Handler, HandlerError, HandlerResult};
 pub use crate::metrics::{
     BridgeCounters, EventCounts, EventLatency, HandlerMetrics, Latency, MetricsSnapshot,

@@ -478,6 +478,19 @@ impl Registry {
         self.live.lock().remove(&meta.id);
     }
 
+    /// Drops the handler tables (the bus has stopped: no delivery starts any more) and returns
+    /// the last ones, for the caller to drop: user handles become the handlers' last owners.
+    /// The subscriptions stay known by id, for their statistics.
+    pub(crate) fn forget(&self) -> Arc<Snapshot> {
+        let _write = self.write.lock();
+        let last = self.snapshot.load_full();
+        let generation = last.generation.wrapping_add(1);
+        self.snapshot
+            .store(Arc::new(Snapshot::new(generation, TypeMap::default())));
+        self.generation.store(generation, Ordering::Release);
+        last
+    }
+
     /// The decoder of event type `name` version `version`, if it was ever subscribed.
     pub(crate) fn decoder(&self, name: &str, version: u32) -> Option<Decoder> {
         self.decoders

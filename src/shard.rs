@@ -37,9 +37,10 @@ use smallbox::{SmallBox, smallbox};
 
 use crate::bus::Core;
 use crate::config::WaitStrategy;
-use crate::dead_letter::{DeadLetter, DeadLetterReason};
+use crate::dead_letter::{Aftermath, DeadLetter, DeadLetterReason};
 use crate::defer::Slot;
 use crate::event::{Envelope, Event, EventId, NameId, unix_nanos};
+use crate::guard::{Runner, Seam, drop_with};
 use crate::handler::{Context, HandlerError, HandlerResult};
 use crate::ledger::Gate;
 use crate::metrics::{Collect, Recorder, Span};
@@ -47,10 +48,24 @@ use crate::registry::{Snapshot, Sub, SubMeta, TypeTable, before};
 use crate::retry::Jitter;
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::trace::{TraceEntry, TraceOutcome};
-use crate::track::Settled;
+use crate::track::{Done, Settled};
 
 pub(crate) const IDLE: u64 = 0;
 pub(crate) const ABANDONED: u64 = u64::MAX;
+/// The state word while the worker runs user code outside a handler, at seam `s`:
+/// `CALLBACK - s` (subscription ids are far below).
+const CALLBACK: u64 = u64::MAX - 1;
+
+/// The state word of a worker running user code at `seam`.
+fn callback_word(seam: Seam) -> u64 {
+    CALLBACK - seam as u64
+}
+
+/// The seam a state word names, if it is a callback's.
+pub(crate) fn seam_of(state: u64) -> Option<Seam> {
+    let index = CALLBACK.checked_sub(state)?;
+    Seam::ALL.get(usize::try_from(index).ok()?).copied()
+}
 
 /// The most events a worker handles in one batch.
 const BATCH: usize = 64;
@@ -83,16 +98,26 @@ impl Work {
         }
     }
 
-    /// Settles the tracked deliveries it holds as `how` (batches are never tracked).
-    pub(crate) fn track(&self, how: Settled) {
+    /// Settles the tracked deliveries it holds as `how` (batches are never tracked): the
+    /// tracker's callback, if that completed it, for the caller to run.
+    #[must_use = "a completed tracker's callback must be run"]
+    pub(crate) fn track(&self, how: Settled) -> Option<Done> {
         match self {
-            Work::Task(task) => {
-                if let Some(t) = task.envelope.tracker() {
-                    t.settle(how, task.deliveries());
-                }
-            }
-            Work::Batch(_) => {}
+            Work::Task(task) => task
+                .envelope
+                .tracker()
+                .and_then(|t| t.settle(how, task.deliveries())),
+            Work::Batch(_) => None,
             Work::Retry(retry) => retry.track(how),
+        }
+    }
+
+    /// Whether dropping it runs code of the event's (a `Drop` of its own or of a field).
+    pub(crate) fn needs_drop(&self) -> bool {
+        match self {
+            Work::Task(task) => task.ops.needs_drop,
+            Work::Batch(batch) => batch.ops.needs_drop,
+            Work::Retry(retry) => retry.ops.needs_drop,
         }
     }
 
@@ -127,10 +152,11 @@ pub(crate) struct TaskOps {
     run_batch: fn(&mut Worker<'_>, Batch) -> Flow,
     share: fn(Task) -> Arc<SharedEvent>,
     retry: fn(&mut Worker<'_>, &Retry) -> Flow,
-    bury: fn(Retry, DeadLetterReason, u64) -> DeadLetter,
+    bury: fn(Retry, DeadLetterReason, u64, &mut dyn Runner) -> DeadLetter,
     subscription: fn(&Arc<dyn Any + Send + Sync>) -> u64,
     meta: fn(&Arc<dyn Any + Send + Sync>) -> &SubMeta,
     type_id: fn() -> TypeId,
+    needs_drop: bool,
 }
 
 struct OpsOf<E>(PhantomData<E>);
@@ -145,6 +171,7 @@ impl<E: Event> OpsOf<E> {
         subscription: subscription_of::<E>,
         meta: meta_of::<E>,
         type_id: TypeId::of::<E>,
+        needs_drop: std::mem::needs_drop::<E>(),
     };
 }
 
@@ -214,7 +241,11 @@ fn run_event<E: Event>(
     deliveries: usize,
 ) -> Flow {
     if worker.core.taps.on() {
-        worker.core.tap(envelope, event);
+        let core = worker.core;
+        core.tap(envelope, event, worker);
+        if worker.detached {
+            return Flow::Abandoned;
+        }
     }
     let snapshot = worker.snapshot_for(generation);
     let flow = deliver_all(
@@ -267,6 +298,12 @@ fn deliver_all<E: Event>(
     if flow == Flow::Continue && remaining > 0 {
         worker.track(envelope, Settled::Cancelled, remaining);
         worker.shared.settle_cancelled(remaining);
+        if !worker.later.is_empty() {
+            worker.call_back();
+            if worker.detached {
+                return Flow::Abandoned;
+            }
+        }
     }
     flow
 }
@@ -332,25 +369,34 @@ fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow {
     };
     // One snapshot, table and tap check for the whole message: its events share their type,
     // source and generation.
+    worker.shared.hold(rest);
     let snapshot = worker.snapshot_for(batch.generation);
     let table = snapshot.table::<E>();
     let tapped = worker.core.taps.on();
-    for (envelope, event) in items.into_inner() {
+    let mut items = items.into_inner().into_iter();
+    while let Some((envelope, event)) = items.next() {
         rest -= per_event;
         // Shutdown reads these if it gives up on a delivery of this event.
         worker.rest = rest;
         worker.open_batch();
+        let mut flow = Flow::Continue;
         if tapped {
-            worker.core.tap(&envelope, &event);
+            let core = worker.core;
+            core.tap(&envelope, &event, worker);
+            if worker.detached {
+                flow = Flow::Abandoned;
+            }
         }
-        let flow = deliver_all(
-            worker,
-            table,
-            &envelope,
-            &event,
-            batch.generation,
-            per_event,
-        );
+        if flow == Flow::Continue {
+            flow = deliver_all(
+                worker,
+                table,
+                &envelope,
+                &event,
+                batch.generation,
+                per_event,
+            );
+        }
         worker.count_in_batch();
         if !worker.pending.is_empty() || !worker.deferred.is_empty() {
             let shared = Arc::new(SharedEvent {
@@ -359,6 +405,8 @@ fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow {
             });
             worker.arm_deferred(batch.ops, &shared, None, true);
             worker.retry_failed(batch.ops, shared);
+        } else if std::mem::needs_drop::<E>() {
+            drop_with(worker, event);
         }
         if flow != Flow::Continue {
             worker.rest = 0;
@@ -366,6 +414,8 @@ fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow {
                 worker.shared.settle_left(rest);
             }
             worker.snapshot = Some(snapshot);
+            // The events that did not run (their `Drop` may be user code).
+            drop_with(worker, items);
             return flow;
         }
     }
@@ -424,18 +474,24 @@ impl Clone for Retry {
 }
 
 impl Retry {
-    /// Settles the delivery in the event's tracker, if it counts there.
-    pub(crate) fn track(&self, how: Settled) {
-        if self.tracked
-            && let Some(t) = self.event.envelope.tracker()
-        {
-            t.settle(how, 1);
+    /// Settles the delivery in the event's tracker, if it counts there: the tracker's callback,
+    /// if that completed it, for the caller to run.
+    #[must_use = "a completed tracker's callback must be run"]
+    pub(crate) fn track(&self, how: Settled) -> Option<Done> {
+        if !self.tracked {
+            return None;
         }
+        self.event.envelope.tracker()?.settle(how, 1)
     }
 
-    /// Turns the retry into dead letter `id`.
-    pub(crate) fn bury(self, reason: DeadLetterReason, id: u64) -> DeadLetter {
-        (self.ops.bury)(self, reason, id)
+    /// Turns the retry into dead letter `id`; the event is serialized under `runner`'s guard.
+    pub(crate) fn bury(
+        self,
+        reason: DeadLetterReason,
+        id: u64,
+        runner: &mut dyn Runner,
+    ) -> DeadLetter {
+        (self.ops.bury)(self, reason, id, runner)
     }
 
     /// The id of the subscription it goes to.
@@ -478,18 +534,21 @@ fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flow {
     flow
 }
 
-/// Makes a dead letter of a delivery of an event of type `E` that failed for good.
-fn bury<E: Event>(retry: Retry, reason: DeadLetterReason, id: u64) -> DeadLetter {
+/// Makes a dead letter of a delivery of an event of type `E` that failed for good. The event's
+/// `Serialize` runs under `runner`'s guard.
+fn bury<E: Event>(
+    retry: Retry,
+    reason: DeadLetterReason,
+    id: u64,
+    runner: &mut dyn Runner,
+) -> DeadLetter {
     let Ok(sub) = retry.sub.clone().downcast::<Sub<E>>() else {
         unreachable!("a retry's functions match its subscription")
     };
     let Some(event) = retry.event.event.downcast_ref::<E>() else {
         unreachable!("a retry's functions match its event")
     };
-    let payload = serde_json::to_string(event).unwrap_or_else(|e| {
-        serde_json::to_string(&format!("the event did not serialize: {e}"))
-            .expect("a string serializes")
-    });
+    let payload = to_json(event, runner);
     sub.meta.dead_lettered.fetch_add(1, Ordering::Relaxed);
     let attempts = u32::try_from(retry.history.errors.len()).unwrap_or(u32::MAX);
     let redrive = Some(Retry {
@@ -520,6 +579,21 @@ fn bury<E: Event>(retry: Retry, reason: DeadLetterReason, id: u64) -> DeadLetter
         redrive,
         blocked: None,
     }
+}
+
+/// The event as JSON, serialized under `runner`'s guard; when it fails or panics, the error
+/// text as a JSON string instead.
+pub(crate) fn to_json<E: Event>(event: &E, runner: &mut dyn Runner) -> String {
+    let mut json = None;
+    runner.run(Seam::Serde, &mut || {
+        json = Some(serde_json::to_string(event))
+    });
+    let error = match json {
+        Some(Ok(json)) => return json,
+        Some(Err(e)) => format!("the event did not serialize: {e}"),
+        None => "the event's Serialize panicked".to_owned(),
+    };
+    serde_json::to_string(&error).expect("a string serializes")
 }
 
 /// Rebuilds a delivery of an event of type `E` read back from a dead-letter file: the event
@@ -592,6 +666,7 @@ pub(crate) fn settle_deferred(
     shard: usize,
     result: HandlerResult,
     seed: u64,
+    runner: &mut dyn Runner,
 ) {
     let counts = &core.deferrals;
     let meta = (retry.ops.meta)(&retry.sub);
@@ -600,8 +675,13 @@ pub(crate) fn settle_deferred(
             meta.deferred_succeeded.fetch_add(1, Ordering::Relaxed);
             counts.succeeded.fetch_add(1, Ordering::Relaxed);
             // Trackers first: once the ledger says settled (`flush`), trackers have completed.
-            retry.track(Settled::Succeeded);
+            // Their callbacks run once it is settled.
+            let done = retry.track(Settled::Succeeded);
             counts.settle(1);
+            if let Some(done) = done {
+                done.run(runner);
+            }
+            drop_with(runner, retry);
             return;
         }
         Err(error) => error,
@@ -644,16 +724,25 @@ pub(crate) fn settle_deferred(
         }
         Then::Bury(reason) => reason,
     };
-    if core.dead_letters.enabled() {
-        retry.track(Settled::DeadLettered);
+    let (done, after) = if core.dead_letters.enabled() {
+        let done = retry.track(Settled::DeadLettered);
         let id = core.dead_letters.next_id();
-        core.dead_letters.push(retry.bury(reason, id));
+        let after = core.dead_letters.push(retry.bury(reason, id, runner));
         counts.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        (done, Some(after))
     } else {
-        retry.track(Settled::Discarded);
+        let done = retry.track(Settled::Discarded);
         counts.discarded.fetch_add(1, Ordering::Relaxed);
-    }
+        drop_with(runner, retry);
+        (done, None)
+    };
     counts.settle(1);
+    if let Some(done) = done {
+        done.run(runner);
+    }
+    if let Some(after) = after {
+        core.dead_letters.call_back(after, runner);
+    }
 }
 
 /// What becomes of a failed attempt.
@@ -693,6 +782,38 @@ pub(crate) struct WorkerStats {
     pub(crate) dead_lettered: AtomicU64,
 }
 
+impl WorkerStats {
+    /// The counts now: `settled` first (`Acquire`), so that the outcome counters read after it
+    /// are at least as far along.
+    pub(crate) fn read(&self) -> WorkerCounts {
+        WorkerCounts {
+            settled: self.settled.load(Ordering::Acquire),
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            panicked: self.panicked.load(Ordering::Relaxed),
+            discarded: self.discarded.load(Ordering::Relaxed),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
+            left: self.left.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A worker's counts, read at one moment ([`WorkerStats::read`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct WorkerCounts {
+    pub(crate) settled: u64,
+    pub(crate) succeeded: u64,
+    pub(crate) failed: u64,
+    pub(crate) panicked: u64,
+    pub(crate) discarded: u64,
+    pub(crate) cancelled: u64,
+    pub(crate) left: u64,
+    pub(crate) retried: u64,
+    pub(crate) dead_lettered: u64,
+}
+
 /// Adds to a counter that has one writer: a load and a store, no read-modify-write.
 #[inline]
 fn bump(counter: &AtomicU64, n: u64) {
@@ -709,6 +830,10 @@ pub(crate) struct WorkerShared {
     pub(crate) stop: AtomicBool,
     /// Deliveries of the current event after the one running.
     pub(crate) remaining: AtomicU64,
+    /// Deliveries of the message the worker runs that it has neither settled nor handed on
+    /// (to the timer, to a deferral): what shutdown counts as abandoned if it detaches the
+    /// worker in a callback.
+    pub(crate) holding: AtomicU64,
     pub(crate) event_hi: AtomicU64,
     pub(crate) event_lo: AtomicU64,
     pub(crate) stats: WorkerStats,
@@ -787,8 +912,10 @@ impl WorkerShared {
             .is_ok()
     }
 
-    /// Takes over the running delivery, if there is one: its subscription id. Exactly one of
-    /// this and [`finish`](Self::finish) succeeds for a delivery.
+    /// Takes over the running delivery, if there is one, or detaches the worker from the user
+    /// code it runs outside a handler: the state word it found (a subscription id, or a
+    /// callback's word: see [`seam_of`]). Exactly one of this and [`finish`](Self::finish)
+    /// succeeds for a delivery; after it, the worker settles nothing more.
     pub(crate) fn abandon(&self) -> Option<u64> {
         let s = self.state.load(Ordering::Acquire);
         (s != IDLE
@@ -800,9 +927,10 @@ impl WorkerShared {
         .then_some(s)
     }
 
-    /// Whether a delivery is running.
+    /// Whether a handler is running.
     pub(crate) fn running(&self) -> bool {
-        !matches!(self.state.load(Ordering::Relaxed), IDLE | ABANDONED)
+        let state = self.state.load(Ordering::Relaxed);
+        !matches!(state, IDLE | ABANDONED) && seam_of(state).is_none()
     }
 
     /// The event id of the delivery running (or last run).
@@ -853,11 +981,38 @@ impl WorkerShared {
         self.settle(n);
     }
 
-    fn settle(&self, n: usize) {
+    /// Settles `n` deliveries of the message it runs (see [`hold`](Self::hold)).
+    pub(crate) fn settle(&self, n: usize) {
+        self.hand_off(n);
         let settled = &self.stats.settled;
         settled.store(
             settled.load(Ordering::Relaxed) + n as u64,
             Ordering::Release,
+        );
+    }
+
+    /// The worker takes a message of `n` deliveries.
+    #[inline]
+    pub(crate) fn hold(&self, n: usize) {
+        self.holding.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Settles `n` deliveries that were not the running message's but were accepted while it
+    /// ran (its handlers' events, when the timer has stopped) as left over.
+    pub(crate) fn settle_left_accepted(&self, n: usize) {
+        if n > 0 {
+            bump(&self.holding, n as u64);
+            self.settle_left(n);
+        }
+    }
+
+    /// `n` deliveries of the message it runs went elsewhere: to the timer, or to a deferral.
+    #[inline]
+    fn hand_off(&self, n: usize) {
+        let holding = &self.holding;
+        holding.store(
+            holding.load(Ordering::Relaxed).wrapping_sub(n as u64),
+            Ordering::Relaxed,
         );
     }
 
@@ -926,6 +1081,41 @@ pub(crate) struct Worker<'a> {
     rest: usize,
     /// Set while a retry runs that the event's tracker does not count (a redrive).
     untracked: bool,
+    /// User code to run once the deliveries it concerns are settled: trackers' callbacks, the
+    /// dead-letter hook and sink.
+    later: Vec<Later>,
+    /// Set once shutdown detached the worker (past its deadline, in a handler or a callback):
+    /// it settles nothing more and exits.
+    detached: bool,
+}
+
+/// User code a worker runs once what it concerns is settled.
+enum Later {
+    Tracker(Done),
+    Ring(Box<Aftermath>),
+}
+
+impl Runner for Worker<'_> {
+    /// Runs user code outside a handler, under the guard and in a window in which shutdown may
+    /// detach the worker: the state word names the seam while it runs.
+    fn run(&mut self, seam: Seam, f: &mut dyn FnMut()) -> bool {
+        let state = &self.shared.state;
+        if self.detached || state.load(Ordering::Relaxed) != IDLE {
+            return self.core.panics.run(seam, f).is_some();
+        }
+        let word = callback_word(seam);
+        state.store(word, Ordering::Release);
+        let ran = self.core.panics.run(seam, f).is_some();
+        if state
+            .compare_exchange(word, IDLE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Shutdown gave up on the worker while it was in there, and has counted what it
+            // held.
+            self.detached = true;
+        }
+        ran
+    }
 }
 
 enum Outcome {
@@ -970,6 +1160,7 @@ impl Worker<'_> {
     /// work to [`after`](Self::after).
     #[inline]
     fn run(&mut self, work: &Work) -> Flow {
+        self.shared.hold(work.deliveries());
         self.open_batch();
         let flow = match work {
             Work::Task(task) => (task.ops.run)(self, task),
@@ -992,10 +1183,25 @@ impl Worker<'_> {
     /// Runs work taken by value.
     fn handle(&mut self, work: Work) -> Flow {
         if let Work::Batch(batch) = work {
-            return (batch.ops.run_batch)(self, batch);
+            let flow = (batch.ops.run_batch)(self, batch);
+            return self.finished(flow);
         }
         let flow = self.run(&work);
         self.after(work);
+        self.finished(flow)
+    }
+
+    /// Done with a message: what the worker does next. A worker that shutdown detached (in a
+    /// callback, say the event's `Drop`) exits.
+    #[inline]
+    fn finished(&self, flow: Flow) -> Flow {
+        if self.detached {
+            return Flow::Abandoned;
+        }
+        debug_assert!(
+            flow != Flow::Continue || self.shared.holding.load(Ordering::Relaxed) == 0,
+            "a message's deliveries were all settled or handed on"
+        );
         flow
     }
 
@@ -1004,7 +1210,7 @@ impl Worker<'_> {
     #[inline]
     fn after(&mut self, work: Work) {
         if self.pending.is_empty() && self.deferred.is_empty() {
-            return;
+            return self.dispose(work);
         }
         let Work::Task(task) = work else {
             unreachable!("retries and batches handle their own failures")
@@ -1037,7 +1243,8 @@ impl Worker<'_> {
                 }),
                 tracked,
             };
-            deferral.slot.arm(self.core, retry, self.index);
+            let core = self.core;
+            deferral.slot.arm(core, retry, self.index, self);
         }
     }
 
@@ -1062,11 +1269,16 @@ impl Worker<'_> {
             );
         }
         self.shared.held_retries.store(0, Ordering::Relaxed);
+        // The last holder of the event may be this one (its `Drop` may be user code).
+        drop_with(self, event);
     }
 
     /// Puts a failed delivery on the timer to be tried again, or in the dead-letter ring.
     /// Once the timer has stopped (shutdown), a retry is dead-lettered.
     fn follow_up(&mut self, retry: Retry, then: Then) {
+        if self.detached {
+            return self.dispose(Work::Retry(retry));
+        }
         let reason = match then {
             Then::Retry(delay) => {
                 let routed = Routed {
@@ -1074,7 +1286,7 @@ impl Worker<'_> {
                     work: Work::Retry(retry),
                 };
                 match self.core.wait_on_timer(routed, delay) {
-                    Ok(()) => return,
+                    Ok(()) => return self.shared.hand_off(1),
                     Err(Routed {
                         work: Work::Retry(retry),
                         ..
@@ -1087,21 +1299,35 @@ impl Worker<'_> {
         self.bury(retry, reason);
     }
 
-    /// Settles a failed delivery in the dead-letter ring (or as discarded when it is off).
+    /// Settles a failed delivery in the dead-letter ring (or as discarded when it is off);
+    /// then runs the user code that follows (the tracker's callback, the hook, the sink).
     fn bury(&mut self, retry: Retry, reason: DeadLetterReason) {
-        let kept = self.core.dead_letters.enabled();
-        retry.track(if kept {
-            Settled::DeadLettered
-        } else {
-            Settled::Discarded
-        });
+        let core = self.core;
+        let kept = core.dead_letters.enabled();
         if kept {
-            let id = self.core.dead_letters.next_id();
-            self.core.dead_letters.push(retry.bury(reason, id));
+            let id = core.dead_letters.next_id();
+            let tracked = retry.tracked.then(|| retry.event.clone());
+            // The event's `Serialize` runs here, in a window.
+            let letter = retry.bury(reason, id, self);
+            if self.detached {
+                // Shutdown counted this delivery while `Serialize` ran.
+                return drop_with(&mut &core.panics, (letter, tracked));
+            }
+            let tracker = tracked.as_ref().and_then(|event| event.envelope.tracker());
+            if let Some(done) = tracker.and_then(|t| t.settle(Settled::DeadLettered, 1)) {
+                self.later.push(Later::Tracker(done));
+            }
+            let after = core.dead_letters.push(letter);
             self.shared.settle_dead_lettered();
+            self.later.push(Later::Ring(Box::new(after)));
         } else {
+            if let Some(done) = retry.track(Settled::Discarded) {
+                self.later.push(Later::Tracker(done));
+            }
             self.shared.settle_discarded();
+            self.dispose(Work::Retry(retry));
         }
+        self.call_back();
     }
 
     /// Takes the worker's snapshot, first refreshing it if it is older than generation `generation`.
@@ -1144,10 +1370,14 @@ impl Worker<'_> {
     ) -> Flow {
         let shared = self.shared;
         let id = sub.meta.id;
+        if self.detached {
+            return Flow::Abandoned;
+        }
         if shared.stop.load(Ordering::Relaxed) {
             // Trackers first: once the ledger says settled (`flush`), trackers have completed.
             self.track(envelope, Settled::Left, remaining + 1);
             shared.settle_left(remaining + 1);
+            self.call_back();
             return Flow::Stop;
         }
         debug_assert!(self.in_batch, "deliveries run inside a batch");
@@ -1223,15 +1453,18 @@ impl Worker<'_> {
             if !shared.finish(id) {
                 // Shutdown gave up on this delivery and has already reported it, with the
                 // failed deliveries of the event held for retry as discarded.
+                self.detached = true;
                 if let Outcome::Deferred(slot) = &result {
                     slot.void();
                 }
-                for _ in std::mem::take(&mut self.pending) {
+                for failed in std::mem::take(&mut self.pending) {
                     self.track(envelope, Settled::Discarded, 1);
+                    drop_with(&mut &self.core.panics, failed);
                 }
                 self.discard_outbox();
                 self.track(envelope, Settled::Left, remaining);
                 self.track(envelope, Settled::Abandoned, 1);
+                self.call_back();
                 return Flow::Abandoned;
             }
             result
@@ -1249,6 +1482,7 @@ impl Worker<'_> {
                 // Outstanding until the deferral completes (or shutdown takes it over).
                 self.flush_outbox();
                 self.core.deferrals.register(&slot);
+                shared.hand_off(1);
                 self.deferred.push(Deferral {
                     slot,
                     sub: sub.clone(),
@@ -1270,13 +1504,20 @@ impl Worker<'_> {
         };
         self.track(envelope, settled, 1);
         shared.settle(1);
+        if !self.later.is_empty() {
+            // Settled first, then the tracker's callback.
+            self.call_back();
+            if self.detached {
+                return Flow::Abandoned;
+            }
+        }
         Flow::Continue
     }
 
     /// Settles `n` deliveries of `envelope`'s event in its tracker, if it is tracked (and this
     /// is not a redrive).
     #[inline]
-    fn track(&self, envelope: &Envelope, how: Settled, n: usize) {
+    fn track(&mut self, envelope: &Envelope, how: Settled, n: usize) {
         if envelope.has_extra() {
             self.track_slow(envelope, how, n);
         }
@@ -1284,12 +1525,41 @@ impl Worker<'_> {
 
     #[cold]
     #[inline(never)]
-    fn track_slow(&self, envelope: &Envelope, how: Settled, n: usize) {
+    fn track_slow(&mut self, envelope: &Envelope, how: Settled, n: usize) {
         if !self.untracked
-            && let Some(t) = envelope.tracker()
+            && let Some(done) = envelope.tracker().and_then(|t| t.settle(how, n))
         {
-            t.settle(how, n);
+            self.later.push(Later::Tracker(done));
         }
+    }
+
+    /// Runs the user code waiting for settled deliveries ([`Later`]), each in its window.
+    #[cold]
+    #[inline(never)]
+    fn call_back(&mut self) {
+        for later in std::mem::take(&mut self.later) {
+            match later {
+                Later::Tracker(done) => done.run(self),
+                Later::Ring(after) => {
+                    let core = self.core;
+                    core.dead_letters.call_back(*after, self);
+                }
+            }
+        }
+    }
+
+    /// Drops `work` (the event in it: its `Drop` may be user code, run in a window).
+    #[inline]
+    fn dispose(&mut self, work: Work) {
+        if work.needs_drop() {
+            self.dispose_slow(work);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn dispose_slow(&mut self, work: Work) {
+        drop_with(self, work);
     }
 
     /// Adds a handler run to the trace ring.
@@ -1406,9 +1676,7 @@ impl Worker<'_> {
                     Err(_) => deliveries,
                 },
             };
-            if left > 0 {
-                self.shared.settle_left(left);
-            }
+            self.shared.settle_left_accepted(left);
         }
     }
 
@@ -1491,6 +1759,7 @@ impl Worker<'_> {
                     if let Ok(Msg::Work(work)) = received {
                         self.after(work);
                     }
+                    let flow = self.finished(flow);
                     if flow != Flow::Continue {
                         return flow;
                     }
@@ -1560,6 +1829,8 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
             .then(|| Recorder::new(index, core.metrics.sample_every)),
         rest: 0,
         untracked: false,
+        later: Vec::new(),
+        detached: false,
     };
     worker.run_loop(&shard.rx);
     worker.close_batch();

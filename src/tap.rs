@@ -1,7 +1,8 @@
 //! Audit taps: callbacks that see every published event, of every type, without being a
 //! subscription.
 //!
-//! Ground rules: the list of taps sits behind a read-write lock, with a flag beside it so that
+//! Ground rules: the list of taps sits in an `ArcSwap` (a tap runs with no lock held, and may
+//! block or add a tap), with a flag beside it so that
 //! a bus without taps pays one relaxed load per event. An accepted event is tapped once, on the
 //! worker that takes it, before its handlers run; an event that matches no subscription never
 //! reaches a worker and is tapped where it is published. A tap runs on that thread: a slow tap
@@ -11,10 +12,12 @@ use std::fmt;
 use std::io::Write;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::event::Envelope;
+use crate::guard::{Runner, Seam};
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
 /// One published event, as a tap sees it.
@@ -77,19 +80,23 @@ impl fmt::Debug for Tapped<'_> {
     }
 }
 
-type TapFn = Arc<dyn Fn(&Tapped<'_>) + Send + Sync>;
+pub(crate) type TapFn = Arc<dyn Fn(&Tapped<'_>) + Send + Sync>;
 
 /// The bus's taps.
 #[derive(Default)]
 pub(crate) struct Taps {
     on: AtomicBool,
-    list: RwLock<Vec<TapFn>>,
+    list: ArcSwap<Vec<TapFn>>,
     failures: Arc<AtomicU64>,
 }
 
 impl Taps {
     pub(crate) fn add(&self, tap: TapFn) {
-        self.list.write().push(tap);
+        self.list.rcu(|list| {
+            let mut list = Vec::clone(list);
+            list.push(tap.clone());
+            list
+        });
         self.on.store(true, Ordering::Release);
     }
 
@@ -99,16 +106,22 @@ impl Taps {
         self.on.load(Ordering::Relaxed)
     }
 
-    /// Shows `tapped` to every tap. A tap that panics is counted as a failure; the bus goes
-    /// on.
+    /// Shows `tapped` to every tap, each under `runner`'s guard. A tap that panics is counted
+    /// as a failure; the bus goes on.
     #[cold]
-    pub(crate) fn call(&self, tapped: &Tapped<'_>) {
-        for tap in self.list.read().iter() {
-            let shown = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tap(tapped)));
-            if shown.is_err() {
+    pub(crate) fn call(&self, tapped: &Tapped<'_>, runner: &mut dyn Runner) {
+        let taps = self.list.load_full();
+        for tap in taps.iter() {
+            if !runner.run(Seam::Tap, &mut || tap(tapped)) {
                 self.failures.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Drops every tap (the bus has stopped): user handles become their last owners.
+    pub(crate) fn forget(&self) -> Vec<TapFn> {
+        self.on.store(false, Ordering::Release);
+        Vec::clone(&self.list.swap(Arc::default()))
     }
 
     /// Adds a tap that appends every event to the file at `path` as a JSON line.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::event::EventId;
+use crate::guard::{Runner, Seam};
 use crate::sync::{Arc, AtomicU32, Ordering};
 
 /// What became of every delivery of one tracked event (see [`Bus::publish_tracked`]).
@@ -84,29 +85,36 @@ impl Tracking {
     }
 
     /// The event was accepted with `deliveries` deliveries (before any of them can settle).
-    pub(crate) fn arm(&self, event_id: EventId, deliveries: usize) {
+    /// With none, it completes at once: the callback, if one is set already, is returned to
+    /// be run.
+    pub(crate) fn arm(&self, event_id: EventId, deliveries: usize) -> Option<Done> {
         let deliveries = u32::try_from(deliveries).expect("fewer than 2^32 subscriptions");
         *self.event_id.lock() = Some(event_id);
         self.deliveries.store(deliveries, Ordering::Relaxed);
         self.remaining.store(deliveries, Ordering::Release);
         if deliveries == 0 {
-            self.complete();
+            return self.complete();
         }
+        None
     }
 
-    /// Settles `n` deliveries as `how`.
-    pub(crate) fn settle(&self, how: Settled, n: usize) {
+    /// Settles `n` deliveries as `how`. When that completes the tracker (waiters are woken at
+    /// once), its callback, if any, is returned: the caller runs it under the guard once it
+    /// has settled the deliveries in the ledger too.
+    #[must_use = "a completed tracker's callback must be run"]
+    pub(crate) fn settle(&self, how: Settled, n: usize) -> Option<Done> {
         if n == 0 {
-            return;
+            return None;
         }
         let n = n as u32;
         self.counts[how as usize].fetch_add(n, Ordering::Relaxed);
         if self.remaining.fetch_sub(n, Ordering::AcqRel) == n {
-            self.complete();
+            return self.complete();
         }
+        None
     }
 
-    fn complete(&self) {
+    fn complete(&self) -> Option<Done> {
         let count = |how: Settled| self.counts[how as usize].load(Ordering::Relaxed);
         let completion = Completion {
             deliveries: self.deliveries.load(Ordering::Relaxed),
@@ -117,11 +125,36 @@ impl Tracking {
             left: count(Settled::Left),
             abandoned: count(Settled::Abandoned),
         };
-        *self.done.lock() = Some(completion);
+        // The callback is taken under the lock that `on_complete` holds while it decides
+        // whether to store one or run it: exactly one of them runs it.
+        let callback = {
+            let mut callback = self.callback.lock();
+            *self.done.lock() = Some(completion);
+            callback.take()
+        };
         self.completed.notify_all();
-        if let Some(callback) = self.callback.lock().take() {
-            callback(completion);
-        }
+        callback.map(|callback| Done {
+            callback,
+            completion,
+        })
+    }
+}
+
+/// A tracker's callback to run: user code, run under the guard by whoever completed it.
+pub(crate) struct Done {
+    callback: Callback,
+    completion: Completion,
+}
+
+impl Done {
+    /// Runs the callback under `runner`'s guard.
+    pub(crate) fn run(self, runner: &mut dyn Runner) {
+        let mut call = Some(move || (self.callback)(self.completion));
+        runner.run(Seam::Tracker, &mut || {
+            if let Some(call) = call.take() {
+                call();
+            }
+        });
     }
 }
 

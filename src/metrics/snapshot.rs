@@ -242,6 +242,14 @@ impl MetricsSnapshot {
         ] {
             out.counter(&format!("microbus_bus_{name}_total"), help, &[], value);
         }
+        for (seam, value) in s.callback_panics.fields() {
+            out.counter(
+                "microbus_callback_panics_total",
+                "Panics caught in user code outside handlers, by seam.",
+                &[("seam", seam)],
+                value,
+            );
+        }
         out.gauge(
             "microbus_in_flight",
             "Deliveries accepted and not yet settled.",
@@ -596,6 +604,13 @@ impl fmt::Display for MetricsSnapshot {
             "deliveries: {} accepted, {} succeeded, {} failed attempts, {} retried, {} dead-lettered ({} evicted), {} in flight",
             s.delivered, s.succeeded, s.failed, s.retried, s.dead_lettered, s.evicted, s.in_flight
         )?;
+        let panics: Vec<String> = s
+            .callback_panics
+            .fields()
+            .iter()
+            .map(|(seam, n)| format!("{seam} {n}"))
+            .collect();
+        writeln!(f, "callback panics: {}", panics.join(", "))?;
         let depths: Vec<String> = self.queue_depth.iter().map(u64::to_string).collect();
         writeln!(
             f,

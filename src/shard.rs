@@ -240,6 +240,7 @@ fn run_event<E: Event>(
     generation: u32,
     deliveries: usize,
 ) -> Flow {
+    worker.shared.start_event(envelope.id());
     if worker.core.taps.on() {
         let core = worker.core;
         core.tap(envelope, event, worker);
@@ -378,6 +379,7 @@ fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow {
         rest -= per_event;
         // Shutdown reads these if it gives up on a delivery of this event.
         worker.rest = rest;
+        worker.shared.start_event(envelope.id());
         worker.open_batch();
         let mut flow = Flow::Continue;
         if tapped {
@@ -509,6 +511,7 @@ fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flow {
         unreachable!("a retry's functions match its event")
     };
     worker.untracked = !retry.tracked;
+    worker.shared.start_event(retry.event.envelope.id());
     let flow = worker.deliver(&retry.event.envelope, &sub, event, 0, retry.attempt, false);
     worker.untracked = false;
     if !worker.deferred.is_empty() {
@@ -933,7 +936,15 @@ impl WorkerShared {
         !matches!(state, IDLE | ABANDONED) && seam_of(state).is_none()
     }
 
-    /// The event id of the delivery running (or last run).
+    /// The worker starts on the deliveries of event `id`.
+    #[inline]
+    pub(crate) fn start_event(&self, id: EventId) {
+        let id = id.as_u128();
+        self.event_hi.store((id >> 64) as u64, Ordering::Relaxed);
+        self.event_lo.store(id as u64, Ordering::Relaxed);
+    }
+
+    /// The event whose deliveries the worker runs (or ran last).
     pub(crate) fn current_event(&self) -> Option<EventId> {
         let hi = self.event_hi.load(Ordering::Relaxed);
         let lo = self.event_lo.load(Ordering::Relaxed);
@@ -1385,11 +1396,6 @@ impl Worker<'_> {
             shared
                 .remaining
                 .store((remaining + self.rest) as u64, Ordering::Relaxed);
-            let id128 = envelope.id().as_u128();
-            shared
-                .event_hi
-                .store((id128 >> 64) as u64, Ordering::Relaxed);
-            shared.event_lo.store(id128 as u64, Ordering::Relaxed);
             shared.begin(id);
             let ctx = Context {
                 envelope,

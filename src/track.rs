@@ -200,9 +200,13 @@ impl Tracker {
         *done
     }
 
-    /// Calls `f` with the outcome once every delivery has settled — at once if they have. It
-    /// runs on the thread that settles the last delivery (a worker, or shutdown): keep it
-    /// quick. A second callback replaces the first if that has not run yet.
+    /// Calls `f` with the outcome once every delivery has settled — at once, on this thread,
+    /// if they have. Otherwise it runs on the thread that settles the last delivery (a worker,
+    /// a thread completing a [`Deferred`](crate::Deferred), or the thread shutdown leaves its
+    /// leftovers to), after that delivery is settled, under the bus's guard: a panic is
+    /// caught and counted in [`CallbackPanics::tracker`](crate::CallbackPanics), and one that
+    /// blocks past the shutdown deadline is left behind. Keep it quick. A second callback
+    /// replaces the first if that has not run yet.
     pub fn on_complete(&self, f: impl FnOnce(Completion) + Send + 'static) {
         let mut callback = self.0.callback.lock();
         let done = *self.0.done.lock();

@@ -93,13 +93,14 @@ impl Tally {
     }
 }
 
-/// Keeps the expected panics of handlers (on the bus's worker threads) off the test output.
+/// Keeps the expected panics of handlers and callbacks (on the bus's worker and cleanup
+/// threads) off the test output.
 pub fn quiet_worker_panics() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let on_worker = std::thread::current()
             .name()
-            .is_some_and(|n| n.starts_with("microbus-worker"));
+            .is_some_and(|n| n.starts_with("microbus-"));
         if !on_worker {
             default(info);
         }

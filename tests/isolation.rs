@@ -262,7 +262,7 @@ fn an_events_drop_that_panics_is_counted_wherever_it_is_dropped() {
         bus.subscribe(move |e: &Hostile, ctx: &Context| -> HandlerResult {
             handled.fetch_add(1, Ordering::SeqCst);
             // Every tenth fails for good (dropped after its retry), the rest succeed.
-            if e.seq % 10 == 0 {
+            if e.seq.is_multiple_of(10) {
                 return Err(HandlerError::msg(format_args!("attempt {}", ctx.attempt())));
             }
             Ok(())
@@ -448,7 +448,7 @@ fn the_deadline_holds_with_events_whose_drop_blocks() {
     assert!(report.cut_off > 0, "{report}");
     gate.store(true, Ordering::SeqCst);
     let deadline = Instant::now() + WAIT;
-    while bus.dead_letters().len() < 1 {
+    while bus.dead_letters().is_empty() {
         assert!(
             Instant::now() < deadline,
             "the cleanup thread never finished"

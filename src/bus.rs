@@ -39,8 +39,8 @@ use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subsc
 use crate::retry::RetryPolicy;
 use crate::retry::timer::{REOFFER_DELAY, Timer};
 use crate::shard::{
-    ABANDONED, Batch, IDLE, MAX_GROUP, Msg, Routed, Shard, Task, Work, WorkerCounts, WorkerShared,
-    run_worker, seam_of, wait_for_batches,
+    ABANDONED, Batch, IDLE, MAX_GROUP, Msg, Retry, Routed, Shard, Task, Work, WorkerCounts,
+    WorkerShared, run_worker, seam_of, wait_for_batches,
 };
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::tap::{Tapped, Taps};
@@ -361,6 +361,26 @@ impl Swept {
     /// the event's `Serialize` and `Drop`, the hook and the sink) goes to `leftovers`.
     fn add(&mut self, core: &Arc<Core>, work: Work, leftovers: &mut Leftovers) {
         let kept = core.dead_letters.enabled();
+        if kept && core.config.dead_letter_left && !matches!(work, Work::Retry(_)) {
+            // Kept as dead letters, to be redriven (after a restart, from a file).
+            let deliveries = work.deliveries() as u64;
+            let mut done = Vec::new();
+            let retries = work.never_ran(&core.registry.load_full(), &mut done);
+            self.dead_lettered += retries.len() as u64;
+            self.left += deliveries - retries.len() as u64;
+            done.extend(
+                retries
+                    .iter()
+                    .filter_map(|r| r.track(Settled::DeadLettered)),
+            );
+            for done in done {
+                leftovers.push(move |runner| done.run(runner));
+            }
+            for retry in retries {
+                self.bury(core, retry, leftovers);
+            }
+            return;
+        }
         let how = match &work {
             Work::Retry(_) if kept => Settled::DeadLettered,
             Work::Retry(_) => Settled::Discarded,
@@ -378,19 +398,24 @@ impl Swept {
             }
             Work::Retry(retry) if kept => {
                 self.dead_lettered += 1;
-                let core = core.clone();
-                leftovers.push(move |runner| {
-                    let id = core.dead_letters.next_id();
-                    let letter = retry.bury(DeadLetterReason::Shutdown, id, runner);
-                    let after = core.dead_letters.push(letter);
-                    core.dead_letters.call_back(after, runner);
-                });
+                self.bury(core, retry, leftovers);
             }
             Work::Retry(retry) => {
                 self.discarded += 1;
                 leftovers.drop(retry);
             }
         }
+    }
+
+    /// Leaves `retry` to be made a dead letter (reason `Shutdown`).
+    fn bury(&mut self, core: &Arc<Core>, retry: Retry, leftovers: &mut Leftovers) {
+        let core = core.clone();
+        leftovers.push(move |runner| {
+            let id = core.dead_letters.next_id();
+            let letter = retry.bury(DeadLetterReason::Shutdown, id, runner);
+            let after = core.dead_letters.push(letter);
+            core.dead_letters.call_back(after, runner);
+        });
     }
 
     fn total(&self) -> u64 {
@@ -409,6 +434,11 @@ fn backoff(step: &mut u32) {
 }
 
 impl Core {
+    /// Whether no shutdown has started.
+    fn is_running(&self) -> bool {
+        matches!(*self.lifecycle.lock(), Lifecycle::Running)
+    }
+
     pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
     }
@@ -1581,7 +1611,9 @@ impl Drop for Handle {
                 .spawn(move || {
                     let _ = core.shutdown(timeout);
                 });
-        } else {
+        } else if self.core.is_running() {
+            // Not while a shutdown is under way: this may be its own leftovers being dropped
+            // (a handler that held the last handle), which it waits for.
             let _ = self.core.shutdown(timeout);
         }
     }
@@ -1664,8 +1696,10 @@ impl BusBuilder {
     }
 
     /// Receives every dead letter evicted from the full ring, so that none disappears without
-    /// a trace. It runs on the thread that dead-lettered the delivery (a worker), so it should
-    /// be quick.
+    /// a trace. It runs on the thread that dead-lettered the delivery (a worker), after the
+    /// delivery is settled, so it should be quick; it runs under the bus's guard: a panic is
+    /// caught and counted in [`CallbackPanics::sink`], and a sink still running at the
+    /// shutdown deadline is left behind.
     pub fn dead_letter_sink(mut self, sink: impl Fn(&DeadLetter) + Send + Sync + 'static) -> Self {
         self.dead_letter_sink = Some(Arc::new(sink));
         self
@@ -1682,8 +1716,23 @@ impl BusBuilder {
         self
     }
 
-    /// Called with every new dead letter, for alerting. It runs on a worker, so it should be
-    /// quick.
+    /// At shutdown, keeps the deliveries that never ran as dead letters (reason
+    /// [`Shutdown`](DeadLetterReason::Shutdown), no attempts, no errors) instead of counting
+    /// them as left: with a [`dead_letter_file`](Self::dead_letter_file), or an
+    /// [`export_json`](DeadLetters::export_json) before exit, they survive a restart and can be
+    /// redriven. It takes those waiting in the shards' channels, the workers' spill queues and
+    /// on the timer (delayed events); the deliveries after a handler still running at the
+    /// deadline stay left, and so does everything with dead letters off. Off by default.
+    pub fn dead_letter_left_at_shutdown(mut self, keep: bool) -> Self {
+        self.config.dead_letter_left = keep;
+        self
+    }
+
+    /// Called with every new dead letter, for alerting, once it is in the ring (and its
+    /// delivery settled). It runs on the thread that dead-lettered it (a worker), so it should
+    /// be quick; it runs under the bus's guard: a panic is caught and counted in
+    /// [`CallbackPanics::hook`], and a hook still running at the shutdown deadline is left
+    /// behind.
     pub fn on_dead_letter(mut self, hook: impl Fn(&DeadLetter) + Send + Sync + 'static) -> Self {
         self.on_dead_letter = Some(Arc::new(hook));
         self

@@ -60,6 +60,8 @@ pub(crate) struct Config {
     pub(crate) retry: RetryPolicy,
     pub(crate) retry_seed: Option<u64>,
     pub(crate) dead_letter_capacity: usize,
+    /// Whether shutdown keeps the deliveries that never ran as dead letters.
+    pub(crate) dead_letter_left: bool,
     pub(crate) trace_capacity: usize,
     pub(crate) metrics: bool,
     pub(crate) metrics_sample_every: u32,
@@ -77,6 +79,7 @@ impl Default for Config {
             retry: RetryPolicy::default(),
             retry_seed: None,
             dead_letter_capacity: DEFAULT_DEAD_LETTER_CAPACITY,
+            dead_letter_left: false,
             trace_capacity: 0,
             metrics: true,
             metrics_sample_every: 1,

@@ -112,6 +112,18 @@ impl Work {
         }
     }
 
+    /// The deliveries of published events that never ran, each as a first attempt to bury: one
+    /// per event and subscription it matched that `snapshot` still has. Its other deliveries
+    /// (to subscriptions since removed) are settled as left in its tracker, which may complete
+    /// (its callback goes to `done`). Moves the events; runs no user code.
+    pub(crate) fn never_ran(self, snapshot: &Snapshot, done: &mut Vec<Done>) -> Vec<Retry> {
+        match &self {
+            Work::Task(task) => (task.ops.never_ran)(self, snapshot, done),
+            Work::Batch(batch) => (batch.ops.never_ran)(self, snapshot, done),
+            Work::Retry(_) => Vec::new(),
+        }
+    }
+
     /// Whether dropping it runs code of the event's (a `Drop` of its own or of a field).
     pub(crate) fn needs_drop(&self) -> bool {
         match self {
@@ -157,6 +169,7 @@ pub(crate) struct TaskOps {
     meta: fn(&Arc<dyn Any + Send + Sync>) -> &SubMeta,
     type_id: fn() -> TypeId,
     needs_drop: bool,
+    never_ran: fn(Work, &Snapshot, &mut Vec<Done>) -> Vec<Retry>,
 }
 
 struct OpsOf<E>(PhantomData<E>);
@@ -172,6 +185,7 @@ impl<E: Event> OpsOf<E> {
         meta: meta_of::<E>,
         type_id: TypeId::of::<E>,
         needs_drop: std::mem::needs_drop::<E>(),
+        never_ran: never_ran::<E>,
     };
 }
 
@@ -597,6 +611,69 @@ pub(crate) fn to_json<E: Event>(event: &E, runner: &mut dyn Runner) -> String {
         None => "the event's Serialize panicked".to_owned(),
     };
     serde_json::to_string(&error).expect("a string serializes")
+}
+
+/// See [`Work::never_ran`]: the deliveries of a task or a batch of events of type `E`.
+fn never_ran<E: Event>(work: Work, snapshot: &Snapshot, done: &mut Vec<Done>) -> Vec<Retry> {
+    let deliveries = work.deliveries();
+    let (events, generation, source): (Vec<(Envelope, E)>, u32, NameId) = match work {
+        Work::Task(task) => {
+            let (generation, source) = (task.generation, task.envelope.source_id());
+            let Ok(event) = task.payload.downcast::<E>() else {
+                unreachable!("a task's functions match its payload")
+            };
+            (
+                vec![(task.envelope, event.into_inner())],
+                generation,
+                source,
+            )
+        }
+        Work::Batch(batch) => {
+            let (generation, source) = (batch.generation, batch.source);
+            let Ok(items) = batch.items.downcast::<Vec<(Envelope, E)>>() else {
+                unreachable!("a batch's functions match its payload")
+            };
+            (items.into_inner(), generation, source)
+        }
+        Work::Retry(_) => return Vec::new(),
+    };
+    let subs: Vec<&Arc<Sub<E>>> = snapshot.table::<E>().map_or_else(Vec::new, |table| {
+        table
+            .subs
+            .iter()
+            .filter(|s| s.meta.matched(generation, source))
+            .collect()
+    });
+    let now = SystemTime::now();
+    let mut retries = Vec::with_capacity(events.len() * subs.len());
+    let gone = (deliveries / events.len().max(1)).saturating_sub(subs.len());
+    for (envelope, event) in events {
+        if gone > 0
+            && let Some(d) = envelope
+                .tracker()
+                .and_then(|t| t.settle(Settled::Left, gone))
+        {
+            done.push(d);
+        }
+        let event = Arc::new(SharedEvent {
+            envelope,
+            event: Box::new(event),
+        });
+        for sub in &subs {
+            retries.push(Retry {
+                ops: &OpsOf::<E>::OPS,
+                event: event.clone(),
+                sub: Arc::clone(sub) as Arc<dyn Any + Send + Sync>,
+                attempt: 1,
+                history: History {
+                    errors: Vec::new(),
+                    first_failure: now,
+                },
+                tracked: true,
+            });
+        }
+    }
+    retries
 }
 
 /// Rebuilds a delivery of an event of type `E` read back from a dead-letter file: the event

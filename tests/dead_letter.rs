@@ -642,3 +642,97 @@ fn a_redrive_cut_short_by_shutdown_says_how_many_went_and_stayed() {
     }
     assert!(cut_short > 0, "the shutdown never cut a redrive short");
 }
+
+#[test]
+fn deliveries_left_at_shutdown_can_be_kept_as_dead_letters_and_redriven_after_a_restart() {
+    let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
+    let (entered_tx, entered) = crossbeam_channel::bounded(1);
+    let bus = Bus::builder()
+        .workers(1)
+        .dead_letter_left_at_shutdown(true)
+        .shutdown_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let payments = bus.service("Payments").unwrap();
+    for name in ["charge", "audit"] {
+        let (entered_tx, release_rx) = (entered_tx.clone(), release_rx.clone());
+        payments
+            .subscribe_with(
+                SubscribeOptions::new().named(name),
+                move |e: &Numbered, _: &Context| -> HandlerResult {
+                    if e.seq == 0 && name == "charge" {
+                        entered_tx.send(()).unwrap();
+                        let _ = release_rx.recv();
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
+    for seq in 0..5 {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    bus.publish_batch((5..8).map(|seq| Numbered { publisher: 0, seq }))
+        .unwrap();
+    bus.publish_delayed(
+        Numbered {
+            publisher: 0,
+            seq: 8,
+        },
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    entered.recv().unwrap();
+    let report = bus.shutdown().unwrap();
+    drop(release);
+    assert!(report.is_balanced(), "{report}");
+    // Event 0's first delivery was running (abandoned) and its second never ran (left);
+    // events 1 to 8, two deliveries each, are kept.
+    let s = &report.stats;
+    assert_eq!(
+        (s.abandoned, s.left, s.dead_lettered),
+        (1, 1, 16),
+        "{report}"
+    );
+    let exported = bus.dead_letters().export_json();
+    let letters = bus.dead_letters().list();
+    assert_eq!(letters.len(), 16);
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.reason() == DeadLetterReason::Shutdown
+                && l.attempts() == 0
+                && l.errors().is_empty())
+    );
+
+    // After the restart.
+    let bus = Bus::builder().workers(2).build().unwrap();
+    let payments = bus.service("Payments").unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    for name in ["charge", "audit"] {
+        let seen = seen.clone();
+        payments
+            .subscribe_with(
+                SubscribeOptions::new().named(name),
+                move |e: &Numbered, _: &Context| -> HandlerResult {
+                    seen.lock().unwrap().push((name, e.seq));
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
+    let summary = bus
+        .dead_letters()
+        .load_json_lines(exported.as_bytes())
+        .unwrap();
+    assert_eq!((summary.loaded, summary.not_redrivable), (16, 0));
+    assert_eq!(bus.dead_letters().redrive_all(), Ok(16));
+    bus.flush(WAIT).unwrap();
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    let expected: Vec<(&str, u64)> = ["audit", "charge"]
+        .into_iter()
+        .flat_map(|name| (1..9).map(move |seq| (name, seq)))
+        .collect();
+    assert_eq!(seen, expected);
+}

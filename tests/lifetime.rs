@@ -168,3 +168,61 @@ fn the_last_handle_dropped_inside_a_handler_still_shuts_the_bus_down() {
         std::thread::yield_now();
     }
 }
+
+/// Counts its drops.
+struct Dropped(Arc<AtomicU64>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_stopped_bus_lets_go_of_its_handlers_and_callbacks() {
+    let drops = Arc::new(AtomicU64::new(0));
+    let owned = || Dropped(drops.clone());
+    let (hook, sink) = (owned(), owned());
+    let bus = Bus::builder()
+        .workers(2)
+        .retry(microbus::RetryPolicy::none())
+        .dead_letter_capacity(1)
+        .on_dead_letter(move |_| {
+            let _ = &hook;
+        })
+        .dead_letter_sink(move |_| {
+            let _ = &sink;
+        })
+        .build()
+        .unwrap();
+    {
+        // A handler that captures a handle of its own bus: a cycle through the handler tables
+        // until the bus stops. Its failures leave dead letters that can reach it too.
+        let (captured, value) = (bus.clone(), owned());
+        bus.subscribe(move |_: &Numbered, _: &Context| -> HandlerResult {
+            let _ = (&captured, &value);
+            Err(microbus::HandlerError::msg("no"))
+        })
+        .unwrap();
+    }
+    {
+        let value = owned();
+        bus.tap(move |_| {
+            let _ = &value;
+        });
+    }
+    for seq in 0..3 {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    bus.flush(WAIT).unwrap();
+    assert_eq!(count(&drops), 0);
+    assert!(bus.shutdown().unwrap().is_balanced());
+    // The handler (and the handle it held), the tap, the hook and the sink are gone.
+    assert_eq!(count(&drops), 4);
+    assert_eq!(bus.dead_letters().len(), 1);
+    assert!(
+        bus.dead_letters().list()[0]
+            .payload_json()
+            .contains("\"seq\":2")
+    );
+}

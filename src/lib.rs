@@ -144,10 +144,14 @@
 //! them over when a snapshot asks; the publish time comes from the event id, so a timed
 //! delivery reads the TSC twice. [`BusBuilder::metrics_sample_every`] times one delivery in
 //! `n` (the snapshot states `n`); [`BusBuilder::metrics`]`(false)` turns recording off, and a
-//! delivery then takes no timestamp. Memory is bounded: each worker keeps three histograms
-//! (1 ns to 68.7 s, two significant digits) for each handler it runs, 92,160 bytes per worker ×
-//! handler, allocated when it first runs that handler; the bus keeps one merged set per
-//! handler. Recording allocates nothing after that.
+//! delivery then takes no timestamp. Memory is per use and given back: a worker counts each
+//! handler's three latencies (1 ns to 68.7 s, two significant digits) as a short list of
+//! buckets while few are used (a few hundred bytes), and in arrays of every bucket, 92,160
+//! bytes per worker × handler, once a handler is busy; a snapshot merges them into the bus's
+//! copy (a list or arrays likewise), and a worker lets go of what a handler no longer uses.
+//! A busy handler's recording allocates nothing. An unsubscribed handler's row stays among the
+//! last 64 removed, then goes. 10,000 handlers that ran 10 events each take about 15 MiB with
+//! a snapshot, on two workers.
 //!
 //! # Audit taps and tracing
 //!

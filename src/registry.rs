@@ -627,6 +627,7 @@ impl Subscription {
     pub fn unsubscribe(&self) {
         if self.meta.active.swap(false, Ordering::SeqCst) {
             self.core.registry.remove(&self.meta);
+            self.core.metrics.unsubscribed(self.meta.id);
         }
         self.core.wait_for_open_batches();
     }

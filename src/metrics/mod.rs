@@ -32,7 +32,8 @@ pub use snapshot::{
 };
 
 use std::any::TypeId;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
@@ -51,37 +52,30 @@ const SIGNIFICANT_DIGITS: u8 = 2;
 /// How long [`Bus::metrics`](crate::Bus::metrics) waits for a busy worker's latencies.
 pub(crate) const COLLECT_WAIT: Duration = Duration::from_millis(100);
 
-/// A latency distribution being recorded: the histogram and the exact sum.
-#[derive(Clone)]
+/// A latency distribution: bucket counts in the `hdrhistogram` crate's layout, and the exact
+/// sum. The crate's histograms (a fixed 30 KB each) are made only to summarise one, in a
+/// [`Scratch`] reused across a snapshot.
+#[derive(Clone, Default)]
 struct Distribution {
-    histogram: Histogram<u64>,
-    sum: u64,
+    counts: Counts,
 }
 
 impl Distribution {
-    fn new() -> Distribution {
-        Distribution {
-            histogram: Histogram::new_with_bounds(1, HIGHEST_NANOS, SIGNIFICANT_DIGITS)
-                .expect("valid histogram bounds"),
-            sum: 0,
-        }
-    }
-
     fn add(&mut self, other: &Distribution) {
-        self.histogram
-            .add(&other.histogram)
-            .expect("histograms with the same bounds add up");
-        self.sum = self.sum.saturating_add(other.sum);
+        self.counts.add(&other.counts);
     }
 
-    fn summary(&self) -> Latency {
-        let h = &self.histogram;
-        if h.is_empty() {
+    fn summary(&self, scratch: &mut Scratch) -> Latency {
+        if self.counts.is_empty() {
             return Latency::default();
         }
+        let h = &mut scratch.0;
+        h.reset();
+        self.counts
+            .each(|index, count| h.saturating_record_n(value_for(index), count));
         Latency {
             count: h.len(),
-            sum_ns: self.sum,
+            sum_ns: self.counts.sum,
             min_ns: h.min(),
             p50_ns: h.value_at_quantile(0.5),
             p90_ns: h.value_at_quantile(0.9),
@@ -92,8 +86,20 @@ impl Distribution {
     }
 }
 
+/// A histogram of the crate's to summarise distributions in.
+struct Scratch(Histogram<u64>);
+
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch(
+            Histogram::new_with_bounds(1, HIGHEST_NANOS, SIGNIFICANT_DIGITS)
+                .expect("valid histogram bounds"),
+        )
+    }
+}
+
 /// The three distributions of one subscription.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct Distributions {
     queue_wait: Distribution,
     handler: Distribution,
@@ -102,17 +108,22 @@ struct Distributions {
 
 impl Distributions {
     fn new() -> Distributions {
-        Distributions {
-            queue_wait: Distribution::new(),
-            handler: Distribution::new(),
-            end_to_end: Distribution::new(),
-        }
+        Distributions::default()
     }
 
     fn add(&mut self, other: &Distributions) {
         self.queue_wait.add(&other.queue_wait);
         self.handler.add(&other.handler);
         self.end_to_end.add(&other.end_to_end);
+    }
+
+    /// The bytes it holds on the heap.
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        [&self.queue_wait, &self.handler, &self.end_to_end]
+            .iter()
+            .map(|d| d.counts.buckets.heap_bytes())
+            .sum()
     }
 }
 
@@ -145,63 +156,149 @@ fn value_for(index: usize) -> u64 {
     }
 }
 
-/// A worker's counts of one latency: a histogram's buckets and the exact sum.
+/// How many distinct buckets a distribution keeps as a list before it switches to an array of
+/// every bucket: a subscription that ran a few times costs a few hundred bytes, a busy one the
+/// whole array ([`COUNTS_LEN`] buckets, 30 KB) and an index per record.
+const SPARSE_BUCKETS: usize = 32;
+
+/// Bucket counts: a short list of (bucket, count) while few buckets are used, then the array.
+#[derive(Clone)]
+enum Buckets {
+    Sparse(Vec<(u16, u64)>),
+    Dense(Box<[u64]>),
+}
+
+impl Default for Buckets {
+    fn default() -> Buckets {
+        Buckets::Sparse(Vec::new())
+    }
+}
+
+impl Buckets {
+    #[inline]
+    fn record(&mut self, index: usize, n: u64) {
+        match self {
+            Buckets::Dense(buckets) => buckets[index] += n,
+            Buckets::Sparse(list) => {
+                if let Some(entry) = list.iter_mut().find(|e| usize::from(e.0) == index) {
+                    entry.1 += n;
+                } else if list.len() < SPARSE_BUCKETS {
+                    // `COUNTS_LEN` fits in a `u16`.
+                    list.push((index as u16, n));
+                } else {
+                    self.densify();
+                    self.record(index, n);
+                }
+            }
+        }
+    }
+
+    #[cold]
+    fn densify(&mut self) {
+        let mut dense = vec![0; COUNTS_LEN].into_boxed_slice();
+        if let Buckets::Sparse(list) = self {
+            for &(index, count) in list.iter() {
+                dense[usize::from(index)] += count;
+            }
+        }
+        *self = Buckets::Dense(dense);
+    }
+
+    /// Calls `f` with each bucket that has a count, and its count.
+    fn each(&self, mut f: impl FnMut(usize, u64)) {
+        match self {
+            Buckets::Sparse(list) => list.iter().for_each(|&(i, c)| f(usize::from(i), c)),
+            Buckets::Dense(buckets) => buckets
+                .iter()
+                .enumerate()
+                .filter(|&(_, &c)| c > 0)
+                .for_each(|(i, &c)| f(i, c)),
+        }
+    }
+
+    fn is_sparse(&self) -> bool {
+        matches!(self, Buckets::Sparse(_))
+    }
+
+    /// The bytes it holds on the heap.
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Buckets::Sparse(list) => list.capacity() * std::mem::size_of::<(u16, u64)>(),
+            Buckets::Dense(buckets) => buckets.len() * std::mem::size_of::<u64>(),
+        }
+    }
+}
+
+/// Counts of one latency: its buckets and the exact sum.
+#[derive(Clone, Default)]
 struct Counts {
-    buckets: Box<[u64]>,
+    buckets: Buckets,
     sum: u64,
 }
 
 impl Counts {
-    fn new() -> Counts {
-        Counts {
-            buckets: vec![0; COUNTS_LEN].into_boxed_slice(),
-            sum: 0,
-        }
-    }
-
     #[inline]
     fn record(&mut self, nanos: u64) {
-        self.buckets[index_for(nanos.min(HIGHEST_NANOS))] += 1;
+        self.buckets.record(index_for(nanos.min(HIGHEST_NANOS)), 1);
         self.sum = self.sum.wrapping_add(nanos);
     }
 
-    /// Adds the counts to `into` and clears them.
-    fn drain_into(&mut self, into: &mut Distribution) {
-        for (index, count) in self.buckets.iter_mut().enumerate() {
-            if *count > 0 {
-                into.histogram.saturating_record_n(value_for(index), *count);
-                *count = 0;
-            }
+    fn is_empty(&self) -> bool {
+        let mut empty = true;
+        self.buckets.each(|_, _| empty = false);
+        empty
+    }
+
+    fn each(&self, f: impl FnMut(usize, u64)) {
+        self.buckets.each(f);
+    }
+
+    fn add(&mut self, other: &Counts) {
+        let buckets = &mut self.buckets;
+        other
+            .buckets
+            .each(|index, count| buckets.record(index, count));
+        self.sum = self.sum.saturating_add(other.sum);
+    }
+
+    /// Adds the counts to `into` and clears them (a list lets go of its memory).
+    fn drain_into(&mut self, into: &mut Counts) {
+        into.add(self);
+        match &mut self.buckets {
+            Buckets::Sparse(list) => *list = Vec::new(),
+            Buckets::Dense(buckets) => buckets.fill(0),
         }
-        into.sum = into.sum.saturating_add(self.sum);
         self.sum = 0;
     }
 }
 
 /// A worker's counts of one subscription.
+#[derive(Default)]
 struct LocalCounts {
     queue_wait: Counts,
     handler: Counts,
     end_to_end: Counts,
     /// Whether anything was recorded since the last merge.
     dirty: bool,
+    /// Kept at the last merge (a busy subscription's arrays): dropped at the next one unless
+    /// it runs again by then.
+    kept: bool,
 }
 
 impl LocalCounts {
-    fn new() -> LocalCounts {
-        LocalCounts {
-            queue_wait: Counts::new(),
-            handler: Counts::new(),
-            end_to_end: Counts::new(),
-            dirty: false,
-        }
+    fn drain_into(&mut self, into: &mut Distributions) {
+        self.queue_wait.drain_into(&mut into.queue_wait.counts);
+        self.handler.drain_into(&mut into.handler.counts);
+        self.end_to_end.drain_into(&mut into.end_to_end.counts);
+        self.dirty = false;
     }
 
-    fn drain_into(&mut self, into: &mut Distributions) {
-        self.queue_wait.drain_into(&mut into.queue_wait);
-        self.handler.drain_into(&mut into.handler);
-        self.end_to_end.drain_into(&mut into.end_to_end);
-        self.dirty = false;
+    /// Whether it holds only short lists (no array of every bucket).
+    fn is_sparse(&self) -> bool {
+        self.queue_wait.buckets.is_sparse()
+            && self.handler.buckets.is_sparse()
+            && self.end_to_end.buckets.is_sparse()
     }
 }
 
@@ -356,8 +453,24 @@ impl PublishCounters {
 pub(crate) struct Metrics {
     pub(crate) enabled: bool,
     pub(crate) sample_every: u32,
-    subscriptions: Mutex<Vec<Arc<SubMeta>>>,
-    merged: Mutex<HashMap<u64, Distributions>>,
+    rows: Mutex<Rows>,
+}
+
+/// How many removed subscriptions keep their row in the metrics (the oldest go first).
+const REMOVED_ROWS: usize = 64;
+
+/// The subscriptions the metrics report, with their merged latencies.
+#[derive(Default)]
+struct Rows {
+    /// Live subscriptions by id (subscription order).
+    live: BTreeMap<u64, Row>,
+    /// The last [`REMOVED_ROWS`] removed, oldest first.
+    removed: VecDeque<Row>,
+}
+
+struct Row {
+    meta: Arc<SubMeta>,
+    latencies: Distributions,
 }
 
 impl Metrics {
@@ -365,36 +478,46 @@ impl Metrics {
         Metrics {
             enabled,
             sample_every,
-            subscriptions: Mutex::new(Vec::new()),
-            merged: Mutex::new(HashMap::new()),
+            rows: Mutex::new(Rows::default()),
         }
     }
 
     /// Remembers a new subscription, to report it.
     pub(crate) fn subscribed(&self, meta: &Arc<SubMeta>) {
         if self.enabled {
-            self.subscriptions.lock().push(meta.clone());
+            self.rows.lock().live.insert(
+                meta.id,
+                Row {
+                    meta: meta.clone(),
+                    latencies: Distributions::new(),
+                },
+            );
+        }
+    }
+
+    /// A subscription ended: its row stays among the last [`REMOVED_ROWS`] removed, then
+    /// goes (the bus's statistics keep counting what it did).
+    pub(crate) fn unsubscribed(&self, id: u64) {
+        let mut rows = self.rows.lock();
+        if let Some(row) = rows.live.remove(&id) {
+            rows.removed.push_back(row);
+            if rows.removed.len() > REMOVED_ROWS {
+                rows.removed.pop_front();
+            }
         }
     }
 
     /// The per-handler and per-event-type figures, from the counters and the merged latencies.
     pub(crate) fn handler_metrics(&self) -> (Vec<HandlerMetrics>, Vec<EventLatency>) {
-        let subscriptions = self.subscriptions.lock().clone();
-        let merged = self.merged.lock();
+        let rows = self.rows.lock();
+        let mut scratch = Scratch::new();
         let mut by_event: HashMap<&'static str, Distributions> = HashMap::new();
-        let handlers = subscriptions
-            .iter()
-            .map(|meta| {
-                let distributions = merged.get(&meta.id);
-                if let Some(d) = distributions {
-                    by_event
-                        .entry(meta.event_name)
-                        .or_insert_with(Distributions::new)
-                        .add(d);
-                }
-                let summary = |pick: fn(&Distributions) -> &Distribution| {
-                    distributions.map_or_else(Latency::default, |d| pick(d).summary())
-                };
+        let mut ordered: Vec<&Row> = rows.removed.iter().chain(rows.live.values()).collect();
+        ordered.sort_by_key(|row| row.meta.id);
+        let handlers = ordered
+            .into_iter()
+            .map(|Row { meta, latencies }| {
+                by_event.entry(meta.event_name).or_default().add(latencies);
                 let sum = |pick: fn(&HandlerCells) -> &AtomicU64| -> u64 {
                     meta.cells
                         .iter()
@@ -415,9 +538,9 @@ impl Metrics {
                     retried: meta.retried.load(Ordering::Relaxed),
                     dead_lettered: meta.dead_lettered.load(Ordering::Relaxed),
                     cancelled: meta.cancelled.load(Ordering::Relaxed),
-                    queue_wait: summary(|d| &d.queue_wait),
-                    handler_time: summary(|d| &d.handler),
-                    end_to_end: summary(|d| &d.end_to_end),
+                    queue_wait: latencies.queue_wait.summary(&mut scratch),
+                    handler_time: latencies.handler.summary(&mut scratch),
+                    end_to_end: latencies.end_to_end.summary(&mut scratch),
                 }
             })
             .collect();
@@ -425,9 +548,9 @@ impl Metrics {
             .into_iter()
             .map(|(event, d)| EventLatency {
                 event: event.to_owned(),
-                queue_wait: d.queue_wait.summary(),
-                handler_time: d.handler.summary(),
-                end_to_end: d.end_to_end.summary(),
+                queue_wait: d.queue_wait.summary(&mut scratch),
+                handler_time: d.handler.summary(&mut scratch),
+                end_to_end: d.end_to_end.summary(&mut scratch),
             })
             .collect();
         event_latency.sort_by(|a, b| a.event.cmp(&b.event));
@@ -488,14 +611,39 @@ impl Collect {
     }
 }
 
+/// How many subscriptions a worker keeps latencies of before it merges them unasked: what a
+/// worker holds stays bounded even when nobody asks for metrics.
+const LOCAL_SUBSCRIPTIONS: usize = 1024;
+
+/// Hashes subscription ids (consecutive numbers) for the recorder's map: one multiplication.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 /// A worker's own latency recorder. Only the worker thread touches it.
 pub(crate) struct Recorder {
     worker: usize,
     sample_every: u32,
     /// Deliveries to skip before the next sampled one.
     countdown: u32,
-    /// Per subscription (its id minus one), once the worker has recorded for it.
-    by_sub: Vec<Option<Box<LocalCounts>>>,
+    /// Per subscription, once the worker has recorded for it since the last merge (a busy one
+    /// keeps its arrays from one merge to the next).
+    by_sub: HashMap<u64, Box<LocalCounts>, BuildHasherDefault<IdHasher>>,
     /// Subscriptions with latencies not merged yet.
     dirty: Vec<u64>,
     /// The last request answered.
@@ -508,7 +656,7 @@ impl Recorder {
             worker,
             sample_every,
             countdown: 0,
-            by_sub: Vec::new(),
+            by_sub: HashMap::default(),
             dirty: Vec::new(),
             answered: 0,
         }
@@ -547,11 +695,7 @@ impl Recorder {
     /// queue wait; `from_publish`: a delivery whose end-to-end time counts (not a redrive).
     #[inline]
     pub(crate) fn record(&mut self, meta: &SubMeta, id: EventId, span: Span) {
-        let slot = (meta.id - 1) as usize;
-        if slot >= self.by_sub.len() {
-            self.by_sub.resize_with(slot + 1, || None);
-        }
-        let d = self.by_sub[slot].get_or_insert_with(|| Box::new(LocalCounts::new()));
+        let d = self.by_sub.entry(meta.id).or_default();
         if !d.dirty {
             d.dirty = true;
             self.dirty.push(meta.id);
@@ -566,7 +710,8 @@ impl Recorder {
         }
     }
 
-    /// Answers an outstanding request: merges what was recorded into the bus's latencies.
+    /// Answers an outstanding request: merges what was recorded into the bus's latencies. It
+    /// merges unasked too once it holds latencies of many subscriptions.
     #[inline]
     pub(crate) fn answer(&mut self, metrics: &Metrics, collect: &Collect) {
         let want = collect.want.load(Ordering::Relaxed);
@@ -574,27 +719,44 @@ impl Recorder {
             self.merge(metrics);
             self.answered = want;
             collect.done.store(want, Ordering::Release);
+        } else if self.by_sub.len() > LOCAL_SUBSCRIPTIONS {
+            self.merge(metrics);
         }
     }
 
     /// Merges what was recorded and says no more will come (the worker exits).
     pub(crate) fn exit(&mut self, metrics: &Metrics, collect: &Collect) {
         self.merge(metrics);
+        self.by_sub = HashMap::default();
         collect.done.store(EXITED, Ordering::Release);
     }
 
+    /// Adds what was recorded to the bus's latencies (those of a subscription that has ended
+    /// are dropped), and lets go of the counts of subscriptions that ran little: a list is
+    /// made again when one runs, while a busy one keeps its arrays until a whole merge
+    /// interval passes without it.
     #[cold]
     fn merge(&mut self, metrics: &Metrics) {
-        if self.dirty.is_empty() {
+        if self.dirty.is_empty() && self.by_sub.is_empty() {
             return;
         }
-        let mut merged = metrics.merged.lock();
-        for id in self.dirty.drain(..) {
-            let Some(Some(local)) = self.by_sub.get_mut((id - 1) as usize) else {
-                continue;
-            };
-            local.drain_into(merged.entry(id).or_insert_with(Distributions::new));
+        {
+            let mut rows = metrics.rows.lock();
+            let mut gone = Distributions::new();
+            for id in self.dirty.drain(..) {
+                let Some(local) = self.by_sub.get_mut(&id) else {
+                    continue;
+                };
+                let into = match rows.live.get_mut(&id) {
+                    Some(row) => &mut row.latencies,
+                    None => &mut gone,
+                };
+                local.drain_into(into);
+                local.kept = !local.is_sparse();
+            }
         }
+        self.by_sub
+            .retain(|_, local| std::mem::take(&mut local.kept));
     }
 }
 
@@ -614,31 +776,50 @@ pub(crate) struct Span {
 mod tests {
     use super::*;
 
-    /// A histogram of `values` recorded by the crate itself.
-    fn by_the_crate(values: &[u64]) -> Distribution {
-        let mut d = Distribution::new();
+    /// The summary the crate itself makes of `values`.
+    fn by_the_crate(values: &[u64]) -> (Latency, Vec<(u64, u64)>) {
+        let mut h = Scratch::new().0;
+        let mut sum = 0u64;
         for &v in values {
-            d.histogram.saturating_record(v);
-            d.sum += v;
+            h.saturating_record(v);
+            sum = sum.saturating_add(v);
         }
-        d
+        let summary = Latency {
+            count: h.len(),
+            sum_ns: sum,
+            min_ns: h.min(),
+            p50_ns: h.value_at_quantile(0.5),
+            p90_ns: h.value_at_quantile(0.9),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            max_ns: h.max(),
+        };
+        let buckets = h
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect();
+        (summary, buckets)
     }
 
     /// The same, counted by a worker and merged.
     fn counted_and_merged(values: &[u64]) -> Distribution {
-        let mut counts = Counts::new();
+        let mut counts = Counts::default();
         for &v in values {
             counts.record(v);
         }
-        let mut d = Distribution::new();
-        counts.drain_into(&mut d);
+        let mut d = Distribution::default();
+        counts.drain_into(&mut d.counts);
         assert_eq!(counts.sum, 0);
-        assert!(counts.buckets.iter().all(|&c| c == 0));
+        assert!(counts.is_empty());
         d
     }
 
+    /// The buckets of `d` as the crate reports them.
     fn buckets(d: &Distribution) -> Vec<(u64, u64)> {
-        d.histogram
+        let mut scratch = Scratch::new();
+        d.summary(&mut scratch);
+        scratch
+            .0
             .iter_recorded()
             .map(|v| (v.value_iterated_to(), v.count_at_value()))
             .collect()
@@ -646,7 +827,7 @@ mod tests {
 
     #[test]
     fn the_workers_layout_is_the_crates() {
-        assert_eq!(Distribution::new().histogram.distinct_values(), COUNTS_LEN);
+        assert_eq!(Scratch::new().0.distinct_values(), COUNTS_LEN);
         let mut values: Vec<u64> = (0..=5_000).collect();
         for shift in 0..40 {
             let p = 1u64 << shift;
@@ -665,42 +846,57 @@ mod tests {
             HIGHEST_NANOS + 1,
             u64::MAX / 2,
         ]);
-        let direct = by_the_crate(&values);
+        let (summary, direct) = by_the_crate(&values);
         let merged = counted_and_merged(&values);
-        assert_eq!(buckets(&merged), buckets(&direct));
-        assert_eq!(merged.summary(), direct.summary());
+        assert_eq!(buckets(&merged), direct);
+        let mut summed = summary;
+        // The exact sum wraps where the crate's saturates: only the giant values differ.
+        summed.sum_ns = merged.counts.sum;
+        assert_eq!(merged.summary(&mut Scratch::new()), summed);
         for index in 0..COUNTS_LEN {
             assert_eq!(index_for(value_for(index)), index, "{index}");
         }
     }
 
     #[test]
-    fn a_worker_handler_pair_costs_a_bounded_number_of_bytes() {
-        // Stated in the crate docs (Metrics).
+    fn few_buckets_stay_a_short_list_and_many_become_the_array() {
+        // Stated in the crate docs (Metrics): a busy worker × handler pair.
         assert_eq!(bytes_per_worker_handler(), 92_160);
+        let few = counted_and_merged(&[1_000, 1_000, 2_000, 5_000_000]);
+        assert!(few.counts.buckets.is_sparse());
+        let mut three = Distributions::new();
+        three.handler.add(&few);
+        assert!(three.heap_bytes() <= 4 * 16, "{}", three.heap_bytes());
+        let values: Vec<u64> = (0..SPARSE_BUCKETS as u64 + 1).map(|v| v * 1000).collect();
+        let many = counted_and_merged(&values);
+        assert!(!many.counts.buckets.is_sparse());
+        assert_eq!(many.summary(&mut Scratch::new()), by_the_crate(&values).0);
     }
 
     #[test]
     fn a_distribution_summarises_what_it_recorded() {
         let values: Vec<u64> = (1..=1000u64).map(|v| v * 1000).collect();
         let d = counted_and_merged(&values);
-        let s = d.summary();
+        let scratch = &mut Scratch::new();
+        let s = d.summary(scratch);
         assert_eq!(s.count, 1000);
         assert_eq!(s.sum_ns, 1000 * 500_500);
         assert!(s.p50_ns.abs_diff(500_000) <= 5_000, "{s:?}");
         assert!(s.p99_ns.abs_diff(990_000) <= 10_000, "{s:?}");
         assert!(s.max_ns.abs_diff(1_000_000) <= 10_000, "{s:?}");
-        let mut total = Distribution::new();
+        let mut total = Distribution::default();
         total.add(&d);
         total.add(&d);
-        assert_eq!(total.summary().count, 2000);
-        assert_eq!(Distribution::new().summary(), Latency::default());
+        assert_eq!(total.summary(scratch).count, 2000);
+        assert_eq!(Distribution::default().summary(scratch), Latency::default());
+        // The scratch histogram is reset between summaries.
+        assert_eq!(d.summary(scratch), s);
     }
 
     #[test]
     fn latencies_beyond_the_range_are_kept_as_its_top() {
         let d = counted_and_merged(&[3_600_000_000_000, 0]);
-        let s = d.summary();
+        let s = d.summary(&mut Scratch::new());
         assert_eq!(s.count, 2);
         assert!(s.max_ns >= HIGHEST_NANOS && s.max_ns <= HIGHEST_NANOS * 101 / 100);
         assert_eq!(s.min_ns, 0);

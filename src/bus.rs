@@ -28,7 +28,7 @@ use crate::error::{
     ShutdownError, SubscribeError, TryPublishError,
 };
 use crate::event::{Envelope, Event, EventId, NameId, Publish, Stamp};
-use crate::guard::{CallbackPanics, Leftovers, Panics, Runner};
+use crate::guard::{CallbackPanics, Leftovers, Panics, Runner, drop_with};
 use crate::handler::{Context, Handler, HandlerResult};
 use crate::ledger::{Gate, Quiescence, net_sum, outstanding};
 use crate::metrics::{BridgeCounters, Collect, Metrics, MetricsSnapshot};
@@ -1547,7 +1547,9 @@ impl Core {
         leftovers.drop(self.registry.forget());
         leftovers.drop(self.taps.forget());
         leftovers.drop(self.dead_letters.forget_callbacks());
-        leftovers.drop(self.dead_letters.strip_redrives());
+        // Last, once the leftovers have made their dead letters too.
+        let core = self.clone();
+        leftovers.push(move |runner| drop_with(runner, core.dead_letters.strip_redrives()));
         let cut_off = self.clean_up(leftovers, last);
         ShutdownReport {
             stats: self.stats_with(given_up, swept, Some(net), &frozen),
@@ -1591,6 +1593,17 @@ impl Core {
             None => done_rx.recv().map_err(|_| ()),
         };
         jobs - finished.load(Ordering::Acquire).min(jobs)
+    }
+}
+
+impl Drop for Core {
+    /// The dead letters still held go last, their events' `Drop` (user code) under the guard:
+    /// nothing unwinds out of the drop of the last handle.
+    fn drop(&mut self) {
+        let letters = self
+            .dead_letters
+            .take(&crate::dead_letter::DeadLetterFilter::new());
+        self.panics.drop(letters);
     }
 }
 

@@ -170,6 +170,16 @@
 //! Neither may be called from a handler: they return an error instead of waiting for
 //! themselves.
 //!
+//! The deadline is absolute: shutdown returns by it plus [`SHUTDOWN_GRACE`], whatever user code
+//! is running. A worker still in a handler, or in a tap, a hook, a sink, a tracker's callback or
+//! an event's `Serialize` or `Drop`, is detached and reported in
+//! [`ShutdownReport::abandoned`] with what it held; the shutdown thread runs no user code
+//! itself (the trackers' callbacks, dead letters and drops of what it swept go to a thread it
+//! can leave behind, [`ShutdownReport::cut_off`]). A stopped bus lets go of its handlers, taps
+//! and callbacks, so a handler that captured a [`Bus`] leaks nothing.
+//! [`BusBuilder::dead_letter_left_at_shutdown`] keeps the deliveries that never ran as dead
+//! letters, to be redriven after a restart.
+//!
 //! # Guarantees
 //!
 //! - Every event is either accepted or handed back to its publisher, never both, never neither.
@@ -184,6 +194,14 @@
 //!   overtake earlier ones still in the shard's channel.
 //! - All subscriptions of an event run on its shard, one after another, so a slow handler
 //!   delays the events behind it on that shard.
+//! - User code is isolated: a panic in a handler fails that attempt; a panic in a hook, a sink,
+//!   a tracker's callback, a tap, or an event's `Serialize` or `Drop` is caught and counted
+//!   ([`CallbackPanics`], in [`BusStats::callback_panics`]) and the delivery it concerned is
+//!   settled as if the code had returned. Callbacks run after the delivery is settled. Nothing
+//!   unwinds out of `flush`, `shutdown`, `metrics`, the dead-letter operations or the drop of
+//!   the last handle.
+//! - Every `Duration` a method takes may be anything up to `Duration::MAX` (for ever, where
+//!   that is the meaning), and retry policies saturate instead of overflowing.
 //! - Nothing survives the process: the bus lives in memory.
 
 #![deny(unsafe_code)]

@@ -76,7 +76,7 @@ fn one_in_a_hundred(n: u64, salt: u64) -> bool {
     x ^= x >> 31;
     x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x ^= x >> 29;
-    x % 100 == 0
+    x.is_multiple_of(100)
 }
 
 /// An order whose `Serialize` or `Drop` panics when its flags say so.
@@ -186,7 +186,7 @@ fn callbacks_that_panic_everywhere_lose_nothing_and_are_counted_at_their_seam() 
     bus.service("payments")
         .unwrap()
         .subscribe(|o: &Order, ctx: &Context| -> HandlerResult {
-            if o.id % 7 == 0 && ctx.attempt() < 3 {
+            if o.id.is_multiple_of(7) && ctx.attempt() < 3 {
                 return Err(HandlerError::msg("gateway busy"));
             }
             Ok(())
@@ -195,7 +195,7 @@ fn callbacks_that_panic_everywhere_lose_nothing_and_are_counted_at_their_seam() 
     bus.service("fraud")
         .unwrap()
         .subscribe(|o: &Order, _: &Context| -> HandlerResult {
-            if o.id % 11 == 0 {
+            if o.id.is_multiple_of(11) {
                 return Err(HandlerError::permanent(HandlerError::msg("blocked")));
             }
             Ok(())
@@ -204,11 +204,11 @@ fn callbacks_that_panic_everywhere_lose_nothing_and_are_counted_at_their_seam() 
     bus.service("shipping")
         .unwrap()
         .subscribe(|o: &Order, ctx: &Context| -> HandlerResult {
-            if o.id % 13 == 0 && ctx.attempt() == 1 {
+            if o.id.is_multiple_of(13) && ctx.attempt() == 1 {
                 panic!("shipping {}", o.id);
             }
             // A slow one now and then keeps a backlog for the shutdown to meet.
-            if o.id % 10 == 0 {
+            if o.id.is_multiple_of(10) {
                 std::thread::sleep(Duration::from_millis(1));
             }
             Ok(())

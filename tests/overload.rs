@@ -4,41 +4,16 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::live_heap::{LiveBytes, live};
 use common::{Numbered, Tally, WAIT};
 use microbus::{Bus, Context, HandlerResult};
 
-struct Counting;
-
-static LIVE: AtomicI64 = AtomicI64::new(0);
-
-// SAFETY: defers to the system allocator; only counts the bytes live.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: LiveBytes = LiveBytes;
 
 const CAPACITY: usize = 256;
 /// How long the overload lasts; `MICROBUS_OVERLOAD_SECS` makes it longer.
@@ -81,7 +56,7 @@ fn a_flood_keeps_memory_flat_and_loses_nothing() {
         bus.publish(Numbered { publisher: 0, seq }).unwrap();
     }
     bus.flush(WAIT).unwrap();
-    let baseline = LIVE.load(Ordering::SeqCst);
+    let baseline = live();
 
     let stop = AtomicBool::new(false);
     let published = AtomicU64::new(1_000);
@@ -103,7 +78,7 @@ fn a_flood_keeps_memory_flat_and_loses_nothing() {
         let started = Instant::now();
         while started.elapsed() < overload() {
             std::thread::sleep(Duration::from_millis(10));
-            let live = LIVE.load(Ordering::SeqCst) - baseline;
+            let live = live() - baseline;
             peak.fetch_max(live, Ordering::Relaxed);
             samples.push(live);
         }

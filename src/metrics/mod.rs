@@ -73,16 +73,21 @@ impl Distribution {
         h.reset();
         self.counts
             .each(|index, count| h.saturating_record_n(value_for(index), count));
-        Latency {
-            count: h.len(),
-            sum_ns: self.counts.sum,
-            min_ns: h.min(),
-            p50_ns: h.value_at_quantile(0.5),
-            p90_ns: h.value_at_quantile(0.9),
-            p99_ns: h.value_at_quantile(0.99),
-            p999_ns: h.value_at_quantile(0.999),
-            max_ns: h.max(),
-        }
+        summarise(h, self.counts.sum)
+    }
+}
+
+/// The summary of histogram `h` whose values add up to `sum`.
+fn summarise(h: &Histogram<u64>, sum: u64) -> Latency {
+    Latency {
+        count: h.len(),
+        sum_ns: sum,
+        min_ns: h.min(),
+        p50_ns: h.value_at_quantile(0.5),
+        p90_ns: h.value_at_quantile(0.9),
+        p99_ns: h.value_at_quantile(0.99),
+        p999_ns: h.value_at_quantile(0.999),
+        max_ns: h.max(),
     }
 }
 
@@ -784,16 +789,7 @@ mod tests {
             h.saturating_record(v);
             sum = sum.saturating_add(v);
         }
-        let summary = Latency {
-            count: h.len(),
-            sum_ns: sum,
-            min_ns: h.min(),
-            p50_ns: h.value_at_quantile(0.5),
-            p90_ns: h.value_at_quantile(0.9),
-            p99_ns: h.value_at_quantile(0.99),
-            p999_ns: h.value_at_quantile(0.999),
-            max_ns: h.max(),
-        };
+        let summary = summarise(&h, sum);
         let buckets = h
             .iter_recorded()
             .map(|v| (v.value_iterated_to(), v.count_at_value()))

@@ -1,6 +1,8 @@
 //! Events and helpers shared by the integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod live_heap;
+
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 

@@ -942,12 +942,13 @@ impl Core {
     #[allow(clippy::result_large_err)] // The error hands the dead letter back.
     pub(crate) fn redrive(&self, letter: DeadLetter) -> Result<(), (DeadLetter, RedriveError)> {
         let id = letter.id();
-        let Some(retry) = &letter.redrive else {
-            return Err((letter, RedriveError::NotRedrivable(id)));
-        };
+        // First: a stopped bus has let go of every letter's way back.
         if self.is_closing() {
             return Err((letter, RedriveError::Shutdown(id)));
         }
+        let Some(retry) = &letter.redrive else {
+            return Err((letter, RedriveError::NotRedrivable(id)));
+        };
         if self
             .registry
             .lookup(retry.subscription())

@@ -97,6 +97,7 @@ const DEADLINE: Duration = Duration::from_millis(200);
 /// Shutdown took no longer than its deadline plus the grace, with room for a loaded machine:
 /// what it guards against is a shutdown that waits for blocked user code (for ever here).
 fn assert_prompt(elapsed: Duration) {
+    println!("shutdown took {elapsed:?} against a deadline of {DEADLINE:?}");
     let bound = DEADLINE + SHUTDOWN_GRACE + Duration::from_secs(2);
     assert!(elapsed < bound, "shutdown took {elapsed:?}");
 }

@@ -10,10 +10,13 @@
 //! every local delivery of it has settled. An entry that does not decode is dead-lettered with
 //! its raw text ([`DeadLetterReason::Undecodable`](crate::DeadLetterReason::Undecodable)) and
 //! acknowledged. Entries other consumers left pending past an idle time are claimed
-//! (`XAUTOCLAIM`); entries delivered too often are dead-lettered; event ids seen lately are
-//! not published twice. A lost connection is made again on the next command, the reader
-//! backing off up to a second, and re-reads its own pending entries first (a reply lost with
-//! the connection).
+//! (`XAUTOCLAIM`, one pass over the whole pending list); the entries an import holds are
+//! refreshed (`XCLAIM … JUSTID`, no delivery counted) so that they never look idle; entries
+//! delivered too often are dead-lettered; event ids seen lately are not published twice. An
+//! import reads its own pending entries first, every page of them (those of an earlier process
+//! of the same [consumer name](ImportOptions::consumer)), and again after a lost connection,
+//! which is made again on the next command, the reader backing off up to a second. A consumer
+//! group that disappeared is made again from the stream's start (`NOGROUP`).
 //!
 //! Wire format, version 1: one stream entry per event, field `m`, a JSON object
 //! `{"wire":1,"event":NAME,"version":VERSION,"envelope":{…},"payload":{…}}` — the envelope as
@@ -41,6 +44,10 @@ pub const WIRE_VERSION: u32 = 1;
 
 /// How many entries one read takes at most.
 const READ_COUNT: usize = 64;
+/// How many pending entries one `XAUTOCLAIM` page looks at.
+const CLAIM_COUNT: usize = 256;
+/// How many held entries one `XCLAIM … JUSTID` refreshes.
+const REFRESH_CHUNK: usize = 512;
 /// How long one read waits for entries before the thread checks whether to stop.
 const READ_BLOCK: Duration = Duration::from_millis(100);
 
@@ -95,7 +102,21 @@ impl Counters {
             claimed: self.claimed.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
+            group_recreations: self.group_recreations.load(Ordering::Relaxed),
+            read_errors: self.read_errors.lock().clone(),
         }
+    }
+
+    /// Counts a failed read by its kind.
+    fn read_error(&self, e: &redis::RedisError) {
+        let kind = match e.code() {
+            Some(code) => code.to_owned(),
+            None if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                "io".to_owned()
+            }
+            None => format!("{:?}", e.kind()).to_lowercase(),
+        };
+        *self.read_errors.lock().entry(kind).or_default() += 1;
     }
 }
 
@@ -108,6 +129,8 @@ struct Counters {
     claimed: AtomicU64,
     duplicates: AtomicU64,
     reconnects: AtomicU64,
+    group_recreations: AtomicU64,
+    read_errors: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// A connection that is made again when it is lost: the next command after a failure
@@ -294,12 +317,14 @@ impl Bridge {
         let importer = Importer {
             bus: self.bus.clone(),
             stream,
-            consumer: format!(
-                "{}-{}-{}",
-                self.bus.service_name(),
-                std::process::id(),
-                crate::event::EventId::new()
-            ),
+            consumer: options.consumer.clone().unwrap_or_else(|| {
+                format!(
+                    "{}-{}-{}",
+                    self.bus.service_name(),
+                    std::process::id(),
+                    crate::event::EventId::new()
+                )
+            }),
             options,
             stop: self.stop.clone(),
             counters: self.counters.clone(),
@@ -425,6 +450,7 @@ const IMPORT: &str = "redis-import";
 #[derive(Debug, Clone)]
 pub struct ImportOptions {
     group: String,
+    consumer: Option<String>,
     claim_idle: Duration,
     max_deliveries: u32,
     dedup_window: usize,
@@ -436,10 +462,21 @@ impl ImportOptions {
     pub fn new(group: &str) -> ImportOptions {
         ImportOptions {
             group: group.to_owned(),
+            consumer: None,
             claim_idle: Duration::from_secs(30),
             max_deliveries: 5,
             dedup_window: 100_000,
         }
+    }
+
+    /// Reads as consumer `name` of the group: a process that starts again under the same name
+    /// first reads the entries it was given and had not acknowledged (its own pending list,
+    /// every page of it). Without a name each import reads as a consumer of its own
+    /// (`<service>-<pid>-<id>`), and what a stopped process left pending waits for the claim
+    /// time to be taken over.
+    pub fn consumer(mut self, name: &str) -> ImportOptions {
+        self.consumer = Some(name.to_owned());
+        self
     }
 
     /// Takes over entries another consumer has left pending (unacknowledged) this long.
@@ -549,11 +586,14 @@ impl Importer {
             .count(READ_COUNT)
             .block(READ_BLOCK.as_millis() as usize);
         let mut last_claim = std::time::Instant::now();
+        let mut last_refresh = std::time::Instant::now();
         let mut acks: Vec<String> = Vec::new();
         let mut backoff = Duration::ZERO;
-        // After a connection is lost, first the entries this consumer was given and may never
-        // have received (the reply was lost): its own pending history, read from id 0.
-        let mut recovering = false;
+        // First the entries this consumer was given and did not acknowledge — left by an
+        // earlier process of the same name, or given in a reply lost with a connection: its
+        // own pending list, page after page from id 0 (`Some(after)`: the next page starts
+        // after `after`). Again after every lost connection.
+        let mut recover_from: Option<String> = Some("0".to_owned());
         loop {
             if !backoff.is_zero() {
                 std::thread::sleep(backoff);
@@ -589,31 +629,51 @@ impl Importer {
                 continue;
             }
             let mut entries = Vec::new();
+            // The entries it holds must not look idle to other consumers (nor to its own
+            // claims): they are running, waiting for a retry, or parked.
+            if last_refresh.elapsed() >= self.options.claim_idle / 4 {
+                last_refresh = std::time::Instant::now();
+                self.refresh(link);
+            }
             if last_claim.elapsed() >= self.options.claim_idle / 2 {
                 last_claim = std::time::Instant::now();
                 entries.extend(self.claim(link));
             }
             let stream = &self.stream;
-            let from = if recovering { "0" } else { ">" };
+            let from = recover_from.as_deref().unwrap_or(">");
             let reply: redis::RedisResult<Option<StreamReadReply>> =
                 link.run(|c| c.xread_options(&[stream], &[from], &read));
             match reply {
                 Ok(reply) => {
                     backoff = Duration::ZERO;
-                    let read: Vec<_> = reply
+                    let page: Vec<_> = reply
                         .into_iter()
                         .flat_map(|r| r.keys)
                         .flat_map(|k| k.ids)
-                        .filter(|e| !self.held.contains(&e.id))
                         .collect();
-                    if recovering && read.is_empty() {
-                        recovering = false;
+                    if recover_from.is_some() {
+                        // An empty page: the whole own pending list has been read.
+                        recover_from = page.last().map(|e| e.id.clone());
                     }
-                    entries.extend(read.into_iter().map(|e| (e, 1)));
+                    entries.extend(
+                        page.into_iter()
+                            .filter(|e| !self.held.contains(&e.id))
+                            .map(|e| (e, 1)),
+                    );
+                }
+                Err(e) if e.code() == Some("NOGROUP") => {
+                    // The stream was deleted, or a Redis without persistence restarted: the
+                    // group is made again from the stream's start, which loses nothing still
+                    // in it (what was handled already is dropped by event id).
+                    self.counters.read_error(&e);
+                    self.recreate_group(link);
+                    recover_from = Some("0".to_owned());
+                    backoff = Duration::from_millis(10);
                 }
                 // Lost the server: try again, waiting longer each time, up to a second.
-                Err(_) => {
-                    recovering = true;
+                Err(e) => {
+                    self.counters.read_error(&e);
+                    recover_from = Some("0".to_owned());
                     backoff =
                         (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
                 }
@@ -633,26 +693,67 @@ impl Importer {
         }
     }
 
+    /// Makes the consumer group again (from the stream's start), counted when it was gone.
+    fn recreate_group(&self, link: &mut Link) {
+        let (stream, group) = (&self.stream, &self.options.group);
+        let created: redis::RedisResult<()> =
+            link.run(|c| c.xgroup_create_mkstream(stream, group, "0"));
+        if created.is_ok() {
+            self.counters
+                .group_recreations
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Resets the idle time of the entries it holds, without counting a delivery (`XCLAIM …
+    /// JUSTID`): so that neither another consumer nor its own claim takes them while they run.
+    fn refresh(&self, link: &mut Link) {
+        if self.held.is_empty() {
+            return;
+        }
+        let held: Vec<&String> = self.held.iter().collect();
+        for ids in held.chunks(REFRESH_CHUNK) {
+            let _: redis::RedisResult<redis::Value> = link.run(|c| {
+                redis::cmd("XCLAIM")
+                    .arg(&self.stream)
+                    .arg(&self.options.group)
+                    .arg(&self.consumer)
+                    .arg(0)
+                    .arg(ids)
+                    .arg("JUSTID")
+                    .query(c)
+            });
+        }
+    }
+
     /// Takes over entries other consumers left pending past the claim time, with how often
-    /// each was delivered.
+    /// each was delivered: one pass over the whole pending list, page by page.
     fn claim(&mut self, link: &mut Link) -> Vec<(redis::streams::StreamId, u64)> {
-        let idle = self.options.claim_idle.as_millis() as u64;
+        let idle = u64::try_from(self.options.claim_idle.as_millis()).unwrap_or(u64::MAX);
         let (stream, group, consumer) = (&self.stream, &self.options.group, &self.consumer);
-        let claimed: redis::RedisResult<redis::streams::StreamAutoClaimReply> = link.run(|c| {
-            c.xautoclaim_options(
-                stream,
-                group,
-                consumer,
-                idle,
-                "0-0",
-                redis::streams::StreamAutoClaimOptions::default().count(READ_COUNT),
-            )
-        });
-        let Ok(claimed) = claimed else {
-            return Vec::new();
-        };
+        let mut cursor = "0-0".to_owned();
+        let mut claimed = Vec::new();
+        loop {
+            let page: redis::RedisResult<redis::streams::StreamAutoClaimReply> = link.run(|c| {
+                c.xautoclaim_options(
+                    stream,
+                    group,
+                    consumer,
+                    idle,
+                    &cursor,
+                    redis::streams::StreamAutoClaimOptions::default().count(CLAIM_COUNT),
+                )
+            });
+            let Ok(page) = page else {
+                break;
+            };
+            claimed.extend(page.claimed);
+            cursor = page.next_stream_id;
+            if cursor == "0-0" || self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
         let others: Vec<_> = claimed
-            .claimed
             .into_iter()
             .filter(|entry| !self.held.contains(&entry.id))
             .collect();

@@ -653,3 +653,232 @@ fn a_server_that_never_answers_is_an_error_not_a_hang() {
     silent.join().unwrap();
     bus.shutdown().unwrap();
 }
+
+/// An orders bus that exports `OrderCreated` to `prefix`, with `events` orders already in the
+/// stream (numbered from `from`).
+fn exported(url: &str, prefix: &str, from: u64, events: u64) -> (Bus, Bridge) {
+    let orders = Bus::builder()
+        .service_name("orders")
+        .workers(2)
+        .build()
+        .unwrap();
+    let bridge = Bridge::connect(&orders, url, prefix).unwrap();
+    bridge.export::<OrderCreated>().unwrap();
+    for order_id in from..from + events {
+        orders.publish(OrderCreated { order_id }).unwrap();
+    }
+    orders.flush(WAIT).unwrap();
+    (orders, bridge)
+}
+
+fn redis_connection(url: &str) -> redis::Connection {
+    redis::Client::open(url).unwrap().get_connection().unwrap()
+}
+
+/// Waits until `handled` holds `n` distinct orders (or the wait runs out); how many it holds.
+fn wait_for_orders(handled: &Mutex<Vec<u64>>, n: usize, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut seen = handled.lock().unwrap().clone();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() >= n || Instant::now() >= deadline {
+            return seen.len();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Has consumer `consumer` of group `group` read `count` entries and leave them pending.
+fn read_and_leave(redis: &mut redis::Connection, stream: &str, group: &str, consumer: &str) {
+    use redis::Commands;
+    let _: () = redis.xgroup_create_mkstream(stream, group, "0").unwrap();
+    let options = redis::streams::StreamReadOptions::default()
+        .group(group, consumer)
+        .count(100_000);
+    let _: redis::streams::StreamReadReply =
+        redis.xread_options(&[stream], &[">"], &options).unwrap();
+}
+
+#[test]
+fn an_import_whose_group_disappears_makes_it_again_and_goes_on() {
+    use redis::Commands;
+    let url = redis_url();
+    let prefix = prefix("nogroup");
+    let stream = format!("{prefix}:OrderCreated");
+    let (orders, _exporter) = exported(&url, &prefix, 0, 10);
+    let (payments, handled) = payments_recording(2);
+    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    importer.import::<OrderCreated>("payments").unwrap();
+    assert_eq!(wait_for_orders(&handled, 10, WAIT), 10);
+    // The stream goes, group and all (as after a restart of a Redis without persistence).
+    let _: () = redis_connection(&url).del(&stream).unwrap();
+    for order_id in 10..1_010 {
+        orders.publish(OrderCreated { order_id }).unwrap();
+    }
+    orders.flush(WAIT).unwrap();
+    assert_eq!(wait_for_orders(&handled, 1_010, WAIT), 1_010);
+    importer.stop();
+    let stats = importer.stats();
+    assert!(stats.group_recreations >= 1, "{stats:?}");
+    assert!(
+        stats.read_errors.get("NOGROUP").is_some_and(|&n| n >= 1),
+        "{stats:?}"
+    );
+    let metrics = payments.metrics().to_prometheus();
+    assert!(
+        metrics.contains("microbus_bridge_group_recreations_total"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("kind=\"NOGROUP\""), "{metrics}");
+    let _: () = redis_connection(&url).del(&stream).unwrap();
+    orders.shutdown().unwrap();
+    payments.shutdown().unwrap();
+}
+
+#[test]
+fn a_takeover_follows_the_claim_cursor_through_the_whole_pending_list() {
+    use redis::Commands;
+    const EVENTS: u64 = 1_089;
+    let url = redis_url();
+    let prefix = prefix("cursor");
+    let stream = format!("{prefix}:OrderCreated");
+    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
+    // A consumer took every entry and died.
+    read_and_leave(&mut redis_connection(&url), &stream, "payments", "ghost");
+    let (payments, handled) = payments_recording(2);
+    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    let claim_idle = Duration::from_secs(2);
+    let started = Instant::now();
+    importer
+        .import_with::<OrderCreated>(
+            microbus::bridge::ImportOptions::new("payments").claim_idle(claim_idle),
+        )
+        .unwrap();
+    // One claim pass takes them all: within the claim time and a few seconds (64 entries a
+    // pass, every half claim time, would take 17 s here).
+    let taken = wait_for_orders(
+        &handled,
+        EVENTS as usize,
+        claim_idle + Duration::from_secs(3),
+    );
+    let took = started.elapsed();
+    println!("{EVENTS} pending entries taken over in {took:?}");
+    assert_eq!(taken, EVENTS as usize, "after {took:?}");
+    assert_eq!(importer.stats().claimed, EVENTS);
+    importer.stop();
+    let _: () = redis_connection(&url).del(&stream).unwrap();
+    orders.shutdown().unwrap();
+    payments.shutdown().unwrap();
+}
+
+#[test]
+fn a_slow_consumer_never_claims_its_own_entries() {
+    use redis::Commands;
+    const EVENTS: u64 = 100;
+    let url = redis_url();
+    let prefix = prefix("own-claims");
+    let stream = format!("{prefix}:OrderCreated");
+    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
+    // One worker, 20 ms an order: the last entries wait about 2 s, far past the claim time.
+    let payments = Bus::builder()
+        .service_name("payments")
+        .workers(1)
+        .build()
+        .unwrap();
+    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    {
+        let handled = handled.clone();
+        payments
+            .subscribe(move |e: &OrderCreated, _: &Context| -> HandlerResult {
+                std::thread::sleep(Duration::from_millis(20));
+                handled.lock().unwrap().push(e.order_id);
+                Ok(())
+            })
+            .unwrap();
+    }
+    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    importer
+        .import_with::<OrderCreated>(
+            microbus::bridge::ImportOptions::new("payments")
+                .claim_idle(Duration::from_millis(300))
+                .max_deliveries(1),
+        )
+        .unwrap();
+    // The most deliveries any pending entry has had, watched while the orders run.
+    let mut redis = redis_connection(&url);
+    let mut most = 0;
+    let deadline = Instant::now() + WAIT;
+    while handled.lock().unwrap().len() < EVENTS as usize && Instant::now() < deadline {
+        let rows: redis::Value = redis::cmd("XPENDING")
+            .arg(&stream)
+            .arg("payments")
+            .arg("-")
+            .arg("+")
+            .arg(1_000)
+            .query(&mut redis)
+            .unwrap();
+        if let redis::Value::Array(rows) = rows {
+            for row in rows {
+                if let redis::Value::Array(fields) = row
+                    && let Some(redis::Value::Int(n)) = fields.get(3)
+                {
+                    most = most.max(*n);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    importer.stop();
+    let mut seen = handled.lock().unwrap().clone();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..EVENTS).collect::<Vec<_>>(), "each handled once");
+    assert_eq!(most, 1, "an entry it held was counted as delivered again");
+    assert!(payments.dead_letters().is_empty());
+    assert_eq!(importer.stats().claimed, 0);
+    let _: () = redis.del(&stream).unwrap();
+    orders.shutdown().unwrap();
+    payments.shutdown().unwrap();
+}
+
+#[test]
+fn a_consumer_started_again_under_its_name_reads_all_it_left_pending() {
+    use redis::Commands;
+    const EVENTS: u64 = 200;
+    let url = redis_url();
+    let prefix = prefix("restart-name");
+    let stream = format!("{prefix}:OrderCreated");
+    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
+    // The process that read them as `payments-1` stopped before acknowledging any.
+    read_and_leave(
+        &mut redis_connection(&url),
+        &stream,
+        "payments",
+        "payments-1",
+    );
+    let (payments, handled) = payments_recording(2);
+    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    importer
+        .import_with::<OrderCreated>(
+            microbus::bridge::ImportOptions::new("payments")
+                .consumer("payments-1")
+                // Not a takeover: its own pending list, every page of it (64 a page).
+                .claim_idle(Duration::from_secs(3600)),
+        )
+        .unwrap();
+    assert_eq!(
+        wait_for_orders(&handled, EVENTS as usize, WAIT),
+        EVENTS as usize
+    );
+    let deadline = Instant::now() + WAIT;
+    while importer.stats().acked < EVENTS && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(importer.stats().acked, EVENTS);
+    assert_eq!(importer.stats().claimed, 0);
+    assert_eq!(handled.lock().unwrap().len() as u64, EVENTS, "none twice");
+    importer.stop();
+    let _: () = redis_connection(&url).del(&stream).unwrap();
+    orders.shutdown().unwrap();
+    payments.shutdown().unwrap();
+}

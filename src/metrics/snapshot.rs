@@ -167,6 +167,57 @@ pub struct BridgeCounters {
     pub decode_failures: u64,
     /// Connections made again after one was lost.
     pub reconnects: u64,
+    /// Consumer groups created again after they disappeared (the stream was deleted, or a
+    /// Redis without persistence restarted) while an import read them.
+    pub group_recreations: u64,
+    /// Reads (`XREADGROUP`) that failed, by kind: the server's error code (`NOGROUP`, …), or
+    /// `io` for a lost or silent connection.
+    pub read_errors: std::collections::BTreeMap<String, u64>,
+}
+
+impl BridgeCounters {
+    /// The counters with their metric names and help texts, in one list for every rendering
+    /// (`read_errors` aside: it is labelled by kind).
+    pub(crate) fn fields(&self) -> [(&'static str, &'static str, u64); 8] {
+        [
+            (
+                "exported",
+                "Events written to Redis streams.",
+                self.exported,
+            ),
+            (
+                "imported",
+                "Stream entries published into the bus.",
+                self.imported,
+            ),
+            ("acked", "Stream entries acknowledged.", self.acked),
+            (
+                "claimed",
+                "Stream entries taken over from other consumers.",
+                self.claimed,
+            ),
+            (
+                "duplicates",
+                "Redelivered entries dropped as duplicates.",
+                self.duplicates,
+            ),
+            (
+                "decode_failures",
+                "Stream entries that did not decode.",
+                self.decode_failures,
+            ),
+            (
+                "reconnects",
+                "Connections to Redis made again.",
+                self.reconnects,
+            ),
+            (
+                "group_recreations",
+                "Consumer groups created again after they disappeared.",
+                self.group_recreations,
+            ),
+        ]
+    }
 }
 
 impl MetricsSnapshot {
@@ -349,40 +400,20 @@ impl MetricsSnapshot {
         }
         for b in &self.bridges {
             let labels = [("prefix", b.prefix.as_str())];
-            for (name, help, value) in [
-                ("exported", "Events written to Redis streams.", b.exported),
-                (
-                    "imported",
-                    "Stream entries published into the bus.",
-                    b.imported,
-                ),
-                ("acked", "Stream entries acknowledged.", b.acked),
-                (
-                    "claimed",
-                    "Stream entries taken over from other consumers.",
-                    b.claimed,
-                ),
-                (
-                    "duplicates",
-                    "Redelivered entries dropped as duplicates.",
-                    b.duplicates,
-                ),
-                (
-                    "decode_failures",
-                    "Stream entries that did not decode.",
-                    b.decode_failures,
-                ),
-                (
-                    "reconnects",
-                    "Connections to Redis made again.",
-                    b.reconnects,
-                ),
-            ] {
+            for (name, help, value) in b.fields() {
                 out.counter(
                     &format!("microbus_bridge_{name}_total"),
                     help,
                     &labels,
                     value,
+                );
+            }
+            for (kind, value) in &b.read_errors {
+                out.counter(
+                    "microbus_bridge_read_errors_total",
+                    "Stream reads that failed, by kind.",
+                    &[("prefix", b.prefix.as_str()), ("kind", kind.as_str())],
+                    *value,
                 );
             }
         }
@@ -715,30 +746,15 @@ impl fmt::Display for MetricsSnapshot {
         }
         if !self.bridges.is_empty() {
             writeln!(f, "\nbridges")?;
-            let mut table = Table::new(
-                &[
-                    "prefix",
-                    "exported",
-                    "imported",
-                    "acked",
-                    "claimed",
-                    "duplicates",
-                    "undecodable",
-                    "reconnects",
-                ],
-                1,
-            );
+            let mut headings = vec!["prefix"];
+            headings.extend(BridgeCounters::default().fields().map(|(name, _, _)| name));
+            headings.push("read_errors");
+            let mut table = Table::new(&headings, 1);
             for b in &self.bridges {
-                table.row(vec![
-                    b.prefix.clone(),
-                    b.exported.to_string(),
-                    b.imported.to_string(),
-                    b.acked.to_string(),
-                    b.claimed.to_string(),
-                    b.duplicates.to_string(),
-                    b.decode_failures.to_string(),
-                    b.reconnects.to_string(),
-                ]);
+                let mut row = vec![b.prefix.clone()];
+                row.extend(b.fields().map(|(_, _, value)| value.to_string()));
+                row.push(b.read_errors.values().sum::<u64>().to_string());
+                table.row(row);
             }
             table.write(f)?;
         }

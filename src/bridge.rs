@@ -31,9 +31,10 @@ use redis::Commands;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use serde::{Deserialize, Serialize};
 
-use crate::bus::{Bus, Core};
+use crate::bus::{Bus, Core, Mode};
+use crate::dead_letter::{DeadLetter, RedriveError};
 use crate::defer::Deferred;
-use crate::event::{Envelope, Event};
+use crate::event::{Envelope, Event, Stamp};
 use crate::handler::{Context, HandlerError, HandlerResult};
 use crate::metrics::BridgeCounters;
 use crate::registry::{SubscribeOptions, Subscription};
@@ -307,6 +308,13 @@ impl Bridge {
     pub fn import_with<E: Event>(&self, options: ImportOptions) -> Result<(), BridgeError> {
         let mut link = Link::new(self.client.clone(), self.counters.clone())?;
         let stream = self.stream::<E>();
+        // Dead letters of this type that the import makes (or that a file brings back) can be
+        // redriven: published again.
+        self.bus
+            .core()
+            .republishers
+            .lock()
+            .insert((E::NAME, E::VERSION), republish::<E>);
         let created: redis::RedisResult<()> =
             link.run(|c| c.xgroup_create_mkstream(&stream, &options.group, "0"));
         if let Err(e) = created
@@ -550,6 +558,23 @@ fn decode<E: Event>(bytes: &[u8]) -> Result<WireIn<E>, (Option<Envelope>, String
             ))
         }
     }
+}
+
+/// Publishes a dead letter the import made of an entry (delivered too often) into the bus, with
+/// its envelope, to the subscriptions of `E` there are now: how such a letter is redriven.
+fn republish<E: Event>(core: &Core, letter: &DeadLetter) -> Result<(), RedriveError> {
+    let id = letter.id();
+    let raw: String =
+        serde_json::from_str(letter.payload_json()).map_err(|_| RedriveError::NotRedrivable(id))?;
+    let wire = decode::<E>(raw.as_bytes()).map_err(|_| RedriveError::NotRedrivable(id))?;
+    let source = wire.envelope.source_id();
+    core.publish(
+        source,
+        wire.payload,
+        Stamp::Given(wire.envelope),
+        Mode::Block,
+    )
+    .map_err(|_| RedriveError::Shutdown(id))
 }
 
 /// One import thread's state.
@@ -807,7 +832,16 @@ impl Importer {
                 self.counters
                     .decode_failures
                     .fetch_add(1, Ordering::Relaxed);
-                core.bury_unpublished(E::NAME, E::VERSION, envelope, &bytes, IMPORT, why, true);
+                core.bury_unpublished(
+                    E::NAME,
+                    E::VERSION,
+                    envelope,
+                    &bytes,
+                    IMPORT,
+                    why,
+                    true,
+                    None,
+                );
                 return Taken::Ack;
             }
         };
@@ -824,6 +858,7 @@ impl Importer {
                 IMPORT,
                 why,
                 false,
+                Some(republish::<E>),
             );
             return Taken::Ack;
         }

@@ -324,6 +324,10 @@ pub(crate) struct Core {
     pub(crate) deferrals: Deferrals,
     /// The counters of the bridges on the bus; `None` once a bridge is gone.
     pub(crate) bridges: Mutex<Vec<BridgeReport>>,
+    /// How to publish a dead letter of an event type (name, version) that came from outside
+    /// and was never published: see `DeadLetter::republish`.
+    pub(crate) republishers:
+        Mutex<std::collections::HashMap<(&'static str, u32), crate::dead_letter::Republish>>,
     jitter_seed: u64,
     pub(crate) config: Config,
     spill_capacity: usize,
@@ -947,7 +951,10 @@ impl Core {
             return Err((letter, RedriveError::Shutdown(id)));
         }
         let Some(retry) = &letter.redrive else {
-            return Err((letter, RedriveError::NotRedrivable(id)));
+            return match letter.republish {
+                Some(republish) => republish(self, &letter).map_err(|e| (letter, e)),
+                None => Err((letter, RedriveError::NotRedrivable(id))),
+            };
         };
         if self
             .registry
@@ -1011,6 +1018,15 @@ impl Core {
             first_failure: at(line.first_failure_unix_nanos),
             last_failure: at(line.last_failure_unix_nanos),
             reason: line.reason,
+            republish: redrive
+                .is_none()
+                .then(|| {
+                    self.republishers
+                        .lock()
+                        .get(&(event_name, line.version))
+                        .copied()
+                })
+                .flatten(),
             redrive,
             blocked,
         }
@@ -1020,7 +1036,8 @@ impl Core {
     /// raw text (as a JSON string), the envelope if that much decoded, and why —
     /// [`DeadLetterReason::Undecodable`] when it did not decode, else
     /// [`DeadLetterReason::RetriesExhausted`] (delivered too often). It is not a delivery (no
-    /// subscription ran it), so the statistics do not count it; it cannot be redriven.
+    /// subscription ran it), so the statistics do not count it. With `republish`, a redrive
+    /// publishes it into the bus (when it decodes then).
     #[cfg(feature = "redis")]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn bury_unpublished(
@@ -1032,6 +1049,7 @@ impl Core {
         handler: &str,
         why: String,
         undecodable: bool,
+        republish: Option<crate::dead_letter::Republish>,
     ) {
         if !self.dead_letters.enabled() {
             return;
@@ -1060,7 +1078,8 @@ impl Core {
                 DeadLetterReason::RetriesExhausted
             },
             redrive: None,
-            blocked: Some(why),
+            blocked: republish.is_none().then_some(why),
+            republish,
         };
         let after = self.dead_letters.push(letter);
         self.dead_letters.call_back(after, &mut &self.panics);
@@ -1863,6 +1882,7 @@ impl BusBuilder {
             metrics: Metrics::new(config.metrics, config.metrics_sample_every),
             deferrals: Deferrals::default(),
             bridges: Mutex::new(Vec::new()),
+            republishers: Mutex::default(),
             jitter_seed,
             spill_capacity: config.spill_capacity(),
             config,

@@ -66,8 +66,16 @@ pub struct DeadLetter {
     /// What it takes to run the delivery again; `None` for an entry loaded from a file that
     /// cannot be redriven, and `blocked` says why.
     pub(crate) redrive: Option<Retry>,
+    /// For a message that came from outside and was never published (a bridge's entry
+    /// delivered too often): publishes it again, with its envelope, to the subscriptions its
+    /// type has then.
+    pub(crate) republish: Option<Republish>,
     pub(crate) blocked: Option<String>,
 }
+
+/// Publishes a dead letter that was never published (see [`DeadLetter::republish`]) into the
+/// bus, decoding its payload as its type; `Err` says why it could not.
+pub(crate) type Republish = fn(&crate::bus::Core, &DeadLetter) -> Result<(), RedriveError>;
 
 impl DeadLetter {
     /// Its number in this bus's dead-letter ring, for [`DeadLetters::redrive`].
@@ -135,8 +143,11 @@ impl DeadLetter {
         self.reason
     }
 
-    /// For an entry loaded from a file: why it cannot be redriven (its payload no longer
-    /// decodes, its event type or its subscription is not there), or `None` when it can.
+    /// Why it cannot be redriven, or `None` when it can: for an entry loaded from a file, its
+    /// payload no longer decodes, or its event type or its subscription is not there; for an
+    /// entry a bridge's import could not decode, why. (An entry an import dead-lettered because
+    /// it was delivered too often decodes: a redrive publishes it into the bus, with its
+    /// envelope, to the subscriptions of its type.)
     pub fn not_redrivable(&self) -> Option<&str> {
         self.blocked.as_deref()
     }
@@ -767,6 +778,7 @@ impl Clone for DeadLetter {
             last_failure: self.last_failure,
             reason: self.reason,
             redrive: self.redrive.clone(),
+            republish: self.republish,
             blocked: self.blocked.clone(),
         }
     }
@@ -801,6 +813,7 @@ mod tests {
             last_failure: now,
             reason,
             redrive: None,
+            republish: None,
             blocked: None,
         }
     }

@@ -594,6 +594,7 @@ fn bury<E: Event>(
         errors: retry.history.errors,
         reason,
         redrive,
+        republish: None,
         blocked: None,
     }
 }

@@ -262,6 +262,9 @@ struct Takeover {
     left_pending: u64,
     stats: microbus::bridge::BridgeStats,
     dead_letters: Vec<microbus::DeadLetter>,
+    /// The taking bus, still running, and what its handler records.
+    payments: Bus,
+    recorded: Arc<Mutex<Vec<u64>>>,
 }
 
 /// Exports `events` orders, lets a child consumer read some and die, then imports with
@@ -329,15 +332,16 @@ fn take_over(test: &str, events: u64, options: microbus::bridge::ImportOptions) 
     bridge.stop();
     assert_eq!(pending(&mut redis), 0, "every entry was acknowledged");
     let _: () = redis.del(&stream).unwrap();
-    let handled = handled.lock().unwrap().clone();
+    let seen = handled.lock().unwrap().clone();
     let taken = Takeover {
-        handled,
+        handled: seen,
         left_pending,
         stats: bridge.stats(),
         dead_letters: payments.dead_letters().list(),
+        payments,
+        recorded: handled,
     };
     orders.shutdown().unwrap();
-    payments.shutdown().unwrap();
     taken
 }
 
@@ -384,7 +388,24 @@ fn entries_delivered_too_often_are_dead_lettered() {
         );
         let raw: String = serde_json::from_str(letter.payload_json()).unwrap();
         assert!(raw.contains("\"wire\":1"), "the raw entry is kept: {raw}");
+        assert_eq!(letter.not_redrivable(), None);
     }
+    // They decode: a redrive publishes each into the bus, with its envelope, to the
+    // subscriptions of its type.
+    let before = taken.recorded.lock().unwrap().len() as u64;
+    let redriven = taken.payments.dead_letters().redrive_all().unwrap();
+    assert_eq!(redriven as u64, taken.left_pending);
+    taken.payments.flush(WAIT).unwrap();
+    let mut all = taken.recorded.lock().unwrap().clone();
+    assert_eq!(all.len() as u64, before + taken.left_pending);
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..EVENTS).collect::<Vec<_>>(),
+        "each order handled once"
+    );
+    assert!(taken.payments.dead_letters().is_empty());
+    taken.payments.shutdown().unwrap();
 }
 
 /// A redis-server of the test's own, with its append-only file on, so that a restart keeps the

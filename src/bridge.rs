@@ -36,7 +36,7 @@ use crate::dead_letter::{DeadLetter, RedriveError};
 use crate::defer::Deferred;
 use crate::event::{Envelope, Event, Stamp};
 use crate::handler::{Context, HandlerError, HandlerResult};
-use crate::metrics::BridgeCounters;
+use crate::metrics::{BridgeCounters, ImportStatus};
 use crate::registry::{SubscribeOptions, Subscription};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Ordering};
 
@@ -49,6 +49,8 @@ const READ_COUNT: usize = 64;
 const CLAIM_COUNT: usize = 256;
 /// How many held entries one `XCLAIM … JUSTID` refreshes.
 const REFRESH_CHUNK: usize = 512;
+/// How often an import observes its group (lag, pending entries) for the metrics.
+const OBSERVE_EVERY: Duration = Duration::from_secs(1);
 /// How long one read waits for entries before the thread checks whether to stop.
 const READ_BLOCK: Duration = Duration::from_millis(100);
 
@@ -105,6 +107,12 @@ impl Counters {
             reconnects: self.reconnects.load(Ordering::Relaxed),
             group_recreations: self.group_recreations.load(Ordering::Relaxed),
             read_errors: self.read_errors.lock().clone(),
+            imports: self
+                .imports
+                .lock()
+                .iter()
+                .map(|s| s.lock().clone())
+                .collect(),
         }
     }
 
@@ -132,6 +140,8 @@ struct Counters {
     reconnects: AtomicU64,
     group_recreations: AtomicU64,
     read_errors: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Each import's last observation of its group.
+    imports: Mutex<Vec<Arc<Mutex<ImportStatus>>>>,
 }
 
 /// A connection that is made again when it is lost: the next command after a failure
@@ -322,8 +332,15 @@ impl Bridge {
         {
             return Err(e.into());
         }
+        let status = Arc::new(Mutex::new(ImportStatus {
+            stream: stream.clone(),
+            group: options.group.clone(),
+            ..ImportStatus::default()
+        }));
+        self.counters.imports.lock().push(status.clone());
         let importer = Importer {
             bus: self.bus.clone(),
+            status,
             stream,
             consumer: options.consumer.clone().unwrap_or_else(|| {
                 format!(
@@ -580,6 +597,8 @@ fn republish<E: Event>(core: &Core, letter: &DeadLetter) -> Result<(), RedriveEr
 /// One import thread's state.
 struct Importer {
     bus: Bus,
+    /// What it last observed of its group (lag, pending, oldest pending idle time).
+    status: Arc<Mutex<ImportStatus>>,
     stream: String,
     consumer: String,
     options: ImportOptions,
@@ -610,8 +629,10 @@ impl Importer {
             .group(&self.options.group, &self.consumer)
             .count(READ_COUNT)
             .block(READ_BLOCK.as_millis() as usize);
+        self.status.lock().consumer = self.consumer.clone();
         let mut last_claim = std::time::Instant::now();
         let mut last_refresh = std::time::Instant::now();
+        let mut last_observed: Option<std::time::Instant> = None;
         let mut acks: Vec<String> = Vec::new();
         let mut backoff = Duration::ZERO;
         // First the entries this consumer was given and did not acknowledge — left by an
@@ -663,6 +684,10 @@ impl Importer {
             if last_claim.elapsed() >= self.options.claim_idle / 2 {
                 last_claim = std::time::Instant::now();
                 entries.extend(self.claim(link));
+            }
+            if last_observed.is_none_or(|at| at.elapsed() >= OBSERVE_EVERY) {
+                last_observed = Some(std::time::Instant::now());
+                self.observe(link);
             }
             let stream = &self.stream;
             let from = recover_from.as_deref().unwrap_or(">");
@@ -716,6 +741,43 @@ impl Importer {
                 }
             }
         }
+    }
+
+    /// Observes the group: its lag and pending count (`XINFO GROUPS`), and how long the first
+    /// of its pending entries has waited since it was delivered (`XPENDING`, extended form).
+    fn observe(&self, link: &mut Link) {
+        let (stream, group) = (&self.stream, &self.options.group);
+        let groups: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
+            link.run(|c| c.xinfo_groups(stream));
+        let Some(info) = groups
+            .ok()
+            .and_then(|g| g.groups.into_iter().find(|g| &g.name == group))
+        else {
+            return;
+        };
+        let oldest: redis::RedisResult<redis::Value> = link.run(|c| {
+            redis::cmd("XPENDING")
+                .arg(stream)
+                .arg(group)
+                .arg("-")
+                .arg("+")
+                .arg(1)
+                .query(c)
+        });
+        let idle = match oldest {
+            Ok(redis::Value::Array(rows)) => match rows.first() {
+                Some(redis::Value::Array(row)) => match row.get(2) {
+                    Some(redis::Value::Int(ms)) => u64::try_from(*ms).unwrap_or(0),
+                    _ => 0,
+                },
+                _ => 0,
+            },
+            _ => 0,
+        };
+        let mut status = self.status.lock();
+        status.lag = info.lag.map(|n| n as u64);
+        status.pending = info.pending as u64;
+        status.oldest_pending_idle_ms = idle;
     }
 
     /// Makes the consumer group again (from the stream's start), counted when it was gone.

@@ -257,7 +257,8 @@ pub use crate::event::{
 pub use crate::guard::CallbackPanics;
 pub use crate::handler::{Context, Handler, HandlerError, HandlerResult};
 pub use crate::metrics::{
-    BridgeCounters, EventCounts, EventLatency, HandlerMetrics, Latency, MetricsSnapshot,
+    BridgeCounters, EventCounts, EventLatency, HandlerMetrics, ImportStatus, Latency,
+    MetricsSnapshot,
 };
 pub use crate::registry::{SubscribeOptions, Subscription, SubscriptionStats};
 pub use crate::retry::{

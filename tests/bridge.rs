@@ -903,3 +903,68 @@ fn a_consumer_started_again_under_its_name_reads_all_it_left_pending() {
     orders.shutdown().unwrap();
     payments.shutdown().unwrap();
 }
+
+#[test]
+fn an_import_reports_its_lag_pending_entries_and_their_age() {
+    use redis::Commands;
+    const EVENTS: u64 = 50;
+    let url = redis_url();
+    let prefix = prefix("visibility");
+    let stream = format!("{prefix}:OrderCreated");
+    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
+    // A handler that holds every order until released: all are delivered, none acknowledged.
+    let payments = Bus::builder()
+        .service_name("payments")
+        .workers(1)
+        .build()
+        .unwrap();
+    let (release, released) = crossbeam_channel::bounded::<()>(0);
+    payments
+        .subscribe(move |_: &OrderCreated, _: &Context| -> HandlerResult {
+            let _ = released.recv();
+            Ok(())
+        })
+        .unwrap();
+    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    importer
+        .import_with::<OrderCreated>(
+            microbus::bridge::ImportOptions::new("payments").consumer("payments-a"),
+        )
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        let stats = importer.stats();
+        let status = stats.imports[0].clone();
+        if status.pending == EVENTS && status.oldest_pending_idle_ms >= 500 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{status:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.stream, stream);
+    assert_eq!(
+        (status.group.as_str(), status.consumer.as_str()),
+        ("payments", "payments-a")
+    );
+    assert_eq!(
+        status.lag,
+        Some(0),
+        "every entry was delivered to the group"
+    );
+    let snapshot = payments.metrics();
+    let text = snapshot.to_prometheus();
+    assert!(
+        text.contains(&format!(
+            "microbus_bridge_import_pending{{prefix=\"{prefix}\",stream=\"{stream}\",group=\"payments\"}} {EVENTS}"
+        )),
+        "{text}"
+    );
+    assert!(snapshot.to_string().contains("payments-a"));
+    drop(release);
+    importer.stop();
+    let _: () = redis_connection(&url).del(&stream).unwrap();
+    orders.shutdown().unwrap();
+    payments
+        .shutdown_timeout(Duration::from_millis(100))
+        .unwrap();
+}

@@ -28,7 +28,8 @@
 mod snapshot;
 
 pub use snapshot::{
-    BridgeCounters, EventCounts, EventLatency, HandlerMetrics, Latency, MetricsSnapshot,
+    BridgeCounters, EventCounts, EventLatency, HandlerMetrics, ImportStatus, Latency,
+    MetricsSnapshot,
 };
 
 use std::any::TypeId;

@@ -173,6 +173,28 @@ pub struct BridgeCounters {
     /// Reads (`XREADGROUP`) that failed, by kind: the server's error code (`NOGROUP`, …), or
     /// `io` for a lost or silent connection.
     pub read_errors: std::collections::BTreeMap<String, u64>,
+    /// Each import's view of its consumer group, as last observed (about once a second).
+    pub imports: Vec<ImportStatus>,
+}
+
+/// How an import's consumer group stands, as the import last observed it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ImportStatus {
+    /// The stream's key.
+    pub stream: String,
+    /// The consumer group.
+    pub group: String,
+    /// The import's consumer name.
+    pub consumer: String,
+    /// Entries in the stream not yet delivered to the group (`None` when Redis cannot tell,
+    /// as after entries were deleted or trimmed past the group).
+    pub lag: Option<u64>,
+    /// Entries delivered to the group's consumers and not acknowledged yet.
+    pub pending: u64,
+    /// How long the oldest pending entry has waited since it was last delivered, in
+    /// milliseconds (0 when none is pending).
+    pub oldest_pending_idle_ms: u64,
 }
 
 impl BridgeCounters {
@@ -406,6 +428,33 @@ impl MetricsSnapshot {
                     help,
                     &labels,
                     value,
+                );
+            }
+            for i in &b.imports {
+                let labels = [
+                    ("prefix", b.prefix.as_str()),
+                    ("stream", i.stream.as_str()),
+                    ("group", i.group.as_str()),
+                ];
+                if let Some(lag) = i.lag {
+                    out.gauge(
+                        "microbus_bridge_import_lag",
+                        "Stream entries not yet delivered to the import's group.",
+                        &labels,
+                        lag,
+                    );
+                }
+                out.gauge(
+                    "microbus_bridge_import_pending",
+                    "Stream entries delivered to the import's group and not acknowledged.",
+                    &labels,
+                    i.pending,
+                );
+                out.gauge(
+                    "microbus_bridge_import_oldest_pending_idle_milliseconds",
+                    "How long the oldest pending entry has waited since it was delivered.",
+                    &labels,
+                    i.oldest_pending_idle_ms,
                 );
             }
             for (kind, value) in &b.read_errors {
@@ -757,6 +806,26 @@ impl fmt::Display for MetricsSnapshot {
                 table.row(row);
             }
             table.write(f)?;
+            let imports: Vec<&ImportStatus> =
+                self.bridges.iter().flat_map(|b| &b.imports).collect();
+            if !imports.is_empty() {
+                writeln!(f, "\nimports")?;
+                let mut table = Table::new(
+                    &["stream", "group", "consumer", "lag", "pending", "oldest"],
+                    3,
+                );
+                for i in imports {
+                    table.row(vec![
+                        i.stream.clone(),
+                        i.group.clone(),
+                        i.consumer.clone(),
+                        i.lag.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+                        i.pending.to_string(),
+                        Human(i.oldest_pending_idle_ms.saturating_mul(1_000_000)).to_string(),
+                    ]);
+                }
+                table.write(f)?;
+            }
         }
         if !self.workers_behind.is_empty() {
             writeln!(

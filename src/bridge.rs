@@ -35,6 +35,7 @@ use crate::bus::{Bus, Core, Mode};
 use crate::dead_letter::{DeadLetter, RedriveError};
 use crate::defer::Deferred;
 use crate::event::{Envelope, Event, Stamp};
+use crate::guard::Seam;
 use crate::handler::{Context, HandlerError, HandlerResult};
 use crate::metrics::{BridgeCounters, ImportStatus};
 use crate::registry::{SubscribeOptions, Subscription};
@@ -546,9 +547,64 @@ impl Recent {
     }
 }
 
-/// Decodes one entry; on failure, the envelope if that much decoded, and why.
+/// Decodes one entry, an older version of `E` through its upcaster (registered with
+/// [`Bus::upcast`], run under the bus's guard); on failure, the envelope if that much decoded,
+/// and why.
 #[allow(clippy::result_large_err)] // The error carries the envelope that did decode.
-fn decode<E: Event>(bytes: &[u8]) -> Result<WireIn<E>, (Option<Envelope>, String)> {
+fn decode<E: Event>(core: &Core, bytes: &[u8]) -> Result<WireIn<E>, (Option<Envelope>, String)> {
+    match decode_current::<E>(bytes) {
+        Err((Some(envelope), why)) => {
+            // Perhaps an older version with an upcaster.
+            let Ok(old) = serde_json::from_slice::<WireIn<serde_json::Value>>(bytes) else {
+                return Err((Some(envelope), why));
+            };
+            let upcast = (old.wire == WIRE_VERSION && old.event == E::NAME)
+                .then(|| core.registry.upcaster::<E>(old.version))
+                .flatten();
+            let Some(upcast) = upcast else {
+                if old.version == E::VERSION {
+                    return Err((Some(envelope), why));
+                }
+                return Err((
+                    Some(envelope),
+                    format!(
+                        "expected {} v{} (wire {WIRE_VERSION}), got {} v{} (wire {}), with no \
+                         upcaster from it",
+                        E::NAME,
+                        E::VERSION,
+                        old.event,
+                        old.version,
+                        old.wire
+                    ),
+                ));
+            };
+            let version = old.version;
+            let payload = old.payload;
+            match core.panics.run(Seam::Serde, || upcast(payload)) {
+                Some(Ok(payload)) => Ok(WireIn {
+                    wire: old.wire,
+                    event: old.event,
+                    version: E::VERSION,
+                    envelope: old.envelope,
+                    payload,
+                }),
+                Some(Err(e)) => Err((
+                    Some(old.envelope),
+                    format!("{} v{version} does not upcast: {e}", E::NAME),
+                )),
+                None => Err((
+                    Some(old.envelope),
+                    format!("the upcaster of {} v{version} panicked", E::NAME),
+                )),
+            }
+        }
+        other => other,
+    }
+}
+
+/// Decodes one entry of today's version of `E`.
+#[allow(clippy::result_large_err)] // The error carries the envelope that did decode.
+fn decode_current<E: Event>(bytes: &[u8]) -> Result<WireIn<E>, (Option<Envelope>, String)> {
     if bytes.is_empty() {
         return Err((None, "no field `m` in the entry".to_owned()));
     }
@@ -583,7 +639,7 @@ fn republish<E: Event>(core: &Core, letter: &DeadLetter) -> Result<(), RedriveEr
     let id = letter.id();
     let raw: String =
         serde_json::from_str(letter.payload_json()).map_err(|_| RedriveError::NotRedrivable(id))?;
-    let wire = decode::<E>(raw.as_bytes()).map_err(|_| RedriveError::NotRedrivable(id))?;
+    let wire = decode::<E>(core, raw.as_bytes()).map_err(|_| RedriveError::NotRedrivable(id))?;
     let source = wire.envelope.source_id();
     core.publish(
         source,
@@ -887,7 +943,7 @@ impl Importer {
     ) -> Taken {
         let bytes = entry.get::<Vec<u8>>("m").unwrap_or_default();
         let core = self.bus.core();
-        let wire = match decode::<E>(&bytes) {
+        let wire = match decode::<E>(core, &bytes) {
             Ok(wire) => wire,
             Err((envelope, why)) => {
                 // Kept with its raw text and acknowledged: it would never decode.

@@ -986,15 +986,36 @@ impl Core {
         let event_name = NameId::intern(&line.event).as_str();
         let service = NameId::intern(&line.service).as_str();
         let payload = line.payload.get().to_owned();
-        let redrive = match self.registry.decoder(&line.event, line.version) {
-            Some(decode) => decode(
-                &self.registry.load_full(),
-                envelope.clone(),
-                &payload,
-                &line.handler,
-                service,
-            ),
-            None => Err(format!(
+        let snapshot = self.registry.load_full();
+        let decode = |decode: &dyn Fn() -> Result<Retry, String>| {
+            // The event's `Deserialize`, or an upcaster: user code.
+            self.panics
+                .run(crate::guard::Seam::Serde, decode)
+                .unwrap_or_else(|| Err("decoding the payload panicked".to_owned()))
+        };
+        let redrive = match (
+            self.registry.decoder(&line.event, line.version),
+            self.registry.upcast_rebuild(&line.event, line.version),
+        ) {
+            (Some(decoder), _) => decode(&|| {
+                decoder(
+                    &snapshot,
+                    envelope.clone(),
+                    &payload,
+                    &line.handler,
+                    service,
+                )
+            }),
+            (None, Some(upcast)) => decode(&|| {
+                upcast(
+                    &snapshot,
+                    envelope.clone(),
+                    &payload,
+                    &line.handler,
+                    service,
+                )
+            }),
+            (None, None) => Err(format!(
                 "no event type {} v{} is subscribed on this bus",
                 line.event, line.version
             )),
@@ -2525,6 +2546,59 @@ impl Bus {
     /// ```
     pub fn metrics(&self) -> MetricsSnapshot {
         self.core().metrics()
+    }
+
+    /// Registers how an event of type `E` written as an older version `from` (its
+    /// [`Event::VERSION`] then) becomes today's `E`: `upcast` gets the old payload as JSON.
+    /// [`DeadLetters::load_json_lines`] uses it for dead letters of that version, and a
+    /// bridge's import for stream entries of it, so that a rolling deploy across a version
+    /// loses nothing. `upcast` runs under the bus's guard: a panic, like an `Err`, leaves the
+    /// entry undecodable (a dead letter that says why). A second upcaster for the same version
+    /// replaces the first.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming `upcast` when `from` is not older than `E::VERSION`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Event};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct OrderCreated { order_id: u64, currency: String }
+    /// impl Event for OrderCreated {
+    ///     const NAME: &'static str = "OrderCreated";
+    ///     const VERSION: u32 = 2; // version 1 had no currency
+    /// }
+    ///
+    /// let bus = Bus::builder().workers(1).build()?;
+    /// bus.upcast::<OrderCreated>(1, |old| {
+    ///     let order_id = old["order_id"].as_u64().ok_or("no order_id")?;
+    ///     Ok(OrderCreated { order_id, currency: "EUR".to_owned() })
+    /// })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn upcast<E: Event>(
+        &self,
+        from: u32,
+        upcast: impl Fn(serde_json::Value) -> Result<E, String> + Send + Sync + 'static,
+    ) -> Result<(), ConfigError> {
+        if from >= E::VERSION {
+            return Err(ConfigError::new(
+                "upcast",
+                format!(
+                    "an upcaster reads an older version of {} (version {}), not version {from}",
+                    E::NAME,
+                    E::VERSION
+                ),
+            ));
+        }
+        self.core()
+            .registry
+            .add_upcaster::<E>(from, Arc::new(upcast));
+        Ok(())
     }
 
     /// Adds an audit tap: `tap` sees every event published on the bus, of every type — its

@@ -291,6 +291,21 @@ thread_local! {
 /// Rebuilds a dead letter's delivery from its JSON: see `shard::decode_retry`.
 pub(crate) type Decoder = fn(&Snapshot, Envelope, &str, &str, &str) -> Result<Retry, String>;
 
+/// How an event of type `E` written as an older version becomes today's `E` (user code).
+pub(crate) type UpcastFn<E> =
+    Arc<dyn Fn(serde_json::Value) -> Result<E, String> + Send + Sync + 'static>;
+
+/// Rebuilds a dead letter of an older version through its upcaster: see `decode_retry`.
+pub(crate) type UpcastRebuild =
+    Arc<dyn Fn(&Snapshot, Envelope, &str, &str, &str) -> Result<Retry, String> + Send + Sync>;
+
+/// A registered upcaster: typed (for the bridge's import) and for rebuilding dead letters.
+pub(crate) struct Upcaster {
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    typed: Arc<dyn Any + Send + Sync>,
+    rebuild: UpcastRebuild,
+}
+
 pub(crate) struct Registry {
     /// The bus's id, which keys the per-thread route caches.
     bus: u64,
@@ -302,6 +317,8 @@ pub(crate) struct Registry {
     write: Mutex<()>,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Arc<SubMeta>>>,
+    /// Upcasters by (event name, the version they read).
+    upcasters: Mutex<HashMap<(&'static str, u32), Upcaster>>,
     /// Publish counters per (event type, source).
     pub(crate) counters: PublishCounters,
 }
@@ -317,6 +334,7 @@ impl Registry {
             write: Mutex::new(()),
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
+            upcasters: Mutex::new(HashMap::new()),
         }
     }
 
@@ -478,17 +496,57 @@ impl Registry {
         self.live.lock().remove(&meta.id);
     }
 
-    /// Drops the handler tables (the bus has stopped: no delivery starts any more) and returns
-    /// the last ones, for the caller to drop: user handles become the handlers' last owners.
-    /// The subscriptions stay known by id, for their statistics.
-    pub(crate) fn forget(&self) -> Arc<Snapshot> {
+    /// Drops the handler tables (the bus has stopped: no delivery starts any more) and the
+    /// upcasters, and returns them, for the caller to drop: user handles become their last
+    /// owners. The subscriptions stay known by id, for their statistics.
+    pub(crate) fn forget(&self) -> (Arc<Snapshot>, Vec<Upcaster>) {
+        let upcasters = self.upcasters.lock().drain().map(|(_, u)| u).collect();
         let _write = self.write.lock();
         let last = self.snapshot.load_full();
         let generation = last.generation.wrapping_add(1);
         self.snapshot
             .store(Arc::new(Snapshot::new(generation, TypeMap::default())));
         self.generation.store(generation, Ordering::Release);
-        last
+        (last, upcasters)
+    }
+
+    /// Registers how events of type `E` written as version `from` become today's `E`.
+    pub(crate) fn add_upcaster<E: Event>(&self, from: u32, upcast: UpcastFn<E>) {
+        let typed: Arc<dyn Any + Send + Sync> = Arc::new(upcast.clone());
+        let rebuild: UpcastRebuild = Arc::new(
+            move |snapshot: &Snapshot,
+                  envelope: Envelope,
+                  payload: &str,
+                  handler: &str,
+                  service: &str| {
+                let value: serde_json::Value = serde_json::from_str(payload)
+                    .map_err(|e| format!("the payload is not JSON: {e}"))?;
+                let event = upcast(value).map_err(|e| {
+                    format!("the payload does not upcast from {} v{from}: {e}", E::NAME)
+                })?;
+                crate::shard::retry_for::<E>(snapshot, envelope, event, handler, service)
+            },
+        );
+        self.upcasters
+            .lock()
+            .insert((E::NAME, from), Upcaster { typed, rebuild });
+    }
+
+    /// How events of type `E` written as version `from` become today's `E`, if registered.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn upcaster<E: Event>(&self, from: u32) -> Option<UpcastFn<E>> {
+        let typed = self.upcasters.lock().get(&(E::NAME, from))?.typed.clone();
+        typed.downcast_ref::<UpcastFn<E>>().cloned()
+    }
+
+    /// Rebuilds a dead letter of event type `name` written as version `version` through its
+    /// upcaster, if one is registered.
+    pub(crate) fn upcast_rebuild(&self, name: &str, version: u32) -> Option<UpcastRebuild> {
+        self.upcasters
+            .lock()
+            .iter()
+            .find(|((n, v), _)| *n == name && *v == version)
+            .map(|(_, u)| u.rebuild.clone())
     }
 
     /// The decoder of event type `name` version `version`, if it was ever subscribed.

@@ -693,6 +693,18 @@ pub(crate) fn decode_retry<E: Event>(
             E::VERSION
         )
     })?;
+    retry_for(snapshot, envelope, event, handler, service)
+}
+
+/// A delivery of `event` to the subscription now named `handler` in service `service`, as a
+/// first attempt (a dead letter read back from a file, made ready to redrive).
+pub(crate) fn retry_for<E: Event>(
+    snapshot: &Snapshot,
+    envelope: Envelope,
+    event: E,
+    handler: &str,
+    service: &str,
+) -> Result<Retry, String> {
     let sub = snapshot
         .table::<E>()
         .and_then(|t| {

@@ -968,3 +968,118 @@ fn an_import_reports_its_lag_pending_entries_and_their_age() {
         .shutdown_timeout(Duration::from_millis(100))
         .unwrap();
 }
+
+/// The envelope of an order published on a bus of its own.
+fn an_envelope() -> Envelope {
+    let bus = Bus::builder()
+        .service_name("orders")
+        .workers(1)
+        .build()
+        .unwrap();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    bus.tap(move |t| {
+        let _ = tx.try_send(t.envelope().clone());
+    });
+    bus.publish(OrderCreated { order_id: 0 }).unwrap();
+    let envelope = rx.recv_timeout(WAIT).unwrap();
+    bus.shutdown().unwrap();
+    envelope
+}
+
+/// `OrderCreated` at version 2: version 1 had no currency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct OrderCreatedV2 {
+    order_id: u64,
+    currency: String,
+}
+impl Event for OrderCreatedV2 {
+    const NAME: &'static str = "OrderCreated";
+    const VERSION: u32 = 2;
+}
+
+#[test]
+fn entries_of_an_older_version_are_upcast_on_import() {
+    use redis::Commands;
+    const EVENTS: u64 = 100;
+    let url = redis_url();
+    let prefix = prefix("upcast");
+    let stream = format!("{prefix}:OrderCreated");
+    // Version 1 of the orders service wrote these.
+    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
+    // And one entry of a version nobody can read, and one the upcaster refuses.
+    let mut redis = redis_connection(&url);
+    let envelope = serde_json::to_string(&an_envelope()).unwrap();
+    for (version, payload) in [(3, r#"{"order_id":1000}"#), (1, r#"{"order":1001}"#)] {
+        let entry = format!(
+            r#"{{"wire":1,"event":"OrderCreated","version":{version},"envelope":{envelope},"payload":{payload}}}"#
+        );
+        let _: String = redis.xadd(&stream, "*", &[("m", entry)]).unwrap();
+    }
+    // Version 2 of the payments service reads them.
+    let payments = Bus::builder()
+        .service_name("payments")
+        .workers(2)
+        .build()
+        .unwrap();
+    let handled: Arc<Mutex<Vec<OrderCreatedV2>>> = Arc::default();
+    {
+        let handled = handled.clone();
+        payments
+            .subscribe(move |e: &OrderCreatedV2, _: &Context| -> HandlerResult {
+                handled.lock().unwrap().push(e.clone());
+                Ok(())
+            })
+            .unwrap();
+    }
+    payments
+        .upcast::<OrderCreatedV2>(1, |old| {
+            let order_id = old["order_id"].as_u64().ok_or("no order_id")?;
+            Ok(OrderCreatedV2 {
+                order_id,
+                currency: "EUR".to_owned(),
+            })
+        })
+        .unwrap();
+    assert_eq!(
+        payments
+            .upcast::<OrderCreatedV2>(2, |_| Err("same version".to_owned()))
+            .unwrap_err()
+            .field(),
+        "upcast"
+    );
+    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    importer.import::<OrderCreatedV2>("payments").unwrap();
+    let deadline = Instant::now() + WAIT;
+    while importer.stats().acked < EVENTS + 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    importer.stop();
+    let mut handled = handled.lock().unwrap().clone();
+    handled.sort_by_key(|e| e.order_id);
+    assert_eq!(
+        handled,
+        (0..EVENTS)
+            .map(|order_id| OrderCreatedV2 {
+                order_id,
+                currency: "EUR".to_owned()
+            })
+            .collect::<Vec<_>>()
+    );
+    let letters = payments.dead_letters().list();
+    let mut errors: Vec<String> = letters.iter().map(|l| l.errors()[0].clone()).collect();
+    errors.sort();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains("OrderCreated v1 does not upcast: no order_id"),
+        "{errors:?}"
+    );
+    assert!(errors[1].contains("got OrderCreated v3"), "{errors:?}");
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.reason() == microbus::DeadLetterReason::Undecodable)
+    );
+    let _: () = redis.del(&stream).unwrap();
+    orders.shutdown().unwrap();
+    payments.shutdown().unwrap();
+}

@@ -541,12 +541,15 @@ fn failed_bus(events: u64, capacity: usize, fixed: Arc<AtomicBool>) -> Bus {
         .dead_letter_capacity(capacity)
         .build()
         .unwrap();
-    bus.subscribe(move |_: &Numbered, _: &Context| -> HandlerResult {
-        if fixed.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        Err(HandlerError::msg("down"))
-    })
+    bus.subscribe_with(
+        SubscribeOptions::new().named("charge"),
+        move |_: &Numbered, _: &Context| -> HandlerResult {
+            if fixed.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            Err(HandlerError::msg("down"))
+        },
+    )
     .unwrap();
     for seq in 0..events {
         bus.publish(Numbered { publisher: 0, seq }).unwrap();
@@ -735,4 +738,78 @@ fn deliveries_left_at_shutdown_can_be_kept_as_dead_letters_and_redriven_after_a_
         .flat_map(|name| (1..9).map(move |seq| (name, seq)))
         .collect();
     assert_eq!(seen, expected);
+}
+
+/// `Numbered` at version 2, with a field version 1 did not have.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct NumberedV2 {
+    publisher: u32,
+    seq: u64,
+    note: String,
+}
+impl microbus::Event for NumberedV2 {
+    const NAME: &'static str = "Numbered";
+    const VERSION: u32 = 2;
+}
+
+#[test]
+fn dead_letters_of_an_older_version_load_through_an_upcaster() {
+    // Version 1 dead-lettered three.
+    let exported = failed_bus(3, 10, Arc::default())
+        .dead_letters()
+        .export_json();
+    // Version 2 reads them back.
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    {
+        let seen = seen.clone();
+        bus.subscribe_with(
+            SubscribeOptions::new().named("charge"),
+            move |e: &NumberedV2, _: &Context| -> HandlerResult {
+                seen.lock().unwrap().push(e.clone());
+                Ok(())
+            },
+        )
+        .unwrap();
+    }
+    // Without an upcaster they load, but cannot be redriven.
+    let summary = bus
+        .dead_letters()
+        .load_json_lines(exported.as_bytes())
+        .unwrap();
+    assert_eq!((summary.loaded, summary.not_redrivable), (3, 3));
+    assert!(
+        bus.dead_letters().list()[0]
+            .not_redrivable()
+            .unwrap()
+            .contains("no event type Numbered v1")
+    );
+    bus.dead_letters().purge();
+    bus.upcast::<NumberedV2>(1, |old| {
+        Ok(NumberedV2 {
+            publisher: old["publisher"].as_u64().ok_or("no publisher")? as u32,
+            seq: old["seq"].as_u64().ok_or("no seq")?,
+            note: "from v1".to_owned(),
+        })
+    })
+    .unwrap();
+    let summary = bus
+        .dead_letters()
+        .load_json_lines(exported.as_bytes())
+        .unwrap();
+    assert_eq!((summary.loaded, summary.not_redrivable), (3, 0));
+    assert_eq!(bus.dead_letters().redrive_all(), Ok(3));
+    bus.flush(WAIT).unwrap();
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_by_key(|e| e.seq);
+    assert_eq!(
+        seen,
+        (0..3)
+            .map(|seq| NumberedV2 {
+                publisher: 0,
+                seq,
+                note: "from v1".to_owned()
+            })
+            .collect::<Vec<_>>()
+    );
 }

@@ -107,6 +107,8 @@ impl Counters {
             duplicates: self.duplicates.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             group_recreations: self.group_recreations.load(Ordering::Relaxed),
+            dead_stream_writes: self.dead_stream_writes.load(Ordering::Relaxed),
+            dead_stream_redriven: self.dead_stream_redriven.load(Ordering::Relaxed),
             read_errors: self.read_errors.lock().clone(),
             imports: self
                 .imports
@@ -140,6 +142,8 @@ struct Counters {
     duplicates: AtomicU64,
     reconnects: AtomicU64,
     group_recreations: AtomicU64,
+    dead_stream_writes: AtomicU64,
+    dead_stream_redriven: AtomicU64,
     read_errors: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Each import's last observation of its group.
     imports: Mutex<Vec<Arc<Mutex<ImportStatus>>>>,
@@ -365,6 +369,43 @@ impl Bridge {
         Ok(())
     }
 
+    /// Puts the entries of `E`'s dead-letter stream (see [`ImportOptions::dead_letter_stream`])
+    /// back on its stream, oldest first, each moved in one transaction (`XADD` to the stream,
+    /// `XDEL` from the dead-letter stream): every consumer group reads them again, as new
+    /// entries. Run it once what made them fail is mended (an upcaster registered, a handler
+    /// fixed). Returns how many it moved.
+    ///
+    /// # Errors
+    ///
+    /// A [`BridgeError`] when Redis fails; the entries moved before stay moved.
+    pub fn redrive_dead<E: Event>(&self) -> Result<u64, BridgeError> {
+        let mut link = Link::new(self.client.clone(), self.counters.clone())?;
+        let stream = self.stream::<E>();
+        let dead = dead_stream(&stream);
+        let mut moved = 0;
+        loop {
+            let page: redis::streams::StreamRangeReply =
+                link.run(|c| c.xrange_count(&dead, "-", "+", 256))?;
+            if page.ids.is_empty() {
+                return Ok(moved);
+            }
+            for entry in page.ids {
+                let raw = entry.get::<Vec<u8>>("m").unwrap_or_default();
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .xadd(&stream, "*", &[("m", raw.as_slice())])
+                    .ignore()
+                    .xdel(&dead, &[&entry.id])
+                    .ignore();
+                let _: () = link.run(|c| pipe.query(c))?;
+                moved += 1;
+                self.counters
+                    .dead_stream_redriven
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// The bridge's counters (also in [`Bus::metrics`](crate::Bus::metrics)).
     pub fn stats(&self) -> BridgeStats {
         BridgeCounters {
@@ -472,6 +513,11 @@ impl Exporter {
 /// The name under which entries that are not published are dead-lettered.
 const IMPORT: &str = "redis-import";
 
+/// The dead-letter stream of stream `stream`.
+fn dead_stream(stream: &str) -> String {
+    format!("{stream}:dead")
+}
+
 /// How an import reads its stream.
 #[derive(Debug, Clone)]
 pub struct ImportOptions {
@@ -480,6 +526,7 @@ pub struct ImportOptions {
     claim_idle: Duration,
     max_deliveries: u32,
     dedup_window: usize,
+    dead_letter_stream: bool,
 }
 
 impl ImportOptions {
@@ -492,6 +539,7 @@ impl ImportOptions {
             claim_idle: Duration::from_secs(30),
             max_deliveries: 5,
             dedup_window: 100_000,
+            dead_letter_stream: false,
         }
     }
 
@@ -514,6 +562,16 @@ impl ImportOptions {
     /// Dead-letters an entry once it has been delivered more than `n` times.
     pub fn max_deliveries(mut self, n: u32) -> ImportOptions {
         self.max_deliveries = n;
+        self
+    }
+
+    /// Also writes the entries the import dead-letters (undecodable, delivered too often) to
+    /// the stream's dead-letter stream, `<prefix>:<NAME>:dead` — field `m` the raw entry,
+    /// `reason` (`undecodable` or `retries_exhausted`), `error`, `entry` (its id) and `group` —
+    /// before it acknowledges them, so that they outlive the process; [`Bridge::redrive_dead`]
+    /// puts them back on the stream. Off by default (they go to the bus's dead letters only).
+    pub fn dead_letter_stream(mut self, on: bool) -> ImportOptions {
+        self.dead_letter_stream = on;
         self
     }
 
@@ -670,8 +728,11 @@ struct Importer {
 enum Taken {
     /// Published, acknowledged when its deliveries settle.
     Published,
-    /// Acknowledge now: a duplicate, or dead-lettered.
+    /// Acknowledge now: a duplicate.
     Ack,
+    /// Dead-lettered (the reason, and why): acknowledged once the dead-letter stream, if the
+    /// import writes one, has it.
+    Buried(&'static str, String),
     /// The bus is shutting down: leave it pending for another consumer.
     Stop,
 }
@@ -784,6 +845,7 @@ impl Importer {
                         (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
                 }
             }
+            let mut buried = Vec::new();
             for (entry, deliveries) in entries {
                 match self.take::<E>(&entry, deliveries, &ack_tx) {
                     Taken::Published => {
@@ -793,7 +855,19 @@ impl Importer {
                         self.held.insert(entry.id.clone());
                         let _ = ack_tx.send((entry.id.clone(), true));
                     }
+                    Taken::Buried(reason, why) => {
+                        self.held.insert(entry.id.clone());
+                        buried.push((entry, reason, why));
+                    }
                     Taken::Stop => return,
+                }
+            }
+            if !buried.is_empty() {
+                // Kept in the dead-letter stream first, then acknowledged: a crash in between
+                // leaves the entry pending, never lost.
+                let kept = !self.options.dead_letter_stream || self.write_dead(link, &buried);
+                for (entry, _, _) in buried {
+                    let _ = ack_tx.send((entry.id, kept));
                 }
             }
         }
@@ -834,6 +908,39 @@ impl Importer {
         status.lag = info.lag.map(|n| n as u64);
         status.pending = info.pending as u64;
         status.oldest_pending_idle_ms = idle;
+    }
+
+    /// Writes the entries it dead-lettered to the dead-letter stream, with the reason and why;
+    /// whether the stream has them.
+    fn write_dead(
+        &self,
+        link: &mut Link,
+        buried: &[(redis::streams::StreamId, &'static str, String)],
+    ) -> bool {
+        let dead = dead_stream(&self.stream);
+        let mut pipe = redis::pipe();
+        for (entry, reason, why) in buried {
+            let raw = entry.get::<Vec<u8>>("m").unwrap_or_default();
+            pipe.xadd(
+                &dead,
+                "*",
+                &[
+                    ("m", raw.as_slice()),
+                    ("reason", reason.as_bytes()),
+                    ("error", why.as_bytes()),
+                    ("entry", entry.id.as_bytes()),
+                    ("group", self.options.group.as_bytes()),
+                ],
+            )
+            .ignore();
+        }
+        let written: redis::RedisResult<()> = link.run(|c| pipe.query(c));
+        if written.is_ok() {
+            self.counters
+                .dead_stream_writes
+                .fetch_add(buried.len() as u64, Ordering::Relaxed);
+        }
+        written.is_ok()
     }
 
     /// Makes the consumer group again (from the stream's start), counted when it was gone.
@@ -956,11 +1063,11 @@ impl Importer {
                     envelope,
                     &bytes,
                     IMPORT,
-                    why,
+                    why.clone(),
                     true,
                     None,
                 );
-                return Taken::Ack;
+                return Taken::Buried("undecodable", why);
             }
         };
         if deliveries > u64::from(self.options.max_deliveries) {
@@ -974,11 +1081,11 @@ impl Importer {
                 Some(wire.envelope),
                 &bytes,
                 IMPORT,
-                why,
+                why.clone(),
                 false,
                 Some(republish::<E>),
             );
-            return Taken::Ack;
+            return Taken::Buried("retries_exhausted", why);
         }
         if !self
             .recent

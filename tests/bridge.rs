@@ -1083,3 +1083,86 @@ fn entries_of_an_older_version_are_upcast_on_import() {
     orders.shutdown().unwrap();
     payments.shutdown().unwrap();
 }
+
+#[test]
+fn dead_lettered_entries_outlive_a_restart_in_the_dead_letter_stream() {
+    use redis::Commands;
+    const EVENTS: u64 = 30;
+    let url = redis_url();
+    let prefix = prefix("dead-stream");
+    let stream = format!("{prefix}:OrderCreated");
+    let dead = format!("{stream}:dead");
+    // Version 1 entries reach a version 2 consumer that has no upcaster yet.
+    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
+    let v2_bus = || {
+        let bus = Bus::builder()
+            .service_name("payments")
+            .workers(2)
+            .build()
+            .unwrap();
+        let handled: Arc<Mutex<Vec<OrderCreatedV2>>> = Arc::default();
+        {
+            let handled = handled.clone();
+            bus.subscribe(move |e: &OrderCreatedV2, _: &Context| -> HandlerResult {
+                handled.lock().unwrap().push(e.clone());
+                Ok(())
+            })
+            .unwrap();
+        }
+        (bus, handled)
+    };
+    let options = || microbus::bridge::ImportOptions::new("payments").dead_letter_stream(true);
+    let mut redis = redis_connection(&url);
+    {
+        let (bus, handled) = v2_bus();
+        let bridge = Bridge::connect(&bus, &url, &prefix).unwrap();
+        bridge.import_with::<OrderCreatedV2>(options()).unwrap();
+        let deadline = Instant::now() + WAIT;
+        while bridge.stats().acked < EVENTS && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bridge.stop();
+        assert!(handled.lock().unwrap().is_empty());
+        assert_eq!(bridge.stats().dead_stream_writes, EVENTS);
+        assert_eq!(bus.dead_letters().len() as u64, EVENTS);
+        bus.shutdown().unwrap();
+    }
+    let kept: u64 = redis.xlen(&dead).unwrap();
+    assert_eq!(kept, EVENTS);
+    let first: redis::streams::StreamRangeReply = redis.xrange_count(&dead, "-", "+", 1).unwrap();
+    let fields = &first.ids[0];
+    assert_eq!(
+        fields.get::<String>("reason").as_deref(),
+        Some("undecodable")
+    );
+    assert_eq!(fields.get::<String>("group").as_deref(), Some("payments"));
+    assert!(fields.get::<String>("m").unwrap().contains("\"version\":1"));
+
+    // After the restart, with an upcaster: the dead letters go back on the stream.
+    let (bus, handled) = v2_bus();
+    bus.upcast::<OrderCreatedV2>(1, |old| {
+        Ok(OrderCreatedV2 {
+            order_id: old["order_id"].as_u64().ok_or("no order_id")?,
+            currency: "EUR".to_owned(),
+        })
+    })
+    .unwrap();
+    let bridge = Bridge::connect(&bus, &url, &prefix).unwrap();
+    bridge.import_with::<OrderCreatedV2>(options()).unwrap();
+    assert_eq!(bridge.redrive_dead::<OrderCreatedV2>().unwrap(), EVENTS);
+    let deadline = Instant::now() + WAIT;
+    while (handled.lock().unwrap().len() as u64) < EVENTS && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    bridge.stop();
+    let mut handled = handled.lock().unwrap().clone();
+    handled.sort_by_key(|e| e.order_id);
+    assert_eq!(handled.len() as u64, EVENTS);
+    assert!(handled.iter().all(|e| e.currency == "EUR"));
+    let left: u64 = redis.xlen(&dead).unwrap();
+    assert_eq!(left, 0);
+    assert_eq!(bridge.stats().dead_stream_redriven, EVENTS);
+    let _: () = redis.del(&[&stream, &dead]).unwrap();
+    orders.shutdown().unwrap();
+    bus.shutdown().unwrap();
+}

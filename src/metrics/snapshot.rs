@@ -170,6 +170,10 @@ pub struct BridgeCounters {
     /// Consumer groups created again after they disappeared (the stream was deleted, or a
     /// Redis without persistence restarted) while an import read them.
     pub group_recreations: u64,
+    /// Entries an import dead-lettered and wrote to the dead-letter stream.
+    pub dead_stream_writes: u64,
+    /// Entries put back from a dead-letter stream onto their stream.
+    pub dead_stream_redriven: u64,
     /// Reads (`XREADGROUP`) that failed, by kind: the server's error code (`NOGROUP`, …), or
     /// `io` for a lost or silent connection.
     pub read_errors: std::collections::BTreeMap<String, u64>,
@@ -200,7 +204,7 @@ pub struct ImportStatus {
 impl BridgeCounters {
     /// The counters with their metric names and help texts, in one list for every rendering
     /// (`read_errors` aside: it is labelled by kind).
-    pub(crate) fn fields(&self) -> [(&'static str, &'static str, u64); 8] {
+    pub(crate) fn fields(&self) -> [(&'static str, &'static str, u64); 10] {
         [
             (
                 "exported",
@@ -237,6 +241,16 @@ impl BridgeCounters {
                 "group_recreations",
                 "Consumer groups created again after they disappeared.",
                 self.group_recreations,
+            ),
+            (
+                "dead_stream_writes",
+                "Dead-lettered entries written to a dead-letter stream.",
+                self.dead_stream_writes,
+            ),
+            (
+                "dead_stream_redriven",
+                "Entries put back from a dead-letter stream onto their stream.",
+                self.dead_stream_redriven,
             ),
         ]
     }

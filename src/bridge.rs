@@ -360,6 +360,7 @@ impl Bridge {
             counters: self.counters.clone(),
             recent: Recent::default(),
             held: std::collections::HashSet::new(),
+            published: std::collections::HashMap::new(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("microbus-redis-import-{}", E::NAME))
@@ -527,6 +528,7 @@ pub struct ImportOptions {
     max_deliveries: u32,
     dedup_window: usize,
     dead_letter_stream: bool,
+    seen_ttl: Option<Duration>,
 }
 
 impl ImportOptions {
@@ -540,6 +542,7 @@ impl ImportOptions {
             max_deliveries: 5,
             dedup_window: 100_000,
             dead_letter_stream: false,
+            seen_ttl: None,
         }
     }
 
@@ -572,6 +575,23 @@ impl ImportOptions {
     /// puts them back on the stream. Off by default (they go to the bus's dead letters only).
     pub fn dead_letter_stream(mut self, on: bool) -> ImportOptions {
         self.dead_letter_stream = on;
+        self
+    }
+
+    /// Also keeps the event ids it handled in Redis for `ttl` (`SET <stream>:seen:<group>:<id>
+    /// NX PX`), recorded when an entry's deliveries have settled, just before its `XACK`, and
+    /// never when it is read: an entry read again — after a restart, by another consumer of the
+    /// group, or exported twice — is dropped if its event was handled. The in-memory window
+    /// ([`dedup_window`](Self::dedup_window)) alone is empty after a restart.
+    ///
+    /// What each mode guarantees: without it, an event is handled at least once, and twice
+    /// at most when it comes back within the window of the same process; with it, an event
+    /// whose deliveries settled is not handled again within `ttl`, by any process of the
+    /// group — duplicates are at most the entries in flight (read, not yet settled) when a
+    /// consumer died. It costs an `EXISTS` per entry read and a `SET` per entry acknowledged,
+    /// pipelined.
+    pub fn dedup_in_redis(mut self, ttl: Duration) -> ImportOptions {
+        self.seen_ttl = Some(ttl);
         self
     }
 
@@ -722,6 +742,9 @@ struct Importer {
     /// Entries taken and not acknowledged yet: a claim leaves them alone (the claim resets
     /// their idle time, and they would come back as their own duplicates).
     held: std::collections::HashSet<String>,
+    /// With the dedup kept in Redis: the event id of each entry published and not yet
+    /// acknowledged, to record as seen when it is.
+    published: std::collections::HashMap<String, crate::event::EventId>,
 }
 
 /// What became of one entry.
@@ -766,17 +789,34 @@ impl Importer {
                     acks.push(id);
                 } else {
                     self.held.remove(&id);
+                    self.published.remove(&id);
                 }
             }
             if !acks.is_empty() {
                 let (stream, group) = (&self.stream, &self.options.group);
-                let acked: redis::RedisResult<u64> = link.run(|c| c.xack(stream, group, &acks));
+                let mut pipe = redis::pipe();
+                if let Some(ttl) = self.options.seen_ttl {
+                    // Seen first, then acknowledged: a crash in between handles nothing twice.
+                    let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+                    for id in acks.iter().filter_map(|a| self.published.get(a)) {
+                        pipe.cmd("SET")
+                            .arg(self.seen_key(*id))
+                            .arg(1)
+                            .arg("NX")
+                            .arg("PX")
+                            .arg(ttl)
+                            .ignore();
+                    }
+                }
+                pipe.xack(stream, group, &acks).ignore();
+                let acked: redis::RedisResult<()> = link.run(|c| pipe.query(c));
                 if acked.is_ok() {
                     self.counters
                         .acked
                         .fetch_add(acks.len() as u64, Ordering::Relaxed);
                     for id in acks.drain(..) {
                         self.held.remove(&id);
+                        self.published.remove(&id);
                     }
                 }
             }
@@ -845,9 +885,11 @@ impl Importer {
                         (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
                 }
             }
+            let seen = self.seen_in_redis(link, &entries);
             let mut buried = Vec::new();
             for (entry, deliveries) in entries {
-                match self.take::<E>(&entry, deliveries, &ack_tx) {
+                let seen = seen.contains(&entry.id);
+                match self.take::<E>(&entry, deliveries, seen, &ack_tx) {
                     Taken::Published => {
                         self.held.insert(entry.id.clone());
                     }
@@ -908,6 +950,53 @@ impl Importer {
         status.lag = info.lag.map(|n| n as u64);
         status.pending = info.pending as u64;
         status.oldest_pending_idle_ms = idle;
+    }
+
+    /// The key that says event `id` was handled by the group.
+    fn seen_key(&self, id: crate::event::EventId) -> String {
+        format!("{}:seen:{}:{id}", self.stream, self.options.group)
+    }
+
+    /// Of `entries`, those whose event the group handled already, as Redis remembers
+    /// ([`ImportOptions::dedup_in_redis`]; none without it, or when Redis does not answer).
+    fn seen_in_redis(
+        &self,
+        link: &mut Link,
+        entries: &[(redis::streams::StreamId, u64)],
+    ) -> std::collections::HashSet<String> {
+        #[derive(Deserialize)]
+        struct IdOnly {
+            envelope: EnvelopeId,
+        }
+        #[derive(Deserialize)]
+        struct EnvelopeId {
+            id: crate::event::EventId,
+        }
+        let mut seen = std::collections::HashSet::new();
+        if self.options.seen_ttl.is_none() || entries.is_empty() {
+            return seen;
+        }
+        let ids: Vec<(&str, crate::event::EventId)> = entries
+            .iter()
+            .filter_map(|(entry, _)| {
+                let bytes = entry.get::<Vec<u8>>("m")?;
+                let id = serde_json::from_slice::<IdOnly>(&bytes).ok()?.envelope.id;
+                Some((entry.id.as_str(), id))
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        for (_, id) in &ids {
+            pipe.exists(self.seen_key(*id));
+        }
+        let found: redis::RedisResult<Vec<bool>> = link.run(|c| pipe.query(c));
+        if let Ok(found) = found {
+            for ((entry, _), found) in ids.into_iter().zip(found) {
+                if found {
+                    seen.insert(entry.to_owned());
+                }
+            }
+        }
+        seen
     }
 
     /// Writes the entries it dead-lettered to the dead-letter stream, with the reason and why;
@@ -1046,6 +1135,7 @@ impl Importer {
         &mut self,
         entry: &redis::streams::StreamId,
         deliveries: u64,
+        seen: bool,
         ack_tx: &crossbeam_channel::Sender<(String, bool)>,
     ) -> Taken {
         let bytes = entry.get::<Vec<u8>>("m").unwrap_or_default();
@@ -1087,12 +1177,16 @@ impl Importer {
             );
             return Taken::Buried("retries_exhausted", why);
         }
-        if !self
-            .recent
-            .insert(wire.envelope.id(), self.options.dedup_window)
+        if seen
+            || !self
+                .recent
+                .insert(wire.envelope.id(), self.options.dedup_window)
         {
             self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
             return Taken::Ack;
+        }
+        if self.options.seen_ttl.is_some() {
+            self.published.insert(entry.id.clone(), wire.envelope.id());
         }
         match self
             .bus

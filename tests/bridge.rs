@@ -1166,3 +1166,59 @@ fn dead_lettered_entries_outlive_a_restart_in_the_dead_letter_stream() {
     orders.shutdown().unwrap();
     bus.shutdown().unwrap();
 }
+
+#[test]
+fn with_the_dedup_kept_in_redis_a_restarted_consumer_drops_what_was_handled() {
+    use redis::Commands;
+    const EVENTS: u64 = 20;
+    let url = redis_url();
+    let prefix = prefix("seen");
+    let stream = format!("{prefix}:OrderCreated");
+    let mut redis = redis_connection(&url);
+    // Each order's entry, as an exporter wrote it; an export retried after a lost reply
+    // writes the same event (same id) again.
+    let entries: Vec<String> = (0..EVENTS)
+        .map(|order_id| {
+            format!(
+                r#"{{"wire":1,"event":"OrderCreated","version":1,"envelope":{},"payload":{{"order_id":{order_id}}}}}"#,
+                serde_json::to_string(&an_envelope()).unwrap()
+            )
+        })
+        .collect();
+    let run = |copies: &[String], dedup: bool| -> (Vec<u64>, u64) {
+        let mut redis = redis_connection(&url);
+        for entry in copies {
+            let _: String = redis.xadd(&stream, "*", &[("m", entry)]).unwrap();
+        }
+        let (payments, handled) = payments_recording(2);
+        let bridge = Bridge::connect(&payments, &url, &prefix).unwrap();
+        let mut options = microbus::bridge::ImportOptions::new("payments");
+        if dedup {
+            options = options.dedup_in_redis(Duration::from_secs(60));
+        }
+        bridge.import_with::<OrderCreated>(options).unwrap();
+        let deadline = Instant::now() + WAIT;
+        while bridge.stats().acked < copies.len() as u64 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bridge.stop();
+        payments.shutdown().unwrap();
+        let handled = handled.lock().unwrap().clone();
+        (handled, bridge.stats().duplicates)
+    };
+    // A first process handles every order; a second one (a restart) reads each event again.
+    let (first, _) = run(&entries, true);
+    assert_eq!(first.len() as u64, EVENTS);
+    let (again, duplicates) = run(&entries, true);
+    assert_eq!(again, Vec::<u64>::new(), "nothing handled twice");
+    assert_eq!(duplicates, EVENTS);
+    // Without it, the restarted process has forgotten them (the in-memory window is empty).
+    let (forgotten, _) = run(&entries[..5], false);
+    assert_eq!(forgotten.len(), 5);
+    let seen_keys: Vec<String> = redis.keys(format!("{stream}:seen:payments:*")).unwrap();
+    assert_eq!(seen_keys.len() as u64, EVENTS);
+    let ttl: i64 = redis.pttl(&seen_keys[0]).unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+    let _: () = redis.del(&stream).unwrap();
+    let _: () = redis.del(seen_keys).unwrap();
+}

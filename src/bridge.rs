@@ -37,7 +37,8 @@ use crate::defer::Deferred;
 use crate::event::{Envelope, Event, Stamp};
 use crate::guard::Seam;
 use crate::handler::{Context, HandlerError, HandlerResult};
-use crate::metrics::{BridgeCounters, ImportStatus};
+use crate::metrics::BridgeCounters;
+pub use crate::metrics::ImportStatus;
 use crate::registry::{SubscribeOptions, Subscription};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Ordering};
 
@@ -262,9 +263,22 @@ impl Bridge {
     ///
     /// A [`BridgeError`] when no connection can be made or the bus is shut down.
     pub fn export<E: Event>(&self) -> Result<Subscription, BridgeError> {
+        self.export_with::<E>(ExportOptions::new())
+    }
+
+    /// As [`export`](Self::export), with `options`: how the stream is bounded.
+    ///
+    /// # Errors
+    ///
+    /// As [`export`](Self::export).
+    pub fn export_with<E: Event>(
+        &self,
+        options: ExportOptions,
+    ) -> Result<Subscription, BridgeError> {
         let mut link = Link::new(self.client.clone(), self.counters.clone())?;
         let (tx, rx) = crossbeam_channel::bounded::<Outgoing>(EXPORT_QUEUE);
         let exporter = Exporter {
+            trim: options.trim,
             stream: self.stream::<E>(),
             rx,
             core: self.bus.core().clone(),
@@ -451,8 +465,43 @@ struct Outgoing {
     done: Deferred,
 }
 
+/// How an export bounds its stream.
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    trim: Option<Trim>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Trim {
+    MaxLen(usize),
+    MaxAge(Duration),
+}
+
+impl ExportOptions {
+    /// A stream that is never trimmed (it grows until something else trims it).
+    pub fn new() -> ExportOptions {
+        ExportOptions::default()
+    }
+
+    /// Keeps about the last `entries` entries (`XADD … MAXLEN ~ entries`: Redis trims whole
+    /// nodes, so a few more may stay). Entries trimmed before a consumer group read them are
+    /// lost to it, and counted ([`ImportStatus::trimmed_unread`]).
+    pub fn max_len(mut self, entries: usize) -> ExportOptions {
+        self.trim = Some(Trim::MaxLen(entries));
+        self
+    }
+
+    /// Keeps about the entries of the last `age` (`XADD … MINID ~ <now − age>`); see
+    /// [`max_len`](Self::max_len).
+    pub fn max_age(mut self, age: Duration) -> ExportOptions {
+        self.trim = Some(Trim::MaxAge(age));
+        self
+    }
+}
+
 /// One export thread's state.
 struct Exporter {
+    trim: Option<Trim>,
     stream: String,
     rx: crossbeam_channel::Receiver<Outgoing>,
     core: Arc<Core>,
@@ -478,8 +527,28 @@ impl Exporter {
             batch.extend(self.rx.try_iter().take(PIPELINE - 1));
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
+            let min_id = match self.trim {
+                Some(Trim::MaxAge(age)) => {
+                    let now = crate::event::unix_nanos() / 1_000_000;
+                    let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+                    Some(format!("{}-0", now.saturating_sub(age)))
+                }
+                _ => None,
+            };
             for out in &batch {
-                pipe.xadd(&self.stream, "*", &[("m", &out.message)]);
+                let mut xadd = redis::cmd("XADD");
+                xadd.arg(&self.stream);
+                match (self.trim, &min_id) {
+                    (Some(Trim::MaxLen(n)), _) => {
+                        xadd.arg("MAXLEN").arg("~").arg(n);
+                    }
+                    (Some(Trim::MaxAge(_)), Some(min_id)) => {
+                        xadd.arg("MINID").arg("~").arg(min_id);
+                    }
+                    _ => {}
+                }
+                xadd.arg("*").arg("m").arg(&out.message);
+                pipe.add_command(xadd);
             }
             let replies: redis::RedisResult<Vec<redis::RedisResult<String>>> =
                 link.run(|c| pipe.query(c));
@@ -946,10 +1015,27 @@ impl Importer {
             },
             _ => 0,
         };
+        // Redis counts every entry added against the group's reads: once the group has read
+        // up to the stream's last entry, what its lag still counts was trimmed unread.
+        let mut both = redis::pipe();
+        both.atomic().xinfo_groups(stream).xinfo_stream(stream);
+        let caught_up: redis::RedisResult<(
+            redis::streams::StreamInfoGroupsReply,
+            redis::streams::StreamInfoStreamReply,
+        )> = link.run(|c| both.query(c));
+        let trimmed = caught_up.ok().and_then(|(groups, info)| {
+            let g = groups.groups.into_iter().find(|g| &g.name == group)?;
+            (g.last_delivered_id == info.last_generated_id)
+                .then_some(g.lag)
+                .flatten()
+        });
         let mut status = self.status.lock();
         status.lag = info.lag.map(|n| n as u64);
         status.pending = info.pending as u64;
         status.oldest_pending_idle_ms = idle;
+        if let Some(trimmed) = trimmed {
+            status.trimmed_unread = trimmed as u64;
+        }
     }
 
     /// The key that says event `id` was handled by the group.

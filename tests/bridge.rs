@@ -1222,3 +1222,76 @@ fn with_the_dedup_kept_in_redis_a_restarted_consumer_drops_what_was_handled() {
     let _: () = redis.del(&stream).unwrap();
     let _: () = redis.del(seen_keys).unwrap();
 }
+
+#[test]
+fn entries_trimmed_before_a_slow_group_read_them_are_counted_exactly() {
+    use redis::Commands;
+    const EVENTS: u64 = 3_000;
+    let url = redis_url();
+    let prefix = prefix("maxlen");
+    let stream = format!("{prefix}:OrderCreated");
+    // A consumer that stops reading: its one worker is held, its shard holds 4 events.
+    let payments = Bus::builder()
+        .service_name("payments")
+        .workers(1)
+        .channel_capacity(4)
+        .build()
+        .unwrap();
+    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let (release, released) = crossbeam_channel::bounded::<()>(0);
+    {
+        let handled = handled.clone();
+        payments
+            .subscribe(move |e: &OrderCreated, _: &Context| -> HandlerResult {
+                if e.order_id == 0 {
+                    let _ = released.recv();
+                }
+                handled.lock().unwrap().push(e.order_id);
+                Ok(())
+            })
+            .unwrap();
+    }
+    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    importer.import::<OrderCreated>("payments").unwrap();
+    // The exporter keeps about the last 100 entries.
+    let orders = Bus::builder()
+        .service_name("orders")
+        .workers(1)
+        .build()
+        .unwrap();
+    let exporter = Bridge::connect(&orders, &url, &prefix).unwrap();
+    exporter
+        .export_with::<OrderCreated>(microbus::bridge::ExportOptions::new().max_len(100))
+        .unwrap();
+    for order_id in 0..EVENTS {
+        orders.publish(OrderCreated { order_id }).unwrap();
+    }
+    orders.flush(WAIT).unwrap();
+    let len: u64 = redis_connection(&url).xlen(&stream).unwrap();
+    assert!(len < 500, "the stream is bounded: {len}");
+    drop(release);
+    // Every entry was either read and handled, or trimmed before the group read it.
+    let deadline = Instant::now() + WAIT;
+    let (handled_n, trimmed) = loop {
+        let handled_n = handled.lock().unwrap().len() as u64;
+        let trimmed = importer.stats().imports[0].trimmed_unread;
+        if handled_n + trimmed == EVENTS && importer.stats().acked == handled_n {
+            break (handled_n, trimmed);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "handled {handled_n}, trimmed {trimmed}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!("{handled_n} handled, {trimmed} lost to trimming");
+    assert!(trimmed > 0);
+    let mut seen = handled.lock().unwrap().clone();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len() as u64, handled_n, "none twice");
+    importer.stop();
+    let _: () = redis_connection(&url).del(&stream).unwrap();
+    orders.shutdown().unwrap();
+    payments.shutdown().unwrap();
+}

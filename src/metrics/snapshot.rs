@@ -199,6 +199,10 @@ pub struct ImportStatus {
     /// How long the oldest pending entry has waited since it was last delivered, in
     /// milliseconds (0 when none is pending).
     pub oldest_pending_idle_ms: u64,
+    /// Entries trimmed from the stream (`MAXLEN`, `MINID`) before the group read them: lost to
+    /// trimming, never delivered. Exact as of the last time the group had read up to the
+    /// stream's last entry.
+    pub trimmed_unread: u64,
 }
 
 impl BridgeCounters {
@@ -463,6 +467,12 @@ impl MetricsSnapshot {
                     "Stream entries delivered to the import's group and not acknowledged.",
                     &labels,
                     i.pending,
+                );
+                out.counter(
+                    "microbus_bridge_import_trimmed_unread_total",
+                    "Stream entries trimmed before the import's group read them.",
+                    &labels,
+                    i.trimmed_unread,
                 );
                 out.gauge(
                     "microbus_bridge_import_oldest_pending_idle_milliseconds",

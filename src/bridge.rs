@@ -110,6 +110,8 @@ impl Counters {
             group_recreations: self.group_recreations.load(Ordering::Relaxed),
             dead_stream_writes: self.dead_stream_writes.load(Ordering::Relaxed),
             dead_stream_redriven: self.dead_stream_redriven.load(Ordering::Relaxed),
+            lease_lost: self.lease_lost.load(Ordering::Relaxed),
+            consumers_removed: self.consumers_removed.load(Ordering::Relaxed),
             read_errors: self.read_errors.lock().clone(),
             imports: self
                 .imports
@@ -145,6 +147,8 @@ struct Counters {
     group_recreations: AtomicU64,
     dead_stream_writes: AtomicU64,
     dead_stream_redriven: AtomicU64,
+    lease_lost: AtomicU64,
+    consumers_removed: AtomicU64,
     read_errors: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Each import's last observation of its group.
     imports: Mutex<Vec<Arc<Mutex<ImportStatus>>>>,
@@ -351,24 +355,28 @@ impl Bridge {
         {
             return Err(e.into());
         }
+        // This process's claim on its consumer name (see `lease`).
+        let token = crate::event::EventId::new().to_string();
         let status = Arc::new(Mutex::new(ImportStatus {
             stream: stream.clone(),
             group: options.group.clone(),
             ..ImportStatus::default()
         }));
         self.counters.imports.lock().push(status.clone());
+        let consumer = {
+            let base = options
+                .consumer
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", host_name(), self.bus.service_name()));
+            lease(&mut link, &stream, &options.group, &base, &token)?
+        };
+        status.lock().consumer = consumer.clone();
         let importer = Importer {
             bus: self.bus.clone(),
             status,
             stream,
-            consumer: options.consumer.clone().unwrap_or_else(|| {
-                format!(
-                    "{}-{}-{}",
-                    self.bus.service_name(),
-                    std::process::id(),
-                    crate::event::EventId::new()
-                )
-            }),
+            consumer,
+            token,
             options,
             stop: self.stop.clone(),
             counters: self.counters.clone(),
@@ -598,6 +606,7 @@ pub struct ImportOptions {
     dedup_window: usize,
     dead_letter_stream: bool,
     seen_ttl: Option<Duration>,
+    consumer_idle: Duration,
 }
 
 impl ImportOptions {
@@ -612,14 +621,19 @@ impl ImportOptions {
             dedup_window: 100_000,
             dead_letter_stream: false,
             seen_ttl: None,
+            consumer_idle: Duration::from_secs(3600),
         }
     }
 
-    /// Reads as consumer `name` of the group: a process that starts again under the same name
-    /// first reads the entries it was given and had not acknowledged (its own pending list,
-    /// every page of it). Without a name each import reads as a consumer of its own
-    /// (`<service>-<pid>-<id>`), and what a stopped process left pending waits for the claim
-    /// time to be taken over.
+    /// Reads as consumer `name` of the group (by default `<host>-<service>`: this machine's
+    /// name and the bus's service name). A process that starts again under the same name first
+    /// reads the entries it was given and had not acknowledged (its own pending list, every
+    /// page of it). The name is leased (`SET <stream>:consumer:<group>:<name> NX PX`, 5 s,
+    /// renewed while the import runs, released when it stops): a process starting while the
+    /// lease is held waits up to one lease for it (a crashed process's lease expires), and if a
+    /// live process keeps renewing it — a second replica on the same host — it reads as
+    /// `<name>-2` (or the next free suffix) instead, so that two processes never share a name
+    /// by accident.
     pub fn consumer(mut self, name: &str) -> ImportOptions {
         self.consumer = Some(name.to_owned());
         self
@@ -634,6 +648,14 @@ impl ImportOptions {
     /// Dead-letters an entry once it has been delivered more than `n` times.
     pub fn max_deliveries(mut self, n: u32) -> ImportOptions {
         self.max_deliveries = n;
+        self
+    }
+
+    /// Removes from the group the consumers idle longer than `idle` with nothing pending and
+    /// no live lease on their name (processes long gone), looking every half of `idle` (at
+    /// least every second, at most every minute); counted. An hour by default.
+    pub fn remove_idle_consumers(mut self, idle: Duration) -> ImportOptions {
+        self.consumer_idle = idle;
         self
     }
 
@@ -797,6 +819,87 @@ fn republish<E: Event>(core: &Core, letter: &DeadLetter) -> Result<(), RedriveEr
     .map_err(|_| RedriveError::Shutdown(id))
 }
 
+/// How long a lease on a consumer name lasts; the import renews it about every third of that.
+const LEASE: Duration = Duration::from_secs(5);
+
+/// This machine's name, for the default consumer name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// The key that holds the lease on consumer `name` of `group` on `stream`.
+fn lease_key(stream: &str, group: &str, name: &str) -> String {
+    format!("{stream}:consumer:{group}:{name}")
+}
+
+/// Takes the lease on consumer name `base` for this process (`SET … NX PX`, value `token`):
+/// waiting up to one lease for it — a process of the same name that died leaves its lease to
+/// expire, and a restart gets its name, and its pending entries, back. If a live process keeps
+/// renewing it (a second replica on the same host), the name is `base-2`, `base-3`, … instead,
+/// the first free one.
+fn lease(
+    link: &mut Link,
+    stream: &str,
+    group: &str,
+    base: &str,
+    token: &str,
+) -> Result<String, BridgeError> {
+    let mut take = |name: &str| -> Result<bool, BridgeError> {
+        let key = lease_key(stream, group, name);
+        let reply: Option<String> = link.run(|c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(LEASE.as_millis() as u64)
+                .query(c)
+        })?;
+        Ok(reply.is_some())
+    };
+    let deadline = std::time::Instant::now() + LEASE + Duration::from_millis(500);
+    loop {
+        if take(base)? {
+            return Ok(base.to_owned());
+        }
+        if std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in 2.. {
+        let name = format!("{base}-{n}");
+        if take(&name)? {
+            return Ok(name);
+        }
+    }
+    unreachable!("a free name is found")
+}
+
+/// Renews this process's lease on its consumer name (only if it still holds it), or lets it
+/// go (`release`).
+fn renew_lease(link: &mut Link, key: &str, token: &str, release: bool) -> bool {
+    const RENEW: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then \
+        return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
+    const RELEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then \
+        return redis.call('del', KEYS[1]) else return 0 end";
+    let done: redis::RedisResult<i64> = link.run(|c| {
+        redis::cmd("EVAL")
+            .arg(if release { RELEASE } else { RENEW })
+            .arg(1)
+            .arg(key)
+            .arg(token)
+            .arg(LEASE.as_millis() as u64)
+            .query(c)
+    });
+    matches!(done, Ok(1))
+}
+
 /// One import thread's state.
 struct Importer {
     bus: Bus,
@@ -804,6 +907,8 @@ struct Importer {
     status: Arc<Mutex<ImportStatus>>,
     stream: String,
     consumer: String,
+    /// The value of this process's lease on `consumer`.
+    token: String,
     options: ImportOptions,
     stop: Arc<AtomicBool>,
     counters: Arc<Counters>,
@@ -830,7 +935,15 @@ enum Taken {
 }
 
 impl Importer {
+    /// Reads until the bridge or the bus stops, then lets go of the consumer name.
     fn run<E: Event>(mut self, link: &mut Link) {
+        let key = lease_key(&self.stream, &self.options.group, &self.consumer);
+        let token = self.token.clone();
+        self.read::<E>(link, &key);
+        renew_lease(link, &key, &token, true);
+    }
+
+    fn read<E: Event>(&mut self, link: &mut Link, lease: &str) {
         // Entries settled: to acknowledge (`true`), or to leave pending (`false`: a delivery
         // never ran, so another consumer must take the entry again).
         let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<(String, bool)>();
@@ -838,10 +951,11 @@ impl Importer {
             .group(&self.options.group, &self.consumer)
             .count(READ_COUNT)
             .block(READ_BLOCK.as_millis() as usize);
-        self.status.lock().consumer = self.consumer.clone();
         let mut last_claim = std::time::Instant::now();
         let mut last_refresh = std::time::Instant::now();
         let mut last_observed: Option<std::time::Instant> = None;
+        let mut last_renewed = std::time::Instant::now();
+        let mut last_swept = std::time::Instant::now();
         let mut acks: Vec<String> = Vec::new();
         let mut backoff = Duration::ZERO;
         // First the entries this consumer was given and did not acknowledge — left by an
@@ -911,9 +1025,21 @@ impl Importer {
                 last_claim = std::time::Instant::now();
                 entries.extend(self.claim(link));
             }
+            let sweep_every =
+                (self.options.consumer_idle / 2).clamp(OBSERVE_EVERY, Duration::from_secs(60));
+            if last_swept.elapsed() >= sweep_every {
+                last_swept = std::time::Instant::now();
+                self.remove_idle_consumers(link);
+            }
             if last_observed.is_none_or(|at| at.elapsed() >= OBSERVE_EVERY) {
                 last_observed = Some(std::time::Instant::now());
                 self.observe(link);
+            }
+            if last_renewed.elapsed() >= LEASE / 3 {
+                last_renewed = std::time::Instant::now();
+                if !renew_lease(link, lease, &self.token, false) {
+                    self.counters.lease_lost.fetch_add(1, Ordering::Relaxed);
+                }
             }
             let stream = &self.stream;
             let from = recover_from.as_deref().unwrap_or(">");
@@ -1116,6 +1242,44 @@ impl Importer {
                 .fetch_add(buried.len() as u64, Ordering::Relaxed);
         }
         written.is_ok()
+    }
+
+    /// Removes the group's consumers that are idle past the bound, hold nothing and have no
+    /// live lease on their name.
+    fn remove_idle_consumers(&self, link: &mut Link) {
+        let (stream, group) = (&self.stream, &self.options.group);
+        let consumers: redis::RedisResult<redis::streams::StreamInfoConsumersReply> =
+            link.run(|c| c.xinfo_consumers(stream, group));
+        let Ok(consumers) = consumers else {
+            return;
+        };
+        let idle = self.options.consumer_idle.as_millis();
+        for consumer in consumers.consumers {
+            if consumer.name == self.consumer
+                || consumer.pending > 0
+                || (consumer.idle as u128) < idle
+            {
+                continue;
+            }
+            let key = lease_key(stream, group, &consumer.name);
+            let live: redis::RedisResult<bool> = link.run(|c| c.exists(&key));
+            if !matches!(live, Ok(false)) {
+                continue;
+            }
+            let removed: redis::RedisResult<i64> = link.run(|c| {
+                redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(stream)
+                    .arg(group)
+                    .arg(&consumer.name)
+                    .query(c)
+            });
+            if removed.is_ok() {
+                self.counters
+                    .consumers_removed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Makes the consumer group again (from the stream's start), counted when it was gone.

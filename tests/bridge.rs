@@ -322,8 +322,14 @@ fn take_over(test: &str, events: u64, options: microbus::bridge::ImportOptions) 
 
     let (payments, handled) = payments_recording(2);
     let bridge = Bridge::connect(&payments, &url, &prefix).unwrap();
+    // Another consumer: a process started again under the dead one's name would read its
+    // pending entries back instead (see the restart test).
     bridge
-        .import_with::<OrderCreated>(options.claim_idle(Duration::from_millis(200)))
+        .import_with::<OrderCreated>(
+            options
+                .consumer("taker")
+                .claim_idle(Duration::from_millis(200)),
+        )
         .unwrap();
     let deadline = Instant::now() + WAIT;
     while (bridge.stats().acked < events || pending(&mut redis) > 0) && Instant::now() < deadline {
@@ -1294,4 +1300,79 @@ fn entries_trimmed_before_a_slow_group_read_them_are_counted_exactly() {
     let _: () = redis_connection(&url).del(&stream).unwrap();
     orders.shutdown().unwrap();
     payments.shutdown().unwrap();
+}
+
+#[test]
+fn consumer_names_are_stable_per_host_and_service_and_leased() {
+    use redis::Commands;
+    let url = redis_url();
+    let prefix = prefix("names");
+    let stream = format!("{prefix}:OrderCreated");
+    let import = |options: microbus::bridge::ImportOptions| {
+        let (bus, handled) = payments_recording(1);
+        let bridge = Bridge::connect(&bus, &url, &prefix).unwrap();
+        bridge.import_with::<OrderCreated>(options).unwrap();
+        let name = bridge.stats().imports[0].consumer.clone();
+        (bus, bridge, handled, name)
+    };
+    let options = || microbus::bridge::ImportOptions::new("payments");
+    let (a_bus, a, _, a_name) = import(options());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(a_name, format!("{}-payments", host.trim()));
+    // A second replica on the same host does not share the name: it waits one lease for it,
+    // then takes the next.
+    let (b_bus, b, _, b_name) = import(options());
+    assert_eq!(b_name, format!("{a_name}-2"));
+    // Stopped, the first lets its name go: started again, it gets it back at once.
+    a.stop();
+    a_bus.shutdown().unwrap();
+    let started = Instant::now();
+    let (c_bus, c, _, c_name) = import(options());
+    assert_eq!(c_name, a_name);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // A consumer long gone, with nothing pending, is removed from its group; one holding
+    // entries is not (a group of its own here, so that no other import reads them).
+    let mut redis = redis_connection(&url);
+    let _: () = redis.xgroup_create_mkstream(&stream, "audit", "$").unwrap();
+    // (A consumer exists once it was given an entry.)
+    let read = |redis: &mut redis::Connection, consumer: &str| -> String {
+        let _: String = redis.xadd(&stream, "*", &[("m", "an entry")]).unwrap();
+        let options = redis::streams::StreamReadOptions::default()
+            .group("audit", consumer)
+            .count(1);
+        let reply: redis::streams::StreamReadReply =
+            redis.xread_options(&[&stream], &[">"], &options).unwrap();
+        reply.keys[0].ids[0].id.clone()
+    };
+    let id = read(&mut redis, "gone-empty");
+    let _: u64 = redis.xack(&stream, "audit", &[id]).unwrap();
+    read(&mut redis, "gone-holding");
+    let (d_bus, d, _, _) = import(
+        microbus::bridge::ImportOptions::new("audit")
+            .consumer("sweeper")
+            .claim_idle(Duration::from_secs(3600))
+            .remove_idle_consumers(Duration::from_millis(200)),
+    );
+    let deadline = Instant::now() + WAIT;
+    let names = loop {
+        let consumers: redis::streams::StreamInfoConsumersReply =
+            redis.xinfo_consumers(&stream, "audit").unwrap();
+        let names: Vec<String> = consumers.consumers.into_iter().map(|c| c.name).collect();
+        if !names.iter().any(|n| n == "gone-empty") || Instant::now() >= deadline {
+            break names;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!names.iter().any(|n| n == "gone-empty"), "{names:?}");
+    assert!(names.iter().any(|n| n == "gone-holding"), "{names:?}");
+    assert_eq!(d.stats().consumers_removed, 1);
+    for (bridge, bus) in [(b, b_bus), (c, c_bus), (d, d_bus)] {
+        bridge.stop();
+        bus.shutdown().unwrap();
+    }
+    let _: () = redis.del(&stream).unwrap();
 }

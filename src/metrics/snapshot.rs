@@ -174,6 +174,11 @@ pub struct BridgeCounters {
     pub dead_stream_writes: u64,
     /// Entries put back from a dead-letter stream onto their stream.
     pub dead_stream_redriven: u64,
+    /// Renewals of an import's lease on its consumer name that found it taken (the process
+    /// was paused longer than the lease, and another took the name).
+    pub lease_lost: u64,
+    /// Consumers of a group removed because they had been idle long, with nothing pending.
+    pub consumers_removed: u64,
     /// Reads (`XREADGROUP`) that failed, by kind: the server's error code (`NOGROUP`, …), or
     /// `io` for a lost or silent connection.
     pub read_errors: std::collections::BTreeMap<String, u64>,
@@ -208,7 +213,7 @@ pub struct ImportStatus {
 impl BridgeCounters {
     /// The counters with their metric names and help texts, in one list for every rendering
     /// (`read_errors` aside: it is labelled by kind).
-    pub(crate) fn fields(&self) -> [(&'static str, &'static str, u64); 10] {
+    pub(crate) fn fields(&self) -> [(&'static str, &'static str, u64); 12] {
         [
             (
                 "exported",
@@ -255,6 +260,16 @@ impl BridgeCounters {
                 "dead_stream_redriven",
                 "Entries put back from a dead-letter stream onto their stream.",
                 self.dead_stream_redriven,
+            ),
+            (
+                "lease_lost",
+                "Lease renewals that found the consumer name taken.",
+                self.lease_lost,
+            ),
+            (
+                "consumers_removed",
+                "Idle consumers with nothing pending removed from their group.",
+                self.consumers_removed,
             ),
         ]
     }

@@ -1376,3 +1376,129 @@ fn consumer_names_are_stable_per_host_and_service_and_leased() {
     }
     let _: () = redis.del(&stream).unwrap();
 }
+
+const DEDUP_CHILD: &str = "MICROBUS_BRIDGE_DEDUP_CHILD";
+
+/// A consumer that records each order it handles in the Redis list `<prefix>:handled` and dies
+/// in the middle of the stream (run by the test below, in a process of its own).
+#[test]
+fn dedup_child() {
+    use redis::Commands;
+    let Ok(spec) = std::env::var(DEDUP_CHILD) else {
+        return;
+    };
+    let (url, prefix) = spec.split_once('|').unwrap();
+    let bus = Bus::builder()
+        .service_name("payments")
+        .workers(2)
+        .build()
+        .unwrap();
+    let redis = Mutex::new(redis_connection(url));
+    let list = format!("{prefix}:handled");
+    let count = std::sync::atomic::AtomicU64::new(0);
+    bus.subscribe(move |e: &OrderCreated, _: &Context| -> HandlerResult {
+        let _: u64 = redis.lock().unwrap().rpush(&list, e.order_id).unwrap();
+        if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 500 {
+            std::process::abort();
+        }
+        Ok(())
+    })
+    .unwrap();
+    let bridge = Bridge::connect(&bus, url, prefix).unwrap();
+    bridge
+        .import_with::<OrderCreated>(
+            microbus::bridge::ImportOptions::new("payments")
+                .consumer("victim")
+                .dedup_in_redis(Duration::from_secs(60)),
+        )
+        .unwrap();
+    std::thread::sleep(WAIT);
+    unreachable!("the handler aborts the process");
+}
+
+#[test]
+fn with_the_dedup_kept_in_redis_a_killed_consumer_causes_duplicates_only_in_flight() {
+    use redis::Commands;
+    const EVENTS: u64 = 2_000;
+    let url = redis_url();
+    let prefix = prefix("kill");
+    let stream = format!("{prefix}:OrderCreated");
+    let list = format!("{prefix}:handled");
+    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "dedup_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(DEDUP_CHILD, format!("{url}|{prefix}"))
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the consumer was meant to die");
+    let mut redis = redis_connection(&url);
+    // What it had read and not acknowledged when it died.
+    let in_flight: u64 = match redis::cmd("XPENDING")
+        .arg(&stream)
+        .arg("payments")
+        .query::<redis::Value>(&mut redis)
+        .unwrap()
+    {
+        redis::Value::Array(fields) => match fields.first() {
+            Some(redis::Value::Int(n)) => *n as u64,
+            _ => 0,
+        },
+        _ => 0,
+    };
+    let (payments, handled) = payments_recording(2);
+    let bridge = Bridge::connect(&payments, &url, &prefix).unwrap();
+    bridge
+        .import_with::<OrderCreated>(
+            microbus::bridge::ImportOptions::new("payments")
+                .consumer("survivor")
+                .claim_idle(Duration::from_millis(200))
+                .dedup_in_redis(Duration::from_secs(60)),
+        )
+        .unwrap();
+    let by_child: Vec<u64> = redis.lrange(&list, 0, -1).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut all: Vec<u64> = handled.lock().unwrap().clone();
+        all.extend(&by_child);
+        all.sort_unstable();
+        all.dedup();
+        let pending: redis::Value = redis::cmd("XPENDING")
+            .arg(&stream)
+            .arg("payments")
+            .query(&mut redis)
+            .unwrap();
+        let idle =
+            matches!(&pending, redis::Value::Array(f) if f.first() == Some(&redis::Value::Int(0)));
+        if all.len() as u64 == EVENTS && idle {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {EVENTS} handled",
+            all.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bridge.stop();
+    let by_survivor = handled.lock().unwrap().clone();
+    let total = (by_child.len() + by_survivor.len()) as u64;
+    let duplicates = total - EVENTS;
+    println!(
+        "killed with {in_flight} entries in flight: {} handled before, {} after, {duplicates} twice",
+        by_child.len(),
+        by_survivor.len()
+    );
+    assert!(
+        duplicates <= in_flight,
+        "{duplicates} duplicates, {in_flight} in flight"
+    );
+    let _: () = redis.del(&[&stream, &list]).unwrap();
+    orders.shutdown().unwrap();
+    payments.shutdown().unwrap();
+}

@@ -681,6 +681,44 @@ fn a_server_that_never_answers_is_an_error_not_a_hang() {
     bus.shutdown().unwrap();
 }
 
+/// A test's own stream of orders: `events` of them already exported (numbered from 0) by an
+/// orders bus that goes on exporting; the stream is deleted when it is dropped.
+struct Exported {
+    url: String,
+    prefix: String,
+    stream: String,
+    orders: Bus,
+    _exporter: Bridge,
+}
+
+impl Exported {
+    /// The URL, key prefix, stream key and orders bus.
+    fn parts(&self) -> (&str, &str, &str, &Bus) {
+        (&self.url, &self.prefix, &self.stream, &self.orders)
+    }
+}
+
+impl Drop for Exported {
+    fn drop(&mut self) {
+        use redis::Commands;
+        let _: redis::RedisResult<()> = redis_connection(&self.url).del(&self.stream);
+    }
+}
+
+fn exported_orders(test: &str, events: u64) -> Exported {
+    let url = redis_url();
+    let prefix = prefix(test);
+    let stream = format!("{prefix}:OrderCreated");
+    let (orders, exporter) = exported(&url, &prefix, 0, events);
+    Exported {
+        url,
+        prefix,
+        stream,
+        orders,
+        _exporter: exporter,
+    }
+}
+
 /// An orders bus that exports `OrderCreated` to `prefix`, with `events` orders already in the
 /// stream (numbered from `from`).
 fn exported(url: &str, prefix: &str, from: u64, events: u64) -> (Bus, Bridge) {
@@ -730,16 +768,14 @@ fn read_and_leave(redis: &mut redis::Connection, stream: &str, group: &str, cons
 #[test]
 fn an_import_whose_group_disappears_makes_it_again_and_goes_on() {
     use redis::Commands;
-    let url = redis_url();
-    let prefix = prefix("nogroup");
-    let stream = format!("{prefix}:OrderCreated");
-    let (orders, _exporter) = exported(&url, &prefix, 0, 10);
+    let exported = exported_orders("nogroup", 10);
+    let (url, prefix, stream, orders) = exported.parts();
     let (payments, handled) = payments_recording(2);
-    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    let importer = Bridge::connect(&payments, url, prefix).unwrap();
     importer.import::<OrderCreated>("payments").unwrap();
     assert_eq!(wait_for_orders(&handled, 10, WAIT), 10);
     // The stream goes, group and all (as after a restart of a Redis without persistence).
-    let _: () = redis_connection(&url).del(&stream).unwrap();
+    let _: () = redis_connection(url).del(stream).unwrap();
     for order_id in 10..1_010 {
         orders.publish(OrderCreated { order_id }).unwrap();
     }
@@ -758,23 +794,19 @@ fn an_import_whose_group_disappears_makes_it_again_and_goes_on() {
         "{metrics}"
     );
     assert!(metrics.contains("kind=\"NOGROUP\""), "{metrics}");
-    let _: () = redis_connection(&url).del(&stream).unwrap();
     orders.shutdown().unwrap();
     payments.shutdown().unwrap();
 }
 
 #[test]
 fn a_takeover_follows_the_claim_cursor_through_the_whole_pending_list() {
-    use redis::Commands;
     const EVENTS: u64 = 1_089;
-    let url = redis_url();
-    let prefix = prefix("cursor");
-    let stream = format!("{prefix}:OrderCreated");
-    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
+    let exported = exported_orders("cursor", EVENTS);
+    let (url, prefix, stream, orders) = exported.parts();
     // A consumer took every entry and died.
-    read_and_leave(&mut redis_connection(&url), &stream, "payments", "ghost");
+    read_and_leave(&mut redis_connection(url), stream, "payments", "ghost");
     let (payments, handled) = payments_recording(2);
-    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    let importer = Bridge::connect(&payments, url, prefix).unwrap();
     let claim_idle = Duration::from_secs(2);
     let started = Instant::now();
     importer
@@ -794,7 +826,6 @@ fn a_takeover_follows_the_claim_cursor_through_the_whole_pending_list() {
     assert_eq!(taken, EVENTS as usize, "after {took:?}");
     assert_eq!(importer.stats().claimed, EVENTS);
     importer.stop();
-    let _: () = redis_connection(&url).del(&stream).unwrap();
     orders.shutdown().unwrap();
     payments.shutdown().unwrap();
 }
@@ -803,10 +834,8 @@ fn a_takeover_follows_the_claim_cursor_through_the_whole_pending_list() {
 fn a_slow_consumer_never_claims_its_own_entries() {
     use redis::Commands;
     const EVENTS: u64 = 100;
-    let url = redis_url();
-    let prefix = prefix("own-claims");
-    let stream = format!("{prefix}:OrderCreated");
-    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
+    let exported = exported_orders("own-claims", EVENTS);
+    let (url, prefix, stream, orders) = exported.parts();
     // One worker, 20 ms an order: the last entries wait about 2 s, far past the claim time.
     let payments = Bus::builder()
         .service_name("payments")
@@ -824,7 +853,7 @@ fn a_slow_consumer_never_claims_its_own_entries() {
             })
             .unwrap();
     }
-    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    let importer = Bridge::connect(&payments, url, prefix).unwrap();
     importer
         .import_with::<OrderCreated>(
             microbus::bridge::ImportOptions::new("payments")
@@ -833,12 +862,12 @@ fn a_slow_consumer_never_claims_its_own_entries() {
         )
         .unwrap();
     // The most deliveries any pending entry has had, watched while the orders run.
-    let mut redis = redis_connection(&url);
+    let mut redis = redis_connection(url);
     let mut most = 0;
     let deadline = Instant::now() + WAIT;
     while handled.lock().unwrap().len() < EVENTS as usize && Instant::now() < deadline {
         let rows: redis::Value = redis::cmd("XPENDING")
-            .arg(&stream)
+            .arg(stream)
             .arg("payments")
             .arg("-")
             .arg("+")
@@ -863,28 +892,20 @@ fn a_slow_consumer_never_claims_its_own_entries() {
     assert_eq!(most, 1, "an entry it held was counted as delivered again");
     assert!(payments.dead_letters().is_empty());
     assert_eq!(importer.stats().claimed, 0);
-    let _: () = redis.del(&stream).unwrap();
+    let _: () = redis.del(stream).unwrap();
     orders.shutdown().unwrap();
     payments.shutdown().unwrap();
 }
 
 #[test]
 fn a_consumer_started_again_under_its_name_reads_all_it_left_pending() {
-    use redis::Commands;
     const EVENTS: u64 = 200;
-    let url = redis_url();
-    let prefix = prefix("restart-name");
-    let stream = format!("{prefix}:OrderCreated");
-    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
+    let exported = exported_orders("restart-name", EVENTS);
+    let (url, prefix, stream, orders) = exported.parts();
     // The process that read them as `payments-1` stopped before acknowledging any.
-    read_and_leave(
-        &mut redis_connection(&url),
-        &stream,
-        "payments",
-        "payments-1",
-    );
+    read_and_leave(&mut redis_connection(url), stream, "payments", "payments-1");
     let (payments, handled) = payments_recording(2);
-    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    let importer = Bridge::connect(&payments, url, prefix).unwrap();
     importer
         .import_with::<OrderCreated>(
             microbus::bridge::ImportOptions::new("payments")
@@ -905,19 +926,15 @@ fn a_consumer_started_again_under_its_name_reads_all_it_left_pending() {
     assert_eq!(importer.stats().claimed, 0);
     assert_eq!(handled.lock().unwrap().len() as u64, EVENTS, "none twice");
     importer.stop();
-    let _: () = redis_connection(&url).del(&stream).unwrap();
     orders.shutdown().unwrap();
     payments.shutdown().unwrap();
 }
 
 #[test]
 fn an_import_reports_its_lag_pending_entries_and_their_age() {
-    use redis::Commands;
     const EVENTS: u64 = 50;
-    let url = redis_url();
-    let prefix = prefix("visibility");
-    let stream = format!("{prefix}:OrderCreated");
-    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
+    let exported = exported_orders("visibility", EVENTS);
+    let (url, prefix, stream, orders) = exported.parts();
     // A handler that holds every order until released: all are delivered, none acknowledged.
     let payments = Bus::builder()
         .service_name("payments")
@@ -931,7 +948,7 @@ fn an_import_reports_its_lag_pending_entries_and_their_age() {
             Ok(())
         })
         .unwrap();
-    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    let importer = Bridge::connect(&payments, url, prefix).unwrap();
     importer
         .import_with::<OrderCreated>(
             microbus::bridge::ImportOptions::new("payments").consumer("payments-a"),
@@ -968,7 +985,6 @@ fn an_import_reports_its_lag_pending_entries_and_their_age() {
     assert!(snapshot.to_string().contains("payments-a"));
     drop(release);
     importer.stop();
-    let _: () = redis_connection(&url).del(&stream).unwrap();
     orders.shutdown().unwrap();
     payments
         .shutdown_timeout(Duration::from_millis(100))
@@ -1007,19 +1023,17 @@ impl Event for OrderCreatedV2 {
 fn entries_of_an_older_version_are_upcast_on_import() {
     use redis::Commands;
     const EVENTS: u64 = 100;
-    let url = redis_url();
-    let prefix = prefix("upcast");
-    let stream = format!("{prefix}:OrderCreated");
+    let exported = exported_orders("upcast", EVENTS);
+    let (url, prefix, stream, orders) = exported.parts();
     // Version 1 of the orders service wrote these.
-    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
     // And one entry of a version nobody can read, and one the upcaster refuses.
-    let mut redis = redis_connection(&url);
+    let mut redis = redis_connection(url);
     let envelope = serde_json::to_string(&an_envelope()).unwrap();
     for (version, payload) in [(3, r#"{"order_id":1000}"#), (1, r#"{"order":1001}"#)] {
         let entry = format!(
             r#"{{"wire":1,"event":"OrderCreated","version":{version},"envelope":{envelope},"payload":{payload}}}"#
         );
-        let _: String = redis.xadd(&stream, "*", &[("m", entry)]).unwrap();
+        let _: String = redis.xadd(stream, "*", &[("m", entry)]).unwrap();
     }
     // Version 2 of the payments service reads them.
     let payments = Bus::builder()
@@ -1053,7 +1067,7 @@ fn entries_of_an_older_version_are_upcast_on_import() {
             .field(),
         "upcast"
     );
-    let importer = Bridge::connect(&payments, &url, &prefix).unwrap();
+    let importer = Bridge::connect(&payments, url, prefix).unwrap();
     importer.import::<OrderCreatedV2>("payments").unwrap();
     let deadline = Instant::now() + WAIT;
     while importer.stats().acked < EVENTS + 2 && Instant::now() < deadline {
@@ -1085,7 +1099,7 @@ fn entries_of_an_older_version_are_upcast_on_import() {
             .iter()
             .all(|l| l.reason() == microbus::DeadLetterReason::Undecodable)
     );
-    let _: () = redis.del(&stream).unwrap();
+    let _: () = redis.del(stream).unwrap();
     orders.shutdown().unwrap();
     payments.shutdown().unwrap();
 }
@@ -1094,12 +1108,10 @@ fn entries_of_an_older_version_are_upcast_on_import() {
 fn dead_lettered_entries_outlive_a_restart_in_the_dead_letter_stream() {
     use redis::Commands;
     const EVENTS: u64 = 30;
-    let url = redis_url();
-    let prefix = prefix("dead-stream");
-    let stream = format!("{prefix}:OrderCreated");
+    let exported = exported_orders("dead-stream", EVENTS);
+    let (url, prefix, stream, orders) = exported.parts();
     let dead = format!("{stream}:dead");
     // Version 1 entries reach a version 2 consumer that has no upcaster yet.
-    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
     let v2_bus = || {
         let bus = Bus::builder()
             .service_name("payments")
@@ -1118,10 +1130,10 @@ fn dead_lettered_entries_outlive_a_restart_in_the_dead_letter_stream() {
         (bus, handled)
     };
     let options = || microbus::bridge::ImportOptions::new("payments").dead_letter_stream(true);
-    let mut redis = redis_connection(&url);
+    let mut redis = redis_connection(url);
     {
         let (bus, handled) = v2_bus();
-        let bridge = Bridge::connect(&bus, &url, &prefix).unwrap();
+        let bridge = Bridge::connect(&bus, url, prefix).unwrap();
         bridge.import_with::<OrderCreatedV2>(options()).unwrap();
         let deadline = Instant::now() + WAIT;
         while bridge.stats().acked < EVENTS && Instant::now() < deadline {
@@ -1153,7 +1165,7 @@ fn dead_lettered_entries_outlive_a_restart_in_the_dead_letter_stream() {
         })
     })
     .unwrap();
-    let bridge = Bridge::connect(&bus, &url, &prefix).unwrap();
+    let bridge = Bridge::connect(&bus, url, prefix).unwrap();
     bridge.import_with::<OrderCreatedV2>(options()).unwrap();
     assert_eq!(bridge.redrive_dead::<OrderCreatedV2>().unwrap(), EVENTS);
     let deadline = Instant::now() + WAIT;
@@ -1168,7 +1180,7 @@ fn dead_lettered_entries_outlive_a_restart_in_the_dead_letter_stream() {
     let left: u64 = redis.xlen(&dead).unwrap();
     assert_eq!(left, 0);
     assert_eq!(bridge.stats().dead_stream_redriven, EVENTS);
-    let _: () = redis.del(&[&stream, &dead]).unwrap();
+    let _: () = redis.del(&[stream, dead.as_str()]).unwrap();
     orders.shutdown().unwrap();
     bus.shutdown().unwrap();
 }
@@ -1420,11 +1432,9 @@ fn dedup_child() {
 fn with_the_dedup_kept_in_redis_a_killed_consumer_causes_duplicates_only_in_flight() {
     use redis::Commands;
     const EVENTS: u64 = 2_000;
-    let url = redis_url();
-    let prefix = prefix("kill");
-    let stream = format!("{prefix}:OrderCreated");
+    let exported = exported_orders("kill", EVENTS);
+    let (url, prefix, stream, orders) = exported.parts();
     let list = format!("{prefix}:handled");
-    let (orders, _exporter) = exported(&url, &prefix, 0, EVENTS);
     let status = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -1437,10 +1447,10 @@ fn with_the_dedup_kept_in_redis_a_killed_consumer_causes_duplicates_only_in_flig
         .status()
         .unwrap();
     assert!(!status.success(), "the consumer was meant to die");
-    let mut redis = redis_connection(&url);
+    let mut redis = redis_connection(url);
     // What it had read and not acknowledged when it died.
     let in_flight: u64 = match redis::cmd("XPENDING")
-        .arg(&stream)
+        .arg(stream)
         .arg("payments")
         .query::<redis::Value>(&mut redis)
         .unwrap()
@@ -1452,7 +1462,7 @@ fn with_the_dedup_kept_in_redis_a_killed_consumer_causes_duplicates_only_in_flig
         _ => 0,
     };
     let (payments, handled) = payments_recording(2);
-    let bridge = Bridge::connect(&payments, &url, &prefix).unwrap();
+    let bridge = Bridge::connect(&payments, url, prefix).unwrap();
     bridge
         .import_with::<OrderCreated>(
             microbus::bridge::ImportOptions::new("payments")
@@ -1469,7 +1479,7 @@ fn with_the_dedup_kept_in_redis_a_killed_consumer_causes_duplicates_only_in_flig
         all.sort_unstable();
         all.dedup();
         let pending: redis::Value = redis::cmd("XPENDING")
-            .arg(&stream)
+            .arg(stream)
             .arg("payments")
             .query(&mut redis)
             .unwrap();
@@ -1498,7 +1508,7 @@ fn with_the_dedup_kept_in_redis_a_killed_consumer_causes_duplicates_only_in_flig
         duplicates <= in_flight,
         "{duplicates} duplicates, {in_flight} in flight"
     );
-    let _: () = redis.del(&[&stream, &list]).unwrap();
+    let _: () = redis.del(&[stream, list.as_str()]).unwrap();
     orders.shutdown().unwrap();
     payments.shutdown().unwrap();
 }

@@ -184,7 +184,7 @@ fn a_stopped_bus_lets_go_of_its_handlers_and_callbacks() {
     let owned = || Dropped(drops.clone());
     let (hook, sink) = (owned(), owned());
     let bus = Bus::builder()
-        .workers(2)
+        .workers(1)
         .retry(microbus::RetryPolicy::none())
         .dead_letter_capacity(1)
         .on_dead_letter(move |_| {

@@ -96,10 +96,16 @@ const DEADLINE: Duration = Duration::from_millis(200);
 
 /// Shutdown took no longer than its deadline plus the grace, with room for a loaded machine:
 /// what it guards against is a shutdown that waits for blocked user code (for ever here).
-fn assert_prompt(elapsed: Duration) {
+/// Shuts `bus` down, checking that the report balances and that it was prompt.
+fn shutdown_promptly(bus: &Bus) -> microbus::ShutdownReport {
+    let started = Instant::now();
+    let report = bus.shutdown().unwrap();
+    let elapsed = started.elapsed();
     println!("shutdown took {elapsed:?} against a deadline of {DEADLINE:?}");
     let bound = DEADLINE + SHUTDOWN_GRACE + Duration::from_secs(2);
     assert!(elapsed < bound, "shutdown took {elapsed:?}");
+    assert!(report.is_balanced(), "{report}");
+    report
 }
 
 #[test]
@@ -323,10 +329,7 @@ fn the_deadline_holds_with_a_tap_that_blocks() {
     })
     .unwrap();
     let first = tapped.recv().unwrap();
-    let started = Instant::now();
-    let report = bus.shutdown().unwrap();
-    assert_prompt(started.elapsed());
-    assert!(report.is_balanced(), "{report}");
+    let report = shutdown_promptly(&bus);
     assert!(report.deadline_passed);
     // The tapped event's three deliveries were held by the worker; the next event never ran.
     assert_eq!(
@@ -373,10 +376,7 @@ fn the_deadline_holds_with_a_sink_that_blocks_and_the_letter_counts_once() {
     while count(&sunk) == 0 {
         std::thread::sleep(Duration::from_millis(1));
     }
-    let started = Instant::now();
-    let report = bus.shutdown().unwrap();
-    assert_prompt(started.elapsed());
-    assert!(report.is_balanced(), "{report}");
+    let report = shutdown_promptly(&bus);
     // Settled before the sink ran: dead-lettered, not abandoned; the third never ran.
     let s = &report.stats;
     assert_eq!(
@@ -432,10 +432,7 @@ fn the_deadline_holds_with_events_whose_drop_blocks() {
     for seq in 2..10 {
         bus.publish(blocking(seq)).unwrap();
     }
-    let started = Instant::now();
-    let report = bus.shutdown().unwrap();
-    assert_prompt(started.elapsed());
-    assert!(report.is_balanced(), "{report}");
+    let report = shutdown_promptly(&bus);
     let s = &report.stats;
     assert_eq!(
         (s.succeeded, s.dead_lettered, s.left, s.abandoned),

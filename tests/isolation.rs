@@ -94,9 +94,9 @@ fn gate() -> (Arc<AtomicBool>, Opens) {
 
 const DEADLINE: Duration = Duration::from_millis(200);
 
-/// Shutdown took no longer than its deadline plus the grace, with room for a loaded machine:
-/// what it guards against is a shutdown that waits for blocked user code (for ever here).
-/// Shuts `bus` down, checking that the report balances and that it was prompt.
+/// Shuts `bus` down, checking that the report balances and that shutdown took no longer than
+/// its deadline plus the grace, with room for a loaded machine: what it guards against is a
+/// shutdown that waits for blocked user code (for ever here).
 fn shutdown_promptly(bus: &Bus) -> microbus::ShutdownReport {
     let started = Instant::now();
     let report = bus.shutdown().unwrap();

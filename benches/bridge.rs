@@ -124,6 +124,26 @@ fn round_trip(url: &str, prefix: &str, events: u64) -> f64 {
     rate(events, took)
 }
 
+/// The size of the field `m` of the first entry of `stream`: one event's message.
+fn message_size(url: &str, stream: &str) -> usize {
+    let mut redis = redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .expect("connected");
+    let first: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query(&mut redis)
+        .expect("read");
+    first
+        .ids
+        .first()
+        .and_then(|entry| entry.get::<Vec<u8>>("m"))
+        .map_or(0, |m| m.len())
+}
+
 fn one_xadd_a_round_trip(url: &str, stream: &str, events: u64) -> f64 {
     use redis::Commands;
     let mut redis = redis::Client::open(url)
@@ -190,13 +210,14 @@ fn main() {
         .unwrap_or(200_000);
     let run = format!("bench-{}", std::process::id());
     let export_rate = export(&url, &run, events);
+    let size = message_size(&url, &format!("{run}:OrderCreated"));
     let import_rate = import(&url, &run, events);
     let trip = round_trip(&url, &format!("{run}-trip"), events);
     let single = one_xadd_a_round_trip(&url, &format!("{run}:single"), events / 10);
     let plain = redis_benchmark(&url, &format!("{run}:rb"), events, 1);
     let piped = redis_benchmark(&url, &format!("{run}:rb64"), events * 5, 64);
 
-    println!("Redis bridge, {events} events a row, events per second");
+    println!("Redis bridge, {events} events a row, events per second; one message is {size} bytes");
     println!("{:<44}{:>14}", "row", "events/s");
     let row = |name: &str, value: Option<f64>| match value {
         Some(v) => println!("{name:<44}{v:>14.0}"),
@@ -211,6 +232,7 @@ fn main() {
     row("one XADD a round trip, one connection", Some(single));
     row("redis-benchmark XADD, 50 clients", plain);
     row("redis-benchmark XADD, 50 clients, -P 64", piped);
+    println!("import / export: {:.2}", import_rate / export_rate);
     if let Some(piped) = piped {
         println!(
             "export / redis-benchmark -P 64: {:.2}; export / one XADD a round trip: {:.1}",

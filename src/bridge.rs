@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::Commands;
-use redis::streams::{StreamReadOptions, StreamReadReply};
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{Bus, Core, Mode};
@@ -41,6 +40,7 @@ use crate::metrics::BridgeCounters;
 pub use crate::metrics::ImportStatus;
 use crate::registry::{SubscribeOptions, Subscription};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Ordering};
+use crate::track::Tracker;
 
 /// The wire format's version.
 pub const WIRE_VERSION: u32 = 1;
@@ -371,6 +371,15 @@ impl Bridge {
             lease(&mut link, &stream, &options.group, &base, &token)?
         };
         status.lock().consumer = consumer.clone();
+        let (settle, settled) = crossbeam_channel::unbounded();
+        let (pages, to_publish) = crossbeam_channel::bounded(1);
+        let publisher = Publisher {
+            bus: self.bus.clone(),
+            options: options.clone(),
+            counters: self.counters.clone(),
+            recent: Recent::default(),
+            settle,
+        };
         let importer = Importer {
             bus: self.bus.clone(),
             status,
@@ -380,15 +389,20 @@ impl Bridge {
             options,
             stop: self.stop.clone(),
             counters: self.counters.clone(),
-            recent: Recent::default(),
             held: std::collections::HashSet::new(),
-            published: std::collections::HashMap::new(),
+            pages,
+            settled,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("microbus-redis-import-{}", E::NAME))
-            .spawn(move || importer.run::<E>(&mut link))
+        let publishing = std::thread::Builder::new()
+            .name(format!("microbus-redis-publish-{}", E::NAME))
+            .spawn(move || publisher.run::<E>(to_publish))
             .map_err(|e| BridgeError(e.to_string()))?;
-        self.threads.lock().push(thread);
+        // Without its reader, the publishing thread finds its channel closed and ends.
+        let reading = std::thread::Builder::new()
+            .name(format!("microbus-redis-import-{}", E::NAME))
+            .spawn(move || importer.run(&mut link))
+            .map_err(|e| BridgeError(e.to_string()))?;
+        self.threads.lock().extend([reading, publishing]);
         Ok(())
     }
 
@@ -900,6 +914,67 @@ fn renew_lease(link: &mut Link, key: &str, token: &str, release: bool) -> bool {
     matches!(done, Ok(1))
 }
 
+/// A stream entry as the import reads it: its id and its field `m` (empty when it has none).
+struct Entry {
+    id: String,
+    m: Vec<u8>,
+}
+
+/// The entries of an `XREADGROUP` or `XAUTOCLAIM` reply's list of entries, read off the reply as
+/// it is (an entry deleted since it was delivered has no fields).
+fn entries_of(list: redis::Value) -> Vec<Entry> {
+    use redis::Value;
+    let Value::Array(items) = list else {
+        return Vec::new();
+    };
+    let mut entries = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(mut item) = item else {
+            continue;
+        };
+        let fields = item.pop();
+        let id = match item.pop() {
+            Some(Value::BulkString(id)) => String::from_utf8(id).ok(),
+            Some(Value::SimpleString(id)) => Some(id),
+            _ => None,
+        };
+        let Some(id) = id else {
+            continue;
+        };
+        let mut m = Vec::new();
+        if let Some(Value::Array(fields)) = fields {
+            let mut fields = fields.into_iter();
+            while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+                if let (Value::BulkString(name), Value::BulkString(value)) = (name, value)
+                    && name == b"m"
+                {
+                    m = value;
+                    break;
+                }
+            }
+        }
+        entries.push(Entry { id, m });
+    }
+    entries
+}
+
+/// The entries of an `XREADGROUP` reply (of one stream; none when it timed out).
+fn read_entries(reply: redis::Value) -> Vec<Entry> {
+    use redis::Value;
+    let streams = match reply {
+        Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|stream| match stream {
+                Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(streams) => streams.into_iter().map(|(_, entries)| entries).collect(),
+        _ => Vec::new(),
+    };
+    streams.into_iter().flat_map(entries_of).collect()
+}
+
 /// One import thread's state.
 struct Importer {
     bus: Bus,
@@ -912,51 +987,69 @@ struct Importer {
     options: ImportOptions,
     stop: Arc<AtomicBool>,
     counters: Arc<Counters>,
-    recent: Recent,
     /// Entries taken and not acknowledged yet: a claim leaves them alone (the claim resets
     /// their idle time, and they would come back as their own duplicates).
     held: std::collections::HashSet<String>,
-    /// With the dedup kept in Redis: the event id of each entry published and not yet
-    /// acknowledged, to record as seen when it is.
-    published: std::collections::HashMap<String, crate::event::EventId>,
+    /// The entries read, each with how often it was delivered and whether Redis has seen its
+    /// event, on their way to the publishing thread.
+    pages: crossbeam_channel::Sender<Page>,
+    /// What became of the entries handed over.
+    settled: crossbeam_channel::Receiver<Settle>,
 }
 
-/// What became of one entry.
-enum Taken {
-    /// Published, acknowledged when its deliveries settle.
-    Published,
-    /// Acknowledge now: a duplicate.
-    Ack,
+/// One read's entries for the publishing thread: each with its delivery count and whether
+/// the dedup kept in Redis has seen its event.
+type Page = Vec<(Entry, u64, bool)>;
+
+/// What the publishing thread tells the reader of an entry.
+enum Settle {
+    /// Acknowledge it (recording its event as seen, with the dedup kept in Redis).
+    Ack(String, Option<crate::event::EventId>),
+    /// Leave it pending for another consumer: a delivery never ran.
+    Leave(String),
     /// Dead-lettered (the reason, and why): acknowledged once the dead-letter stream, if the
     /// import writes one, has it.
+    Buried(Entry, &'static str, String),
+}
+
+/// The publishing half of an import: decodes what the reader hands over, drops duplicates,
+/// dead-letters what cannot be published, and publishes the rest; on its own thread, so that
+/// decoding overlaps the next read's round trip.
+struct Publisher {
+    bus: Bus,
+    options: ImportOptions,
+    counters: Arc<Counters>,
+    recent: Recent,
+    settle: crossbeam_channel::Sender<Settle>,
+}
+
+/// What becomes of one entry.
+enum Taken<E> {
+    /// To publish (with its envelope), and acknowledge when its deliveries settle.
+    Publish(E, Envelope),
+    /// Acknowledge now: a duplicate.
+    Ack,
+    /// Dead-lettered (the reason, and why).
     Buried(&'static str, String),
-    /// The bus is shutting down: leave it pending for another consumer.
-    Stop,
 }
 
 impl Importer {
     /// Reads until the bridge or the bus stops, then lets go of the consumer name.
-    fn run<E: Event>(mut self, link: &mut Link) {
+    fn run(mut self, link: &mut Link) {
         let key = lease_key(&self.stream, &self.options.group, &self.consumer);
         let token = self.token.clone();
-        self.read::<E>(link, &key);
+        self.read(link, &key);
         renew_lease(link, &key, &token, true);
     }
 
-    fn read<E: Event>(&mut self, link: &mut Link, lease: &str) {
-        // Entries settled: to acknowledge (`true`), or to leave pending (`false`: a delivery
-        // never ran, so another consumer must take the entry again).
-        let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<(String, bool)>();
-        let read = StreamReadOptions::default()
-            .group(&self.options.group, &self.consumer)
-            .count(READ_COUNT)
-            .block(READ_BLOCK.as_millis() as usize);
+    fn read(&mut self, link: &mut Link, lease: &str) {
         let mut last_claim = std::time::Instant::now();
         let mut last_refresh = std::time::Instant::now();
         let mut last_observed: Option<std::time::Instant> = None;
         let mut last_renewed = std::time::Instant::now();
         let mut last_swept = std::time::Instant::now();
-        let mut acks: Vec<String> = Vec::new();
+        let mut acks: Vec<(String, Option<crate::event::EventId>)> = Vec::new();
+        let mut buried = Vec::new();
         let mut backoff = Duration::ZERO;
         // First the entries this consumer was given and did not acknowledge — left by an
         // earlier process of the same name, or given in a reply lost with a connection: its
@@ -967,48 +1060,41 @@ impl Importer {
             if !backoff.is_zero() {
                 std::thread::sleep(backoff);
             }
-            for (id, ack) in ack_rx.try_iter() {
-                if ack {
-                    acks.push(id);
-                } else {
-                    self.held.remove(&id);
-                    self.published.remove(&id);
+            for settled in self.settled.try_iter() {
+                match settled {
+                    Settle::Ack(id, event) => acks.push((id, event)),
+                    Settle::Leave(id) => {
+                        self.held.remove(&id);
+                    }
+                    Settle::Buried(entry, reason, why) => buried.push((entry, reason, why)),
                 }
             }
-            if !acks.is_empty() {
-                let (stream, group) = (&self.stream, &self.options.group);
-                let mut pipe = redis::pipe();
-                if let Some(ttl) = self.options.seen_ttl {
-                    // Seen first, then acknowledged: a crash in between handles nothing twice.
-                    let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-                    for id in acks.iter().filter_map(|a| self.published.get(a)) {
-                        pipe.cmd("SET")
-                            .arg(self.seen_key(*id))
-                            .arg(1)
-                            .arg("NX")
-                            .arg("PX")
-                            .arg(ttl)
-                            .ignore();
-                    }
-                }
-                pipe.xack(stream, group, &acks).ignore();
-                let acked: redis::RedisResult<()> = link.run(|c| pipe.query(c));
-                if acked.is_ok() {
-                    self.counters
-                        .acked
-                        .fetch_add(acks.len() as u64, Ordering::Relaxed);
-                    for id in acks.drain(..) {
-                        self.held.remove(&id);
-                        self.published.remove(&id);
+            if !buried.is_empty() {
+                // Kept in the dead-letter stream first, then acknowledged: a crash in between
+                // leaves the entry pending, never lost.
+                let kept = !self.options.dead_letter_stream || self.write_dead(link, &buried);
+                for (entry, _, _) in buried.drain(..) {
+                    if kept {
+                        acks.push((entry.id, None));
+                    } else {
+                        self.held.remove(&entry.id);
                     }
                 }
             }
             // Stopping (the bridge stopped, or the bus is shutting down): take nothing more,
             // acknowledge what settles; once the bus has stopped, what is still held (a
             // handler past the deadline) stays pending for another consumer.
-            let core = self.bus.core();
-            if self.stop.load(Ordering::SeqCst) || core.is_closing() {
-                if self.held.is_empty() || (core.is_stopped() && ack_rx.is_empty()) {
+            if self.stop.load(Ordering::SeqCst) || self.bus.core().is_closing() {
+                if !acks.is_empty() {
+                    let mut pipe = redis::pipe();
+                    self.stage_acks(&mut pipe, &acks);
+                    let acked: redis::RedisResult<()> = link.run(|c| pipe.query(c));
+                    if acked.is_ok() {
+                        self.acked(&mut acks);
+                    }
+                }
+                if self.held.is_empty() || (self.bus.core().is_stopped() && self.settled.is_empty())
+                {
                     return;
                 }
                 backoff = Duration::from_millis(1);
@@ -1041,18 +1127,34 @@ impl Importer {
                     self.counters.lease_lost.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            let stream = &self.stream;
-            let from = recover_from.as_deref().unwrap_or(">");
-            let reply: redis::RedisResult<Option<StreamReadReply>> =
-                link.run(|c| c.xread_options(&[stream], &[from], &read));
+            // What settled is acknowledged in the same round trip as the next read.
+            let mut pipe = redis::pipe();
+            self.stage_acks(&mut pipe, &acks);
+            pipe.cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(&self.options.group)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(READ_COUNT)
+                .arg("BLOCK")
+                .arg(READ_BLOCK.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(&self.stream)
+                .arg(recover_from.as_deref().unwrap_or(">"));
+            pipe.ignore_errors();
+            let replies: redis::RedisResult<Vec<redis::RedisResult<redis::Value>>> =
+                link.run(|c| pipe.query(c));
+            let reply = replies.and_then(|mut replies| {
+                let read = replies.pop().unwrap_or(Ok(redis::Value::Nil));
+                if replies.iter().all(Result::is_ok) {
+                    self.acked(&mut acks);
+                }
+                read
+            });
             match reply {
                 Ok(reply) => {
                     backoff = Duration::ZERO;
-                    let page: Vec<_> = reply
-                        .into_iter()
-                        .flat_map(|r| r.keys)
-                        .flat_map(|k| k.ids)
-                        .collect();
+                    let page = read_entries(reply);
                     if recover_from.is_some() {
                         // An empty page: the whole own pending list has been read.
                         recover_from = page.last().map(|e| e.id.clone());
@@ -1080,32 +1182,21 @@ impl Importer {
                         (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
                 }
             }
-            let seen = self.seen_in_redis(link, &entries);
-            let mut buried = Vec::new();
-            for (entry, deliveries) in entries {
-                let seen = seen.contains(&entry.id);
-                match self.take::<E>(&entry, deliveries, seen, &ack_tx) {
-                    Taken::Published => {
-                        self.held.insert(entry.id.clone());
-                    }
-                    Taken::Ack => {
-                        self.held.insert(entry.id.clone());
-                        let _ = ack_tx.send((entry.id.clone(), true));
-                    }
-                    Taken::Buried(reason, why) => {
-                        self.held.insert(entry.id.clone());
-                        buried.push((entry, reason, why));
-                    }
-                    Taken::Stop => return,
-                }
+            if entries.is_empty() {
+                continue;
             }
-            if !buried.is_empty() {
-                // Kept in the dead-letter stream first, then acknowledged: a crash in between
-                // leaves the entry pending, never lost.
-                let kept = !self.options.dead_letter_stream || self.write_dead(link, &buried);
-                for (entry, _, _) in buried {
-                    let _ = ack_tx.send((entry.id, kept));
-                }
+            let seen = self.seen_in_redis(link, &entries);
+            let page: Page = entries
+                .into_iter()
+                .map(|(entry, deliveries)| {
+                    self.held.insert(entry.id.clone());
+                    let seen = seen.contains(&entry.id);
+                    (entry, deliveries, seen)
+                })
+                .collect();
+            // Waits while the publishing thread is a page behind.
+            if self.pages.send(page).is_err() {
+                return;
             }
         }
     }
@@ -1174,7 +1265,7 @@ impl Importer {
     fn seen_in_redis(
         &self,
         link: &mut Link,
-        entries: &[(redis::streams::StreamId, u64)],
+        entries: &[(Entry, u64)],
     ) -> std::collections::HashSet<String> {
         #[derive(Deserialize)]
         struct IdOnly {
@@ -1191,8 +1282,7 @@ impl Importer {
         let ids: Vec<(&str, crate::event::EventId)> = entries
             .iter()
             .filter_map(|(entry, _)| {
-                let bytes = entry.get::<Vec<u8>>("m")?;
-                let id = serde_json::from_slice::<IdOnly>(&bytes).ok()?.envelope.id;
+                let id = serde_json::from_slice::<IdOnly>(&entry.m).ok()?.envelope.id;
                 Some((entry.id.as_str(), id))
             })
             .collect();
@@ -1213,20 +1303,15 @@ impl Importer {
 
     /// Writes the entries it dead-lettered to the dead-letter stream, with the reason and why;
     /// whether the stream has them.
-    fn write_dead(
-        &self,
-        link: &mut Link,
-        buried: &[(redis::streams::StreamId, &'static str, String)],
-    ) -> bool {
+    fn write_dead(&self, link: &mut Link, buried: &[(Entry, &'static str, String)]) -> bool {
         let dead = dead_stream(&self.stream);
         let mut pipe = redis::pipe();
         for (entry, reason, why) in buried {
-            let raw = entry.get::<Vec<u8>>("m").unwrap_or_default();
             pipe.xadd(
                 &dead,
                 "*",
                 &[
-                    ("m", raw.as_slice()),
+                    ("m", entry.m.as_slice()),
                     ("reason", reason.as_bytes()),
                     ("error", why.as_bytes()),
                     ("entry", entry.id.as_bytes()),
@@ -1317,7 +1402,7 @@ impl Importer {
 
     /// Takes over entries other consumers left pending past the claim time, with how often
     /// each was delivered: one pass over the whole pending list, page by page.
-    fn claim(&mut self, link: &mut Link) -> Vec<(redis::streams::StreamId, u64)> {
+    fn claim(&mut self, link: &mut Link) -> Vec<(Entry, u64)> {
         let idle = u64::try_from(self.options.claim_idle.as_millis()).unwrap_or(u64::MAX);
         let (stream, group, consumer) = (&self.stream, &self.options.group, &self.consumer);
         let mut cursor = "0-0".to_owned();
@@ -1345,6 +1430,10 @@ impl Importer {
         let others: Vec<_> = claimed
             .into_iter()
             .filter(|entry| !self.held.contains(&entry.id))
+            .map(|entry| Entry {
+                m: entry.get::<Vec<u8>>("m").unwrap_or_default(),
+                id: entry.id,
+            })
             .collect();
         self.counters
             .claimed
@@ -1381,16 +1470,124 @@ impl Importer {
         }
     }
 
-    fn take<E: Event>(
-        &mut self,
-        entry: &redis::streams::StreamId,
-        deliveries: u64,
-        seen: bool,
-        ack_tx: &crossbeam_channel::Sender<(String, bool)>,
-    ) -> Taken {
-        let bytes = entry.get::<Vec<u8>>("m").unwrap_or_default();
+    /// Adds to `pipe` what acknowledges `acks`: with the dedup kept in Redis, each event is
+    /// recorded as seen first, then the entries are acknowledged (a crash in between handles
+    /// nothing twice).
+    fn stage_acks(
+        &self,
+        pipe: &mut redis::Pipeline,
+        acks: &[(String, Option<crate::event::EventId>)],
+    ) {
+        if acks.is_empty() {
+            return;
+        }
+        if let Some(ttl) = self.options.seen_ttl {
+            let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            for id in acks.iter().filter_map(|(_, event)| *event) {
+                pipe.cmd("SET")
+                    .arg(self.seen_key(id))
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl);
+            }
+        }
+        let ids: Vec<&str> = acks.iter().map(|(id, _)| id.as_str()).collect();
+        pipe.xack(&self.stream, &self.options.group, &ids);
+    }
+
+    /// Forgets the entries of `acks`: Redis has acknowledged them.
+    fn acked(&mut self, acks: &mut Vec<(String, Option<crate::event::EventId>)>) {
+        self.counters
+            .acked
+            .fetch_add(acks.len() as u64, Ordering::Relaxed);
+        for (id, _) in acks.drain(..) {
+            self.held.remove(&id);
+        }
+    }
+}
+
+impl Publisher {
+    /// Takes the pages the reader hands over until it stops; once the bus refuses a publish
+    /// (it is shutting down), leaves every entry pending.
+    fn run<E: Event>(mut self, pages: crossbeam_channel::Receiver<Page>) {
+        let mut refused = false;
+        for page in pages {
+            let mut ready = Vec::with_capacity(page.len());
+            for (entry, deliveries, seen) in page {
+                if refused {
+                    let _ = self.settle.send(Settle::Leave(entry.id));
+                    continue;
+                }
+                match self.take::<E>(&entry, deliveries, seen) {
+                    Taken::Publish(event, envelope) => ready.push((entry.id, event, envelope)),
+                    Taken::Ack => {
+                        let _ = self.settle.send(Settle::Ack(entry.id, None));
+                    }
+                    Taken::Buried(reason, why) => {
+                        let _ = self.settle.send(Settle::Buried(entry, reason, why));
+                    }
+                }
+            }
+            refused = refused || !self.publish(ready);
+        }
+    }
+
+    /// Publishes the entries of one read, in order, as batches (a batch per run of entries
+    /// from one source service), each with a tracker that tells the reader to acknowledge it
+    /// once every delivery of it settled (or to leave it pending: one never ran, at shutdown's
+    /// deadline). `false` when the bus is shutting down: what was not accepted is left pending
+    /// for another consumer.
+    fn publish<E: Event>(&mut self, ready: Vec<(String, E, Envelope)>) -> bool {
         let core = self.bus.core();
-        let wire = match decode::<E>(core, &bytes) {
+        let mut ready = ready.into_iter().peekable();
+        while let Some(first) = ready.next() {
+            let source = first.2.source_id();
+            let mut run = vec![first];
+            while let Some(next) = ready.next_if(|(_, _, e)| e.source_id() == source) {
+                run.push(next);
+            }
+            let mut trackers = Vec::with_capacity(run.len());
+            let items: Vec<(E, Stamp)> = run
+                .into_iter()
+                .map(|(id, event, envelope)| {
+                    let tracking = crate::track::Tracking::new();
+                    let seen = self.options.seen_ttl.map(|_| envelope.id());
+                    trackers.push((id, seen, Tracker(tracking.clone())));
+                    (event, Stamp::Given(envelope.with_tracker(tracking)))
+                })
+                .collect();
+            if core.publish_batch(source, items).is_err() {
+                for (id, _, _) in trackers {
+                    let _ = self.settle.send(Settle::Leave(id));
+                }
+                for (id, _, _) in ready {
+                    let _ = self.settle.send(Settle::Leave(id));
+                }
+                return false;
+            }
+            self.counters
+                .imported
+                .fetch_add(trackers.len() as u64, Ordering::Relaxed);
+            for (id, seen, tracker) in trackers {
+                let settle = self.settle.clone();
+                tracker.on_complete(move |c| {
+                    let _ = settle.send(if c.left == 0 && c.abandoned == 0 {
+                        Settle::Ack(id, seen)
+                    } else {
+                        Settle::Leave(id)
+                    });
+                });
+            }
+        }
+        true
+    }
+
+    /// Decodes one entry and decides what becomes of it.
+    fn take<E: Event>(&mut self, entry: &Entry, deliveries: u64, seen: bool) -> Taken<E> {
+        let bytes = entry.m.as_slice();
+        let core = self.bus.core();
+        let wire = match decode::<E>(core, bytes) {
             Ok(wire) => wire,
             Err((envelope, why)) => {
                 // Kept with its raw text and acknowledged: it would never decode.
@@ -1401,7 +1598,7 @@ impl Importer {
                     E::NAME,
                     E::VERSION,
                     envelope,
-                    &bytes,
+                    bytes,
                     IMPORT,
                     why.clone(),
                     true,
@@ -1419,7 +1616,7 @@ impl Importer {
                 E::NAME,
                 E::VERSION,
                 Some(wire.envelope),
-                &bytes,
+                bytes,
                 IMPORT,
                 why.clone(),
                 false,
@@ -1435,25 +1632,6 @@ impl Importer {
             self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
             return Taken::Ack;
         }
-        if self.options.seen_ttl.is_some() {
-            self.published.insert(entry.id.clone(), wire.envelope.id());
-        }
-        match self
-            .bus
-            .publish_envelope_tracked(wire.payload, wire.envelope)
-        {
-            Ok(tracker) => {
-                self.counters.imported.fetch_add(1, Ordering::Relaxed);
-                let ack_tx = ack_tx.clone();
-                let id = entry.id.clone();
-                // Acknowledged when every delivery succeeded or was dead-lettered (or its
-                // subscription ended); left pending when one never ran (shutdown's deadline).
-                tracker.on_complete(move |c| {
-                    let _ = ack_tx.send((id, c.left == 0 && c.abandoned == 0));
-                });
-                Taken::Published
-            }
-            Err(_) => Taken::Stop,
-        }
+        Taken::Publish(wire.payload, wire.envelope)
     }
 }

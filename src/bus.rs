@@ -615,7 +615,7 @@ impl Core {
     pub(crate) fn publish_batch<E: Event>(
         &self,
         source: NameId,
-        items: impl IntoIterator<Item = (E, Publish)>,
+        items: impl IntoIterator<Item = (E, Stamp)>,
     ) -> Result<(), (Refusal, Vec<E>)> {
         let (generation, deliveries) = self.registry.route::<E>(source, 0);
         if deliveries == 0 && self.is_closing() {
@@ -644,6 +644,9 @@ impl Core {
             return Err(items.into_iter().map(|(event, _)| event).collect());
         }
         let (generation, deliveries) = self.registry.route::<E>(source, 0);
+        let items = items
+            .into_iter()
+            .map(|(event, options)| (event, Stamp::New(options)));
         self.in_groups(source, items, deliveries, |index, group| {
             self.registry.count::<E>(source, group.len() as u64, false);
             stage(Routed {
@@ -655,23 +658,24 @@ impl Core {
         .map_err(|(_, back)| back)
     }
 
-    /// Stamps `items` and groups them per shard — by key; unkeyed events fill one shard's
-    /// group, then the next one's — and hands each group of up to [`MAX_GROUP`] events, in
-    /// publish order, to `emit`: as soon as it is full, and the rest at the end. Events that
-    /// match no subscription (`deliveries` is 0) are counted, not grouped. At the first `Err`
-    /// it stops and returns every event not handed over, with those `emit` gave back.
+    /// Stamps `items` (an envelope given is kept, its tracker armed) and groups them per
+    /// shard — by key; unkeyed events fill one shard's group, then the next one's — and hands
+    /// each group of up to [`MAX_GROUP`] events, in publish order, to `emit`: as soon as it is
+    /// full, and the rest at the end. Events that match no subscription (`deliveries` is 0)
+    /// are counted, not grouped. At the first `Err` it stops and returns every event not
+    /// handed over, with those `emit` gave back.
     fn in_groups<E: Event>(
         &self,
         source: NameId,
-        items: impl IntoIterator<Item = (E, Publish)>,
+        items: impl IntoIterator<Item = (E, Stamp)>,
         deliveries: usize,
         mut emit: impl FnMut(usize, Vec<(Envelope, E)>) -> Result<(), (Refusal, Vec<E>)>,
     ) -> Result<(), (Refusal, Vec<E>)> {
         let mut items = items.into_iter();
         if deliveries == 0 {
-            for (event, options) in items {
+            for (event, stamp) in items {
                 self.registry.count::<E>(source, 1, true);
-                self.count_unmatched(source, &event, Stamp::New(options));
+                self.count_unmatched(source, &event, stamp);
             }
             return Ok(());
         }
@@ -680,13 +684,24 @@ impl Core {
         let mut unkeyed = self.round_robin();
         let mut failed = None;
         let mut now = 0;
-        for (i, (event, options)) in items.by_ref().enumerate() {
-            // The clock is read once per message's worth of events: ids stay unique and
-            // ordered by their sequence numbers.
-            if i % MAX_GROUP == 0 {
-                now = crate::event::unix_nanos();
-            }
-            let envelope = Envelope::stamp_at(now, source, options);
+        for (i, (event, stamp)) in items.by_ref().enumerate() {
+            let envelope = match stamp {
+                Stamp::New(options) => {
+                    // The clock is read once per message's worth of events: ids stay unique
+                    // and ordered by their sequence numbers.
+                    if now == 0 || i % MAX_GROUP == 0 {
+                        now = crate::event::unix_nanos();
+                    }
+                    Envelope::stamp_at(now, source, options)
+                }
+                Stamp::Given(envelope) => {
+                    if let Some(t) = envelope.tracker() {
+                        // With deliveries to come, arming completes nothing.
+                        let _none = t.arm(envelope.id(), deliveries);
+                    }
+                    envelope
+                }
+            };
             let index = match envelope.key() {
                 Some(key) => key.shard(shards),
                 None => unkeyed,
@@ -2228,7 +2243,12 @@ impl Bus {
         items: impl IntoIterator<Item = (E, Publish)>,
     ) -> Result<(), PublishBatchError<E>> {
         self.core()
-            .publish_batch(self.source, items)
+            .publish_batch(
+                self.source,
+                items
+                    .into_iter()
+                    .map(|(event, options)| (event, Stamp::New(options))),
+            )
             .map_err(|(why, back)| match why {
                 Refusal::Full => PublishBatchError::full(back),
                 Refusal::Timeout | Refusal::Shutdown => PublishBatchError::new(back),

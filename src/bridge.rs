@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::bus::{Bus, Core, Mode};
 use crate::dead_letter::{DeadLetter, RedriveError};
 use crate::defer::Deferred;
-use crate::event::{Envelope, Event, Stamp};
+use crate::event::{Envelope, Event, PartitionKey, Stamp};
 use crate::guard::Seam;
 use crate::handler::{Context, HandlerError, HandlerResult};
 use crate::metrics::BridgeCounters;
@@ -282,6 +282,7 @@ impl Bridge {
         let mut link = Link::new(self.client.clone(), self.counters.clone())?;
         let (tx, rx) = crossbeam_channel::bounded::<Outgoing>(EXPORT_QUEUE);
         let exporter = Exporter {
+            ordered: options.ordered,
             trim: options.trim,
             stream: self.stream::<E>(),
             rx,
@@ -302,8 +303,12 @@ impl Bridge {
             })
             .map_err(HandlerError::permanent)?;
             // Waits while the export thread is a full queue behind: backpressure.
+            let envelope = ctx.envelope();
             tx.send(Outgoing {
                 message,
+                key: envelope.key(),
+                event: envelope.id(),
+                last: ctx.attempt() >= ctx.sub.retry.attempts(),
                 done: ctx.defer(),
             })
             .map_err(|_| HandlerError::msg("the export thread has stopped"))?;
@@ -485,12 +490,18 @@ const PIPELINE: usize = 512;
 struct Outgoing {
     message: String,
     done: Deferred,
+    /// The event's partition key, and its id.
+    key: Option<PartitionKey>,
+    event: crate::event::EventId,
+    /// Whether this is the delivery's last attempt: failed, it is dead-lettered, not retried.
+    last: bool,
 }
 
-/// How an export bounds its stream.
+/// How an export bounds its stream, and whether it keeps each key's order through failures.
 #[derive(Debug, Clone, Default)]
 pub struct ExportOptions {
     trim: Option<Trim>,
+    ordered: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -519,10 +530,32 @@ impl ExportOptions {
         self.trim = Some(Trim::MaxAge(age));
         self
     }
+
+    /// Keeps the events of each [partition key](crate::Publish::key) in publish order on the
+    /// stream, through failures: one `XADD` per key is in flight at a time, and once one
+    /// fails, the key's later events wait (their deliveries outstanding, no attempt spent)
+    /// until its retry is confirmed — or, if that was its last attempt, until it is
+    /// dead-lettered, as [`Bus::flush`](crate::Bus::flush) and the shutdown deadline see them.
+    /// Unkeyed events are pipelined as without it; a key with events in quick succession
+    /// costs a round trip per event.
+    pub fn ordered(mut self) -> ExportOptions {
+        self.ordered = true;
+        self
+    }
+}
+
+/// With an [ordered](ExportOptions::ordered) export, a key with an `XADD` in flight, or one
+/// that failed and waits for its retry: the key's later events wait behind it, in order.
+#[derive(Default)]
+struct Hold {
+    /// The event whose retry releases the key (its `XADD` failed).
+    failed: Option<crate::event::EventId>,
+    waiting: std::collections::VecDeque<Outgoing>,
 }
 
 /// One export thread's state.
 struct Exporter {
+    ordered: bool,
     trim: Option<Trim>,
     stream: String,
     rx: crossbeam_channel::Receiver<Outgoing>,
@@ -534,19 +567,48 @@ impl Exporter {
     /// Sends what has gathered as one pipeline, settles each delivery with its reply, and
     /// goes round again; stops when the subscription is gone or the bus has stopped.
     fn run(self, link: &mut Link) {
-        let mut batch: Vec<Outgoing> = Vec::with_capacity(PIPELINE);
+        let mut holds: std::collections::HashMap<PartitionKey, Hold> =
+            std::collections::HashMap::new();
+        // Events a confirmed (or dead-lettered) one released: they go first.
+        let mut released: Vec<Outgoing> = Vec::new();
+        let mut incoming: Vec<Outgoing> = Vec::with_capacity(PIPELINE);
         loop {
-            match self.rx.recv_timeout(READ_BLOCK) {
-                Ok(first) => batch.push(first),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    if self.core.is_stopped() {
-                        return;
+            if released.is_empty() {
+                match self.rx.recv_timeout(READ_BLOCK) {
+                    Ok(first) => incoming.push(first),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        if self.core.is_stopped() {
+                            return;
+                        }
+                        continue;
                     }
-                    continue;
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
                 }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
             }
-            batch.extend(self.rx.try_iter().take(PIPELINE - 1));
+            let room = PIPELINE - released.len() - incoming.len();
+            incoming.extend(self.rx.try_iter().take(room));
+            let mut batch = std::mem::take(&mut released);
+            for out in incoming.drain(..) {
+                let Some(key) = out.key.filter(|_| self.ordered) else {
+                    batch.push(out);
+                    continue;
+                };
+                match holds.get_mut(&key) {
+                    None => {
+                        holds.insert(key, Hold::default());
+                        batch.push(out);
+                    }
+                    // The retry of the event that failed: it goes, the others wait.
+                    Some(hold) if hold.failed == Some(out.event) => {
+                        hold.failed = None;
+                        batch.push(out);
+                    }
+                    Some(hold) => hold.waiting.push_back(out),
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
             let min_id = match self.trim {
@@ -574,28 +636,37 @@ impl Exporter {
             }
             let replies: redis::RedisResult<Vec<redis::RedisResult<String>>> =
                 link.run(|c| pipe.query(c));
-            match replies {
-                Ok(replies) if replies.len() == batch.len() => {
-                    for (out, reply) in batch.drain(..).zip(replies) {
-                        match reply {
-                            Ok(_) => {
-                                self.counters.exported.fetch_add(1, Ordering::Relaxed);
-                                out.done.succeed();
-                            }
-                            Err(e) => out.done.fail(e),
-                        }
-                    }
-                }
+            let replies: Vec<Result<(), HandlerError>> = match replies {
+                Ok(replies) if replies.len() == batch.len() => replies
+                    .into_iter()
+                    .map(|reply| reply.map(drop).map_err(HandlerError::msg))
+                    .collect(),
                 Ok(replies) => {
                     let why = format!("{} replies to {} XADDs", replies.len(), batch.len());
-                    for out in batch.drain(..) {
-                        out.done.fail(HandlerError::msg(&why));
+                    batch.iter().map(|_| Err(HandlerError::msg(&why))).collect()
+                }
+                Err(e) => batch.iter().map(|_| Err(HandlerError::msg(&e))).collect(),
+            };
+            for (out, reply) in batch.into_iter().zip(replies) {
+                // Under an ordered export, a key goes on once its event is on the stream or
+                // will be dead-lettered; after a failure to be retried, it waits for the retry.
+                let key = out.key.filter(|_| self.ordered);
+                let retried = reply.is_err() && !out.last;
+                if let Some(hold) = key.and_then(|key| holds.get_mut(&key)) {
+                    if retried {
+                        hold.failed = Some(out.event);
+                    } else if let Some(next) = hold.waiting.pop_front() {
+                        released.push(next);
+                    } else if let Some(key) = key {
+                        holds.remove(&key);
                     }
                 }
-                Err(e) => {
-                    for out in batch.drain(..) {
-                        out.done.fail(HandlerError::msg(&e));
+                match reply {
+                    Ok(()) => {
+                        self.counters.exported.fetch_add(1, Ordering::Relaxed);
+                        out.done.succeed();
                     }
+                    Err(e) => out.done.fail(e),
                 }
             }
         }

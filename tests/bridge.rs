@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::WAIT;
-use microbus::bridge::Bridge;
+use microbus::bridge::{Bridge, ExportOptions};
 use microbus::{Bus, Context, Envelope, Event, EventId, HandlerResult, Publish};
 use serde::{Deserialize, Serialize};
 
@@ -1511,4 +1511,149 @@ fn with_the_dedup_kept_in_redis_a_killed_consumer_causes_duplicates_only_in_flig
     let _: () = redis.del(&[stream, list.as_str()]).unwrap();
     orders.shutdown().unwrap();
     payments.shutdown().unwrap();
+}
+
+/// Exports 8 keys × 40 orders through an outage: the stream key holds a string, so every
+/// `XADD` fails (`WRONGTYPE`) while the first half is published and retried every 30 ms; then
+/// it is deleted and the second half published at once. Returns each key's order ids as the
+/// stream holds them (first copy of each event), and how many attempts failed.
+fn export_through_an_outage(test: &str, options: ExportOptions) -> (HashMap<u64, Vec<u64>>, u64) {
+    use redis::Commands;
+    const KEYS: u64 = 8;
+    const EVENTS: u64 = 320;
+    let url = redis_url();
+    let prefix = prefix(test);
+    let stream = format!("{prefix}:OrderCreated");
+    let mut redis = redis_connection(&url);
+    let orders = Bus::builder()
+        .service_name("orders")
+        .workers(2)
+        .retry(microbus::RetryPolicy::fixed(Duration::from_millis(30)).max_attempts(1_000))
+        .build()
+        .unwrap();
+    let bridge = Bridge::connect(&orders, &url, &prefix).unwrap();
+    bridge.export_with::<OrderCreated>(options).unwrap();
+    let _: () = redis.set(&stream, "not a stream").unwrap();
+    let publish = |order_id: u64| {
+        orders
+            .publish_with(OrderCreated { order_id }, Publish::keyed(order_id % KEYS))
+            .unwrap();
+    };
+    (0..EVENTS / 2).for_each(publish);
+    std::thread::sleep(Duration::from_millis(150));
+    let _: () = redis.del(&stream).unwrap();
+    (EVENTS / 2..EVENTS).for_each(publish);
+    orders.flush(WAIT).unwrap();
+    let stats = orders.stats();
+    assert_eq!((stats.succeeded, stats.in_flight), (EVENTS, 0), "{stats:?}");
+    assert!(stats.failed > 0, "{stats:?}");
+    let entries: redis::streams::StreamRangeReply = redis.xrange_all(&stream).unwrap();
+    let _: () = redis.del(&stream).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut by_key: HashMap<u64, Vec<u64>> = HashMap::new();
+    for entry in entries.ids {
+        let m: Vec<u8> = entry.get("m").unwrap();
+        let wire: serde_json::Value = serde_json::from_slice(&m).unwrap();
+        if seen.insert(wire["envelope"]["id"].as_str().unwrap().to_owned()) {
+            let order_id = wire["payload"]["order_id"].as_u64().unwrap();
+            by_key.entry(order_id % KEYS).or_default().push(order_id);
+        }
+    }
+    assert_eq!(seen.len() as u64, EVENTS);
+    (by_key, stats.failed)
+}
+
+/// How many times a key's order ids go down on the stream.
+fn inversions(by_key: &HashMap<u64, Vec<u64>>) -> usize {
+    by_key
+        .values()
+        .map(|ids| ids.windows(2).filter(|w| w[0] > w[1]).count())
+        .sum()
+}
+
+#[test]
+fn an_ordered_export_keeps_each_keys_order_through_an_outage() {
+    let (by_key, failed) = export_through_an_outage("ordered", ExportOptions::new().ordered());
+    // Only each key's first event was tried during the outage (about 5 times each): the
+    // others waited without spending attempts.
+    assert!(failed < 160, "{failed} attempts failed");
+    for (key, ids) in &by_key {
+        let expected: Vec<u64> = (0..320).filter(|id| id % 8 == *key).collect();
+        assert_eq!(ids, &expected, "key {key}");
+    }
+}
+
+#[test]
+fn without_ordering_retried_exports_land_after_later_events_of_their_key() {
+    let (by_key, failed) = export_through_an_outage("unordered", ExportOptions::new());
+    assert!(failed >= 160, "{failed} attempts failed");
+    assert!(inversions(&by_key) > 0, "{by_key:?}");
+}
+
+/// Under an ordered export, an event whose last attempt fails is dead-lettered and lets its
+/// key go on: the stream holds the rest of the key in order.
+#[test]
+fn an_ordered_export_goes_on_past_a_dead_lettered_event() {
+    use redis::Commands;
+    let url = redis_url();
+    let prefix = prefix("ordered-dead");
+    let stream = format!("{prefix}:OrderCreated");
+    let mut redis = redis_connection(&url);
+    let orders = Bus::builder()
+        .service_name("orders")
+        .workers(2)
+        .retry(microbus::RetryPolicy::fixed(Duration::from_millis(10)).max_attempts(2))
+        .build()
+        .unwrap();
+    let bridge = Bridge::connect(&orders, &url, &prefix).unwrap();
+    bridge
+        .export_with::<OrderCreated>(ExportOptions::new().ordered())
+        .unwrap();
+    let _: () = redis.set(&stream, "not a stream").unwrap();
+    for order_id in 0..80 {
+        orders
+            .publish_with(OrderCreated { order_id }, Publish::keyed(order_id % 4))
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let _: () = redis.del(&stream).unwrap();
+    orders.flush(WAIT).unwrap();
+    let entries: redis::streams::StreamRangeReply = redis.xrange_all(&stream).unwrap();
+    let _: () = redis.del(&stream).unwrap();
+    let mut on_stream: HashMap<u64, Vec<u64>> = HashMap::new();
+    for entry in &entries.ids {
+        let m: Vec<u8> = entry.get("m").unwrap();
+        let wire: serde_json::Value = serde_json::from_slice(&m).unwrap();
+        let order_id = wire["payload"]["order_id"].as_u64().unwrap();
+        on_stream.entry(order_id % 4).or_default().push(order_id);
+    }
+    let letters = orders.dead_letters().list();
+    assert!(!letters.is_empty());
+    let mut dead: Vec<u64> = letters
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<OrderCreated>(l.payload_json())
+                .unwrap()
+                .order_id
+        })
+        .collect();
+    dead.sort_unstable();
+    let stats = orders.stats();
+    assert_eq!(
+        (stats.succeeded, stats.dead_lettered, stats.in_flight),
+        (entries.ids.len() as u64, dead.len() as u64, 0)
+    );
+    assert_eq!(entries.ids.len() + dead.len(), 80);
+    for (key, ids) in &on_stream {
+        // What reached the stream is the key's tail after its dead letters, in order.
+        let expected: Vec<u64> = (0..80)
+            .filter(|id| id % 4 == *key && !dead.contains(id))
+            .collect();
+        assert_eq!(ids, &expected, "key {key}");
+        assert!(
+            dead.iter()
+                .filter(|id| *id % 4 == *key)
+                .all(|d| d < &ids[0])
+        );
+    }
 }

@@ -4,10 +4,13 @@
 //! Ground rules: exporting is a subscription whose deliveries are
 //! [deferred](crate::Context::defer) to an export thread that pipelines the `XADD`s, one round
 //! trip per batch; each delivery settles with its own reply, so a Redis failure is retried and
-//! dead-lettered like any handler's. Importing is a thread per event type that
-//! reads with `XREADGROUP` under a consumer group, publishes each entry into the bus with its
-//! original envelope and a [`Tracker`](crate::Tracker), and acknowledges it (`XACK`) only once
-//! every local delivery of it has settled. An entry that does not decode is dead-lettered with
+//! dead-lettered like any handler's; an [ordered](ExportOptions::ordered) export keeps one
+//! `XADD` per key in flight and holds a key's later events behind a failed one. Importing is
+//! two threads per event type: one reads with `XREADGROUP` under a consumer group (and
+//! acknowledges, `XACK`, in the same round trip what has settled), the other decodes each
+//! read's entries and publishes them into the bus as a batch with their original envelopes,
+//! each with a [`Tracker`]: an entry is acknowledged only once every local
+//! delivery of it has settled. An entry that does not decode is dead-lettered with
 //! its raw text ([`DeadLetterReason::Undecodable`](crate::DeadLetterReason::Undecodable)) and
 //! acknowledged. Entries other consumers left pending past an idle time are claimed
 //! (`XAUTOCLAIM`, one pass over the whole pending list); the entries an import holds are

@@ -12,7 +12,9 @@
 //!   pipelining would cost;
 //! - `redis-benchmark` XADD, 50 clients, then pipelined 64 deep (when the tool is installed).
 //!
-//! `MICROBUS_BRIDGE_EVENTS` sets the events per row (default 200,000).
+//! `MICROBUS_BRIDGE_EVENTS` sets the events per row (default 200,000);
+//! `MICROBUS_BRIDGE_ROUNDS` how many times export and import take turns (default 3: each
+//! reports its median).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,6 +126,12 @@ fn round_trip(url: &str, prefix: &str, events: u64) -> f64 {
     rate(events, took)
 }
 
+/// The median of `rates`.
+fn median(rates: &mut [f64]) -> f64 {
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
+}
+
 /// The size of the field `m` of the first entry of `stream`: one event's message.
 fn message_size(url: &str, stream: &str) -> usize {
     let mut redis = redis::Client::open(url)
@@ -208,16 +216,35 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
+    let rounds: usize = std::env::var("MICROBUS_BRIDGE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let run = format!("bench-{}", std::process::id());
-    let export_rate = export(&url, &run, events);
-    let size = message_size(&url, &format!("{run}:OrderCreated"));
-    let import_rate = import(&url, &run, events);
+    // Export and import take turns, each round on a stream of its own, and each reports its
+    // median: the machine's noise moves both alike.
+    let mut exports = Vec::new();
+    let mut imports = Vec::new();
+    let mut size = 0;
+    for round in 0..rounds {
+        let prefix = format!("{run}-{round}");
+        exports.push(export(&url, &prefix, events));
+        size = message_size(&url, &format!("{prefix}:OrderCreated"));
+        imports.push(import(&url, &prefix, events));
+    }
+    let export_rate = median(&mut exports);
+    let import_rate = median(&mut imports);
     let trip = round_trip(&url, &format!("{run}-trip"), events);
     let single = one_xadd_a_round_trip(&url, &format!("{run}:single"), events / 10);
     let plain = redis_benchmark(&url, &format!("{run}:rb"), events, 1);
     let piped = redis_benchmark(&url, &format!("{run}:rb64"), events * 5, 64);
 
-    println!("Redis bridge, {events} events a row, events per second; one message is {size} bytes");
+    println!(
+        "Redis bridge, {events} events a row, events per second (export and import: the median \
+         of {rounds} rounds); one message is {size} bytes"
+    );
+    println!("export rounds: {exports:.0?}; import rounds: {imports:.0?}");
     println!("{:<44}{:>14}", "row", "events/s");
     let row = |name: &str, value: Option<f64>| match value {
         Some(v) => println!("{name:<44}{v:>14.0}"),

@@ -49,7 +49,7 @@ use crate::track::Tracker;
 pub const WIRE_VERSION: u32 = 1;
 
 /// How many entries one read takes at most.
-const READ_COUNT: usize = 64;
+const READ_COUNT: usize = 256;
 /// How many pending entries one `XAUTOCLAIM` page looks at.
 const CLAIM_COUNT: usize = 256;
 /// How many held entries one `XCLAIM … JUSTID` refreshes.
@@ -1071,6 +1071,20 @@ struct Importer {
     settled: crossbeam_channel::Receiver<Settle>,
 }
 
+/// Entries to acknowledge, each with its event's id when the dedup kept in Redis is to record
+/// it as seen first.
+type Acks = Vec<(String, Option<crate::event::EventId>)>;
+
+/// A read sent ahead of its reply (see [`Importer::send_read`]).
+struct Sent {
+    /// The acknowledgements sent with it.
+    acks: Acks,
+    /// How many replies come before the read's own.
+    before: usize,
+    /// Whether it reads this consumer's own pending list (from an id) rather than new entries.
+    recovering: bool,
+}
+
 /// One read's entries for the publishing thread: each with its delivery count and whether
 /// the dedup kept in Redis has seen its event.
 type Page = Vec<(Entry, u64, bool)>;
@@ -1122,9 +1136,13 @@ impl Importer {
         let mut last_observed: Option<std::time::Instant> = None;
         let mut last_renewed = std::time::Instant::now();
         let mut last_swept = std::time::Instant::now();
-        let mut acks: Vec<(String, Option<crate::event::EventId>)> = Vec::new();
+        let mut acks: Acks = Vec::new();
         let mut buried = Vec::new();
         let mut backoff = Duration::ZERO;
+        // Reads sent ahead of their replies, oldest first: while the publishing thread
+        // decodes one page and this thread parses the next reply, Redis prepares the one
+        // after. Every other command waits until none is in flight.
+        let mut in_flight: std::collections::VecDeque<Sent> = std::collections::VecDeque::new();
         // First the entries this consumer was given and did not acknowledge — left by an
         // earlier process of the same name, or given in a reply lost with a connection: its
         // own pending list, page after page from id 0 (`Some(after)`: the next page starts
@@ -1143,93 +1161,118 @@ impl Importer {
                     Settle::Buried(entry, reason, why) => buried.push((entry, reason, why)),
                 }
             }
-            if !buried.is_empty() {
-                // Kept in the dead-letter stream first, then acknowledged: a crash in between
-                // leaves the entry pending, never lost.
-                let kept = !self.options.dead_letter_stream || self.write_dead(link, &buried);
-                for (entry, _, _) in buried.drain(..) {
-                    if kept {
-                        acks.push((entry.id, None));
-                    } else {
-                        self.held.remove(&entry.id);
-                    }
-                }
-            }
             // Stopping (the bridge stopped, or the bus is shutting down): take nothing more,
             // acknowledge what settles; once the bus has stopped, what is still held (a
             // handler past the deadline) stays pending for another consumer.
-            if self.stop.load(Ordering::SeqCst) || self.bus.core().is_closing() {
-                if !acks.is_empty() {
-                    let mut pipe = redis::pipe();
-                    self.stage_acks(&mut pipe, &acks);
-                    let acked: redis::RedisResult<()> = link.run(|c| pipe.query(c));
-                    if acked.is_ok() {
-                        self.acked(&mut acks);
-                    }
-                }
-                if self.held.is_empty() || (self.bus.core().is_stopped() && self.settled.is_empty())
-                {
-                    return;
-                }
-                backoff = Duration::from_millis(1);
-                continue;
-            }
-            let mut entries = Vec::new();
-            // The entries it holds must not look idle to other consumers (nor to its own
-            // claims): they are running, waiting for a retry, or parked.
-            if last_refresh.elapsed() >= self.options.claim_idle / 4 {
-                last_refresh = std::time::Instant::now();
-                self.refresh(link);
-            }
-            if last_claim.elapsed() >= self.options.claim_idle / 2 {
-                last_claim = std::time::Instant::now();
-                entries.extend(self.claim(link));
-            }
+            let stopping = self.stop.load(Ordering::SeqCst) || self.bus.core().is_closing();
             let sweep_every =
                 (self.options.consumer_idle / 2).clamp(OBSERVE_EVERY, Duration::from_secs(60));
-            if last_swept.elapsed() >= sweep_every {
-                last_swept = std::time::Instant::now();
-                self.remove_idle_consumers(link);
-            }
-            if last_observed.is_none_or(|at| at.elapsed() >= OBSERVE_EVERY) {
-                last_observed = Some(std::time::Instant::now());
-                self.observe(link);
-            }
-            if last_renewed.elapsed() >= LEASE / 3 {
-                last_renewed = std::time::Instant::now();
-                if !renew_lease(link, lease, &self.token, false) {
-                    self.counters.lease_lost.fetch_add(1, Ordering::Relaxed);
+            let refresh = last_refresh.elapsed() >= self.options.claim_idle / 4;
+            let claim = last_claim.elapsed() >= self.options.claim_idle / 2;
+            let sweep = last_swept.elapsed() >= sweep_every;
+            let observe = last_observed.is_none_or(|at| at.elapsed() >= OBSERVE_EVERY);
+            let renew = last_renewed.elapsed() >= LEASE / 3;
+            let aside =
+                stopping || !buried.is_empty() || refresh || claim || sweep || observe || renew;
+            let mut entries = Vec::new();
+            if aside && in_flight.is_empty() {
+                if !buried.is_empty() {
+                    // Kept in the dead-letter stream first, then acknowledged: a crash in
+                    // between leaves the entry pending, never lost.
+                    let kept = !self.options.dead_letter_stream || self.write_dead(link, &buried);
+                    for (entry, _, _) in buried.drain(..) {
+                        if kept {
+                            acks.push((entry.id, None));
+                        } else {
+                            self.held.remove(&entry.id);
+                        }
+                    }
+                }
+                if stopping {
+                    if !acks.is_empty() {
+                        let mut pipe = redis::pipe();
+                        self.stage_acks(&mut pipe, &acks);
+                        let acked: redis::RedisResult<()> = link.run(|c| pipe.query(c));
+                        if acked.is_ok() {
+                            self.acked(&mut acks);
+                        }
+                    }
+                    if self.held.is_empty()
+                        || (self.bus.core().is_stopped() && self.settled.is_empty())
+                    {
+                        return;
+                    }
+                    backoff = Duration::from_millis(1);
+                    continue;
+                }
+                // The entries it holds must not look idle to other consumers (nor to its own
+                // claims): they are running, waiting for a retry, or parked.
+                if refresh {
+                    last_refresh = std::time::Instant::now();
+                    self.refresh(link);
+                }
+                if claim {
+                    last_claim = std::time::Instant::now();
+                    entries.extend(self.claim(link));
+                }
+                if sweep {
+                    last_swept = std::time::Instant::now();
+                    self.remove_idle_consumers(link);
+                }
+                if observe {
+                    last_observed = Some(std::time::Instant::now());
+                    self.observe(link);
+                }
+                if renew {
+                    last_renewed = std::time::Instant::now();
+                    if !renew_lease(link, lease, &self.token, false) {
+                        self.counters.lease_lost.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
-            // What settled is acknowledged in the same round trip as the next read.
-            let mut pipe = redis::pipe();
-            self.stage_acks(&mut pipe, &acks);
-            pipe.cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(&self.options.group)
-                .arg(&self.consumer)
-                .arg("COUNT")
-                .arg(READ_COUNT)
-                .arg("BLOCK")
-                .arg(READ_BLOCK.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(&self.stream)
-                .arg(recover_from.as_deref().unwrap_or(">"));
-            pipe.ignore_errors();
-            let replies: redis::RedisResult<Vec<redis::RedisResult<redis::Value>>> =
-                link.run(|c| pipe.query(c));
-            let reply = replies.and_then(|mut replies| {
-                let read = replies.pop().unwrap_or(Ok(redis::Value::Nil));
-                if replies.iter().all(Result::is_ok) {
-                    self.acked(&mut acks);
+            // How many reads to keep in flight: none while something else waits for the
+            // connection, one while paging through its own pending list (each page starts
+            // where the last ended) or when each page needs another round trip (the dedup
+            // kept in Redis), two otherwise.
+            let depth = if aside && !in_flight.is_empty() {
+                0
+            } else if recover_from.is_some() || self.options.seen_ttl.is_some() {
+                1
+            } else {
+                2
+            };
+            let mut reply = None;
+            while in_flight.len() < depth {
+                let from = recover_from.as_deref().unwrap_or(">");
+                match self.send_read(link, &mut acks, from) {
+                    Ok(sent) => in_flight.push_back(sent),
+                    Err(e) => {
+                        reply = Some((Err(e), false));
+                        break;
+                    }
                 }
-                read
-            });
+            }
+            let (reply, recovering) = match reply {
+                Some(failed) => failed,
+                None => match in_flight.pop_front() {
+                    Some(sent) => {
+                        let recovering = sent.recovering;
+                        (self.receive(link, sent, &mut acks), recovering)
+                    }
+                    None => continue,
+                },
+            };
+            if reply.is_err() && link.connection.is_none() {
+                // The connection is gone, and with it the replies to what was sent ahead.
+                for sent in in_flight.drain(..) {
+                    acks.extend(sent.acks);
+                }
+            }
             match reply {
                 Ok(reply) => {
                     backoff = Duration::ZERO;
                     let page = read_entries(reply);
-                    if recover_from.is_some() {
+                    if recovering {
                         // An empty page: the whole own pending list has been read.
                         recover_from = page.last().map(|e| e.id.clone());
                     }
@@ -1244,7 +1287,9 @@ impl Importer {
                     // group is made again from the stream's start, which loses nothing still
                     // in it (what was handled already is dropped by event id).
                     self.counters.read_error(&e);
-                    self.recreate_group(link);
+                    if in_flight.is_empty() {
+                        self.recreate_group(link);
+                    }
                     recover_from = Some("0".to_owned());
                     backoff = Duration::from_millis(10);
                 }
@@ -1273,6 +1318,62 @@ impl Importer {
                 return;
             }
         }
+    }
+
+    /// Sends the acknowledgements of `acks` (taking them) and a read from `from`, without
+    /// waiting for the replies.
+    fn send_read(&self, link: &mut Link, acks: &mut Acks, from: &str) -> redis::RedisResult<Sent> {
+        let mut pipe = redis::pipe();
+        let before = self.stage_acks(&mut pipe, acks);
+        pipe.cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.options.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(READ_COUNT)
+            .arg("BLOCK")
+            .arg(READ_BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(from);
+        let packed = pipe.get_packed_pipeline();
+        link.run(|c| c.send_packed_command(&packed))?;
+        Ok(Sent {
+            acks: std::mem::take(acks),
+            before,
+            recovering: from != ">",
+        })
+    }
+
+    /// Receives the replies to `sent`: its acknowledgements (done, or back into `acks` to be
+    /// sent again when one failed), then its read's, which it returns.
+    fn receive(
+        &mut self,
+        link: &mut Link,
+        mut sent: Sent,
+        acks: &mut Acks,
+    ) -> redis::RedisResult<redis::Value> {
+        let mut acked = true;
+        for _ in 0..sent.before {
+            match link
+                .run(|c| c.recv_response())
+                .and_then(redis::Value::extract_error)
+            {
+                Ok(_) => {}
+                Err(e) if link.connection.is_none() => {
+                    acks.append(&mut sent.acks);
+                    return Err(e);
+                }
+                Err(_) => acked = false,
+            }
+        }
+        if acked {
+            self.acked(&mut sent.acks);
+        } else {
+            acks.append(&mut sent.acks);
+        }
+        link.run(|c| c.recv_response())
+            .and_then(redis::Value::extract_error)
     }
 
     /// Observes the group: its lag and pending count (`XINFO GROUPS`), and how long the first
@@ -1547,14 +1648,12 @@ impl Importer {
     /// Adds to `pipe` what acknowledges `acks`: with the dedup kept in Redis, each event is
     /// recorded as seen first, then the entries are acknowledged (a crash in between handles
     /// nothing twice).
-    fn stage_acks(
-        &self,
-        pipe: &mut redis::Pipeline,
-        acks: &[(String, Option<crate::event::EventId>)],
-    ) {
+    /// How many commands it added.
+    fn stage_acks(&self, pipe: &mut redis::Pipeline, acks: &Acks) -> usize {
         if acks.is_empty() {
-            return;
+            return 0;
         }
+        let mut commands = 1;
         if let Some(ttl) = self.options.seen_ttl {
             let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
             for id in acks.iter().filter_map(|(_, event)| *event) {
@@ -1564,14 +1663,16 @@ impl Importer {
                     .arg("NX")
                     .arg("PX")
                     .arg(ttl);
+                commands += 1;
             }
         }
         let ids: Vec<&str> = acks.iter().map(|(id, _)| id.as_str()).collect();
         pipe.xack(&self.stream, &self.options.group, &ids);
+        commands
     }
 
     /// Forgets the entries of `acks`: Redis has acknowledged them.
-    fn acked(&mut self, acks: &mut Vec<(String, Option<crate::event::EventId>)>) {
+    fn acked(&mut self, acks: &mut Acks) {
         self.counters
             .acked
             .fetch_add(acks.len() as u64, Ordering::Relaxed);

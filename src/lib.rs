@@ -222,6 +222,7 @@ mod error;
 mod event;
 mod guard;
 mod handler;
+mod id;
 mod ledger;
 mod metrics;
 #[cfg(feature = "rayon")]

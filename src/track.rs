@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::event::EventId;
+use crate::id::EventId;
 use crate::guard::{Runner, Seam};
 use crate::sync::{Arc, AtomicU32, Ordering};
 

@@ -28,7 +28,7 @@ use crate::error::{
     ShutdownError, SubscribeError, TryPublishError,
 };
 use crate::event::{Envelope, Event, EventId, NameId, Publish, Stamp};
-use crate::guard::{CallbackPanics, Leftovers, Panics, Runner, drop_with};
+use crate::guard::{Leftovers, Panics, Runner, drop_with};
 use crate::handler::{Context, Handler, HandlerResult};
 use crate::ledger::{Gate, Quiescence, net_sum, outstanding};
 use crate::metrics::{BridgeCounters, Collect, Metrics, MetricsSnapshot};
@@ -42,6 +42,7 @@ use crate::shard::{
     ABANDONED, Batch, IDLE, MAX_GROUP, Msg, Retry, Routed, Shard, Task, Work, WorkerCounts,
     WorkerShared, run_worker, seam_of, wait_for_batches,
 };
+use crate::stats::{AbandonedDelivery, BusStats, SHUTDOWN_GRACE, ShutdownReport};
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::tap::{Tapped, Taps};
 use crate::trace::{Trace, TraceRing};
@@ -84,11 +85,6 @@ impl Drop for OwnThread {
 }
 
 static NEXT_BUS_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-/// How long past its deadline [`Bus::shutdown`] may take at most, whatever user code is running:
-/// to detach workers stuck in handlers or callbacks, to sweep what never ran, and to wait for
-/// the thread that runs what user code it left over (see [`ShutdownReport::cut_off`]).
-pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
 
 /// How many times a publisher that found its shard full tries again (spinning, then yielding)
 /// before it blocks.
@@ -158,157 +154,6 @@ enum Lifecycle {
     Running,
     Stopping,
     Done(Box<ShutdownReport>),
-}
-
-/// Counts of what the bus did with its deliveries (one event × one subscription it matched).
-///
-/// The terms add up: `delivered = succeeded + dead_lettered + discarded + cancelled +
-/// abandoned + left + in_flight`, which [`is_balanced`](Self::is_balanced) checks.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[non_exhaustive]
-pub struct BusStats {
-    /// Deliveries accepted: each published event times the subscriptions it matched.
-    pub delivered: u64,
-    /// Deliveries whose handler returned `Ok`.
-    pub succeeded: u64,
-    /// Failed attempts: handler errors and panics.
-    pub failed: u64,
-    /// Of the failed attempts, how many were panics.
-    pub panicked: u64,
-    /// Failed deliveries that will not be tried again, dropped because dead letters are off.
-    pub discarded: u64,
-    /// Retries scheduled: failed attempts that are tried again.
-    pub retried: u64,
-    /// Failed deliveries kept in the dead-letter ring (those evicted since included).
-    pub dead_lettered: u64,
-    /// Dead letters evicted from the full ring (and handed to the sink, if one is set).
-    pub evicted: u64,
-    /// Deliveries whose subscription ended before they ran.
-    pub cancelled: u64,
-    /// Deliveries still running when the shutdown deadline passed, or deferred
-    /// ([`Context::defer`]) and not completed by then.
-    pub abandoned: u64,
-    /// Deliveries that never ran because the shutdown deadline passed.
-    pub left: u64,
-    /// Deliveries accepted and not yet settled.
-    pub in_flight: u64,
-    /// Events published that matched no subscription.
-    pub unmatched: u64,
-    /// Events handed back to their publisher because the bus was shutting down.
-    pub refused: u64,
-    /// Panics caught in user code outside handlers, by where they happened (not terms of
-    /// the ledger: each delivery concerned is settled as if the code had returned).
-    pub callback_panics: CallbackPanics,
-}
-
-impl BusStats {
-    /// Whether every accepted delivery is accounted for by exactly one outcome.
-    pub fn is_balanced(&self) -> bool {
-        self.delivered
-            == self.succeeded
-                + self.dead_lettered
-                + self.discarded
-                + self.cancelled
-                + self.abandoned
-                + self.left
-                + self.in_flight
-    }
-}
-
-/// What shutdown gave up on at its deadline: a worker still running a handler, or user code
-/// outside one (a tap, a hook, a sink, a tracker's callback, an event's `Serialize` or `Drop`),
-/// or a deferred delivery ([`Context::defer`]) not completed by then. A worker thread is
-/// detached (a thread cannot be stopped from outside): it exits when that code returns, and
-/// settles nothing more.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct AbandonedDelivery {
-    /// The detached worker thread's name, or `deferred` for a deferred delivery.
-    pub worker: String,
-    /// The [`Event::NAME`] of the event (`?` when the worker was outside a handler).
-    pub event: &'static str,
-    /// The event's id (outside a handler: the event the worker ran last).
-    pub event_id: Option<EventId>,
-    /// The handler's name (empty when the worker was outside a handler).
-    pub handler: String,
-    /// Outside a handler, where the worker was: `hook`, `sink`, `tracker`, `tap`, `serde`,
-    /// `drop` (the seams of [`CallbackPanics`]), or `bus` for the bus's own code; `None` in a
-    /// handler or a deferred delivery.
-    pub seam: Option<&'static str>,
-    /// The deliveries this accounts for in [`BusStats::abandoned`] and [`BusStats::left`]: in
-    /// a handler, the running one, those of its event after it (left) and those held for a
-    /// retry (discarded); outside one, every delivery of the message the worker held; 1 for a
-    /// deferred delivery.
-    pub deliveries: u64,
-}
-
-/// What [`Bus::shutdown`] did: the final statistics, and what did not finish in time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ShutdownReport {
-    /// The final counts; `in_flight` is 0 and the terms add up.
-    pub stats: BusStats,
-    /// Whether something accepted was not handled: the deadline passed first, or retries were
-    /// given up because they were not due before it.
-    pub deadline_passed: bool,
-    /// Deliveries given up at the deadline, with their detached workers.
-    pub abandoned: Vec<AbandonedDelivery>,
-    /// User code that shutdown left to a thread of its own (trackers' callbacks, dead letters
-    /// to make and hand to the hook and the sink, events to drop) and that had not finished
-    /// by the deadline plus [`SHUTDOWN_GRACE`]: how many such jobs it cut off. That thread
-    /// carries on; what it does later is not in the report.
-    pub cut_off: u64,
-    /// How long the shutdown took.
-    pub elapsed: Duration,
-}
-
-impl ShutdownReport {
-    /// Whether the accepted deliveries equal the sum of the outcomes.
-    pub fn is_balanced(&self) -> bool {
-        self.stats.in_flight == 0 && self.stats.is_balanced()
-    }
-}
-
-impl fmt::Display for ShutdownReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = &self.stats;
-        writeln!(f, "shutdown in {:?}", self.elapsed)?;
-        for (label, value) in [
-            ("delivered", s.delivered),
-            ("succeeded", s.succeeded),
-            ("dead-lettered", s.dead_lettered),
-            ("discarded", s.discarded),
-            ("cancelled", s.cancelled),
-            ("abandoned", s.abandoned),
-            ("left", s.left),
-            ("failed attempts", s.failed),
-            ("retries", s.retried),
-            ("evicted", s.evicted),
-            ("panics", s.panicked),
-            ("unmatched events", s.unmatched),
-            ("refused events", s.refused),
-            ("callback panics", s.callback_panics.total()),
-            ("cut off", self.cut_off),
-        ] {
-            writeln!(f, "  {label:<17}{value:>12}")?;
-        }
-        for a in &self.abandoned {
-            let id = a.event_id.map(|id| id.to_string()).unwrap_or_default();
-            match a.seam {
-                None => writeln!(
-                    f,
-                    "  abandoned: {} {id} in {} on {}",
-                    a.event, a.handler, a.worker
-                )?,
-                Some(seam) => writeln!(
-                    f,
-                    "  detached: {} in {seam} code after {id}, holding {} deliveries",
-                    a.worker, a.deliveries
-                )?,
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The state shared by every handle, subscription and thread of one bus.
@@ -1767,7 +1612,7 @@ impl BusBuilder {
     /// Receives every dead letter evicted from the full ring, so that none disappears without
     /// a trace. It runs on the thread that dead-lettered the delivery (a worker), after the
     /// delivery is settled, so it should be quick; it runs under the bus's guard: a panic is
-    /// caught and counted in [`CallbackPanics::sink`], and a sink still running at the
+    /// caught and counted in [`CallbackPanics::sink`](crate::CallbackPanics::sink), and a sink still running at the
     /// shutdown deadline is left behind.
     pub fn dead_letter_sink(mut self, sink: impl Fn(&DeadLetter) + Send + Sync + 'static) -> Self {
         self.dead_letter_sink = Some(Arc::new(sink));
@@ -1800,7 +1645,7 @@ impl BusBuilder {
     /// Called with every new dead letter, for alerting, once it is in the ring (and its
     /// delivery settled). It runs on the thread that dead-lettered it (a worker), so it should
     /// be quick; it runs under the bus's guard: a panic is caught and counted in
-    /// [`CallbackPanics::hook`], and a hook still running at the shutdown deadline is left
+    /// [`CallbackPanics::hook`](crate::CallbackPanics::hook), and a hook still running at the shutdown deadline is left
     /// behind.
     pub fn on_dead_letter(mut self, hook: impl Fn(&DeadLetter) + Send + Sync + 'static) -> Self {
         self.on_dead_letter = Some(Arc::new(hook));

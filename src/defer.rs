@@ -21,12 +21,13 @@ use std::fmt;
 
 use parking_lot::Mutex;
 
-use crate::bus::{AbandonedDelivery, Core};
+use crate::bus::Core;
 use crate::event::EventId;
 use crate::guard::Leftovers;
 use crate::guard::{Runner, drop_with};
 use crate::handler::{HandlerError, HandlerResult};
 use crate::shard::Retry;
+use crate::stats::AbandonedDelivery;
 use crate::sync::{Arc, AtomicU64, Ordering};
 use crate::track::Settled;
 

@@ -230,14 +230,13 @@ mod par;
 mod registry;
 mod retry;
 mod shard;
+mod stats;
 mod sync;
 mod tap;
 mod trace;
 mod track;
 
-pub use crate::bus::{
-    AbandonedDelivery, Bus, BusBuilder, BusStats, SHUTDOWN_GRACE, ShutdownReport,
-};
+pub use crate::bus::{Bus, BusBuilder};
 pub use crate::config::{
     DEFAULT_CHANNEL_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_SERVICE_NAME,
     DEFAULT_SHUTDOWN_TIMEOUT, MAX_CHANNEL_CAPACITY, MAX_CHANNEL_MEMORY, MAX_NAME_LEN, MAX_WORKERS,
@@ -265,6 +264,7 @@ pub use crate::registry::{SubscribeOptions, Subscription, SubscriptionStats};
 pub use crate::retry::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_DELAY, DEFAULT_RETRY_DELAY, MAX_ATTEMPTS, RetryPolicy,
 };
+pub use crate::stats::{AbandonedDelivery, BusStats, SHUTDOWN_GRACE, ShutdownReport};
 pub use crate::tap::Tapped;
 pub use crate::trace::{Trace, TraceEntry, TraceOutcome};
 pub use crate::track::{Completion, Tracker};

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::id::EventId;
 use crate::guard::{Runner, Seam};
+use crate::id::EventId;
 use crate::sync::{Arc, AtomicU32, Ordering};
 
 /// What became of every delivery of one tracked event (see [`Bus::publish_tracked`]).

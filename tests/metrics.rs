@@ -668,3 +668,64 @@ fn events_that_were_not_published_after_all_are_not_counted() {
     assert_eq!(m.event("Keyed", "app").map_or(0, |e| e.published), 0);
     assert_eq!(m.handlers.iter().map(|h| h.succeeded).sum::<u64>(), 200);
 }
+
+/// Prometheus carries every term of the ledger: a scrape alone checks that the deliveries
+/// accepted equal the sum of their outcomes, here with each kind of outcome present but
+/// cancellations (succeeded, dead-lettered, abandoned at the shutdown deadline, left).
+#[test]
+fn a_prometheus_scrape_balances_the_ledger() {
+    quiet_worker_panics();
+    let bus = Bus::builder()
+        .workers(1)
+        .retry(microbus::RetryPolicy::none())
+        .build()
+        .unwrap();
+    let (entered_tx, entered) = crossbeam_channel::bounded(1);
+    let (release, release_rx) = crossbeam_channel::bounded::<()>(1);
+    bus.subscribe(move |e: &Numbered, _: &Context| -> HandlerResult {
+        match e.seq {
+            0 => {
+                entered_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+                Ok(())
+            }
+            seq if seq % 2 == 1 => Err(microbus::HandlerError::msg("odd")),
+            _ => Ok(()),
+        }
+    })
+    .unwrap();
+    let publish = |seq| bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    (1..=10).for_each(publish);
+    bus.flush(WAIT).unwrap();
+    (0..1).for_each(publish);
+    entered.recv().unwrap();
+    (11..=15).for_each(publish);
+    let report = bus.shutdown_timeout(Duration::from_millis(50)).unwrap();
+    release.send(()).unwrap();
+    let (samples, types) = parse_prometheus(&bus.metrics().to_prometheus());
+    let get = |name: &str| samples[&(name.to_owned(), labels(&[]))] as u64;
+    assert_eq!(types["microbus_bus_left_total"], "counter");
+    let outcomes = [
+        "succeeded",
+        "dead_lettered",
+        "discarded",
+        "cancelled",
+        "abandoned",
+        "left",
+    ]
+    .map(|term| get(&format!("microbus_bus_{term}_total")));
+    let delivered = get("microbus_bus_delivered_total");
+    assert_eq!(delivered, 16);
+    assert_eq!(outcomes, [5, 5, 0, 0, 1, 5], "{report}");
+    assert_eq!(
+        delivered,
+        outcomes.iter().sum::<u64>() + get("microbus_in_flight")
+    );
+    assert_eq!(
+        (
+            get("microbus_bus_failed_total"),
+            get("microbus_bus_unmatched_total")
+        ),
+        (5, 0)
+    );
+}

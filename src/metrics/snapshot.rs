@@ -5,7 +5,7 @@ use std::fmt::{self, Write as _};
 
 use serde::{Deserialize, Serialize};
 
-use crate::bus::BusStats;
+use crate::stats::BusStats;
 
 /// A latency distribution, summarised from an HdrHistogram (two significant digits: each
 /// percentile is within 1% of the true value). All times are in nanoseconds.
@@ -311,42 +311,13 @@ impl MetricsSnapshot {
             u64::from(self.sample_every),
         );
         let s = &self.stats;
-        for (name, help, value) in [
-            ("delivered", "Deliveries accepted.", s.delivered),
-            (
-                "succeeded",
-                "Deliveries whose handler returned Ok.",
-                s.succeeded,
-            ),
-            ("failed", "Failed attempts.", s.failed),
-            ("retried", "Retries scheduled.", s.retried),
-            (
-                "dead_lettered",
-                "Deliveries dead-lettered.",
-                s.dead_lettered,
-            ),
-            (
-                "dead_letters_evicted",
-                "Dead letters evicted from the full ring.",
-                s.evicted,
-            ),
-            (
-                "discarded",
-                "Failed deliveries dropped with dead letters off.",
-                s.discarded,
-            ),
-            (
-                "cancelled",
-                "Deliveries cancelled by an unsubscribe.",
-                s.cancelled,
-            ),
-            (
-                "refused",
-                "Events handed back because the bus was shutting down.",
-                s.refused,
-            ),
-        ] {
-            out.counter(&format!("microbus_bus_{name}_total"), help, &[], value);
+        for term in s.terms() {
+            if term.name == "in_flight" {
+                out.gauge("microbus_in_flight", term.help, &[], term.value);
+            } else {
+                let name = format!("microbus_bus_{}_total", term.name);
+                out.counter(&name, term.help, &[], term.value);
+            }
         }
         for (seam, value) in s.callback_panics.fields() {
             out.counter(
@@ -356,12 +327,6 @@ impl MetricsSnapshot {
                 value,
             );
         }
-        out.gauge(
-            "microbus_in_flight",
-            "Deliveries accepted and not yet settled.",
-            &[],
-            s.in_flight,
-        );
         for (shard, depth) in self.queue_depth.iter().enumerate() {
             out.gauge(
                 "microbus_queue_depth",
@@ -718,11 +683,13 @@ impl fmt::Display for MetricsSnapshot {
     /// p99.9 and max in human units), queues.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.stats;
-        writeln!(
-            f,
-            "deliveries: {} accepted, {} succeeded, {} failed attempts, {} retried, {} dead-lettered ({} evicted), {} in flight",
-            s.delivered, s.succeeded, s.failed, s.retried, s.dead_lettered, s.evicted, s.in_flight
-        )?;
+        let beside: Vec<String> = s
+            .terms()
+            .iter()
+            .filter(|t| t.role == crate::stats::Role::Beside)
+            .map(|t| format!("{} {}", t.value, t.label))
+            .collect();
+        writeln!(f, "deliveries: {}; {}", s.ledger_line(), beside.join(", "))?;
         let panics: Vec<String> = s
             .callback_panics
             .fields()

@@ -1,0 +1,314 @@
+//! What a bus reports of its deliveries: [`BusStats`], and what shutdown did
+//! ([`ShutdownReport`]).
+//!
+//! Ground rules: the ledger's terms are listed once, in [`BusStats::terms`]; the shutdown
+//! report, the metrics table and Prometheus all print from that list.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::guard::CallbackPanics;
+use crate::id::EventId;
+
+/// How long past its deadline [`Bus::shutdown`](crate::Bus::shutdown) may take at most, whatever user code is running:
+/// to detach workers stuck in handlers or callbacks, to sweep what never ran, and to wait for
+/// the thread that runs what user code it left over (see [`ShutdownReport::cut_off`]).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
+
+/// Counts of what the bus did with its deliveries (one event × one subscription it matched).
+///
+/// The terms add up: `delivered = succeeded + dead_lettered + discarded + cancelled +
+/// abandoned + left + in_flight`, which [`is_balanced`](Self::is_balanced) checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct BusStats {
+    /// Deliveries accepted: each published event times the subscriptions it matched.
+    pub delivered: u64,
+    /// Deliveries whose handler returned `Ok`.
+    pub succeeded: u64,
+    /// Failed attempts: handler errors and panics.
+    pub failed: u64,
+    /// Of the failed attempts, how many were panics.
+    pub panicked: u64,
+    /// Failed deliveries that will not be tried again, dropped because dead letters are off.
+    pub discarded: u64,
+    /// Retries scheduled: failed attempts that are tried again.
+    pub retried: u64,
+    /// Failed deliveries kept in the dead-letter ring (those evicted since included).
+    pub dead_lettered: u64,
+    /// Dead letters evicted from the full ring (and handed to the sink, if one is set).
+    pub evicted: u64,
+    /// Deliveries whose subscription ended before they ran.
+    pub cancelled: u64,
+    /// Deliveries still running when the shutdown deadline passed, or deferred
+    /// ([`Context::defer`](crate::Context::defer)) and not completed by then.
+    pub abandoned: u64,
+    /// Deliveries that never ran because the shutdown deadline passed.
+    pub left: u64,
+    /// Deliveries accepted and not yet settled.
+    pub in_flight: u64,
+    /// Events published that matched no subscription.
+    pub unmatched: u64,
+    /// Events handed back to their publisher because the bus was shutting down.
+    pub refused: u64,
+    /// Panics caught in user code outside handlers, by where they happened (not terms of
+    /// the ledger: each delivery concerned is settled as if the code had returned).
+    pub callback_panics: CallbackPanics,
+}
+
+/// What a counter of [`BusStats`] is to the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The deliveries accepted: the sum of the outcomes.
+    Accepted,
+    /// An outcome: a term of the sum.
+    Outcome,
+    /// Counted beside the ledger (attempts, events).
+    Beside,
+}
+
+/// One counter of [`BusStats`], as every report prints it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Term {
+    /// Its name in snake case (the field's name); Prometheus calls it
+    /// `microbus_bus_<name>_total`, except `in_flight`, the gauge `microbus_in_flight`.
+    pub(crate) name: &'static str,
+    /// Its label in text reports.
+    pub(crate) label: &'static str,
+    /// What it counts.
+    pub(crate) help: &'static str,
+    pub(crate) role: Role,
+    pub(crate) value: u64,
+}
+
+impl BusStats {
+    /// Every counter, once: the accepted deliveries, the outcomes that sum to them, then what
+    /// is counted beside the ledger. The shutdown report, the metrics table and Prometheus
+    /// print from this list.
+    pub(crate) fn terms(&self) -> [Term; 14] {
+        let term = |name, label, help, role, value| Term {
+            name,
+            label,
+            help,
+            role,
+            value,
+        };
+        use Role::{Accepted, Beside, Outcome};
+        [
+            term(
+                "delivered",
+                "accepted",
+                "Deliveries accepted: each event published times the subscriptions it matched.",
+                Accepted,
+                self.delivered,
+            ),
+            term(
+                "succeeded",
+                "succeeded",
+                "Deliveries whose handler returned Ok.",
+                Outcome,
+                self.succeeded,
+            ),
+            term(
+                "dead_lettered",
+                "dead-lettered",
+                "Deliveries dead-lettered (evicted ones included).",
+                Outcome,
+                self.dead_lettered,
+            ),
+            term(
+                "discarded",
+                "discarded",
+                "Failed deliveries dropped with dead letters off.",
+                Outcome,
+                self.discarded,
+            ),
+            term(
+                "cancelled",
+                "cancelled",
+                "Deliveries cancelled by an unsubscribe.",
+                Outcome,
+                self.cancelled,
+            ),
+            term(
+                "abandoned",
+                "abandoned",
+                "Deliveries running or deferred when the shutdown deadline passed.",
+                Outcome,
+                self.abandoned,
+            ),
+            term(
+                "left",
+                "left",
+                "Deliveries that never ran because the shutdown deadline passed.",
+                Outcome,
+                self.left,
+            ),
+            term(
+                "in_flight",
+                "in flight",
+                "Deliveries accepted and not yet settled.",
+                Outcome,
+                self.in_flight,
+            ),
+            term(
+                "failed",
+                "failed attempts",
+                "Failed attempts: handler errors and panics.",
+                Beside,
+                self.failed,
+            ),
+            term(
+                "panicked",
+                "panics",
+                "Failed attempts that were panics.",
+                Beside,
+                self.panicked,
+            ),
+            term(
+                "retried",
+                "retries",
+                "Retries scheduled.",
+                Beside,
+                self.retried,
+            ),
+            term(
+                "dead_letters_evicted",
+                "evicted",
+                "Dead letters evicted from the full ring.",
+                Beside,
+                self.evicted,
+            ),
+            term(
+                "unmatched",
+                "unmatched events",
+                "Events published that matched no subscription.",
+                Beside,
+                self.unmatched,
+            ),
+            term(
+                "refused",
+                "refused events",
+                "Events handed back because the bus was shutting down.",
+                Beside,
+                self.refused,
+            ),
+        ]
+    }
+
+    /// Whether every accepted delivery is accounted for by exactly one outcome.
+    pub fn is_balanced(&self) -> bool {
+        let terms = self.terms();
+        let sum = |role| {
+            terms
+                .iter()
+                .filter(|t| t.role == role)
+                .map(|t| t.value)
+                .sum::<u64>()
+        };
+        sum(Role::Accepted) == sum(Role::Outcome)
+    }
+
+    /// The ledger as one line: `10 accepted = 8 succeeded + 1 dead-lettered + … + 1 in
+    /// flight`.
+    pub(crate) fn ledger_line(&self) -> String {
+        let terms = self.terms();
+        let show = |t: &Term| format!("{} {}", t.value, t.label);
+        let accepted: Vec<String> = terms
+            .iter()
+            .filter(|t| t.role == Role::Accepted)
+            .map(show)
+            .collect();
+        let outcomes: Vec<String> = terms
+            .iter()
+            .filter(|t| t.role == Role::Outcome)
+            .map(show)
+            .collect();
+        format!("{} = {}", accepted.join(""), outcomes.join(" + "))
+    }
+}
+
+/// What shutdown gave up on at its deadline: a worker still running a handler, or user code
+/// outside one (a tap, a hook, a sink, a tracker's callback, an event's `Serialize` or `Drop`),
+/// or a deferred delivery ([`Context::defer`](crate::Context::defer)) not completed by then. A worker thread is
+/// detached (a thread cannot be stopped from outside): it exits when that code returns, and
+/// settles nothing more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AbandonedDelivery {
+    /// The detached worker thread's name, or `deferred` for a deferred delivery.
+    pub worker: String,
+    /// The [`Event::NAME`](crate::Event::NAME) of the event (`?` when the worker was outside a handler).
+    pub event: &'static str,
+    /// The event's id (outside a handler: the event the worker ran last).
+    pub event_id: Option<EventId>,
+    /// The handler's name (empty when the worker was outside a handler).
+    pub handler: String,
+    /// Outside a handler, where the worker was: `hook`, `sink`, `tracker`, `tap`, `serde`,
+    /// `drop` (the seams of [`CallbackPanics`]), or `bus` for the bus's own code; `None` in a
+    /// handler or a deferred delivery.
+    pub seam: Option<&'static str>,
+    /// The deliveries this accounts for in [`BusStats::abandoned`] and [`BusStats::left`]: in
+    /// a handler, the running one, those of its event after it (left) and those held for a
+    /// retry (discarded); outside one, every delivery of the message the worker held; 1 for a
+    /// deferred delivery.
+    pub deliveries: u64,
+}
+
+/// What [`Bus::shutdown`](crate::Bus::shutdown) did: the final statistics, and what did not finish in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// The final counts; `in_flight` is 0 and the terms add up.
+    pub stats: BusStats,
+    /// Whether something accepted was not handled: the deadline passed first, or retries were
+    /// given up because they were not due before it.
+    pub deadline_passed: bool,
+    /// Deliveries given up at the deadline, with their detached workers.
+    pub abandoned: Vec<AbandonedDelivery>,
+    /// User code that shutdown left to a thread of its own (trackers' callbacks, dead letters
+    /// to make and hand to the hook and the sink, events to drop) and that had not finished
+    /// by the deadline plus [`SHUTDOWN_GRACE`]: how many such jobs it cut off. That thread
+    /// carries on; what it does later is not in the report.
+    pub cut_off: u64,
+    /// How long the shutdown took.
+    pub elapsed: Duration,
+}
+
+impl ShutdownReport {
+    /// Whether the accepted deliveries equal the sum of the outcomes.
+    pub fn is_balanced(&self) -> bool {
+        self.stats.in_flight == 0 && self.stats.is_balanced()
+    }
+}
+
+impl fmt::Display for ShutdownReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.stats;
+        writeln!(f, "shutdown in {:?}", self.elapsed)?;
+        let rows = s.terms().map(|t| (t.label, t.value));
+        let more = [
+            ("callback panics", s.callback_panics.total()),
+            ("cut off", self.cut_off),
+        ];
+        for (label, value) in rows.into_iter().chain(more) {
+            writeln!(f, "  {label:<17}{value:>12}")?;
+        }
+        for a in &self.abandoned {
+            let id = a.event_id.map(|id| id.to_string()).unwrap_or_default();
+            match a.seam {
+                None => writeln!(
+                    f,
+                    "  abandoned: {} {id} in {} on {}",
+                    a.event, a.handler, a.worker
+                )?,
+                Some(seam) => writeln!(
+                    f,
+                    "  detached: {} in {seam} code after {id}, holding {} deliveries",
+                    a.worker, a.deliveries
+                )?,
+            }
+        }
+        Ok(())
+    }
+}

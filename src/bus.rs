@@ -37,14 +37,14 @@ use crate::metrics::{BridgeCounters, Collect, Metrics, MetricsSnapshot};
 pub(crate) type BridgeReport = Box<dyn Fn() -> Option<BridgeCounters> + Send + Sync>;
 use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subscription};
 use crate::retry::RetryPolicy;
-use crate::retry::timer::{REOFFER_DELAY, Timer};
 use crate::shard::{
     ABANDONED, Batch, IDLE, MAX_GROUP, Msg, Retry, Routed, Shard, Task, Work, WorkerCounts,
-    WorkerShared, run_worker, seam_of, wait_for_batches,
+    WorkerShared, offer_due, run_worker, seam_of, wait_for_batches,
 };
 use crate::stats::{AbandonedDelivery, BusStats, SHUTDOWN_GRACE, ShutdownReport};
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::tap::{Tapped, Taps};
+use crate::timer::{REOFFER_DELAY, Timer};
 use crate::trace::{Trace, TraceRing};
 use crate::track::{Settled, Tracker, Tracking};
 
@@ -178,7 +178,7 @@ pub(crate) struct Core {
     spill_capacity: usize,
     pub(crate) registry: Registry,
     pub(crate) shards: Box<[Shard]>,
-    timer: Timer,
+    timer: Timer<Routed>,
     signal_tx: Mutex<Option<Sender<()>>>,
     signal_rx: Receiver<()>,
     closing: AtomicBool,
@@ -1806,7 +1806,9 @@ impl BusBuilder {
             .name("microbus-timer".to_owned())
             .spawn(move || {
                 let _own = OwnThread::enter(timer_core.id, None);
-                timer_core.timer.run(&timer_core.shards);
+                timer_core
+                    .timer
+                    .run(|routed| offer_due(&timer_core.shards, routed));
             })
             .map_err(spawn_error)?;
         *core.timer_thread.lock() = Some(thread);

@@ -233,6 +233,7 @@ mod shard;
 mod stats;
 mod sync;
 mod tap;
+mod timer;
 mod trace;
 mod track;
 
@@ -273,7 +274,7 @@ pub use crate::track::{Completion, Tracker};
 #[doc(hidden)]
 pub mod internals {
     pub use crate::retry::Jitter;
-    pub use crate::retry::wheel::Wheel;
+    pub use crate::timer::wheel::Wheel;
 }
 
 /// The README's examples, run as doc tests.

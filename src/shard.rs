@@ -861,6 +861,30 @@ pub(crate) struct Routed {
     pub(crate) work: Work,
 }
 
+impl crate::timer::Delayed for Routed {
+    fn deliveries(&self) -> usize {
+        self.work.deliveries()
+    }
+}
+
+/// Offers work that fell due on the timer to its shard: through its channel, or, when that
+/// is full, to the shard's worker, which runs it from its spill queue before it takes new work
+/// (the delay has been served). The wake-up reaches the worker if it emptied its channel
+/// meanwhile.
+pub(crate) fn offer_due(shards: &[Shard], routed: Routed) {
+    let shard = &shards[routed.shard];
+    match shard.tx.try_send(Msg::Work(routed.work)) {
+        Ok(()) => {}
+        Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
+            let Msg::Work(work) = msg else {
+                unreachable!("work was sent")
+            };
+            shard.worker.hand_over(Routed { work, ..routed });
+            let _ = shard.tx.try_send(Msg::Wake);
+        }
+    }
+}
+
 /// Counters that only the worker thread writes.
 #[derive(Default)]
 pub(crate) struct WorkerStats {

@@ -1,9 +1,6 @@
 //! Retrying failed deliveries: the [`RetryPolicy`], the timing wheel and the timer thread that
 //! drives it.
 
-pub(crate) mod timer;
-pub(crate) mod wheel;
-
 use std::fmt;
 use std::time::Duration;
 

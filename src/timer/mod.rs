@@ -1,49 +1,55 @@
-//! The timer thread: holds events that must wait, on a [`Wheel`] of [`TICK`]-long ticks, and
-//! offers each to its shard when its time comes.
+//! The timer thread: holds what must wait, on a [`Wheel`] of [`TICK`]-long ticks, and fires
+//! each item into a callback the bus gives it when its time comes.
 //!
 //! Ground rules: the wheel lives behind one mutex. Schedulers compute the deadline tick from
 //! the wall time (rounded up, so an entry never fires early) and wake the thread when they add
 //! an entry earlier than the one it sleeps for. The thread sleeps on a condition variable until
-//! the wheel's next occupied slot (never ticking while idle), takes what is due, and offers each
-//! event to its shard with `try_send` outside the lock. An event whose shard is still full is
-//! handed to that shard's worker, which runs it from its spill queue before it takes new work.
-//! Entries stay accepted in the ledger while they wait, so `flush` waits for them; at shutdown
-//! the bus stops the thread, joins it and takes what is left.
+//! the wheel's next occupied slot (never ticking while idle), takes what is due, and fires each
+//! item outside the lock. The timer knows nothing of what it carries but how many deliveries
+//! each item holds ([`Delayed`]), which it keeps summed for `flush`; at shutdown the bus stops
+//! the thread, joins it and takes what is left.
 //!
-//! Today the timer carries events that handlers published while their shard and the worker's
-//! spill queue were both full; the delay it makes them wait throttles handlers that feed each
-//! other through full shards.
+//! The bus puts on it retries waiting for their delay, delayed publishes, events that
+//! handlers published while their shard and the worker's spill queue were both full (the delay
+//! throttles handlers that feed each other through full shards), and redriven dead letters
+//! whose shard was full.
 
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::TrySendError;
-
-use crate::retry::wheel::Wheel;
-use crate::shard::{Msg, Routed, Shard};
 use crate::sync::{AtomicUsize, Condvar, Mutex, Ordering, clock_now};
+
+pub(crate) mod wheel;
+
+use wheel::Wheel;
 
 /// The wheel's tick.
 pub(crate) const TICK: Duration = Duration::from_millis(1);
 /// How long an event waits on the timer before it is offered again.
 pub(crate) const REOFFER_DELAY: Duration = Duration::from_micros(200);
 
-struct State {
-    wheel: Wheel<Routed>,
+/// What waits on the timer.
+pub(crate) trait Delayed {
+    /// How many deliveries it carries.
+    fn deliveries(&self) -> usize;
+}
+
+struct State<T> {
+    wheel: Wheel<T>,
     /// The deliveries of the work on the wheel.
     deliveries: usize,
     stopped: bool,
 }
 
-pub(crate) struct Timer {
-    state: Mutex<State>,
+pub(crate) struct Timer<T> {
+    state: Mutex<State<T>>,
     wake: Condvar,
     len: AtomicUsize,
     /// Tick 0.
     start: Instant,
 }
 
-impl Timer {
-    pub(crate) fn new() -> Timer {
+impl<T: Delayed> Timer<T> {
+    pub(crate) fn new() -> Timer<T> {
         Timer {
             state: Mutex::new(State {
                 wheel: Wheel::new(0),
@@ -71,10 +77,10 @@ impl Timer {
         self.start + TICK * u32::try_from(tick).unwrap_or(u32::MAX)
     }
 
-    /// Schedules `routed` to be offered to its shard after `delay`. `Err` gives it back when
-    /// the timer has stopped.
-    #[allow(clippy::result_large_err)] // The error is the event itself, handed back.
-    pub(crate) fn schedule(&self, routed: Routed, delay: Duration) -> Result<(), Routed> {
+    /// Schedules `item` to be fired after `delay`. `Err` gives it back when the timer has
+    /// stopped.
+    #[allow(clippy::result_large_err)] // The error is the item itself, handed back.
+    pub(crate) fn schedule(&self, item: T, delay: Duration) -> Result<(), T> {
         // A delay past what an `Instant` can hold never falls due: the wheel's overflow list
         // keeps it until shutdown.
         let deadline = clock_now()
@@ -82,11 +88,11 @@ impl Timer {
             .map_or(u64::MAX, |at| self.tick_from(at));
         let mut state = self.state.lock();
         if state.stopped {
-            return Err(routed);
+            return Err(item);
         }
         let sleeping_until = state.wheel.next_tick();
-        state.deliveries += routed.work.deliveries();
-        state.wheel.schedule(deadline, routed);
+        state.deliveries += item.deliveries();
+        state.wheel.schedule(deadline, item);
         self.len.store(state.wheel.len(), Ordering::Relaxed);
         if sleeping_until.is_none_or(|tick| deadline < tick) {
             self.wake.notify_one();
@@ -118,16 +124,17 @@ impl Timer {
         self.wake.notify_all();
     }
 
-    /// Takes every waiting event (after the thread has been joined).
-    pub(crate) fn take(&self) -> Vec<Routed> {
+    /// Takes every waiting item (after the thread has been joined).
+    pub(crate) fn take(&self) -> Vec<T> {
         let mut state = self.state.lock();
         self.len.store(0, Ordering::Relaxed);
         state.deliveries = 0;
         state.wheel.drain()
     }
 
-    /// The body of the timer thread.
-    pub(crate) fn run(&self, shards: &[Shard]) {
+    /// The body of the timer thread: fires each item that falls due into `fire`, outside the
+    /// lock, until the timer stops.
+    pub(crate) fn run(&self, mut fire: impl FnMut(T)) {
         let mut due = Vec::new();
         loop {
             {
@@ -138,7 +145,7 @@ impl Timer {
                     }
                     let now = self.tick_at(clock_now());
                     state.wheel.advance(now, &mut due);
-                    let taken: usize = due.iter().map(|r: &Routed| r.work.deliveries()).sum();
+                    let taken: usize = due.iter().map(T::deliveries).sum();
                     state.deliveries -= taken;
                     self.len.store(state.wheel.len(), Ordering::Relaxed);
                     if !due.is_empty() {
@@ -153,21 +160,8 @@ impl Timer {
                     }
                 }
             }
-            for routed in due.drain(..) {
-                let shard = &shards[routed.shard];
-                match shard.tx.try_send(Msg::Work(routed.work)) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
-                        let Msg::Work(work) = msg else {
-                            unreachable!("work was sent")
-                        };
-                        // The delay has been served: the shard's own worker takes the event
-                        // from its spill queue before it takes new work. The wake-up reaches
-                        // it if it emptied its channel meanwhile.
-                        shard.worker.hand_over(Routed { work, ..routed });
-                        let _ = shard.tx.try_send(Msg::Wake);
-                    }
-                }
+            for item in due.drain(..) {
+                fire(item);
             }
         }
     }
@@ -177,9 +171,17 @@ impl Timer {
 mod tests {
     use super::*;
 
+    struct Probe;
+
+    impl Delayed for Probe {
+        fn deliveries(&self) -> usize {
+            1
+        }
+    }
+
     #[test]
     fn deadlines_round_up_and_current_ticks_round_down() {
-        let timer = Timer::new();
+        let timer = Timer::<Probe>::new();
         let at = timer.start + Duration::from_micros(1_500);
         assert_eq!(timer.tick_at(at), 1);
         assert_eq!(timer.tick_from(at), 2);
@@ -194,7 +196,7 @@ mod loom_models {
     use super::*;
     use crate::event::{Envelope, Event, NameId, Publish};
     use crate::ledger::Gate;
-    use crate::shard::{Task, Work, WorkerShared};
+    use crate::shard::{Msg, Routed, Shard, Task, Work, WorkerShared, offer_due};
     use crossbeam_utils::CachePadded;
     use loom::sync::Arc;
     use loom::thread;
@@ -215,7 +217,7 @@ mod loom_models {
     }
 
     /// A timer, one shard whose channel holds one message, and the timer thread running.
-    fn running_timer() -> (Arc<Timer>, Arc<Vec<Shard>>, thread::JoinHandle<()>) {
+    fn running_timer() -> (Arc<Timer<Routed>>, Arc<Vec<Shard>>, thread::JoinHandle<()>) {
         let timer = Arc::new(Timer::new());
         let (tx, rx) = crossbeam_channel::bounded(1);
         let shards = Arc::new(vec![Shard {
@@ -226,7 +228,7 @@ mod loom_models {
         }]);
         let runner = {
             let (timer, shards) = (timer.clone(), shards.clone());
-            thread::spawn(move || timer.run(&shards))
+            thread::spawn(move || timer.run(|routed| offer_due(&shards, routed)))
         };
         (timer, shards, runner)
     }

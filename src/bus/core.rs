@@ -1,0 +1,210 @@
+//! The state one bus shares between its handles, subscriptions and threads ([`Core`]), and
+//! the handle count that decides its lifetime.
+
+use super::*;
+
+thread_local! {
+    /// The bus whose worker or timer thread this is (0: none), and the worker's index.
+    static OWN: Cell<(u64, usize)> = const { Cell::new((0, usize::MAX)) };
+    /// Where this thread's unkeyed events go next.
+    static ROUND_ROBIN: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as one of a bus's own threads while it lives.
+pub(crate) struct OwnThread(());
+
+impl OwnThread {
+    pub(crate) fn enter(bus: u64, worker: Option<usize>) -> OwnThread {
+        OWN.with(|own| own.set((bus, worker.unwrap_or(usize::MAX))));
+        OwnThread(())
+    }
+
+    /// Whether the current thread is a worker or the timer of bus `bus`.
+    pub(super) fn is_own(bus: u64) -> bool {
+        OWN.with(|own| own.get().0 == bus)
+    }
+
+    /// The index of the current thread if it is a worker of bus `bus`.
+    pub(super) fn worker_of(bus: u64) -> Option<usize> {
+        OWN.with(|own| {
+            let (b, index) = own.get();
+            (b == bus && index != usize::MAX).then_some(index)
+        })
+    }
+}
+
+impl Drop for OwnThread {
+    fn drop(&mut self) {
+        OWN.with(|own| own.set((0, usize::MAX)));
+    }
+}
+
+pub(super) static NEXT_BUS_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// How many times a publisher that found its shard full tries again (spinning, then yielding)
+/// before it blocks.
+pub(super) const SEND_BACKOFF_STEPS: u32 = 10;
+
+/// How a publisher waits when its shard is full.
+#[derive(Clone, Copy)]
+pub(crate) enum Mode {
+    Block,
+    Try,
+    Until(Instant),
+}
+
+/// Why an event was handed back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    Full,
+    Timeout,
+    Shutdown,
+}
+
+/// The error of a blocking publish that was refused.
+pub(super) fn refused<E>(why: Refusal, event: E) -> PublishError<E> {
+    match why {
+        Refusal::Full => PublishError::Full(event),
+        Refusal::Timeout | Refusal::Shutdown => PublishError::Shutdown(event),
+    }
+}
+
+pub(super) enum Lifecycle {
+    Running,
+    Stopping,
+    Done(Box<ShutdownReport>),
+}
+
+/// The state shared by every handle, subscription and thread of one bus.
+pub(crate) struct Core {
+    pub(crate) id: u64,
+    /// Panics caught in user code outside handlers, by seam.
+    pub(crate) panics: Panics,
+    pub(crate) dead_letters: Ring,
+    pub(crate) taps: Taps,
+    pub(crate) traces: TraceRing,
+    pub(crate) metrics: Metrics,
+    /// Deliveries whose handlers deferred their outcome.
+    pub(crate) deferrals: Deferrals,
+    /// The counters of the bridges on the bus; `None` once a bridge is gone.
+    pub(crate) bridges: Mutex<Vec<BridgeReport>>,
+    /// How to publish a dead letter of an event type (name, version) that came from outside
+    /// and was never published: see `DeadLetter::republish`.
+    pub(crate) republishers:
+        Mutex<std::collections::HashMap<(&'static str, u32), crate::dead_letter::Republish>>,
+    pub(super) jitter_seed: u64,
+    pub(crate) config: Config,
+    pub(super) spill_capacity: usize,
+    pub(crate) registry: Registry,
+    pub(crate) shards: Box<[Shard]>,
+    pub(super) timer: Timer<Routed>,
+    pub(super) signal_tx: Mutex<Option<Sender<()>>>,
+    pub(super) signal_rx: Receiver<()>,
+    pub(super) closing: AtomicBool,
+    pub(super) stopped: AtomicBool,
+    pub(super) unmatched: CachePadded<AtomicU64>,
+    pub(super) refused: AtomicU64,
+    pub(super) idle_lock: Mutex<()>,
+    pub(super) idle_cv: Condvar,
+    pub(super) idle_waiters: AtomicUsize,
+    pub(super) lifecycle: Mutex<Lifecycle>,
+    pub(super) lifecycle_cv: Condvar,
+    pub(super) worker_threads: Mutex<Vec<JoinHandle<()>>>,
+    pub(super) timer_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Backs off in a wait loop that expects to be short: spin, then yield, then sleep briefly.
+pub(super) fn backoff(step: &mut u32) {
+    *step += 1;
+    match *step {
+        0..=16 => std::hint::spin_loop(),
+        17..=64 => std::thread::yield_now(),
+        _ => std::thread::sleep(Duration::from_micros(50)),
+    }
+}
+
+impl Core {
+    /// Whether no shutdown has started.
+    pub(super) fn is_running(&self) -> bool {
+        matches!(*self.lifecycle.lock(), Lifecycle::Running)
+    }
+
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
+    /// Whether shutdown has passed its deadline: no delivery starts any more.
+    #[cfg(feature = "redis")]
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    #[inline]
+    pub(super) fn shard_for(&self, envelope: &Envelope) -> usize {
+        let shards = self.shards.len();
+        match envelope.key() {
+            Some(key) => key.shard(shards),
+            None if shards == 1 => 0,
+            None => self.round_robin(),
+        }
+    }
+
+    /// The next shard in turn for an unkeyed event from this thread.
+    #[inline]
+    pub(super) fn round_robin(&self) -> usize {
+        ROUND_ROBIN.with(|rr| {
+            let next = rr.get();
+            rr.set(next.wrapping_add(1));
+            next % self.shards.len()
+        })
+    }
+
+    /// The seed of worker `index`'s jitter generator.
+    pub(crate) fn worker_seed(&self, index: usize) -> u64 {
+        self.jitter_seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
+    /// Called by a worker about to wait for work: wakes anyone waiting for quiescence.
+    pub(crate) fn notify_idle(&self) {
+        if self.idle_waiters.load(Ordering::SeqCst) > 0 {
+            let _guard = self.idle_lock.lock();
+            self.idle_cv.notify_all();
+        }
+    }
+}
+
+impl Drop for Core {
+    /// The dead letters still held go last, their events' `Drop` (user code) under the guard:
+    /// nothing unwinds out of the drop of the last handle.
+    fn drop(&mut self) {
+        let letters = self
+            .dead_letters
+            .take(&crate::dead_letter::DeadLetterFilter::new());
+        self.panics.drop(letters);
+    }
+}
+
+/// The user handle's share of the bus: dropping the last one shuts the bus down.
+pub(super) struct Handle {
+    pub(super) core: Arc<Core>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let timeout = self.core.config.shutdown_timeout;
+        if OwnThread::is_own(self.core.id) {
+            // The last handle went away on one of the bus's own threads (a handler held it):
+            // that thread cannot join itself, so another one shuts the bus down.
+            let core = self.core.clone();
+            let _ = std::thread::Builder::new()
+                .name("microbus-shutdown".to_owned())
+                .spawn(move || {
+                    let _ = core.shutdown(timeout);
+                });
+        } else if self.core.is_running() {
+            // Not while a shutdown is under way: this may be its own leftovers being dropped
+            // (a handler that held the last handle), which it waits for.
+            let _ = self.core.shutdown(timeout);
+        }
+    }
+}

@@ -1,0 +1,535 @@
+//! The publish paths: route, stamp, enter the shard's gate, send (or wait, spill, or go to
+//! the timer), and on refusal refund and hand the event back.
+
+use super::*;
+
+/// How long a publisher on a rayon worker thread waits for a full shard whose worker makes no
+/// progress before it uses the shard's overflow queue.
+#[cfg(feature = "rayon")]
+pub(super) const RAYON_STALL: Duration = Duration::from_millis(100);
+
+/// How deep publishers on one rayon thread nest other work of their pool while they wait: the
+/// work they run may publish and wait in turn, each level on the same stack. One level is
+/// enough to run a handler's job that waits in the pool's queue; deeper levels were measured
+/// to help no further (a parallel iterator's own jobs come first and keep coming).
+#[cfg(feature = "rayon")]
+pub(super) const RAYON_NESTING: u32 = 1;
+
+#[cfg(feature = "rayon")]
+thread_local! {
+    /// How many publishers on this rayon thread are running other work of its pool.
+    static NESTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs one unit of other work of the current rayon pool, unless this thread already runs
+/// [`RAYON_NESTING`] of them for waiting publishers (each nests on its stack). Whether it ran one.
+#[cfg(feature = "rayon")]
+pub(super) fn run_other_rayon_work() -> bool {
+    struct Nested;
+    impl Drop for Nested {
+        fn drop(&mut self) {
+            NESTED.set(NESTED.get() - 1);
+        }
+    }
+    if NESTED.get() >= RAYON_NESTING {
+        return false;
+    }
+    NESTED.set(NESTED.get() + 1);
+    let _nested = Nested;
+    rayon::yield_now() == Some(rayon::Yield::Executed)
+}
+
+impl Core {
+    pub(super) fn unmatched<E: Event>(
+        &self,
+        source: NameId,
+        event: E,
+        stamp: Stamp,
+    ) -> Result<(), (Refusal, E)> {
+        if self.is_closing() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.registry.uncount(TypeId::of::<E>(), source, 1, true);
+            return Err((Refusal::Shutdown, event));
+        }
+        self.count_unmatched(source, &event, stamp);
+        Ok(())
+    }
+
+    /// Counts an event that matched no subscription, and shows it to the taps (it never
+    /// reaches a worker).
+    pub(super) fn count_unmatched<E: Event>(&self, source: NameId, event: &E, stamp: Stamp) {
+        self.unmatched.fetch_add(1, Ordering::Relaxed);
+        let tracked = stamp.is_tracked();
+        if self.taps.on() || tracked {
+            let envelope = stamp.envelope(source);
+            if let Some(done) = envelope.tracker().and_then(|t| t.arm(envelope.id(), 0)) {
+                done.run(&mut &self.panics);
+            }
+            if self.taps.on() {
+                self.tap(&envelope, event, &mut &self.panics);
+            }
+            self.panics.drop(envelope);
+        }
+    }
+
+    /// Shows an event to the taps, each under `runner`'s guard (the event's `Serialize`, when
+    /// a tap asks for the payload, under the guard too).
+    #[cold]
+    pub(crate) fn tap<E: Event>(&self, envelope: &Envelope, event: &E, runner: &mut dyn Runner) {
+        let payload = || crate::shard::to_json(event, &mut &self.panics);
+        self.taps.call(
+            &Tapped {
+                event: E::NAME,
+                version: E::VERSION,
+                envelope,
+                payload: &payload,
+            },
+            runner,
+        );
+    }
+
+    /// Publishes from outside a handler's outbox: through the gate.
+    pub(crate) fn publish<E: Event>(
+        &self,
+        source: NameId,
+        event: E,
+        stamp: Stamp,
+        mode: Mode,
+    ) -> Result<(), (Refusal, E)> {
+        let (generation, deliveries) = self.registry.route::<E>(source, 1);
+        if deliveries == 0 {
+            return self.unmatched(source, event, stamp);
+        }
+        let envelope = stamp.envelope(source);
+        if let Some(t) = envelope.tracker() {
+            // With deliveries to come, arming completes nothing.
+            let _none = t.arm(envelope.id(), deliveries);
+        }
+        let index = self.shard_for(&envelope);
+        let shard = &self.shards[index];
+        if !shard.gate.enter(deliveries) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.registry.uncount(TypeId::of::<E>(), source, 1, false);
+            return Err((Refusal::Shutdown, event));
+        }
+        let msg = Msg::Work(Work::Task(Task::new(
+            envelope, generation, deliveries, event,
+        )));
+        let sent = match shard.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(msg)) => self.send_full(index, msg, mode),
+            Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            Err((why, msg)) => {
+                shard.gate.refund(deliveries);
+                self.registry.uncount(TypeId::of::<E>(), source, 1, false);
+                if why == Refusal::Shutdown {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                }
+                let Msg::Work(Work::Task(task)) = msg else {
+                    unreachable!("publishers send tasks")
+                };
+                Err((why, task.into_event()))
+            }
+        }
+    }
+
+    /// Publishes through the gate onto the timer: the event goes to its shard after `delay`.
+    pub(crate) fn publish_delayed<E: Event>(
+        &self,
+        source: NameId,
+        event: E,
+        options: Publish,
+        delay: Duration,
+    ) -> Result<(), E> {
+        let (generation, deliveries) = self.registry.route::<E>(source, 1);
+        if deliveries == 0 {
+            return self
+                .unmatched(source, event, Stamp::New(options))
+                .map_err(|(_, e)| e);
+        }
+        let envelope = Envelope::stamp(source, options);
+        let index = self.shard_for(&envelope);
+        let gate = &self.shards[index].gate;
+        if !gate.enter(deliveries) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.registry.uncount(TypeId::of::<E>(), source, 1, false);
+            return Err(event);
+        }
+        let routed = Routed {
+            shard: index,
+            work: Work::Task(Task::new(envelope, generation, deliveries, event)),
+        };
+        match self.timer.schedule(routed, delay) {
+            Ok(()) => Ok(()),
+            Err(routed) => {
+                gate.refund(deliveries);
+                self.registry.uncount(TypeId::of::<E>(), source, 1, false);
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                let Work::Task(task) = routed.work else {
+                    unreachable!("a task was scheduled")
+                };
+                Err(task.into_event())
+            }
+        }
+    }
+
+    /// Publishes events of one type as batch messages (see [`in_groups`](Self::in_groups)).
+    /// Waits while a shard is full. `Err` hands back every event that was not accepted (the
+    /// bus is shutting down).
+    pub(crate) fn publish_batch<E: Event>(
+        &self,
+        source: NameId,
+        items: impl IntoIterator<Item = (E, Stamp)>,
+    ) -> Result<(), (Refusal, Vec<E>)> {
+        let (generation, deliveries) = self.registry.route::<E>(source, 0);
+        if deliveries == 0 && self.is_closing() {
+            let back: Vec<E> = items.into_iter().map(|(event, _)| event).collect();
+            self.refused.fetch_add(back.len() as u64, Ordering::Relaxed);
+            return Err((Refusal::Shutdown, back));
+        }
+        let result = self.in_groups(source, items, deliveries, |index, group| {
+            self.send_group(index, group, source, generation, deliveries)
+        });
+        if let Err((Refusal::Shutdown, back)) = &result {
+            self.refused.fetch_add(back.len() as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Prepares a batch published by a handler: grouped as [`publish_batch`](Self::publish_batch)
+    /// does, handed to `stage`, and sent when the handler succeeds.
+    pub(crate) fn prepare_batch<E: Event>(
+        &self,
+        source: NameId,
+        items: impl IntoIterator<Item = (E, Publish)>,
+        mut stage: impl FnMut(Routed),
+    ) -> Result<(), Vec<E>> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(items.into_iter().map(|(event, _)| event).collect());
+        }
+        let (generation, deliveries) = self.registry.route::<E>(source, 0);
+        let items = items
+            .into_iter()
+            .map(|(event, options)| (event, Stamp::New(options)));
+        self.in_groups(source, items, deliveries, |index, group| {
+            self.registry.count::<E>(source, group.len() as u64, false);
+            stage(Routed {
+                shard: index,
+                work: Work::Batch(Batch::new(group, source, generation, deliveries)),
+            });
+            Ok(())
+        })
+        .map_err(|(_, back)| back)
+    }
+
+    /// Stamps `items` (an envelope given is kept, its tracker armed) and groups them per
+    /// shard — by key; unkeyed events fill one shard's group, then the next one's — and hands
+    /// each group of up to [`MAX_GROUP`] events, in publish order, to `emit`: as soon as it is
+    /// full, and the rest at the end. Events that match no subscription (`deliveries` is 0)
+    /// are counted, not grouped. At the first `Err` it stops and returns every event not
+    /// handed over, with those `emit` gave back.
+    pub(super) fn in_groups<E: Event>(
+        &self,
+        source: NameId,
+        items: impl IntoIterator<Item = (E, Stamp)>,
+        deliveries: usize,
+        mut emit: impl FnMut(usize, Vec<(Envelope, E)>) -> Result<(), (Refusal, Vec<E>)>,
+    ) -> Result<(), (Refusal, Vec<E>)> {
+        let mut items = items.into_iter();
+        if deliveries == 0 {
+            for (event, stamp) in items {
+                self.registry.count::<E>(source, 1, true);
+                self.count_unmatched(source, &event, stamp);
+            }
+            return Ok(());
+        }
+        let shards = self.shards.len();
+        let mut groups: Vec<Vec<(Envelope, E)>> = (0..shards).map(|_| Vec::new()).collect();
+        let mut unkeyed = self.round_robin();
+        let mut failed = None;
+        let mut now = 0;
+        for (i, (event, stamp)) in items.by_ref().enumerate() {
+            let envelope = match stamp {
+                Stamp::New(options) => {
+                    // The clock is read once per message's worth of events: ids stay unique
+                    // and ordered by their sequence numbers.
+                    if now == 0 || i % MAX_GROUP == 0 {
+                        now = crate::event::unix_nanos();
+                    }
+                    Envelope::stamp_at(now, source, options)
+                }
+                Stamp::Given(envelope) => {
+                    if let Some(t) = envelope.tracker() {
+                        // With deliveries to come, arming completes nothing.
+                        let _none = t.arm(envelope.id(), deliveries);
+                    }
+                    envelope
+                }
+            };
+            let index = match envelope.key() {
+                Some(key) => key.shard(shards),
+                None => unkeyed,
+            };
+            let group = &mut groups[index];
+            if group.capacity() == 0 {
+                group.reserve_exact(MAX_GROUP);
+            }
+            group.push((envelope, event));
+            if group.len() == MAX_GROUP {
+                if index == unkeyed {
+                    unkeyed = (unkeyed + 1) % shards;
+                }
+                if let Err(back) = emit(index, std::mem::take(group)) {
+                    failed = Some(back);
+                    break;
+                }
+            }
+        }
+        let mut groups = groups.into_iter().enumerate();
+        if failed.is_none() {
+            failed = groups
+                .by_ref()
+                .filter(|(_, group)| !group.is_empty())
+                .find_map(|(index, group)| emit(index, group).err());
+        }
+        let Some((why, mut back)) = failed else {
+            return Ok(());
+        };
+        back.extend(groups.flat_map(|(_, group)| group).map(|(_, event)| event));
+        back.extend(items.map(|(event, _)| event));
+        Err((why, back))
+    }
+
+    /// Sends one group of a batch to shard `index` through its gate.
+    pub(super) fn send_group<E: Event>(
+        &self,
+        index: usize,
+        group: Vec<(Envelope, E)>,
+        source: NameId,
+        generation: u32,
+        per_event: usize,
+    ) -> Result<(), (Refusal, Vec<E>)> {
+        let events = group.len();
+        let deliveries = events * per_event;
+        let shard = &self.shards[index];
+        let batch = Batch::new(group, source, generation, per_event);
+        if !shard.gate.enter(deliveries) {
+            return Err((Refusal::Shutdown, batch.into_events().collect()));
+        }
+        let msg = Msg::Work(Work::Batch(batch));
+        let sent = match shard.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(msg)) => self.send_full(index, msg, Mode::Block),
+            Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
+        };
+        match sent {
+            Ok(()) => {
+                self.registry.count::<E>(source, events as u64, false);
+                Ok(())
+            }
+            Err((why, msg)) => {
+                shard.gate.refund(deliveries);
+                let Msg::Work(Work::Batch(batch)) = msg else {
+                    unreachable!("a batch was sent")
+                };
+                Err((why, batch.into_events().collect()))
+            }
+        }
+    }
+
+    /// The slow path of a publish that found its shard full.
+    #[cold]
+    // The error is the message itself, handed back whole: nothing to shrink.
+    #[allow(clippy::result_large_err)]
+    pub(super) fn send_full(
+        &self,
+        index: usize,
+        msg: Msg,
+        mode: Mode,
+    ) -> Result<(), (Refusal, Msg)> {
+        if let Mode::Try = mode {
+            return Err((Refusal::Full, msg));
+        }
+        if let Some(worker) = OwnThread::worker_of(self.id) {
+            // A worker never blocks on a channel: that is how buses deadlock. The event is
+            // accepted and waits in this worker's spill queue or on the timer.
+            let Msg::Work(work) = msg else {
+                unreachable!("publishers send tasks")
+            };
+            let routed = Routed { shard: index, work };
+            let left = self.spill_or_wait(worker, routed);
+            self.shards[worker].worker.settle_left_accepted(left);
+            return Ok(());
+        }
+        #[cfg(feature = "rayon")]
+        if rayon::current_thread_index().is_some() {
+            return self.send_on_rayon(index, msg, mode);
+        }
+        let tx = &self.shards[index].tx;
+        // First wait without registering with the channel, as crossbeam's own `send` does: on
+        // a busy core, yielding lets the worker drain a batch instead of waking this thread for
+        // every slot it frees.
+        let mut msg = msg;
+        for step in 0..SEND_BACKOFF_STEPS {
+            if step < 6 {
+                for _ in 0..1 << step {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::yield_now();
+            }
+            if self.is_closing() {
+                return Err((Refusal::Shutdown, msg));
+            }
+            if let Mode::Until(deadline) = mode
+                && Instant::now() >= deadline
+            {
+                return Err((Refusal::Timeout, msg));
+            }
+            msg = match tx.try_send(msg) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(msg)) => msg,
+                Err(TrySendError::Disconnected(msg)) => return Err((Refusal::Shutdown, msg)),
+            };
+        }
+        let mut select = Select::new();
+        let send = select.send(tx);
+        select.recv(&self.signal_rx);
+        let oper = match mode {
+            Mode::Until(deadline) => match select.select_deadline(deadline) {
+                Ok(oper) => oper,
+                Err(_) => return Err((Refusal::Timeout, msg)),
+            },
+            _ => select.select(),
+        };
+        if oper.index() == send {
+            oper.send(tx, msg)
+                .map_err(|e| (Refusal::Shutdown, e.into_inner()))
+        } else {
+            let _ = oper.recv(&self.signal_rx);
+            Err((Refusal::Shutdown, msg))
+        }
+    }
+
+    /// The slow path on a rayon worker thread, which must not block: the shard's worker may be
+    /// inside a handler that waits for this very pool (`par_iter` in a handler), and a pool
+    /// whose threads all wait for the worker would never run it. So while the shard is full the
+    /// publisher runs other work of its pool (`rayon::yield_now`: the handler's, perhaps) and
+    /// tries again; once the worker has made no progress for [`RAYON_STALL`], the event goes to
+    /// the shard's overflow queue (its worker's spill queue, which the worker takes ahead of
+    /// its channel), and when that is full too it comes back as [`Refusal::Full`].
+    #[cfg(feature = "rayon")]
+    #[cold]
+    #[allow(clippy::result_large_err)] // The error is the message itself, handed back.
+    pub(super) fn send_on_rayon(
+        &self,
+        index: usize,
+        mut msg: Msg,
+        mode: Mode,
+    ) -> Result<(), (Refusal, Msg)> {
+        let shard = &self.shards[index];
+        loop {
+            if self.is_closing() {
+                return Err((Refusal::Shutdown, msg));
+            }
+            if let Mode::Until(deadline) = mode
+                && Instant::now() >= deadline
+            {
+                return Err((Refusal::Timeout, msg));
+            }
+            msg = match shard.tx.try_send(msg) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(msg)) => msg,
+                Err(TrySendError::Disconnected(msg)) => return Err((Refusal::Shutdown, msg)),
+            };
+            if shard.worker.stalled_for(RAYON_STALL) {
+                let Msg::Work(work) = msg else {
+                    unreachable!("publishers send work")
+                };
+                return match shard
+                    .worker
+                    .spill(Routed { shard: index, work }, self.spill_capacity)
+                {
+                    Ok(()) => {
+                        // Wakes the worker if it has emptied its channel and parked since.
+                        let _ = shard.tx.try_send(Msg::Wake);
+                        Ok(())
+                    }
+                    Err(routed) => Err((Refusal::Full, Msg::Work(routed.work))),
+                };
+            }
+            if !run_other_rayon_work() {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Prepares an event published by a handler: matched now, sent when the handler succeeds.
+    /// `Ok(None)` when it matched no subscription (counted); `Err` once the bus has stopped.
+    pub(crate) fn prepare<E: Event>(
+        &self,
+        source: NameId,
+        event: E,
+        options: Publish,
+    ) -> Result<Option<Routed>, E> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(event);
+        }
+        let (generation, deliveries) = self.registry.route::<E>(source, 1);
+        if deliveries == 0 {
+            self.count_unmatched(source, &event, Stamp::New(options));
+            return Ok(None);
+        }
+        let envelope = Envelope::stamp(source, options);
+        let shard = self.shard_for(&envelope);
+        Ok(Some(Routed {
+            shard,
+            work: Work::Task(Task::new(envelope, generation, deliveries, event)),
+        }))
+    }
+
+    /// Offers an accepted event to its shard without blocking; when the shard is full it waits
+    /// in worker `from`'s spill queue, or on the timer. Returns the deliveries that could not
+    /// be kept (the timer has stopped), which the caller settles as left.
+    pub(crate) fn offer(&self, from: usize, routed: Routed) -> usize {
+        match self.shards[routed.shard]
+            .tx
+            .try_send(Msg::Work(routed.work))
+        {
+            Ok(()) => 0,
+            Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
+                let Msg::Work(work) = msg else {
+                    unreachable!("work was sent")
+                };
+                self.spill_or_wait(from, Routed { work, ..routed })
+            }
+        }
+    }
+
+    pub(super) fn spill_or_wait(&self, from: usize, routed: Routed) -> usize {
+        let Err(routed) = self.shards[from].worker.spill(routed, self.spill_capacity) else {
+            return 0;
+        };
+        match self.timer.schedule(routed, REOFFER_DELAY) {
+            Ok(()) => 0,
+            Err(routed) => {
+                // The timer has stopped: the bus is shutting down, and the event never runs.
+                if let Some(done) = routed.work.track(Settled::Left) {
+                    done.run(&mut &self.panics);
+                }
+                let left = routed.work.deliveries();
+                self.panics.drop(routed);
+                left
+            }
+        }
+    }
+
+    /// Puts work on the timer for `delay`; `Err` gives it back once the timer has stopped.
+    #[allow(clippy::result_large_err)] // The error is the work itself, handed back.
+    pub(crate) fn wait_on_timer(&self, routed: Routed, delay: Duration) -> Result<(), Routed> {
+        self.timer.schedule(routed, delay)
+    }
+}

@@ -1,0 +1,782 @@
+//! The bus: its builder, the publish paths, flush, shutdown and the report.
+//!
+//! Ground rules: [`Core`] is shared by user handles, subscriptions, workers and the timer
+//! thread. Only user handles ([`Bus`] values) count towards its lifetime: dropping the last
+//! one shuts the bus down. Publishing goes through the shard's [`Gate`](crate::ledger::Gate)
+//! (see `ledger`); a publisher that finds its shard full blocks in a `select` on the channel
+//! and the shutdown signal, a channel that is never sent on and whose sender shutdown drops, so
+//! shutdown wakes every blocked publisher and hands its event back.
+
+use std::any::TypeId;
+use std::cell::Cell;
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Select, Sender, TrySendError};
+use crossbeam_utils::CachePadded;
+use parking_lot::{Condvar, Mutex};
+
+use crate::config::{Config, WaitStrategy, check_name};
+use crate::dead_letter::{
+    DeadLetter, DeadLetterReason, DeadLetterSink, DeadLetters, RedriveError, Ring,
+};
+use crate::defer::Deferrals;
+use crate::error::{
+    ConfigError, FlushError, Pending, PublishBatchError, PublishError, PublishTimeoutError,
+    ShutdownError, SubscribeError, TryPublishError,
+};
+use crate::event::{Envelope, Event, EventId, NameId, Publish, Stamp};
+use crate::guard::{Leftovers, Panics, Runner, drop_with};
+use crate::handler::{Context, Handler, HandlerResult};
+use crate::ledger::{Gate, Quiescence, net_sum, outstanding};
+use crate::metrics::{BridgeCounters, Collect, Metrics, MetricsSnapshot};
+
+/// Reads one bridge's counters for a metrics snapshot; `None` once the bridge is gone.
+pub(crate) type BridgeReport = Box<dyn Fn() -> Option<BridgeCounters> + Send + Sync>;
+use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subscription};
+use crate::retry::RetryPolicy;
+use crate::shard::{
+    ABANDONED, Batch, IDLE, MAX_GROUP, Msg, Retry, Routed, Shard, Task, Work, WorkerCounts,
+    WorkerShared, offer_due, run_worker, seam_of, wait_for_batches,
+};
+use crate::stats::{AbandonedDelivery, BusStats, SHUTDOWN_GRACE, ShutdownReport};
+use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use crate::tap::{Tapped, Taps};
+use crate::timer::{REOFFER_DELAY, Timer};
+use crate::trace::{Trace, TraceRing};
+use crate::track::{Settled, Tracker, Tracking};
+
+mod builder;
+mod core;
+mod intake;
+mod lifecycle;
+mod redrive;
+
+use self::core::*;
+pub(crate) use self::core::{Core, Mode, OwnThread};
+pub use builder::BusBuilder;
+
+/// A handle to an event bus, as seen from one service.
+///
+/// Handles are cheap to clone and share one bus. Events published through a handle come from
+/// its service: the bus's own [`service_name`](BusBuilder::service_name), or the name given to
+/// [`Bus::service`]. Dropping the last handle shuts the bus down as [`Bus::shutdown`] does.
+///
+/// # Examples
+///
+/// ```
+/// use microbus::{Bus, Context, Event, HandlerResult};
+/// use serde::{Deserialize, Serialize};
+/// use std::time::Duration;
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// struct OrderCreated { order_id: u64 }
+/// impl Event for OrderCreated { const NAME: &'static str = "OrderCreated"; }
+///
+/// let bus = Bus::builder().service_name("OrderService").workers(2).build()?;
+/// let payments = bus.service("PaymentService")?;
+/// payments.subscribe_from("OrderService", |order: &OrderCreated, ctx: &Context| -> HandlerResult {
+///     assert_eq!(ctx.source(), "OrderService");
+///     assert_eq!(ctx.service(), "PaymentService");
+///     Ok(())
+/// })?;
+/// bus.publish(OrderCreated { order_id: 1 })?;
+/// bus.flush(Duration::from_secs(5))?;
+/// let report = bus.shutdown()?;
+/// assert_eq!(report.stats.succeeded, 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct Bus {
+    handle: Arc<Handle>,
+    source: NameId,
+}
+
+impl Bus {
+    /// A builder with the default settings.
+    pub fn builder() -> BusBuilder {
+        BusBuilder::default()
+    }
+
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.handle.core
+    }
+
+    /// A handle for service `name` on the same bus: what it publishes comes from `name`, and
+    /// what it subscribes is reported under `name`.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] for field `service` when the name is empty, padded with white space,
+    /// has control characters or is longer than [`MAX_NAME_LEN`](crate::MAX_NAME_LEN) bytes.
+    pub fn service(&self, name: &str) -> Result<Bus, ConfigError> {
+        check_name("service", name)?;
+        Ok(Bus {
+            handle: self.handle.clone(),
+            source: NameId::intern(name),
+        })
+    }
+
+    /// The service this handle publishes as.
+    pub fn service_name(&self) -> &'static str {
+        self.source.as_str()
+    }
+
+    /// The number of workers (and shards).
+    pub fn workers(&self) -> usize {
+        self.core().shards.len()
+    }
+
+    /// Publishes `event`, waiting while its shard is full.
+    ///
+    /// The event is stamped with a new id, its own correlation, this handle's service as its
+    /// source and the current time, and matched against the subscriptions of its type now.
+    /// Its handlers run later, on a worker. An event that matches no subscription is counted
+    /// in [`BusStats::unmatched`] and dropped. Called from inside a handler (through a
+    /// captured handle), it never waits: a full shard's event waits in the worker's spill queue
+    /// instead.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Shutdown`] with the event when the bus is shutting down, including
+    /// when shutdown starts while this call waits for room.
+    pub fn publish<E: Event>(&self, event: E) -> Result<(), PublishError<E>> {
+        self.publish_with(event, Publish::new())
+    }
+
+    /// Publishes `event` with options (key, correlation, causation, headers), waiting while
+    /// its shard is full.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Self::publish).
+    pub fn publish_with<E: Event>(
+        &self,
+        event: E,
+        options: Publish,
+    ) -> Result<(), PublishError<E>> {
+        self.core()
+            .publish(self.source, event, Stamp::New(options), Mode::Block)
+            .map_err(|(why, e)| refused(why, e))
+    }
+
+    /// Publishes `event` with an envelope made elsewhere — read back from a file or received
+    /// from another process — keeping its id, correlation, causation, source, key and
+    /// headers: the event re-enters the bus as the same event, published by the service the
+    /// envelope names. Waits while the shard is full, as [`publish`](Self::publish) does.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Envelope, Event, HandlerResult};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::sync::{Arc, Mutex};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct OrderPaid { order_id: u64 }
+    /// impl Event for OrderPaid { const NAME: &'static str = "OrderPaid"; }
+    ///
+    /// // An envelope that travelled as JSON, say from another process.
+    /// let original = Bus::builder().service_name("payments").build()?;
+    /// let seen = Arc::new(Mutex::new(None));
+    /// let sent = seen.clone();
+    /// original.subscribe(move |_: &OrderPaid, ctx: &Context| -> HandlerResult {
+    ///     *sent.lock().unwrap() = Some(serde_json::to_string(ctx.envelope()).unwrap());
+    ///     Ok(())
+    /// })?;
+    /// original.publish(OrderPaid { order_id: 7 })?;
+    /// original.flush(Duration::from_secs(5))?;
+    /// let json = seen.lock().unwrap().take().unwrap();
+    ///
+    /// let bus = Bus::builder().service_name("shipping").build()?;
+    /// let arrived = Arc::new(Mutex::new(None));
+    /// let got = arrived.clone();
+    /// bus.subscribe(move |_: &OrderPaid, ctx: &Context| -> HandlerResult {
+    ///     *got.lock().unwrap() = Some(ctx.envelope().clone());
+    ///     Ok(())
+    /// })?;
+    /// let envelope: Envelope = serde_json::from_str(&json)?;
+    /// bus.publish_envelope(OrderPaid { order_id: 7 }, envelope.clone())?;
+    /// bus.flush(Duration::from_secs(5))?;
+    /// let arrived = arrived.lock().unwrap().take().unwrap();
+    /// assert_eq!(arrived, envelope);
+    /// assert_eq!(arrived.source(), "payments");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Shutdown`] with the event when the bus is shutting down.
+    pub fn publish_envelope<E: Event>(
+        &self,
+        event: E,
+        envelope: Envelope,
+    ) -> Result<(), PublishError<E>> {
+        let source = envelope.source_id();
+        self.core()
+            .publish(source, event, Stamp::Given(envelope), Mode::Block)
+            .map_err(|(why, e)| refused(why, e))
+    }
+
+    /// Publishes `event` as [`publish_with`](Self::publish_with) does and returns a
+    /// [`Tracker`] that completes once every delivery of the event has settled (succeeded,
+    /// dead-lettered, discarded, cancelled, left or abandoned), with what became of each.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Event, HandlerError, HandlerResult, Publish, RetryPolicy};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct OrderPaid { order_id: u64 }
+    /// impl Event for OrderPaid { const NAME: &'static str = "OrderPaid"; }
+    ///
+    /// let bus = Bus::builder().retry(RetryPolicy::none()).build()?;
+    /// bus.subscribe(|_: &OrderPaid, _: &Context| -> HandlerResult { Ok(()) })?;
+    /// bus.subscribe(|_: &OrderPaid, _: &Context| -> HandlerResult {
+    ///     Err(HandlerError::msg("out of stock"))
+    /// })?;
+    /// let tracker = bus.publish_tracked(OrderPaid { order_id: 7 }, Publish::new())?;
+    /// let done = tracker.wait(Duration::from_secs(5)).expect("settled");
+    /// assert_eq!((done.deliveries, done.succeeded, done.dead_lettered), (2, 1, 1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Shutdown`] with the event when the bus is shutting down.
+    pub fn publish_tracked<E: Event>(
+        &self,
+        event: E,
+        options: Publish,
+    ) -> Result<Tracker, PublishError<E>> {
+        let tracking = Tracking::new();
+        let options = options.tracked(tracking.clone());
+        self.core()
+            .publish(self.source, event, Stamp::New(options), Mode::Block)
+            .map_err(|(why, e)| refused(why, e))?;
+        Ok(Tracker(tracking))
+    }
+
+    /// [`publish_envelope`](Self::publish_envelope) with a [`Tracker`], as
+    /// [`publish_tracked`](Self::publish_tracked) gives: what a bridge acknowledges by.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Shutdown`] with the event when the bus is shutting down.
+    pub fn publish_envelope_tracked<E: Event>(
+        &self,
+        event: E,
+        envelope: Envelope,
+    ) -> Result<Tracker, PublishError<E>> {
+        let tracking = Tracking::new();
+        let envelope = envelope.with_tracker(tracking.clone());
+        let source = envelope.source_id();
+        self.core()
+            .publish(source, event, Stamp::Given(envelope), Mode::Block)
+            .map_err(|(why, e)| refused(why, e))?;
+        Ok(Tracker(tracking))
+    }
+
+    /// Publishes events of one type in batches: they are grouped per shard and each group of
+    /// up to 64 events travels as one channel message, which costs a fraction of a message per
+    /// event. Unkeyed events fill one shard's group before the next shard's; use
+    /// [`publish_batch_with`](Self::publish_batch_with) to give events keys. Events with the
+    /// same key keep their order. Waits while a shard is full, as [`publish`](Self::publish)
+    /// does; a shard's capacity counts messages, so a full shard holds up to 64 times as many
+    /// events.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Event, HandlerResult};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct PriceChanged { sku: u32, cents: u64 }
+    /// impl Event for PriceChanged { const NAME: &'static str = "PriceChanged"; }
+    ///
+    /// let bus = Bus::builder().workers(2).build()?;
+    /// bus.subscribe(|_: &PriceChanged, _: &Context| -> HandlerResult { Ok(()) })?;
+    /// bus.publish_batch((0..1_000).map(|sku| PriceChanged { sku, cents: 999 }))?;
+    /// bus.flush(Duration::from_secs(5))?;
+    /// assert_eq!(bus.stats().succeeded, 1_000);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`PublishBatchError`] with every event not accepted when the bus is shutting down; the
+    /// others were published.
+    pub fn publish_batch<E: Event>(
+        &self,
+        events: impl IntoIterator<Item = E>,
+    ) -> Result<(), PublishBatchError<E>> {
+        self.publish_batch_with(events.into_iter().map(|event| (event, Publish::new())))
+    }
+
+    /// Like [`publish_batch`](Self::publish_batch), each event with its own options (a key,
+    /// headers, a correlation).
+    ///
+    /// # Errors
+    ///
+    /// As [`publish_batch`](Self::publish_batch).
+    pub fn publish_batch_with<E: Event>(
+        &self,
+        items: impl IntoIterator<Item = (E, Publish)>,
+    ) -> Result<(), PublishBatchError<E>> {
+        self.core()
+            .publish_batch(
+                self.source,
+                items
+                    .into_iter()
+                    .map(|(event, options)| (event, Stamp::New(options))),
+            )
+            .map_err(|(why, back)| match why {
+                Refusal::Full => PublishBatchError::full(back),
+                Refusal::Timeout | Refusal::Shutdown => PublishBatchError::new(back),
+            })
+    }
+
+    /// Publishes `event` to be delivered after `delay`: it is accepted now (and counted by
+    /// `flush` and `shutdown`) and waits on the timer, then goes to its shard. Never waits.
+    /// Shutdown does not wait for a delayed event that falls due after its deadline; it is
+    /// reported as left.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Shutdown`] with the event when the bus is shutting down.
+    pub fn publish_delayed<E: Event>(
+        &self,
+        event: E,
+        delay: Duration,
+    ) -> Result<(), PublishError<E>> {
+        self.publish_delayed_with(event, Publish::new(), delay)
+    }
+
+    /// [`publish_delayed`](Self::publish_delayed) with options.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish_delayed`](Self::publish_delayed).
+    pub fn publish_delayed_with<E: Event>(
+        &self,
+        event: E,
+        options: Publish,
+        delay: Duration,
+    ) -> Result<(), PublishError<E>> {
+        self.core()
+            .publish_delayed(self.source, event, options, delay)
+            .map_err(PublishError::Shutdown)
+    }
+
+    /// Publishes `event` if its shard has room now; never waits.
+    ///
+    /// # Errors
+    ///
+    /// [`TryPublishError::Full`] or [`TryPublishError::Shutdown`], with the event.
+    pub fn try_publish<E: Event>(&self, event: E) -> Result<(), TryPublishError<E>> {
+        self.try_publish_with(event, Publish::new())
+    }
+
+    /// [`try_publish`](Self::try_publish) with options.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_publish`](Self::try_publish).
+    pub fn try_publish_with<E: Event>(
+        &self,
+        event: E,
+        options: Publish,
+    ) -> Result<(), TryPublishError<E>> {
+        self.core()
+            .publish(self.source, event, Stamp::New(options), Mode::Try)
+            .map_err(|(why, e)| match why {
+                Refusal::Shutdown => TryPublishError::Shutdown(e),
+                Refusal::Full | Refusal::Timeout => TryPublishError::Full(e),
+            })
+    }
+
+    /// Publishes `event`, waiting at most `timeout` for room in its shard.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishTimeoutError::Timeout`] or [`PublishTimeoutError::Shutdown`], with the event.
+    pub fn publish_timeout<E: Event>(
+        &self,
+        event: E,
+        timeout: Duration,
+    ) -> Result<(), PublishTimeoutError<E>> {
+        self.publish_timeout_with(event, Publish::new(), timeout)
+    }
+
+    /// [`publish_timeout`](Self::publish_timeout) with options.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish_timeout`](Self::publish_timeout).
+    pub fn publish_timeout_with<E: Event>(
+        &self,
+        event: E,
+        options: Publish,
+        timeout: Duration,
+    ) -> Result<(), PublishTimeoutError<E>> {
+        let mode = match Instant::now().checked_add(timeout) {
+            Some(deadline) => Mode::Until(deadline),
+            None => Mode::Block,
+        };
+        self.core()
+            .publish(self.source, event, Stamp::New(options), mode)
+            .map_err(|(why, e)| match why {
+                Refusal::Shutdown => PublishTimeoutError::Shutdown(e),
+                Refusal::Full | Refusal::Timeout => PublishTimeoutError::Timeout(e),
+            })
+    }
+
+    fn subscribe_boxed<E: Event>(
+        &self,
+        options: SubscribeOptions,
+        default_name: &str,
+        handler: HandlerFn<E>,
+    ) -> Result<Subscription, SubscribeError> {
+        let core = self.core();
+        if core.is_closing() {
+            return Err(SubscribeError::Shutdown);
+        }
+        let retry = options.retry.unwrap_or(core.config.retry);
+        retry
+            .validate("retry")
+            .map_err(|_| SubscribeError::InvalidRetry)?;
+        let filter = match &options.from {
+            Some(name) => {
+                check_name("source", name).map_err(|_| SubscribeError::InvalidSource)?;
+                Some(NameId::intern(name))
+            }
+            None => None,
+        };
+        let meta = Arc::new(SubMeta {
+            id: core.registry.next_id(),
+            name: options.name.as_deref().unwrap_or(default_name).into(),
+            service: self.source,
+            filter,
+            event_name: E::NAME,
+            type_id: TypeId::of::<E>(),
+            since_gen: AtomicU32::new(0),
+            retry,
+            active: AtomicBool::new(true),
+            failed: AtomicU64::new(0),
+            panicked: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            deferred_succeeded: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            cells: crate::metrics::cells(core.metrics.enabled, core.shards.len()),
+        });
+        core.metrics.subscribed(&meta);
+        let meta = core.registry.insert(Sub { meta, handler });
+        Ok(Subscription {
+            core: core.clone(),
+            meta,
+        })
+    }
+
+    /// Subscribes `handler` to events of type `E` from every service.
+    ///
+    /// Only the event type needs writing: `bus.subscribe(|e: &OrderPaid, ctx| Ok(()))`. The
+    /// handler runs on the workers, possibly on several at once for events on different
+    /// shards. Events already published are not delivered to it.
+    ///
+    /// # Errors
+    ///
+    /// [`SubscribeError::Shutdown`] when the bus is shutting down.
+    pub fn subscribe<E, F>(&self, handler: F) -> Result<Subscription, SubscribeError>
+    where
+        E: Event,
+        F: Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync + 'static,
+    {
+        self.subscribe_with(SubscribeOptions::new(), handler)
+    }
+
+    /// Subscribes `handler` to events of type `E` published by service `source` only.
+    ///
+    /// # Errors
+    ///
+    /// [`SubscribeError::Shutdown`], or [`SubscribeError::InvalidSource`] for a malformed name.
+    pub fn subscribe_from<E, F>(
+        &self,
+        source: &str,
+        handler: F,
+    ) -> Result<Subscription, SubscribeError>
+    where
+        E: Event,
+        F: Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync + 'static,
+    {
+        self.subscribe_with(SubscribeOptions::new().from(source), handler)
+    }
+
+    /// Subscribes `handler` with options (its name, its source service).
+    ///
+    /// # Errors
+    ///
+    /// As [`subscribe_from`](Self::subscribe_from).
+    pub fn subscribe_with<E, F>(
+        &self,
+        options: SubscribeOptions,
+        handler: F,
+    ) -> Result<Subscription, SubscribeError>
+    where
+        E: Event,
+        F: Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync + 'static,
+    {
+        self.subscribe_boxed(options, std::any::type_name::<F>(), Box::new(handler))
+    }
+
+    /// Subscribes a [`Handler`] type, named by [`Handler::name`].
+    ///
+    /// # Errors
+    ///
+    /// As [`subscribe`](Self::subscribe).
+    pub fn subscribe_handler<E, H>(&self, handler: H) -> Result<Subscription, SubscribeError>
+    where
+        E: Event,
+        H: Handler<E>,
+    {
+        self.subscribe_handler_with(SubscribeOptions::new(), handler)
+    }
+
+    /// Subscribes a [`Handler`] type with options.
+    ///
+    /// # Errors
+    ///
+    /// As [`subscribe_from`](Self::subscribe_from).
+    pub fn subscribe_handler_with<E, H>(
+        &self,
+        options: SubscribeOptions,
+        handler: H,
+    ) -> Result<Subscription, SubscribeError>
+    where
+        E: Event,
+        H: Handler<E>,
+    {
+        let name = handler.name().to_owned();
+        self.subscribe_boxed(
+            options,
+            &name,
+            Box::new(move |event: &E, ctx: &Context<'_>| handler.handle(event, ctx)),
+        )
+    }
+
+    /// Waits until nothing is queued, running or waiting to be offered again: every event
+    /// accepted so far, and everything its handlers published, has been handled. What the
+    /// handlers did is visible to the caller when it returns `Ok`.
+    ///
+    /// # Errors
+    ///
+    /// On timeout, a [`FlushError`] that says what remains ([`FlushError::pending`]). Called
+    /// from a handler of this bus, an error at once (it would wait for itself).
+    pub fn flush(&self, timeout: Duration) -> Result<(), FlushError> {
+        self.core().flush(timeout)
+    }
+
+    /// Shuts the bus down with the configured
+    /// [`shutdown_timeout`](BusBuilder::shutdown_timeout). See
+    /// [`shutdown_timeout`](Self::shutdown_timeout).
+    ///
+    /// # Errors
+    ///
+    /// As [`shutdown_timeout`](Self::shutdown_timeout).
+    pub fn shutdown(&self) -> Result<ShutdownReport, ShutdownError> {
+        self.shutdown_timeout(self.core().config.shutdown_timeout)
+    }
+
+    /// Shuts the bus down, giving handlers `timeout` to finish what was accepted.
+    ///
+    /// It closes intake (publishers waiting on a full shard get their event back, and every
+    /// later publish returns it), lets the workers handle what was accepted and what their
+    /// handlers publish until the bus is idle or the deadline passes, then stops the workers
+    /// and the timer and joins them. Past the deadline, deliveries never started are counted as
+    /// `left`, and a worker still inside a handler is detached and its delivery reported as
+    /// abandoned. The report's terms add up. Calling it again returns the same report.
+    ///
+    /// # Errors
+    ///
+    /// [`ShutdownError::InHandler`] when called from a handler of this bus.
+    pub fn shutdown_timeout(&self, timeout: Duration) -> Result<ShutdownReport, ShutdownError> {
+        self.core().shutdown(timeout)
+    }
+
+    /// The counts so far (after shutdown: the final ones).
+    pub fn stats(&self) -> BusStats {
+        self.core().stats()
+    }
+
+    /// A snapshot of the metrics: counters per event type and source service and per handler,
+    /// latency percentiles per handler and per event type, queue depths. See
+    /// [`MetricsSnapshot`] for what each figure means and how to render it.
+    ///
+    /// The workers hand over their latencies between two batches of deliveries; this waits for
+    /// them up to 100 ms, and names in [`MetricsSnapshot::workers_behind`] any worker that a
+    /// handler kept busy longer (its earlier latencies are included; counters are always
+    /// current). Called from a handler, it does not wait for that handler's own worker.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Event, HandlerResult};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct OrderCreated { order_id: u64 }
+    /// impl Event for OrderCreated { const NAME: &'static str = "OrderCreated"; }
+    ///
+    /// let bus = Bus::builder().service_name("orders").workers(2).build()?;
+    /// bus.service("payments")?
+    ///     .subscribe(|_: &OrderCreated, _: &Context| -> HandlerResult { Ok(()) })?;
+    /// for order_id in 0..100 {
+    ///     bus.publish(OrderCreated { order_id })?;
+    /// }
+    /// bus.flush(Duration::from_secs(5))?;
+    ///
+    /// let metrics = bus.metrics();
+    /// assert_eq!(metrics.event("OrderCreated", "orders").unwrap().published, 100);
+    /// let handler = &metrics.handlers[0];
+    /// assert_eq!((handler.service.as_str(), handler.succeeded), ("payments", 100));
+    /// assert_eq!(handler.handler_time.count, 100);
+    /// println!("{metrics}"); // an aligned table; also to_json() and to_prometheus()
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.core().metrics()
+    }
+
+    /// Registers how an event of type `E` written as an older version `from` (its
+    /// [`Event::VERSION`] then) becomes today's `E`: `upcast` gets the old payload as JSON.
+    /// [`DeadLetters::load_json_lines`] uses it for dead letters of that version, and a
+    /// bridge's import for stream entries of it, so that a rolling deploy across a version
+    /// loses nothing. `upcast` runs under the bus's guard: a panic, like an `Err`, leaves the
+    /// entry undecodable (a dead letter that says why). A second upcaster for the same version
+    /// replaces the first.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming `upcast` when `from` is not older than `E::VERSION`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Event};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct OrderCreated { order_id: u64, currency: String }
+    /// impl Event for OrderCreated {
+    ///     const NAME: &'static str = "OrderCreated";
+    ///     const VERSION: u32 = 2; // version 1 had no currency
+    /// }
+    ///
+    /// let bus = Bus::builder().workers(1).build()?;
+    /// bus.upcast::<OrderCreated>(1, |old| {
+    ///     let order_id = old["order_id"].as_u64().ok_or("no order_id")?;
+    ///     Ok(OrderCreated { order_id, currency: "EUR".to_owned() })
+    /// })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn upcast<E: Event>(
+        &self,
+        from: u32,
+        upcast: impl Fn(serde_json::Value) -> Result<E, String> + Send + Sync + 'static,
+    ) -> Result<(), ConfigError> {
+        if from >= E::VERSION {
+            return Err(ConfigError::new(
+                "upcast",
+                format!(
+                    "an upcaster reads an older version of {} (version {}), not version {from}",
+                    E::NAME,
+                    E::VERSION
+                ),
+            ));
+        }
+        self.core()
+            .registry
+            .add_upcaster::<E>(from, Arc::new(upcast));
+        Ok(())
+    }
+
+    /// Adds an audit tap: `tap` sees every event published on the bus, of every type — its
+    /// name, envelope and payload as JSON on demand — without being a subscription (it cannot
+    /// fail a delivery). An accepted event is shown once, on the worker that takes it, before
+    /// its handlers run; an event that matches no subscription is shown where it is published.
+    /// Taps run on those threads: keep them quick. A tap that panics is counted in
+    /// [`tap_failures`](Self::tap_failures) and the bus goes on.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Event, HandlerResult};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct Ping { n: u32 }
+    /// impl Event for Ping { const NAME: &'static str = "Ping"; }
+    ///
+    /// let bus = Bus::builder().workers(1).build()?;
+    /// let log = Arc::new(Mutex::new(Vec::new()));
+    /// let seen = log.clone();
+    /// bus.tap(move |t| seen.lock().unwrap().push((t.event_name(), t.payload_json())));
+    /// bus.publish(Ping { n: 1 })?; // nobody subscribes: the tap still sees it
+    /// assert_eq!(*log.lock().unwrap(), [("Ping", r#"{"n":1}"#.to_owned())]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn tap(&self, tap: impl Fn(&Tapped<'_>) + Send + Sync + 'static) {
+        self.core().taps.add(Arc::new(tap));
+    }
+
+    /// Adds a tap that appends every event to the file at `path`, one JSON line each
+    /// ([`Tapped::to_json`]). Lines that cannot be written are counted in
+    /// [`tap_failures`](Self::tap_failures).
+    ///
+    /// # Errors
+    ///
+    /// The error of opening (creating) the file.
+    pub fn tap_json_lines(&self, path: impl AsRef<std::path::Path>) -> std::io::Result<()> {
+        self.core().taps.add_file(path.as_ref())
+    }
+
+    /// How many times a tap panicked or a JSON-lines tap could not write a line.
+    pub fn tap_failures(&self) -> u64 {
+        self.core().taps.failures()
+    }
+
+    /// The deliveries of the conversation `correlation_id` that the trace ring still holds
+    /// (see [`BusBuilder::trace_capacity`]); print it for a causal tree.
+    pub fn trace(&self, correlation_id: EventId) -> Trace {
+        self.core().traces.trace(correlation_id)
+    }
+
+    /// The dead letters: deliveries that failed for good.
+    pub fn dead_letters(&self) -> DeadLetters {
+        DeadLetters {
+            core: self.core().clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Bus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bus")
+            .field("service", &self.source)
+            .field("workers", &self.workers())
+            .field("channel_capacity", &self.core().config.channel_capacity)
+            .field("closing", &self.core().is_closing())
+            .finish()
+    }
+}

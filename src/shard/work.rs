@@ -1,0 +1,677 @@
+//! The erased task vocabulary: what a shard's channel carries (a task, a batch, a retry),
+//! and how each runs its deliveries for its event type.
+
+use super::*;
+
+/// Deliveries to run: a published event, a batch of them, or one failed delivery tried again.
+pub(crate) enum Work {
+    Task(Task),
+    Batch(Batch),
+    Retry(Retry),
+}
+
+impl Work {
+    /// How many deliveries it holds.
+    pub(crate) fn deliveries(&self) -> usize {
+        match self {
+            Work::Task(task) => task.deliveries(),
+            Work::Batch(batch) => batch.deliveries(),
+            Work::Retry(_) => 1,
+        }
+    }
+
+    /// Settles the tracked deliveries it holds as `how` (batches are never tracked): the
+    /// tracker's callback, if that completed it, for the caller to run.
+    #[must_use = "a completed tracker's callback must be run"]
+    pub(crate) fn track(&self, how: Settled) -> Option<Done> {
+        match self {
+            Work::Task(task) => task
+                .envelope
+                .tracker()
+                .and_then(|t| t.settle(how, task.deliveries())),
+            Work::Batch(_) => None,
+            Work::Retry(retry) => retry.track(how),
+        }
+    }
+
+    /// The deliveries of published events that never ran, each as a first attempt to bury: one
+    /// per event and subscription it matched that `snapshot` still has. Its other deliveries
+    /// (to subscriptions since removed) are settled as left in its tracker, which may complete
+    /// (its callback goes to `done`). Moves the events; runs no user code.
+    pub(crate) fn never_ran(self, snapshot: &Snapshot, done: &mut Vec<Done>) -> Vec<Retry> {
+        match &self {
+            Work::Task(task) => (task.ops.never_ran)(self, snapshot, done),
+            Work::Batch(batch) => (batch.ops.never_ran)(self, snapshot, done),
+            Work::Retry(_) => Vec::new(),
+        }
+    }
+
+    /// Whether dropping it runs code of the event's (a `Drop` of its own or of a field).
+    pub(crate) fn needs_drop(&self) -> bool {
+        match self {
+            Work::Task(task) => task.ops.needs_drop,
+            Work::Batch(batch) => batch.ops.needs_drop,
+            Work::Retry(retry) => retry.ops.needs_drop,
+        }
+    }
+
+    /// How many published events it holds, and their type (none for a retry).
+    pub(crate) fn events(&self) -> Option<(TypeId, NameId, usize)> {
+        match self {
+            Work::Task(task) => Some(((task.ops.type_id)(), task.envelope.source_id(), 1)),
+            Work::Batch(batch) => Some(((batch.ops.type_id)(), batch.source, batch.len())),
+            Work::Retry(_) => None,
+        }
+    }
+}
+
+/// What happens to the worker after a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    Continue,
+    /// The worker was stopped; it exits.
+    Stop,
+    /// The delivery outran the shutdown deadline and was given up; the thread exits at once.
+    Abandoned,
+}
+
+/// Inline room for an event: events of up to three words (a `String`, a `Vec`, three `u64`s)
+/// travel without an allocation, and a task stays within 128 bytes, which moves without a call
+/// to `memcpy`.
+pub(super) type Payload = SmallBox<dyn Any + Send, [usize; 3]>;
+
+/// The functions that handle one event type, chosen when the event is published.
+pub(crate) struct TaskOps {
+    pub(super) run: fn(&mut Worker<'_>, &Task) -> Flow,
+    pub(super) run_batch: fn(&mut Worker<'_>, Batch) -> Flow,
+    pub(super) share: fn(Task) -> Arc<SharedEvent>,
+    pub(super) retry: fn(&mut Worker<'_>, &Retry) -> Flow,
+    pub(super) bury: fn(Retry, DeadLetterReason, u64, &mut dyn Runner) -> DeadLetter,
+    pub(super) subscription: fn(&Arc<dyn Any + Send + Sync>) -> u64,
+    pub(super) meta: fn(&Arc<dyn Any + Send + Sync>) -> &SubMeta,
+    pub(super) type_id: fn() -> TypeId,
+    pub(super) needs_drop: bool,
+    pub(super) never_ran: fn(Work, &Snapshot, &mut Vec<Done>) -> Vec<Retry>,
+}
+
+pub(super) struct OpsOf<E>(PhantomData<E>);
+
+impl<E: Event> OpsOf<E> {
+    const OPS: TaskOps = TaskOps {
+        run: run_task::<E>,
+        run_batch: run_batch::<E>,
+        share: share_task::<E>,
+        retry: run_retry::<E>,
+        bury: bury::<E>,
+        subscription: subscription_of::<E>,
+        meta: meta_of::<E>,
+        type_id: TypeId::of::<E>,
+        needs_drop: std::mem::needs_drop::<E>(),
+        never_ran: never_ran::<E>,
+    };
+}
+
+/// A published event on its way to a worker: the envelope, the event, the generation of the
+/// handler tables it was matched against and how many subscriptions it matched. `ops` are the
+/// event type's functions.
+pub(crate) struct Task {
+    pub(super) ops: &'static TaskOps,
+    pub(crate) envelope: Envelope,
+    pub(crate) generation: u32,
+    pub(super) deliveries: u32,
+    pub(super) payload: Payload,
+}
+
+impl Task {
+    pub(crate) fn new<E: Event>(
+        envelope: Envelope,
+        generation: u32,
+        deliveries: usize,
+        event: E,
+    ) -> Task {
+        Task {
+            ops: &OpsOf::<E>::OPS,
+            envelope,
+            generation,
+            deliveries: u32::try_from(deliveries).expect("fewer than 2^32 subscriptions"),
+            payload: smallbox!(event),
+        }
+    }
+
+    /// How many subscriptions the event matched.
+    pub(crate) fn deliveries(&self) -> usize {
+        self.deliveries as usize
+    }
+
+    /// Takes the event back out of a task that was not accepted.
+    pub(crate) fn into_event<E: Event>(self) -> E {
+        match self.payload.downcast::<E>() {
+            Ok(event) => event.into_inner(),
+            Err(_) => unreachable!("a returned task holds the caller's event type"),
+        }
+    }
+}
+
+/// Runs the deliveries of an event of type `E`.
+pub(super) fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
+    let Some(event) = task.payload.downcast_ref::<E>() else {
+        unreachable!("a task's dispatch function matches its payload")
+    };
+    run_event(
+        worker,
+        &task.envelope,
+        event,
+        task.generation,
+        task.deliveries(),
+    )
+}
+
+/// Runs the `deliveries` deliveries of a published event of type `E`, matched in generation
+/// `generation`.
+#[inline]
+pub(super) fn run_event<E: Event>(
+    worker: &mut Worker<'_>,
+    envelope: &Envelope,
+    event: &E,
+    generation: u32,
+    deliveries: usize,
+) -> Flow {
+    worker.shared.start_event(envelope.id());
+    if worker.core.taps.on() {
+        let core = worker.core;
+        core.tap(envelope, event, worker);
+        if worker.detached {
+            return Flow::Abandoned;
+        }
+    }
+    let snapshot = worker.snapshot_for(generation);
+    let flow = deliver_all(
+        worker,
+        snapshot.table::<E>(),
+        envelope,
+        event,
+        generation,
+        deliveries,
+    );
+    worker.snapshot = Some(snapshot);
+    flow
+}
+
+/// Runs the deliveries of one event to the subscriptions of `table` it was matched to.
+#[inline]
+pub(super) fn deliver_all<E: Event>(
+    worker: &mut Worker<'_>,
+    table: Option<&TypeTable<E>>,
+    envelope: &Envelope,
+    event: &E,
+    generation: u32,
+    deliveries: usize,
+) -> Flow {
+    let source = envelope.source_id();
+    let mut flow = Flow::Continue;
+    let mut remaining = deliveries;
+    if let Some(table) = table {
+        for sub in table
+            .subs
+            .iter()
+            .filter(|s| s.meta.matched(generation, source))
+        {
+            debug_assert!(remaining > 0, "more subscriptions than were matched");
+            remaining -= 1;
+            flow = worker.deliver(envelope, sub, event, remaining, 1, true);
+            if flow != Flow::Continue {
+                break;
+            }
+        }
+        if flow == Flow::Continue && remaining > 0 {
+            // Subscriptions removed since the event was published.
+            for tomb in table.removed.iter() {
+                if before(generation, tomb.removed_gen) && tomb.meta.matched(generation, source) {
+                    tomb.meta.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    if flow == Flow::Continue && remaining > 0 {
+        worker.track(envelope, Settled::Cancelled, remaining);
+        worker.shared.settle_cancelled(remaining);
+        if !worker.later.is_empty() {
+            worker.call_back();
+            if worker.detached {
+                return Flow::Abandoned;
+            }
+        }
+    }
+    flow
+}
+
+/// Events of type `E` from one source, bound for one shard, in publish order: one channel
+/// message for up to [`MAX_GROUP`] events, matched in one generation.
+pub(crate) struct Batch {
+    pub(super) ops: &'static TaskOps,
+    pub(super) generation: u32,
+    /// Deliveries of each event.
+    pub(super) per_event: u32,
+    pub(super) source: NameId,
+    /// A `Vec<(Envelope, E)>`, inline (a `Vec` is three words).
+    pub(super) items: Payload,
+    pub(super) len: u32,
+}
+
+/// The most events one batch message carries.
+pub(crate) const MAX_GROUP: usize = 64;
+
+impl Batch {
+    pub(crate) fn new<E: Event>(
+        items: Vec<(Envelope, E)>,
+        source: NameId,
+        generation: u32,
+        per_event: usize,
+    ) -> Batch {
+        Batch {
+            ops: &OpsOf::<E>::OPS,
+            generation,
+            per_event: u32::try_from(per_event).expect("fewer than 2^32 subscriptions"),
+            source,
+            len: u32::try_from(items.len()).expect("a batch message holds a few events"),
+            items: smallbox!(items),
+        }
+    }
+
+    /// How many events it holds.
+    pub(crate) fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// How many deliveries it holds.
+    pub(crate) fn deliveries(&self) -> usize {
+        self.len() * self.per_event as usize
+    }
+
+    /// Takes the events back out of a batch that was not accepted.
+    pub(crate) fn into_events<E: Event>(self) -> impl Iterator<Item = E> {
+        match self.items.downcast::<Vec<(Envelope, E)>>() {
+            Ok(items) => items.into_inner().into_iter().map(|(_, event)| event),
+            Err(_) => unreachable!("a returned batch holds the caller's event type"),
+        }
+    }
+}
+
+/// Runs the events of a batch of type `E`, one after another, each as a task would run.
+pub(super) fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow {
+    let per_event = batch.per_event as usize;
+    let mut rest = batch.deliveries();
+    let Ok(items) = batch.items.downcast::<Vec<(Envelope, E)>>() else {
+        unreachable!("a batch's functions match its payload")
+    };
+    // One snapshot, table and tap check for the whole message: its events share their type,
+    // source and generation.
+    worker.shared.hold(rest);
+    let snapshot = worker.snapshot_for(batch.generation);
+    let table = snapshot.table::<E>();
+    let tapped = worker.core.taps.on();
+    let mut items = items.into_inner().into_iter();
+    while let Some((envelope, event)) = items.next() {
+        rest -= per_event;
+        // Shutdown reads these if it gives up on a delivery of this event.
+        worker.rest = rest;
+        worker.shared.start_event(envelope.id());
+        worker.open_batch();
+        let mut flow = Flow::Continue;
+        if tapped {
+            let core = worker.core;
+            core.tap(&envelope, &event, worker);
+            if worker.detached {
+                flow = Flow::Abandoned;
+            }
+        }
+        if flow == Flow::Continue {
+            flow = deliver_all(
+                worker,
+                table,
+                &envelope,
+                &event,
+                batch.generation,
+                per_event,
+            );
+        }
+        worker.count_in_batch();
+        if !worker.pending.is_empty() || !worker.deferred.is_empty() {
+            let shared = Arc::new(SharedEvent {
+                envelope,
+                event: Box::new(event),
+            });
+            worker.arm_deferred(batch.ops, &shared, None, true);
+            worker.retry_failed(batch.ops, shared);
+        } else if std::mem::needs_drop::<E>() {
+            drop_with(worker, event);
+        }
+        if flow != Flow::Continue {
+            worker.rest = 0;
+            if flow == Flow::Stop {
+                worker.shared.settle_left(rest);
+            }
+            worker.snapshot = Some(snapshot);
+            // The events that did not run (their `Drop` may be user code).
+            drop_with(worker, items);
+            return flow;
+        }
+    }
+    worker.rest = 0;
+    worker.snapshot = Some(snapshot);
+    Flow::Continue
+}
+
+/// Moves a task's event to the heap, to be shared by the retries of its failed deliveries.
+pub(super) fn share_task<E: Event>(task: Task) -> Arc<SharedEvent> {
+    let Ok(event) = task.payload.downcast::<E>() else {
+        unreachable!("a task's functions match its payload")
+    };
+    Arc::new(SharedEvent {
+        envelope: task.envelope,
+        event: Box::new(event.into_inner()),
+    })
+}
+
+/// An event whose failed deliveries wait to be tried again.
+pub(crate) struct SharedEvent {
+    pub(crate) envelope: Envelope,
+    pub(super) event: Box<dyn Any + Send + Sync>,
+}
+
+/// The failures of one delivery so far.
+#[derive(Clone)]
+pub(crate) struct History {
+    pub(super) errors: Vec<String>,
+    pub(super) first_failure: SystemTime,
+}
+
+/// One failed delivery, to be tried again: attempt `attempt` of subscription `sub`.
+pub(crate) struct Retry {
+    pub(super) ops: &'static TaskOps,
+    pub(crate) event: Arc<SharedEvent>,
+    /// The `Arc<Sub<E>>` of the subscription.
+    pub(super) sub: Arc<dyn Any + Send + Sync>,
+    pub(crate) attempt: u32,
+    pub(super) history: History,
+    /// Whether the event's tracker (if any) counts this delivery: not for a redrive.
+    pub(super) tracked: bool,
+}
+
+impl Clone for Retry {
+    fn clone(&self) -> Self {
+        Retry {
+            ops: self.ops,
+            event: self.event.clone(),
+            sub: self.sub.clone(),
+            attempt: self.attempt,
+            history: self.history.clone(),
+            tracked: self.tracked,
+        }
+    }
+}
+
+impl Retry {
+    /// Settles the delivery in the event's tracker, if it counts there: the tracker's callback,
+    /// if that completed it, for the caller to run.
+    #[must_use = "a completed tracker's callback must be run"]
+    pub(crate) fn track(&self, how: Settled) -> Option<Done> {
+        if !self.tracked {
+            return None;
+        }
+        self.event.envelope.tracker()?.settle(how, 1)
+    }
+
+    /// Turns the retry into dead letter `id`; the event is serialized under `runner`'s guard.
+    pub(crate) fn bury(
+        self,
+        reason: DeadLetterReason,
+        id: u64,
+        runner: &mut dyn Runner,
+    ) -> DeadLetter {
+        (self.ops.bury)(self, reason, id, runner)
+    }
+
+    /// The id of the subscription it goes to.
+    pub(crate) fn subscription(&self) -> u64 {
+        (self.ops.subscription)(&self.sub)
+    }
+}
+
+/// Runs a retry of one delivery of an event of type `E`.
+pub(super) fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flow {
+    let Ok(sub) = retry.sub.clone().downcast::<Sub<E>>() else {
+        unreachable!("a retry's functions match its subscription")
+    };
+    let Some(event) = retry.event.event.downcast_ref::<E>() else {
+        unreachable!("a retry's functions match its event")
+    };
+    worker.untracked = !retry.tracked;
+    worker.shared.start_event(retry.event.envelope.id());
+    let flow = worker.deliver(&retry.event.envelope, &sub, event, 0, retry.attempt, false);
+    worker.untracked = false;
+    if !worker.deferred.is_empty() {
+        worker.arm_deferred(retry.ops, &retry.event, Some(&retry.history), retry.tracked);
+    }
+    let failed = std::mem::take(&mut worker.pending);
+    for failure in failed {
+        let mut history = retry.history.clone();
+        history.errors.push(failure.error);
+        worker.follow_up(
+            Retry {
+                ops: retry.ops,
+                event: retry.event.clone(),
+                sub: failure.sub,
+                attempt: failure.attempt + 1,
+                history,
+                tracked: retry.tracked,
+            },
+            failure.then,
+        );
+    }
+    worker.shared.held_retries.store(0, Ordering::Relaxed);
+    flow
+}
+
+/// Makes a dead letter of a delivery of an event of type `E` that failed for good. The event's
+/// `Serialize` runs under `runner`'s guard.
+pub(super) fn bury<E: Event>(
+    retry: Retry,
+    reason: DeadLetterReason,
+    id: u64,
+    runner: &mut dyn Runner,
+) -> DeadLetter {
+    let Ok(sub) = retry.sub.clone().downcast::<Sub<E>>() else {
+        unreachable!("a retry's functions match its subscription")
+    };
+    let Some(event) = retry.event.event.downcast_ref::<E>() else {
+        unreachable!("a retry's functions match its event")
+    };
+    let payload = to_json(event, runner);
+    sub.meta.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    let attempts = u32::try_from(retry.history.errors.len()).unwrap_or(u32::MAX);
+    let redrive = Some(Retry {
+        ops: retry.ops,
+        event: retry.event.clone(),
+        sub: retry.sub,
+        attempt: 1,
+        history: History {
+            errors: Vec::new(),
+            first_failure: retry.history.first_failure,
+        },
+        tracked: false,
+    });
+    DeadLetter {
+        id,
+        envelope: retry.event.envelope.clone(),
+        event_name: E::NAME,
+        event_version: E::VERSION,
+        payload,
+        subscription: sub.meta.id,
+        handler: sub.meta.name.to_string(),
+        service: sub.meta.service.as_str(),
+        attempts,
+        first_failure: retry.history.first_failure,
+        last_failure: SystemTime::now(),
+        errors: retry.history.errors,
+        reason,
+        redrive,
+        republish: None,
+        blocked: None,
+    }
+}
+
+/// The event as JSON, serialized under `runner`'s guard; when it fails or panics, the error
+/// text as a JSON string instead.
+pub(crate) fn to_json<E: Event>(event: &E, runner: &mut dyn Runner) -> String {
+    let mut json = None;
+    runner.run(Seam::Serde, &mut || {
+        json = Some(serde_json::to_string(event))
+    });
+    let error = match json {
+        Some(Ok(json)) => return json,
+        Some(Err(e)) => format!("the event did not serialize: {e}"),
+        None => "the event's Serialize panicked".to_owned(),
+    };
+    serde_json::to_string(&error).expect("a string serializes")
+}
+
+/// See [`Work::never_ran`]: the deliveries of a task or a batch of events of type `E`.
+pub(super) fn never_ran<E: Event>(
+    work: Work,
+    snapshot: &Snapshot,
+    done: &mut Vec<Done>,
+) -> Vec<Retry> {
+    let deliveries = work.deliveries();
+    let (events, generation, source): (Vec<(Envelope, E)>, u32, NameId) = match work {
+        Work::Task(task) => {
+            let (generation, source) = (task.generation, task.envelope.source_id());
+            let Ok(event) = task.payload.downcast::<E>() else {
+                unreachable!("a task's functions match its payload")
+            };
+            (
+                vec![(task.envelope, event.into_inner())],
+                generation,
+                source,
+            )
+        }
+        Work::Batch(batch) => {
+            let (generation, source) = (batch.generation, batch.source);
+            let Ok(items) = batch.items.downcast::<Vec<(Envelope, E)>>() else {
+                unreachable!("a batch's functions match its payload")
+            };
+            (items.into_inner(), generation, source)
+        }
+        Work::Retry(_) => return Vec::new(),
+    };
+    let subs: Vec<&Arc<Sub<E>>> = snapshot.table::<E>().map_or_else(Vec::new, |table| {
+        table
+            .subs
+            .iter()
+            .filter(|s| s.meta.matched(generation, source))
+            .collect()
+    });
+    let now = SystemTime::now();
+    let mut retries = Vec::with_capacity(events.len() * subs.len());
+    let gone = (deliveries / events.len().max(1)).saturating_sub(subs.len());
+    for (envelope, event) in events {
+        if gone > 0
+            && let Some(d) = envelope
+                .tracker()
+                .and_then(|t| t.settle(Settled::Left, gone))
+        {
+            done.push(d);
+        }
+        let event = Arc::new(SharedEvent {
+            envelope,
+            event: Box::new(event),
+        });
+        for sub in &subs {
+            retries.push(Retry {
+                ops: &OpsOf::<E>::OPS,
+                event: event.clone(),
+                sub: Arc::clone(sub) as Arc<dyn Any + Send + Sync>,
+                attempt: 1,
+                history: History {
+                    errors: Vec::new(),
+                    first_failure: now,
+                },
+                tracked: true,
+            });
+        }
+    }
+    retries
+}
+
+/// Rebuilds a delivery of an event of type `E` read back from a dead-letter file: the event
+/// decoded from `payload`, to the subscription now named `handler` in service `service`.
+pub(crate) fn decode_retry<E: Event>(
+    snapshot: &Snapshot,
+    envelope: Envelope,
+    payload: &str,
+    handler: &str,
+    service: &str,
+) -> Result<Retry, String> {
+    let event: E = serde_json::from_str(payload).map_err(|e| {
+        format!(
+            "the payload does not decode as {} v{}: {e}",
+            E::NAME,
+            E::VERSION
+        )
+    })?;
+    retry_for(snapshot, envelope, event, handler, service)
+}
+
+/// A delivery of `event` to the subscription now named `handler` in service `service`, as a
+/// first attempt (a dead letter read back from a file, made ready to redrive).
+pub(crate) fn retry_for<E: Event>(
+    snapshot: &Snapshot,
+    envelope: Envelope,
+    event: E,
+    handler: &str,
+    service: &str,
+) -> Result<Retry, String> {
+    let sub = snapshot
+        .table::<E>()
+        .and_then(|t| {
+            t.subs.iter().find(|s| {
+                &*s.meta.name == handler
+                    && s.meta.service.as_str() == service
+                    && s.meta.active.load(Ordering::SeqCst)
+            })
+        })
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "no subscription of {service} named {handler:?} handles {}",
+                E::NAME
+            )
+        })?;
+    Ok(Retry {
+        ops: &OpsOf::<E>::OPS,
+        event: Arc::new(SharedEvent {
+            envelope,
+            event: Box::new(event),
+        }),
+        sub,
+        attempt: 1,
+        history: History {
+            errors: Vec::new(),
+            first_failure: SystemTime::now(),
+        },
+        tracked: false,
+    })
+}
+
+/// The id of the subscription in an `Arc<Sub<E>>`.
+pub(super) fn subscription_of<E: Event>(sub: &Arc<dyn Any + Send + Sync>) -> u64 {
+    meta_of::<E>(sub).id
+}
+
+/// The subscription in an `Arc<Sub<E>>`.
+pub(super) fn meta_of<E: Event>(sub: &Arc<dyn Any + Send + Sync>) -> &SubMeta {
+    match sub.downcast_ref::<Sub<E>>() {
+        Some(sub) => &sub.meta,
+        None => unreachable!("a retry's functions match its subscription"),
+    }
+}

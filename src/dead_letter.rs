@@ -7,6 +7,7 @@
 //! other failed deliveries of it, and the subscription — so a redrive goes back to the same
 //! subscription with its attempts reset.
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
@@ -17,7 +18,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::Envelope;
 use crate::guard::{Runner, Seam, drop_with};
-use crate::shard::Retry;
 use crate::sync::{AtomicU64, Ordering};
 
 /// Why a delivery was dead-lettered.
@@ -65,7 +65,7 @@ pub struct DeadLetter {
     pub(crate) reason: DeadLetterReason,
     /// What it takes to run the delivery again; `None` for an entry loaded from a file that
     /// cannot be redriven, and `blocked` says why.
-    pub(crate) redrive: Option<Retry>,
+    pub(crate) redrive: Option<Redrive>,
     /// For a message that came from outside and was never published (a bridge's entry
     /// delivered too often): publishes it again, with its envelope, to the subscriptions its
     /// type has then.
@@ -75,10 +75,15 @@ pub struct DeadLetter {
 
 /// Publishes a dead letter that was never published (see [`DeadLetter::republish`]) into the
 /// bus, decoding its payload as its type; `Err` says why it could not.
-pub(crate) type Republish = fn(&crate::bus::Core, &DeadLetter) -> Result<(), RedriveError>;
+/// The engine is passed as `&dyn Any` (the bus's core): this module knows no engine.
+pub(crate) type Republish = fn(&dyn Any, &DeadLetter) -> Result<(), RedriveError>;
+
+/// The way back to a letter's subscription (the bus's erased retry of its delivery): the ring
+/// only clones it, and lets go of it when the bus stops.
+pub(crate) type Redrive = Arc<dyn Any + Send + Sync>;
 
 impl DeadLetter {
-    /// Its number in this bus's dead-letter ring, for [`DeadLetters::redrive`].
+    /// Its number in this bus's dead-letter ring, for [`DeadLetters::redrive`](crate::DeadLetters::redrive).
     pub fn id(&self) -> u64 {
         self.id
     }
@@ -271,7 +276,7 @@ impl DeadLetterFilter {
     }
 }
 
-/// What a [`DeadLetters`] sink receives: every dead letter evicted from a full ring.
+/// What a [`DeadLetters`](crate::DeadLetters) sink receives: every dead letter evicted from a full ring.
 pub type DeadLetterSink = Arc<dyn Fn(&DeadLetter) + Send + Sync>;
 
 /// The ring and its counters.
@@ -284,7 +289,7 @@ pub(crate) struct Ring {
     /// delivery is settled. Dropped when the bus stops ([`Ring::forget_callbacks`]).
     sink: Mutex<Option<DeadLetterSink>>,
     on_dead_letter: Mutex<Option<DeadLetterSink>>,
-    sink_failures: Arc<AtomicU64>,
+    pub(crate) sink_failures: Arc<AtomicU64>,
 }
 
 /// What a push leaves to do once the delivery is settled: the hook's view of the new dead
@@ -432,30 +437,13 @@ impl Ring {
     /// Strips the way back to their subscriptions from the letters held (the bus has stopped:
     /// none can be redriven, and the subscriptions' handlers are let go). Returns what it
     /// took, for the caller to drop.
-    pub(crate) fn strip_redrives(&self) -> Vec<Retry> {
+    pub(crate) fn strip_redrives(&self) -> Vec<Redrive> {
         let mut entries = self.entries.lock();
         entries
             .iter_mut()
             .filter_map(|l| l.redrive.take())
             .collect()
     }
-}
-
-/// What [`DeadLetters::load_json_lines`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct LoadSummary {
-    /// Dead letters loaded into the ring.
-    pub loaded: usize,
-    /// Of those, how many cannot be redriven (see [`DeadLetter::not_redrivable`]).
-    pub not_redrivable: usize,
-    /// Lines that are not dead letters: their numbers (from 1) and what was wrong (a line
-    /// that is not UTF-8, say one cut in the middle of a character by a crash, is one of
-    /// them). Loading goes on past them.
-    pub malformed: Vec<(usize, String)>,
-    /// Dead letters read but not kept because dead letters are off
-    /// ([`dead_letter_capacity(0)`](crate::BusBuilder::dead_letter_capacity)).
-    pub not_kept: usize,
 }
 
 /// One line of a dead-letter file, as [`DeadLetter::to_json`] writes it.
@@ -504,262 +492,6 @@ impl fmt::Display for RedriveError {
 }
 
 impl std::error::Error for RedriveError {}
-
-/// A redrive of many dead letters ([`DeadLetters::redrive_where`],
-/// [`DeadLetters::redrive_all`]) that the bus's shutdown cut short: some dead letters may
-/// already have gone back out, the rest stayed in the ring.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RedriveCutShort {
-    /// Dead letters that went back to their subscriptions before the bus shut down. Like any
-    /// accepted delivery they run, or are settled by the shutdown (a redrive still waiting
-    /// then becomes a dead letter again, with reason
-    /// [`Shutdown`](DeadLetterReason::Shutdown)).
-    pub redriven: usize,
-    /// Dead letters that matched and stayed in the ring: not sent because the bus was shutting
-    /// down, or because their subscription has ended.
-    pub stayed: usize,
-}
-
-impl fmt::Display for RedriveCutShort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the bus shut down during the redrive: {} dead letters went back out, {} stayed in the ring",
-            self.redriven, self.stayed
-        )
-    }
-}
-
-impl std::error::Error for RedriveCutShort {}
-
-/// The bus's dead letters: list, filter, export, redrive, purge. From
-/// [`Bus::dead_letters`](crate::Bus::dead_letters).
-///
-/// # Examples
-///
-/// ```
-/// use microbus::{Bus, Context, Event, HandlerError, HandlerResult, RetryPolicy};
-/// use serde::{Deserialize, Serialize};
-/// use std::time::Duration;
-///
-/// #[derive(Debug, Serialize, Deserialize)]
-/// struct Charge { cents: i64 }
-/// impl Event for Charge { const NAME: &'static str = "Charge"; }
-///
-/// let bus = Bus::builder().workers(1).retry(RetryPolicy::none()).build()?;
-/// bus.subscribe(|_: &Charge, _: &Context| -> HandlerResult { Err(HandlerError::msg("declined")) })?;
-/// bus.publish(Charge { cents: 500 })?;
-/// bus.flush(Duration::from_secs(5))?;
-///
-/// let dead = bus.dead_letters();
-/// assert_eq!(dead.len(), 1);
-/// let letter = &dead.list()[0];
-/// assert_eq!(letter.errors(), ["declined"]);
-/// assert_eq!(letter.payload_json(), r#"{"cents":500}"#);
-/// assert_eq!(dead.purge(), 1);
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-pub struct DeadLetters {
-    pub(crate) core: Arc<crate::bus::Core>,
-}
-
-impl DeadLetters {
-    fn ring(&self) -> &Ring {
-        &self.core.dead_letters
-    }
-
-    /// Puts letters back in the ring, handing any it evicts to the sink.
-    fn put_back(&self, letters: Vec<DeadLetter>) {
-        let after = self.ring().put_back(letters);
-        self.ring().call_back(after, &mut &self.core.panics);
-    }
-
-    /// How many dead letters the ring holds.
-    pub fn len(&self) -> usize {
-        self.ring().len()
-    }
-
-    /// Whether the ring is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// How many it holds at most (0: dead letters are off).
-    pub fn capacity(&self) -> usize {
-        self.ring().capacity()
-    }
-
-    /// How many were evicted from the full ring (to the sink, if one is set).
-    pub fn evicted(&self) -> u64 {
-        self.ring().evicted()
-    }
-
-    /// How many evicted dead letters the [`dead_letter_file`](crate::BusBuilder::dead_letter_file)
-    /// sink could not write.
-    pub fn sink_failures(&self) -> u64 {
-        self.ring().sink_failures.load(Ordering::Relaxed)
-    }
-
-    /// Every dead letter, oldest first.
-    pub fn list(&self) -> Vec<DeadLetter> {
-        self.filter(&DeadLetterFilter::new())
-    }
-
-    /// The dead letters that match `filter`, oldest first.
-    pub fn filter(&self, filter: &DeadLetterFilter) -> Vec<DeadLetter> {
-        let mut found = Vec::new();
-        self.ring().each(filter, |l| found.push(l.clone()));
-        found
-    }
-
-    /// Every dead letter as JSON lines (one object per line, oldest first).
-    pub fn export_json(&self) -> String {
-        let mut out = String::new();
-        self.ring().each(&DeadLetterFilter::new(), |l| {
-            out.push_str(&l.to_json());
-            out.push('\n');
-        });
-        out
-    }
-
-    /// Sends dead letter `id` back to its subscription, as attempt 1 of a new delivery with
-    /// the same envelope (id, correlation and all). It leaves the ring.
-    ///
-    /// # Errors
-    ///
-    /// [`RedriveError`]: no such dead letter, its subscription has ended, or the bus is shut
-    /// down (in those last two cases it stays in the ring).
-    pub fn redrive(&self, id: u64) -> Result<(), RedriveError> {
-        let letter = self.ring().take_id(id).ok_or(RedriveError::NotFound(id))?;
-        self.core.redrive(letter).map_err(|(letter, error)| {
-            self.put_back(vec![letter]);
-            error
-        })
-    }
-
-    /// Redrives every dead letter that matches `filter` and returns how many went back. Those
-    /// whose subscription has ended, or that cannot be redriven, stay in the ring.
-    ///
-    /// # Errors
-    ///
-    /// [`RedriveCutShort`] when the bus is shutting down, before or during the redrive: how
-    /// many went back out before it, and how many stayed in the ring.
-    pub fn redrive_where(&self, filter: &DeadLetterFilter) -> Result<usize, RedriveCutShort> {
-        let mut kept = Vec::new();
-        let mut sent = 0;
-        let mut shutdown = false;
-        for letter in self.ring().take(filter) {
-            if shutdown {
-                kept.push(letter);
-                continue;
-            }
-            match self.core.redrive(letter) {
-                Ok(()) => sent += 1,
-                Err((letter, error)) => {
-                    shutdown = matches!(error, RedriveError::Shutdown(_));
-                    kept.push(letter);
-                }
-            }
-        }
-        let stayed = kept.len();
-        self.put_back(kept);
-        if shutdown {
-            Err(RedriveCutShort {
-                redriven: sent,
-                stayed,
-            })
-        } else {
-            Ok(sent)
-        }
-    }
-
-    /// Redrives every dead letter; see [`redrive_where`](Self::redrive_where).
-    ///
-    /// # Errors
-    ///
-    /// As [`redrive_where`](Self::redrive_where).
-    pub fn redrive_all(&self) -> Result<usize, RedriveCutShort> {
-        self.redrive_where(&DeadLetterFilter::new())
-    }
-
-    /// Loads dead letters exported with [`export_json`](Self::export_json) or written by a
-    /// [`dead_letter_file`](crate::BusBuilder::dead_letter_file) sink — say, after a restart —
-    /// into the ring, with new ids. Each is matched to the event type subscribed under its name
-    /// and version and to the subscription of its service with its handler's name, so that it
-    /// can be redriven. One that no longer decodes, or whose type or subscription is not there,
-    /// is kept all the same, with its payload as raw JSON and the reason
-    /// ([`DeadLetter::not_redrivable`]).
-    ///
-    /// With dead letters off the lines are read and checked, and counted as not kept.
-    ///
-    /// # Errors
-    ///
-    /// The reader's I/O errors: the entries before the error are loaded, and the error does
-    /// not say how many (read such a source into memory first if that matters). Lines that
-    /// are not dead letters at all, or not UTF-8, are counted in the summary, not fatal.
-    pub fn load_json_lines(
-        &self,
-        mut reader: impl std::io::BufRead,
-    ) -> std::io::Result<LoadSummary> {
-        let mut summary = LoadSummary::default();
-        let mut bytes = Vec::new();
-        for number in 1.. {
-            bytes.clear();
-            if reader.read_until(b'\n', &mut bytes)? == 0 {
-                break;
-            }
-            let line = match std::str::from_utf8(&bytes) {
-                Ok(line) => line,
-                Err(e) => {
-                    summary.malformed.push((number, format!("not UTF-8: {e}")));
-                    continue;
-                }
-            };
-            if line.trim().is_empty() {
-                continue;
-            }
-            match serde_json::from_str::<Line>(line) {
-                Ok(_) if !self.ring().enabled() => summary.not_kept += 1,
-                Ok(parsed) => {
-                    let letter = self.core.rebuild(parsed);
-                    if letter.blocked.is_some() {
-                        summary.not_redrivable += 1;
-                    }
-                    summary.loaded += 1;
-                    let after = self.ring().push(letter);
-                    self.ring().call_back(after, &mut &self.core.panics);
-                }
-                Err(e) => summary.malformed.push((number, e.to_string())),
-            }
-        }
-        Ok(summary)
-    }
-
-    /// Removes every dead letter and returns how many there were.
-    pub fn purge(&self) -> usize {
-        self.purge_where(&DeadLetterFilter::new())
-    }
-
-    /// Removes the dead letters that match `filter` and returns how many there were.
-    pub fn purge_where(&self, filter: &DeadLetterFilter) -> usize {
-        let purged = self.ring().take(filter);
-        let n = purged.len();
-        // Their events' `Drop` is user code.
-        self.core.panics.drop(purged);
-        n
-    }
-}
-
-impl fmt::Debug for DeadLetters {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeadLetters")
-            .field("len", &self.len())
-            .field("capacity", &self.capacity())
-            .field("evicted", &self.evicted())
-            .finish()
-    }
-}
 
 impl Clone for DeadLetter {
     fn clone(&self) -> Self {

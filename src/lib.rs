@@ -237,15 +237,14 @@ mod timer;
 mod trace;
 mod track;
 
-pub use crate::bus::{Bus, BusBuilder};
+pub use crate::bus::{Bus, BusBuilder, DeadLetters, LoadSummary, RedriveCutShort};
 pub use crate::config::{
     DEFAULT_CHANNEL_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_SERVICE_NAME,
     DEFAULT_SHUTDOWN_TIMEOUT, MAX_CHANNEL_CAPACITY, MAX_CHANNEL_MEMORY, MAX_NAME_LEN, MAX_WORKERS,
     WaitStrategy,
 };
 pub use crate::dead_letter::{
-    DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, DeadLetters, LoadSummary,
-    RedriveCutShort, RedriveError,
+    DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, RedriveError,
 };
 pub use crate::defer::Deferred;
 pub use crate::error::{

@@ -376,8 +376,11 @@ fn decode_current<E: Event>(bytes: &[u8]) -> Result<WireIn<E>, (Option<Envelope>
 
 /// Publishes a dead letter the import made of an entry (delivered too often) into the bus, with
 /// its envelope, to the subscriptions of `E` there are now: how such a letter is redriven.
-fn republish<E: Event>(core: &Core, letter: &DeadLetter) -> Result<(), RedriveError> {
+fn republish<E: Event>(core: &dyn std::any::Any, letter: &DeadLetter) -> Result<(), RedriveError> {
     let id = letter.id();
+    let Some(core) = core.downcast_ref::<Core>() else {
+        unreachable!("a republisher is given the bus's core")
+    };
     let raw: String =
         serde_json::from_str(letter.payload_json()).map_err(|_| RedriveError::NotRedrivable(id))?;
     let wire = decode::<E>(core, raw.as_bytes()).map_err(|_| RedriveError::NotRedrivable(id))?;

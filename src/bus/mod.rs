@@ -19,9 +19,7 @@ use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::{Config, WaitStrategy, check_name};
-use crate::dead_letter::{
-    DeadLetter, DeadLetterReason, DeadLetterSink, DeadLetters, RedriveError, Ring,
-};
+use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink, RedriveError, Ring};
 use crate::defer::Deferrals;
 use crate::error::{
     ConfigError, FlushError, Pending, PublishBatchError, PublishError, PublishTimeoutError,
@@ -50,6 +48,7 @@ use crate::track::{Settled, Tracker, Tracking};
 
 mod builder;
 mod core;
+mod dead_letters;
 mod intake;
 mod lifecycle;
 mod redrive;
@@ -57,6 +56,7 @@ mod redrive;
 use self::core::*;
 pub(crate) use self::core::{Core, Mode, OwnThread};
 pub use builder::BusBuilder;
+pub use dead_letters::{DeadLetters, LoadSummary, RedriveCutShort};
 
 /// A handle to an event bus, as seen from one service.
 ///

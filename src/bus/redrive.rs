@@ -13,9 +13,15 @@ impl Core {
         if self.is_closing() {
             return Err((letter, RedriveError::Shutdown(id)));
         }
-        let Some(retry) = &letter.redrive else {
+        let Some(retry) = letter
+            .redrive
+            .as_ref()
+            .and_then(|r| r.downcast_ref::<Retry>())
+        else {
             return match letter.republish {
-                Some(republish) => republish(self, &letter).map_err(|e| (letter, e)),
+                Some(republish) => {
+                    republish(self as &dyn std::any::Any, &letter).map_err(|e| (letter, e))
+                }
                 None => Err((letter, RedriveError::NotRedrivable(id))),
             };
         };
@@ -111,7 +117,7 @@ impl Core {
                         .copied()
                 })
                 .flatten(),
-            redrive,
+            redrive: redrive.map(|retry| Arc::new(retry) as crate::dead_letter::Redrive),
             blocked,
         }
     }

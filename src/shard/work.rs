@@ -490,7 +490,7 @@ pub(super) fn bury<E: Event>(
     let payload = to_json(event, runner);
     sub.meta.dead_lettered.fetch_add(1, Ordering::Relaxed);
     let attempts = u32::try_from(retry.history.errors.len()).unwrap_or(u32::MAX);
-    let redrive = Some(Retry {
+    let redrive: Option<crate::dead_letter::Redrive> = Some(Arc::new(Retry {
         ops: retry.ops,
         event: retry.event.clone(),
         sub: retry.sub,
@@ -500,7 +500,7 @@ pub(super) fn bury<E: Event>(
             first_failure: retry.history.first_failure,
         },
         tracked: false,
-    });
+    }));
     DeadLetter {
         id,
         envelope: retry.event.envelope.clone(),

@@ -224,6 +224,7 @@ mod guard;
 mod handler;
 mod id;
 mod ledger;
+mod meta;
 mod metrics;
 #[cfg(feature = "rayon")]
 mod par;

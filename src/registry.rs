@@ -27,58 +27,14 @@ use parking_lot::Mutex;
 
 use crate::bus::Core;
 use crate::event::{Envelope, Event, NameId};
-use crate::handler::{Context, HandlerError, HandlerResult};
-use crate::metrics::{CellsByWorker, HeldSlot, PublishCounters};
+use crate::handler::{Context, HandlerResult};
+pub(crate) use crate::meta::SubMeta;
+use crate::metrics::{HeldSlot, PublishCounters};
 use crate::retry::RetryPolicy;
 use crate::shard::{Retry, decode_retry};
-use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, Ordering, SwapCell};
+use crate::sync::{Arc, AtomicU32, AtomicU64, Ordering, SwapCell};
 
 pub(crate) type HandlerFn<E> = Box<dyn Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync>;
-
-/// What a subscription is, apart from its handler.
-pub(crate) struct SubMeta {
-    pub(crate) id: u64,
-    pub(crate) name: Box<str>,
-    pub(crate) service: NameId,
-    pub(crate) filter: Option<NameId>,
-    pub(crate) event_name: &'static str,
-    pub(crate) type_id: TypeId,
-    /// The generation of the first snapshot that holds the subscription.
-    pub(crate) since_gen: AtomicU32,
-    pub(crate) retry: RetryPolicy,
-    pub(crate) active: AtomicBool,
-    pub(crate) failed: AtomicU64,
-    pub(crate) panicked: AtomicU64,
-    pub(crate) cancelled: AtomicU64,
-    pub(crate) retried: AtomicU64,
-    pub(crate) dead_lettered: AtomicU64,
-    /// Deferred deliveries completed with success (on whatever thread completed them).
-    pub(crate) deferred_succeeded: AtomicU64,
-    pub(crate) last_error: Mutex<Option<String>>,
-    /// Counters each worker writes on every delivery (none with metrics off).
-    pub(crate) cells: CellsByWorker,
-}
-
-impl SubMeta {
-    pub(crate) fn matches(&self, source: NameId) -> bool {
-        self.filter.is_none_or(|f| f == source)
-    }
-
-    /// Whether an event of generation `generation` from `source` was matched to this subscription
-    /// (given that the subscription was in that generation's snapshot or is still subscribed).
-    #[inline]
-    pub(crate) fn matched(&self, generation: u32, source: NameId) -> bool {
-        !before(generation, self.since_gen.load(Ordering::Relaxed)) && self.matches(source)
-    }
-
-    pub(crate) fn record_failure(&self, error: &HandlerError, panicked: bool) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
-        if panicked {
-            self.panicked.fetch_add(1, Ordering::Relaxed);
-        }
-        *self.last_error.lock() = Some(error.to_string());
-    }
-}
 
 pub(crate) struct Sub<E> {
     pub(crate) meta: Arc<SubMeta>,
@@ -155,14 +111,6 @@ impl Hasher for TypeIdHasher {
 }
 
 type TypeMap = HashMap<TypeId, Arc<dyn ErasedTable>, BuildHasherDefault<TypeIdHasher>>;
-
-/// Whether generation `a` comes before generation `b`. Generations are 32-bit and wrap; they
-/// compare as serial numbers, which is exact while an event is handled fewer than 2^31
-/// subscription changes after it was published.
-#[inline]
-pub(crate) fn before(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) < 0
-}
 
 /// What publishers need of one generation: each event type's subscriptions' source filters.
 /// Plain data, so that a publisher thread may cache it without keeping handlers alive.

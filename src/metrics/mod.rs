@@ -37,12 +37,13 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
-use crossbeam_utils::CachePadded;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
 use crate::event::{EventId, NameId};
-use crate::registry::SubMeta;
+use crate::meta::HandlerCells;
+use crate::meta::SubMeta;
+pub(crate) use crate::meta::cells;
 use crate::sync::{Arc, AtomicBool, AtomicU64, Ordering};
 
 /// The largest latency a histogram tells apart (2^36 ns, about 68.7 s); longer ones are
@@ -312,24 +313,6 @@ impl LocalCounts {
 #[cfg(test)]
 fn bytes_per_worker_handler() -> usize {
     3 * COUNTS_LEN * std::mem::size_of::<u64>()
-}
-
-/// The counters of one subscription that one worker writes on every delivery.
-#[derive(Default)]
-pub(crate) struct HandlerCells {
-    delivered: AtomicU64,
-    succeeded: AtomicU64,
-}
-
-/// Per-subscription, per-worker hot counters; empty when metrics are off.
-pub(crate) type CellsByWorker = Box<[CachePadded<HandlerCells>]>;
-
-/// Makes a subscription's hot counters: one cell per worker, or none with metrics off.
-pub(crate) fn cells(enabled: bool, workers: usize) -> CellsByWorker {
-    let n = if enabled { workers } else { 0 };
-    (0..n)
-        .map(|_| CachePadded::new(HandlerCells::default()))
-        .collect()
 }
 
 /// Adds to a counter that has one writer: a load and a store, no read-modify-write.

@@ -1,0 +1,86 @@
+//! What a subscription is apart from its handler ([`SubMeta`]): its identity, its retry
+//! policy and its counters, read by the registry, the workers and the metrics.
+//!
+//! Ground rules: a leaf. The counters that a worker writes on every delivery are per worker
+//! ([`CellsByWorker`]), each with one writer; the rest are shared atomics on the failure path.
+
+use std::any::TypeId;
+use std::fmt;
+
+use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+
+use crate::event::NameId;
+use crate::retry::RetryPolicy;
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+/// What a subscription is, apart from its handler.
+pub(crate) struct SubMeta {
+    pub(crate) id: u64,
+    pub(crate) name: Box<str>,
+    pub(crate) service: NameId,
+    pub(crate) filter: Option<NameId>,
+    pub(crate) event_name: &'static str,
+    pub(crate) type_id: TypeId,
+    /// The generation of the first snapshot that holds the subscription.
+    pub(crate) since_gen: AtomicU32,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) active: AtomicBool,
+    pub(crate) failed: AtomicU64,
+    pub(crate) panicked: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    /// Deferred deliveries completed with success (on whatever thread completed them).
+    pub(crate) deferred_succeeded: AtomicU64,
+    pub(crate) last_error: Mutex<Option<String>>,
+    /// Counters each worker writes on every delivery (none with metrics off).
+    pub(crate) cells: CellsByWorker,
+}
+
+impl SubMeta {
+    pub(crate) fn matches(&self, source: NameId) -> bool {
+        self.filter.is_none_or(|f| f == source)
+    }
+
+    /// Whether an event of generation `generation` from `source` was matched to this subscription
+    /// (given that the subscription was in that generation's snapshot or is still subscribed).
+    #[inline]
+    pub(crate) fn matched(&self, generation: u32, source: NameId) -> bool {
+        !before(generation, self.since_gen.load(Ordering::Relaxed)) && self.matches(source)
+    }
+
+    pub(crate) fn record_failure(&self, error: &dyn fmt::Display, panicked: bool) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        if panicked {
+            self.panicked.fetch_add(1, Ordering::Relaxed);
+        }
+        *self.last_error.lock() = Some(error.to_string());
+    }
+}
+
+/// Whether generation `a` comes before generation `b`. Generations are 32-bit and wrap; they
+/// compare as serial numbers, which is exact while an event is handled fewer than 2^31
+/// subscription changes after it was published.
+#[inline]
+pub(crate) fn before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// The counters of one subscription that one worker writes on every delivery.
+#[derive(Default)]
+pub(crate) struct HandlerCells {
+    pub(crate) delivered: AtomicU64,
+    pub(crate) succeeded: AtomicU64,
+}
+
+/// Per-subscription, per-worker hot counters; empty when metrics are off.
+pub(crate) type CellsByWorker = Box<[CachePadded<HandlerCells>]>;
+
+/// Makes a subscription's hot counters: one cell per worker, or none with metrics off.
+pub(crate) fn cells(enabled: bool, workers: usize) -> CellsByWorker {
+    let n = if enabled { workers } else { 0 };
+    (0..n)
+        .map(|_| CachePadded::new(HandlerCells::default()))
+        .collect()
+}

@@ -216,6 +216,7 @@
 pub mod bridge;
 mod bus;
 mod config;
+mod context;
 mod dead_letter;
 mod defer;
 mod error;
@@ -244,6 +245,7 @@ pub use crate::config::{
     DEFAULT_SHUTDOWN_TIMEOUT, MAX_CHANNEL_CAPACITY, MAX_CHANNEL_MEMORY, MAX_NAME_LEN, MAX_WORKERS,
     WaitStrategy,
 };
+pub use crate::context::{Context, Handler};
 pub use crate::dead_letter::{
     DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, RedriveError,
 };
@@ -256,7 +258,7 @@ pub use crate::event::{
     Envelope, Event, EventId, Headers, ParseEventIdError, PartitionKey, Publish,
 };
 pub use crate::guard::CallbackPanics;
-pub use crate::handler::{Context, Handler, HandlerError, HandlerResult};
+pub use crate::handler::{HandlerError, HandlerResult};
 pub use crate::metrics::{
     BridgeCounters, EventCounts, EventLatency, HandlerMetrics, ImportStatus, Latency,
     MetricsSnapshot,

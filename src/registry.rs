@@ -26,8 +26,9 @@ use std::hash::{BuildHasherDefault, Hasher};
 use parking_lot::Mutex;
 
 use crate::bus::Core;
+use crate::context::Context;
 use crate::event::{Envelope, Event, NameId};
-use crate::handler::{Context, HandlerResult};
+use crate::handler::HandlerResult;
 pub(crate) use crate::meta::SubMeta;
 use crate::metrics::{HeldSlot, PublishCounters};
 use crate::retry::RetryPolicy;

@@ -34,11 +34,12 @@ use redis::Commands;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{Bus, Core, Mode};
+use crate::context::Context;
 use crate::dead_letter::{DeadLetter, RedriveError};
 use crate::defer::Deferred;
 use crate::event::{Envelope, Event, PartitionKey, Stamp};
 use crate::guard::Seam;
-use crate::handler::{Context, HandlerError, HandlerResult};
+use crate::handler::{HandlerError, HandlerResult};
 use crate::metrics::BridgeCounters;
 pub use crate::metrics::ImportStatus;
 use crate::registry::{SubscribeOptions, Subscription};

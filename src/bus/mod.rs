@@ -19,6 +19,7 @@ use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::{Config, WaitStrategy, check_name};
+use crate::context::{Context, Handler};
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink, RedriveError, Ring};
 use crate::defer::Deferrals;
 use crate::error::{
@@ -27,7 +28,7 @@ use crate::error::{
 };
 use crate::event::{Envelope, Event, EventId, NameId, Publish, Stamp};
 use crate::guard::{Leftovers, Panics, Runner, drop_with};
-use crate::handler::{Context, Handler, HandlerResult};
+use crate::handler::HandlerResult;
 use crate::ledger::{Gate, Quiescence, net_sum, outstanding};
 use crate::metrics::{BridgeCounters, Collect, Metrics, MetricsSnapshot};
 

@@ -37,11 +37,12 @@ use smallbox::{SmallBox, smallbox};
 
 use crate::bus::Core;
 use crate::config::WaitStrategy;
+use crate::context::Context;
 use crate::dead_letter::{Aftermath, DeadLetter, DeadLetterReason};
 use crate::defer::Slot;
 use crate::event::{Envelope, Event, EventId, NameId, unix_nanos};
 use crate::guard::{Runner, Seam, drop_with};
-use crate::handler::{Context, HandlerError, HandlerResult};
+use crate::handler::{HandlerError, HandlerResult};
 use crate::ledger::Gate;
 use crate::meta::{SubMeta, before};
 use crate::metrics::{Collect, Recorder, Span};

@@ -27,12 +27,11 @@ use parking_lot::Mutex;
 
 use crate::bus::Core;
 use crate::context::Context;
-use crate::event::{Envelope, Event, NameId};
+use crate::event::{Event, NameId};
 use crate::handler::HandlerResult;
 pub(crate) use crate::meta::SubMeta;
 use crate::metrics::{HeldSlot, PublishCounters};
 use crate::retry::RetryPolicy;
-use crate::shard::{Retry, decode_retry};
 use crate::sync::{Arc, AtomicU32, AtomicU64, Ordering, SwapCell};
 
 pub(crate) type HandlerFn<E> = Box<dyn Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync>;
@@ -237,37 +236,15 @@ thread_local! {
     static ROUTES: RefCell<Vec<CachedRoutes>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Rebuilds a dead letter's delivery from its JSON: see `shard::decode_retry`.
-pub(crate) type Decoder = fn(&Snapshot, Envelope, &str, &str, &str) -> Result<Retry, String>;
-
-/// How an event of type `E` written as an older version becomes today's `E` (user code).
-pub(crate) type UpcastFn<E> =
-    Arc<dyn Fn(serde_json::Value) -> Result<E, String> + Send + Sync + 'static>;
-
-/// Rebuilds a dead letter of an older version through its upcaster: see `decode_retry`.
-pub(crate) type UpcastRebuild =
-    Arc<dyn Fn(&Snapshot, Envelope, &str, &str, &str) -> Result<Retry, String> + Send + Sync>;
-
-/// A registered upcaster: typed (for the bridge's import) and for rebuilding dead letters.
-pub(crate) struct Upcaster {
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    typed: Arc<dyn Any + Send + Sync>,
-    rebuild: UpcastRebuild,
-}
-
 pub(crate) struct Registry {
     /// The bus's id, which keys the per-thread route caches.
     bus: u64,
-    /// Every event type ever subscribed, by name and version.
-    decoders: Mutex<HashMap<(&'static str, u32), Decoder>>,
     snapshot: SwapCell<Snapshot>,
     /// The current generation, for cheap staleness checks.
     generation: AtomicU32,
     write: Mutex<()>,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Arc<SubMeta>>>,
-    /// Upcasters by (event name, the version they read).
-    upcasters: Mutex<HashMap<(&'static str, u32), Upcaster>>,
     /// Publish counters per (event type, source).
     pub(crate) counters: PublishCounters,
 }
@@ -277,13 +254,11 @@ impl Registry {
         Registry {
             bus,
             counters: PublishCounters::new(count_publishes),
-            decoders: Mutex::new(HashMap::new()),
             snapshot: SwapCell::from_pointee(Snapshot::new(0, TypeMap::default())),
             generation: AtomicU32::new(0),
             write: Mutex::new(()),
             next_id: AtomicU64::new(1),
             live: Mutex::new(HashMap::new()),
-            upcasters: Mutex::new(HashMap::new()),
         }
     }
 
@@ -405,9 +380,6 @@ impl Registry {
 
     pub(crate) fn insert<E: Event>(&self, sub: Sub<E>) -> Arc<SubMeta> {
         let meta = sub.meta.clone();
-        self.decoders
-            .lock()
-            .insert((E::NAME, E::VERSION), decode_retry::<E>);
         let _write = self.write.lock();
         self.publish(|tables, generation| {
             meta.since_gen.store(generation, Ordering::Relaxed);
@@ -445,66 +417,17 @@ impl Registry {
         self.live.lock().remove(&meta.id);
     }
 
-    /// Drops the handler tables (the bus has stopped: no delivery starts any more) and the
-    /// upcasters, and returns them, for the caller to drop: user handles become their last
-    /// owners. The subscriptions stay known by id, for their statistics.
-    pub(crate) fn forget(&self) -> (Arc<Snapshot>, Vec<Upcaster>) {
-        let upcasters = self.upcasters.lock().drain().map(|(_, u)| u).collect();
+    /// Drops the handler tables (the bus has stopped: no delivery starts any more) and returns
+    /// them, for the caller to drop: user handles become their last owners. The subscriptions
+    /// stay known by id, for their statistics.
+    pub(crate) fn forget(&self) -> Arc<Snapshot> {
         let _write = self.write.lock();
         let last = self.snapshot.load_full();
         let generation = last.generation.wrapping_add(1);
         self.snapshot
             .store(Arc::new(Snapshot::new(generation, TypeMap::default())));
         self.generation.store(generation, Ordering::Release);
-        (last, upcasters)
-    }
-
-    /// Registers how events of type `E` written as version `from` become today's `E`.
-    pub(crate) fn add_upcaster<E: Event>(&self, from: u32, upcast: UpcastFn<E>) {
-        let typed: Arc<dyn Any + Send + Sync> = Arc::new(upcast.clone());
-        let rebuild: UpcastRebuild = Arc::new(
-            move |snapshot: &Snapshot,
-                  envelope: Envelope,
-                  payload: &str,
-                  handler: &str,
-                  service: &str| {
-                let value: serde_json::Value = serde_json::from_str(payload)
-                    .map_err(|e| format!("the payload is not JSON: {e}"))?;
-                let event = upcast(value).map_err(|e| {
-                    format!("the payload does not upcast from {} v{from}: {e}", E::NAME)
-                })?;
-                crate::shard::retry_for::<E>(snapshot, envelope, event, handler, service)
-            },
-        );
-        self.upcasters
-            .lock()
-            .insert((E::NAME, from), Upcaster { typed, rebuild });
-    }
-
-    /// How events of type `E` written as version `from` become today's `E`, if registered.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn upcaster<E: Event>(&self, from: u32) -> Option<UpcastFn<E>> {
-        let typed = self.upcasters.lock().get(&(E::NAME, from))?.typed.clone();
-        typed.downcast_ref::<UpcastFn<E>>().cloned()
-    }
-
-    /// Rebuilds a dead letter of event type `name` written as version `version` through its
-    /// upcaster, if one is registered.
-    pub(crate) fn upcast_rebuild(&self, name: &str, version: u32) -> Option<UpcastRebuild> {
-        self.upcasters
-            .lock()
-            .iter()
-            .find(|((n, v), _)| *n == name && *v == version)
-            .map(|(_, u)| u.rebuild.clone())
-    }
-
-    /// The decoder of event type `name` version `version`, if it was ever subscribed.
-    pub(crate) fn decoder(&self, name: &str, version: u32) -> Option<Decoder> {
-        self.decoders
-            .lock()
-            .iter()
-            .find(|((n, v), _)| *n == name && *v == version)
-            .map(|(_, d)| *d)
+        last
     }
 
     pub(crate) fn lookup(&self, id: u64) -> Option<Arc<SubMeta>> {

@@ -301,7 +301,7 @@ fn decode<E: Event>(core: &Core, bytes: &[u8]) -> Result<WireIn<E>, (Option<Enve
                 return Err((Some(envelope), why));
             };
             let upcast = (old.wire == WIRE_VERSION && old.event == E::NAME)
-                .then(|| core.registry.upcaster::<E>(old.version))
+                .then(|| core.rebuilders.upcaster::<E>(old.version))
                 .flatten();
             let Some(upcast) = upcast else {
                 if old.version == E::VERSION {

@@ -237,6 +237,7 @@ impl BusBuilder {
             spill_capacity: config.spill_capacity(),
             config,
             registry: Registry::new(id, metrics_on),
+            rebuilders: super::rebuild::Rebuilders::default(),
             shards,
             timer: Timer::new(),
             signal_tx: Mutex::new(Some(signal_tx)),

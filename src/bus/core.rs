@@ -96,6 +96,8 @@ pub(crate) struct Core {
     pub(crate) config: Config,
     pub(super) spill_capacity: usize,
     pub(crate) registry: Registry,
+    /// How dead letters read from a file become deliveries again.
+    pub(crate) rebuilders: super::rebuild::Rebuilders,
     pub(crate) shards: Box<[Shard]>,
     pub(super) timer: Timer<Routed>,
     pub(super) signal_tx: Mutex<Option<Sender<()>>>,

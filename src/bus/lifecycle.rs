@@ -547,7 +547,7 @@ impl Core {
         // A stopped bus keeps no user code: the handler tables, the taps, the dead-letter hook
         // and sink, and the dead letters' way back to their handlers go, so that the user's
         // handles are their last owners (a handler that captured a `Bus` is no cycle).
-        leftovers.drop(self.registry.forget());
+        leftovers.drop((self.registry.forget(), self.rebuilders.forget()));
         leftovers.drop(self.taps.forget());
         leftovers.drop(self.dead_letters.forget_callbacks());
         // Last, once the leftovers have made their dead letters too.

@@ -52,6 +52,7 @@ mod core;
 mod dead_letters;
 mod intake;
 mod lifecycle;
+mod rebuild;
 mod redrive;
 
 use self::core::*;
@@ -481,6 +482,7 @@ impl Bus {
             cells: crate::metrics::cells(core.metrics.enabled, core.shards.len()),
         });
         core.metrics.subscribed(&meta);
+        core.rebuilders.add_decoder::<E>();
         let meta = core.registry.insert(Sub { meta, handler });
         Ok(Subscription {
             core: core.clone(),
@@ -706,7 +708,7 @@ impl Bus {
             ));
         }
         self.core()
-            .registry
+            .rebuilders
             .add_upcaster::<E>(from, Arc::new(upcast));
         Ok(())
     }

@@ -63,8 +63,8 @@ impl Core {
                 .unwrap_or_else(|| Err("decoding the payload panicked".to_owned()))
         };
         let redrive = match (
-            self.registry.decoder(&line.event, line.version),
-            self.registry.upcast_rebuild(&line.event, line.version),
+            self.rebuilders.decoder(&line.event, line.version),
+            self.rebuilders.upcast_rebuild(&line.event, line.version),
         ) {
             (Some(decoder), _) => decode(&|| {
                 decoder(

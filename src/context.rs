@@ -64,6 +64,23 @@ pub trait Handler<E: Event>: Send + Sync + 'static {
     }
 }
 
+pub(crate) type HandlerFn<E> = Box<dyn Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync>;
+
+/// A subscription as the engine keeps it: what it is, and its handler.
+pub(crate) struct Sub<E> {
+    pub(crate) meta: Arc<SubMeta>,
+    pub(crate) handler: HandlerFn<E>,
+}
+
+impl<E: Event> crate::registry::Subscriber for Sub<E> {
+    type Event = E;
+
+    #[inline]
+    fn meta(&self) -> &Arc<SubMeta> {
+        &self.meta
+    }
+}
+
 /// What a handler knows about the delivery it is running: the envelope, the subscribing
 /// service, the attempt, and a way to publish follow-up events.
 pub struct Context<'a> {

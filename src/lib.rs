@@ -233,6 +233,7 @@ mod registry;
 mod retry;
 mod shard;
 mod stats;
+mod subscription;
 mod sync;
 mod tap;
 mod timer;
@@ -263,11 +264,11 @@ pub use crate::metrics::{
     BridgeCounters, EventCounts, EventLatency, HandlerMetrics, ImportStatus, Latency,
     MetricsSnapshot,
 };
-pub use crate::registry::{SubscribeOptions, Subscription, SubscriptionStats};
 pub use crate::retry::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_DELAY, DEFAULT_RETRY_DELAY, MAX_ATTEMPTS, RetryPolicy,
 };
 pub use crate::stats::{AbandonedDelivery, BusStats, SHUTDOWN_GRACE, ShutdownReport};
+pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStats};
 pub use crate::tap::Tapped;
 pub use crate::trace::{Trace, TraceEntry, TraceOutcome};
 pub use crate::track::{Completion, Tracker};

@@ -20,25 +20,20 @@
 use std::any::{Any, TypeId};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use parking_lot::Mutex;
 
-use crate::bus::Core;
-use crate::context::Context;
 use crate::event::{Event, NameId};
-use crate::handler::HandlerResult;
 pub(crate) use crate::meta::SubMeta;
 use crate::metrics::{HeldSlot, PublishCounters};
-use crate::retry::RetryPolicy;
 use crate::sync::{Arc, AtomicU32, AtomicU64, Ordering, SwapCell};
 
-pub(crate) type HandlerFn<E> = Box<dyn Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync>;
-
-pub(crate) struct Sub<E> {
-    pub(crate) meta: Arc<SubMeta>,
-    pub(crate) handler: HandlerFn<E>,
+/// What the engine keeps for one subscription of event type [`Event`](Self::Event) (its
+/// handler): the registry holds them in tables, knowing only their [`SubMeta`].
+pub(crate) trait Subscriber: Send + Sync + 'static {
+    type Event: Event;
+    fn meta(&self) -> &Arc<SubMeta>;
 }
 
 /// How many removed subscriptions of one type are remembered, to attribute cancellations.
@@ -53,8 +48,8 @@ pub(crate) struct Tombstone {
 }
 
 /// The subscriptions of one event type, in subscription order. Never mutated: replaced.
-pub(crate) struct TypeTable<E> {
-    pub(crate) subs: Box<[Arc<Sub<E>>]>,
+pub(crate) struct TypeTable<S> {
+    pub(crate) subs: Box<[Arc<S>]>,
     pub(crate) removed: Box<[Tombstone]>,
 }
 
@@ -65,18 +60,18 @@ trait ErasedTable: Any + Send + Sync {
     fn filters(&self) -> Box<[Option<NameId>]>;
 }
 
-impl<E: Event> ErasedTable for TypeTable<E> {
+impl<S: Subscriber> ErasedTable for TypeTable<S> {
     fn filters(&self) -> Box<[Option<NameId>]> {
-        self.subs.iter().map(|s| s.meta.filter).collect()
+        self.subs.iter().map(|s| s.meta().filter).collect()
     }
 
     fn without(&self, id: u64, generation: u32) -> Arc<dyn ErasedTable> {
         let mut removed: Vec<Tombstone> = self.removed.to_vec();
         let mut subs = Vec::with_capacity(self.subs.len());
         for sub in self.subs.iter() {
-            if sub.meta.id == id {
+            if sub.meta().id == id {
                 removed.push(Tombstone {
-                    meta: sub.meta.clone(),
+                    meta: sub.meta().clone(),
                     removed_gen: generation,
                 });
             } else {
@@ -153,10 +148,10 @@ impl Snapshot {
         }
     }
 
-    /// The table of `E`, if anything ever subscribed to it.
+    /// The table of `S::Event`, if anything ever subscribed to it.
     #[inline]
-    pub(crate) fn table<E: Event>(&self) -> Option<&TypeTable<E>> {
-        let table: &dyn Any = &**self.tables.get(&TypeId::of::<E>())?;
+    pub(crate) fn table<S: Subscriber>(&self) -> Option<&TypeTable<S>> {
+        let table: &dyn Any = &**self.tables.get(&TypeId::of::<S::Event>())?;
         table.downcast_ref()
     }
 }
@@ -378,16 +373,16 @@ impl Registry {
         self.generation.store(generation, Ordering::Release);
     }
 
-    pub(crate) fn insert<E: Event>(&self, sub: Sub<E>) -> Arc<SubMeta> {
-        let meta = sub.meta.clone();
+    pub(crate) fn insert<S: Subscriber>(&self, sub: S) -> Arc<SubMeta> {
+        let meta = sub.meta().clone();
         let _write = self.write.lock();
         self.publish(|tables, generation| {
             meta.since_gen.store(generation, Ordering::Relaxed);
-            let (mut subs, removed) = match tables.get(&TypeId::of::<E>()) {
+            let (mut subs, removed) = match tables.get(&TypeId::of::<S::Event>()) {
                 Some(table) => {
                     let table: &dyn Any = &**table;
                     let table = table
-                        .downcast_ref::<TypeTable<E>>()
+                        .downcast_ref::<TypeTable<S>>()
                         .expect("the table under E's TypeId is E's");
                     (table.subs.to_vec(), table.removed.clone())
                 }
@@ -395,7 +390,7 @@ impl Registry {
             };
             subs.push(Arc::new(sub));
             tables.insert(
-                TypeId::of::<E>(),
+                TypeId::of::<S::Event>(),
                 Arc::new(TypeTable {
                     subs: subs.into_boxed_slice(),
                     removed,
@@ -435,150 +430,14 @@ impl Registry {
     }
 }
 
-/// Options for a subscription: its name and the one source service it listens to.
-///
-/// # Examples
-///
-/// ```
-/// use microbus::SubscribeOptions;
-///
-/// let options = SubscribeOptions::new().named("audit-log").from("OrderService");
-/// # let _ = options;
-/// ```
-#[derive(Clone, Default)]
-pub struct SubscribeOptions {
-    pub(crate) name: Option<String>,
-    pub(crate) from: Option<String>,
-    pub(crate) retry: Option<RetryPolicy>,
-}
-
-impl SubscribeOptions {
-    /// Default options: named after the handler's type, events from every source.
-    pub fn new() -> SubscribeOptions {
-        SubscribeOptions::default()
-    }
-
-    /// Names the handler in statistics and reports.
-    pub fn named(mut self, name: impl Into<String>) -> SubscribeOptions {
-        self.name = Some(name.into());
-        self
-    }
-
-    /// Receives only events published by service `source`.
-    pub fn from(mut self, source: impl Into<String>) -> SubscribeOptions {
-        self.from = Some(source.into());
-        self
-    }
-
-    /// Retries this subscription's failed deliveries by `policy` instead of the bus's.
-    pub fn retry(mut self, policy: RetryPolicy) -> SubscribeOptions {
-        self.retry = Some(policy);
-        self
-    }
-}
-
-impl fmt::Debug for SubscribeOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SubscribeOptions")
-            .field("name", &self.name)
-            .field("from", &self.from)
-            .field("retry", &self.retry)
-            .finish()
-    }
-}
-
-/// A handle to one subscription.
-///
-/// Dropping it does **not** unsubscribe: `bus.subscribe(..)?;` subscribes for the life of the
-/// bus. Keep it to call [`unsubscribe`](Self::unsubscribe) or read [`stats`](Self::stats).
-pub struct Subscription {
-    pub(crate) core: Arc<Core>,
-    pub(crate) meta: Arc<SubMeta>,
-}
-
-/// Failure and cancellation counts of one subscription.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct SubscriptionStats {
-    /// Failed attempts: errors returned and panics.
-    pub failed: u64,
-    /// Of the failed attempts, how many were panics.
-    pub panicked: u64,
-    /// Deliveries that were queued when the subscription ended, and never ran.
-    pub cancelled: u64,
-    /// The text of the most recent failure.
-    pub last_error: Option<String>,
-}
-
-impl Subscription {
-    /// The subscription's id, unique within the bus.
-    pub fn id(&self) -> u64 {
-        self.meta.id
-    }
-
-    /// The handler's name.
-    pub fn handler_name(&self) -> &str {
-        &self.meta.name
-    }
-
-    /// The [`Event::NAME`] of the events it receives.
-    pub fn event_name(&self) -> &'static str {
-        self.meta.event_name
-    }
-
-    /// The service that subscribed.
-    pub fn service(&self) -> &'static str {
-        self.meta.service.as_str()
-    }
-
-    /// Whether it still receives events.
-    pub fn is_active(&self) -> bool {
-        self.meta.active.load(Ordering::SeqCst)
-    }
-
-    /// Its failure and cancellation counts so far.
-    pub fn stats(&self) -> SubscriptionStats {
-        SubscriptionStats {
-            failed: self.meta.failed.load(Ordering::Relaxed),
-            panicked: self.meta.panicked.load(Ordering::Relaxed),
-            cancelled: self.meta.cancelled.load(Ordering::Relaxed),
-            last_error: self.meta.last_error.lock().clone(),
-        }
-    }
-
-    /// Ends the subscription and waits until no call of its handler is running.
-    ///
-    /// After it returns, no call of the handler starts. Deliveries still queued for it are
-    /// counted as cancelled (in [`stats`](Self::stats) and the bus's statistics) when a worker
-    /// reaches them. It waits for the batches of events the workers are handling to finish,
-    /// so it may wait for a slow handler of another subscription too. Called from inside a
-    /// handler it does not wait for the call it is made from, nor for calls on workers that
-    /// are themselves inside `unsubscribe`. Calling it again does nothing more.
-    pub fn unsubscribe(&self) {
-        if self.meta.active.swap(false, Ordering::SeqCst) {
-            self.core.registry.remove(&self.meta);
-            self.core.metrics.unsubscribed(self.meta.id);
-        }
-        self.core.wait_for_open_batches();
-    }
-}
-
-impl fmt::Debug for Subscription {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Subscription")
-            .field("id", &self.meta.id)
-            .field("event", &self.meta.event_name)
-            .field("service", &self.meta.service)
-            .field("handler", &self.meta.name)
-            .field("active", &self.is_active())
-            .finish()
-    }
-}
-
 /// Loom models of the handler tables: `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_`.
 #[cfg(all(test, loom))]
 mod loom_models {
     use super::*;
+    use crate::context::{Context, Sub};
+    use crate::meta::before;
+    use crate::retry::RetryPolicy;
+    use crate::sync::AtomicBool;
     use loom::thread;
 
     #[derive(serde::Serialize, serde::Deserialize)]
@@ -666,7 +525,7 @@ mod loom_models {
                 "the worker saw older tables"
             );
             let table = snapshot
-                .table::<Probe>()
+                .table::<Sub<Probe>>()
                 .expect("subscribed before publishing");
             let live = table
                 .subs

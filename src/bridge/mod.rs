@@ -42,7 +42,7 @@ use crate::guard::Seam;
 use crate::handler::{HandlerError, HandlerResult};
 use crate::metrics::BridgeCounters;
 pub use crate::metrics::ImportStatus;
-use crate::registry::{SubscribeOptions, Subscription};
+use crate::subscription::{SubscribeOptions, Subscription};
 use crate::sync::{Arc, AtomicBool, AtomicU64, Ordering};
 use crate::track::Tracker;
 

@@ -19,7 +19,7 @@ use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::{Config, WaitStrategy, check_name};
-use crate::context::{Context, Handler};
+use crate::context::{Context, Handler, HandlerFn, Sub};
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink, RedriveError, Ring};
 use crate::defer::Deferrals;
 use crate::error::{
@@ -34,13 +34,14 @@ use crate::metrics::{BridgeCounters, Collect, Metrics, MetricsSnapshot};
 
 /// Reads one bridge's counters for a metrics snapshot; `None` once the bridge is gone.
 pub(crate) type BridgeReport = Box<dyn Fn() -> Option<BridgeCounters> + Send + Sync>;
-use crate::registry::{HandlerFn, Registry, Sub, SubMeta, SubscribeOptions, Subscription};
+use crate::registry::{Registry, SubMeta};
 use crate::retry::RetryPolicy;
 use crate::shard::{
     ABANDONED, Batch, IDLE, MAX_GROUP, Msg, Retry, Routed, Shard, Task, Work, WorkerCounts,
     WorkerShared, offer_due, run_worker, seam_of, wait_for_batches,
 };
 use crate::stats::{AbandonedDelivery, BusStats, SHUTDOWN_GRACE, ShutdownReport};
+use crate::subscription::{SubscribeOptions, Subscription};
 use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::tap::{Tapped, Taps};
 use crate::timer::{REOFFER_DELAY, Timer};

@@ -187,7 +187,7 @@ pub(super) fn run_event<E: Event>(
     let snapshot = worker.snapshot_for(generation);
     let flow = deliver_all(
         worker,
-        snapshot.table::<E>(),
+        snapshot.table::<Sub<E>>(),
         envelope,
         event,
         generation,
@@ -201,7 +201,7 @@ pub(super) fn run_event<E: Event>(
 #[inline]
 pub(super) fn deliver_all<E: Event>(
     worker: &mut Worker<'_>,
-    table: Option<&TypeTable<E>>,
+    table: Option<&TypeTable<Sub<E>>>,
     envelope: &Envelope,
     event: &E,
     generation: u32,
@@ -308,7 +308,7 @@ pub(super) fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow
     // source and generation.
     worker.shared.hold(rest);
     let snapshot = worker.snapshot_for(batch.generation);
-    let table = snapshot.table::<E>();
+    let table = snapshot.table::<Sub<E>>();
     let tapped = worker.core.taps.on();
     let mut items = items.into_inner().into_iter();
     while let Some((envelope, event)) = items.next() {
@@ -564,7 +564,7 @@ pub(super) fn never_ran<E: Event>(
         }
         Work::Retry(_) => return Vec::new(),
     };
-    let subs: Vec<&Arc<Sub<E>>> = snapshot.table::<E>().map_or_else(Vec::new, |table| {
+    let subs: Vec<&Arc<Sub<E>>> = snapshot.table::<Sub<E>>().map_or_else(Vec::new, |table| {
         table
             .subs
             .iter()
@@ -632,7 +632,7 @@ pub(crate) fn retry_for<E: Event>(
     service: &str,
 ) -> Result<Retry, String> {
     let sub = snapshot
-        .table::<E>()
+        .table::<Sub<E>>()
         .and_then(|t| {
             t.subs.iter().find(|s| {
                 &*s.meta.name == handler

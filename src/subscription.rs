@@ -1,0 +1,150 @@
+//! Subscriptions as users hold them: [`SubscribeOptions`], and the [`Subscription`] handle
+//! that reports a subscription's counts and ends it.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::bus::Core;
+use crate::meta::SubMeta;
+use crate::retry::RetryPolicy;
+use crate::sync::Ordering;
+
+/// Options for a subscription: its name and the one source service it listens to.
+///
+/// # Examples
+///
+/// ```
+/// use microbus::SubscribeOptions;
+///
+/// let options = SubscribeOptions::new().named("audit-log").from("OrderService");
+/// # let _ = options;
+/// ```
+#[derive(Clone, Default)]
+pub struct SubscribeOptions {
+    pub(crate) name: Option<String>,
+    pub(crate) from: Option<String>,
+    pub(crate) retry: Option<RetryPolicy>,
+}
+
+impl SubscribeOptions {
+    /// Default options: named after the handler's type, events from every source.
+    pub fn new() -> SubscribeOptions {
+        SubscribeOptions::default()
+    }
+
+    /// Names the handler in statistics and reports.
+    pub fn named(mut self, name: impl Into<String>) -> SubscribeOptions {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Receives only events published by service `source`.
+    pub fn from(mut self, source: impl Into<String>) -> SubscribeOptions {
+        self.from = Some(source.into());
+        self
+    }
+
+    /// Retries this subscription's failed deliveries by `policy` instead of the bus's.
+    pub fn retry(mut self, policy: RetryPolicy) -> SubscribeOptions {
+        self.retry = Some(policy);
+        self
+    }
+}
+
+impl fmt::Debug for SubscribeOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscribeOptions")
+            .field("name", &self.name)
+            .field("from", &self.from)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+/// A handle to one subscription.
+///
+/// Dropping it does **not** unsubscribe: `bus.subscribe(..)?;` subscribes for the life of the
+/// bus. Keep it to call [`unsubscribe`](Self::unsubscribe) or read [`stats`](Self::stats).
+pub struct Subscription {
+    pub(crate) core: Arc<Core>,
+    pub(crate) meta: Arc<SubMeta>,
+}
+
+/// Failure and cancellation counts of one subscription.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscriptionStats {
+    /// Failed attempts: errors returned and panics.
+    pub failed: u64,
+    /// Of the failed attempts, how many were panics.
+    pub panicked: u64,
+    /// Deliveries that were queued when the subscription ended, and never ran.
+    pub cancelled: u64,
+    /// The text of the most recent failure.
+    pub last_error: Option<String>,
+}
+
+impl Subscription {
+    /// The subscription's id, unique within the bus.
+    pub fn id(&self) -> u64 {
+        self.meta.id
+    }
+
+    /// The handler's name.
+    pub fn handler_name(&self) -> &str {
+        &self.meta.name
+    }
+
+    /// The [`Event::NAME`](crate::Event::NAME) of the events it receives.
+    pub fn event_name(&self) -> &'static str {
+        self.meta.event_name
+    }
+
+    /// The service that subscribed.
+    pub fn service(&self) -> &'static str {
+        self.meta.service.as_str()
+    }
+
+    /// Whether it still receives events.
+    pub fn is_active(&self) -> bool {
+        self.meta.active.load(Ordering::SeqCst)
+    }
+
+    /// Its failure and cancellation counts so far.
+    pub fn stats(&self) -> SubscriptionStats {
+        SubscriptionStats {
+            failed: self.meta.failed.load(Ordering::Relaxed),
+            panicked: self.meta.panicked.load(Ordering::Relaxed),
+            cancelled: self.meta.cancelled.load(Ordering::Relaxed),
+            last_error: self.meta.last_error.lock().clone(),
+        }
+    }
+
+    /// Ends the subscription and waits until no call of its handler is running.
+    ///
+    /// After it returns, no call of the handler starts. Deliveries still queued for it are
+    /// counted as cancelled (in [`stats`](Self::stats) and the bus's statistics) when a worker
+    /// reaches them. It waits for the batches of events the workers are handling to finish,
+    /// so it may wait for a slow handler of another subscription too. Called from inside a
+    /// handler it does not wait for the call it is made from, nor for calls on workers that
+    /// are themselves inside `unsubscribe`. Calling it again does nothing more.
+    pub fn unsubscribe(&self) {
+        if self.meta.active.swap(false, Ordering::SeqCst) {
+            self.core.registry.remove(&self.meta);
+            self.core.metrics.unsubscribed(self.meta.id);
+        }
+        self.core.wait_for_open_batches();
+    }
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.meta.id)
+            .field("event", &self.meta.event_name)
+            .field("service", &self.meta.service)
+            .field("handler", &self.meta.name)
+            .field("active", &self.is_active())
+            .finish()
+    }
+}

@@ -203,6 +203,53 @@
 //! - Every `Duration` a method takes may be anything up to `Duration::MAX` (for ever, where
 //!   that is the meaning), and retry policies saturate instead of overflowing.
 //! - Nothing survives the process: the bus lives in memory.
+//!
+//! # The life of an event
+//!
+//! 1. **Publish** (`bus/intake.rs`): the publisher's thread looks up the routes of the event's
+//!    type in the registry's snapshot (`registry.rs`, cached per thread), mints its id
+//!    (`id.rs`) and stamps its envelope (`event.rs`), and picks its shard from its key.
+//! 2. **Gate** (`ledger.rs`): one atomic add on the shard's gate accepts its deliveries (one
+//!    per matching subscription), unless shutdown has closed it; a refused event goes back to
+//!    its publisher.
+//! 3. **Shard** (`shard/mod.rs`): the event travels as one message through the shard's bounded
+//!    channel; a full channel makes the publisher wait (or hands the event back to
+//!    `try_publish`).
+//! 4. **Worker** (`shard/worker.rs`, `shard/work.rs`): the shard's thread receives it, finds
+//!    the subscriptions of its generation, and runs each handler with a [`Context`]
+//!    (`context.rs`) under one guard that catches a panic (`guard.rs`).
+//! 5. Then one of: **success**, and what the handler published through its context (its
+//!    outbox) leaves for its own shards; a **retry** on the timer (`timer/`) after the delay of
+//!    its policy (`retry.rs`); a **dead letter** in the ring (`dead_letter.rs`); or a
+//!    **deferral** settled later from another thread (`defer.rs`, `shard/settle.rs`). Each
+//!    outcome is counted once (`stats.rs`), and the callbacks it owes (a tracker, a hook, a
+//!    sink) run after it is settled.
+//!
+//! # Where things live
+//!
+//! Leaves, which import nothing above them:
+//!
+//! | module | what it holds |
+//! | --- | --- |
+//! | `sync.rs` | the atomics and locks (loom's under `--cfg loom`) |
+//! | `error.rs`, `config.rs` | every public error; the validated settings and their defaults |
+//! | `id.rs`, `event.rs` | [`EventId`]; [`Event`], [`Envelope`], [`Publish`], keys and names |
+//! | `stats.rs` | [`BusStats`] and [`ShutdownReport`]: one list of the ledger's terms |
+//! | `ledger.rs` | the shard's gate word and quiescence |
+//! | `handler.rs` | [`HandlerResult`], [`HandlerError`] |
+//! | `retry.rs` | [`RetryPolicy`] and its jitter |
+//! | `timer/` | the hashed timing wheel and the delay thread that fires due items |
+//! | `meta.rs`, `registry.rs` | a subscription's identity and counters; the handler tables |
+//! | `dead_letter.rs` | the ring, its entries and their file format |
+//! | `guard.rs`, `track.rs`, `tap.rs`, `trace.rs`, `metrics/` | the guard for user code, trackers, taps, traces, metrics |
+//!
+//! The engine, above them: `bus/core.rs` (the state one bus shares), `bus/intake.rs` (every
+//! publish path), `bus/lifecycle.rs` (flush, statistics, shutdown), `bus/redrive.rs` and
+//! `bus/rebuild.rs` (dead letters back to their subscriptions), `shard/` (the work
+//! vocabulary, the worker, deferred settlement), `context.rs` ([`Context`], [`Handler`]),
+//! `defer.rs` ([`Deferred`]). The public handles on top: `bus/mod.rs` ([`Bus`]),
+//! `bus/builder.rs`, `bus/dead_letters.rs` ([`DeadLetters`]), `subscription.rs`, `par.rs`
+//! (rayon) and `bridge/` (Redis Streams).
 
 #![deny(unsafe_code)]
 #![warn(

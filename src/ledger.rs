@@ -46,6 +46,7 @@ pub(crate) struct GateState {
 
 impl GateState {
     /// Deliveries counted in and not given back, modulo 2^63.
+    #[inline]
     pub(crate) fn net(self) -> u64 {
         self.accepted.wrapping_sub(self.refunded) & COUNT_MASK
     }
@@ -79,6 +80,7 @@ impl Gate {
 
     /// Gives back `deliveries` counted by [`enter`](Self::enter) whose event did not go into
     /// the channel.
+    #[inline]
     pub(crate) fn refund(&self, deliveries: usize) {
         self.refunded.fetch_add(deliveries as u64, Ordering::SeqCst);
     }
@@ -96,6 +98,7 @@ impl Gate {
         self.word.fetch_or(CLOSED, Ordering::SeqCst);
     }
 
+    #[inline]
     pub(crate) fn read(&self) -> GateState {
         let word = self.word.load(Ordering::SeqCst);
         GateState {
@@ -109,6 +112,7 @@ impl Gate {
 /// The outstanding-delivery count implied by a net accepted sum and a settled sum, read as a
 /// signed number in the 63-bit ring (a live reading may see a settlement before the count it
 /// settles, since the two are read at different moments).
+#[inline]
 pub(crate) fn outstanding(net: u64, settled: u64) -> i64 {
     let diff = net.wrapping_sub(settled) & COUNT_MASK;
     if diff >= 1 << 62 {

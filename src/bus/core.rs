@@ -20,11 +20,13 @@ impl OwnThread {
     }
 
     /// Whether the current thread is a worker or the timer of bus `bus`.
+    #[inline]
     pub(super) fn is_own(bus: u64) -> bool {
         OWN.with(|own| own.get().0 == bus)
     }
 
     /// The index of the current thread if it is a worker of bus `bus`.
+    #[inline]
     pub(super) fn worker_of(bus: u64) -> Option<usize> {
         OWN.with(|own| {
             let (b, index) = own.get();
@@ -127,16 +129,19 @@ pub(super) fn backoff(step: &mut u32) {
 
 impl Core {
     /// Whether no shutdown has started.
+    #[inline]
     pub(super) fn is_running(&self) -> bool {
         matches!(*self.lifecycle.lock(), Lifecycle::Running)
     }
 
+    #[inline]
     pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
     }
 
     /// Whether shutdown has passed its deadline: no delivery starts any more.
     #[cfg(feature = "redis")]
+    #[inline]
     pub(crate) fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::SeqCst)
     }

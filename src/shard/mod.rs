@@ -68,11 +68,13 @@ pub(crate) const ABANDONED: u64 = u64::MAX;
 const CALLBACK: u64 = u64::MAX - 1;
 
 /// The state word of a worker running user code at `seam`.
+#[inline]
 fn callback_word(seam: Seam) -> u64 {
     CALLBACK - seam as u64
 }
 
 /// The seam a state word names, if it is a callback's.
+#[inline]
 pub(crate) fn seam_of(state: u64) -> Option<Seam> {
     let index = CALLBACK.checked_sub(state)?;
     Seam::ALL.get(usize::try_from(index).ok()?).copied()
@@ -99,6 +101,7 @@ pub(crate) struct Routed {
 }
 
 impl crate::timer::Delayed for Routed {
+    #[inline]
     fn deliveries(&self) -> usize {
         self.work.deliveries()
     }
@@ -282,6 +285,7 @@ impl WorkerShared {
     }
 
     /// Whether a handler is running.
+    #[inline]
     pub(crate) fn running(&self) -> bool {
         let state = self.state.load(Ordering::Relaxed);
         !matches!(state, IDLE | ABANDONED) && seam_of(state).is_none()
@@ -296,6 +300,7 @@ impl WorkerShared {
     }
 
     /// The event whose deliveries the worker runs (or ran last).
+    #[inline]
     pub(crate) fn current_event(&self) -> Option<EventId> {
         let hi = self.event_hi.load(Ordering::Relaxed);
         let lo = self.event_lo.load(Ordering::Relaxed);
@@ -320,30 +325,35 @@ impl WorkerShared {
     }
 
     /// Settles `n` deliveries as left over (never run).
+    #[inline]
     pub(crate) fn settle_left(&self, n: usize) {
         bump(&self.stats.left, n as u64);
         self.settle(n);
     }
 
     /// Settles a failed delivery kept in the dead-letter ring.
+    #[inline]
     fn settle_dead_lettered(&self) {
         bump(&self.stats.dead_lettered, 1);
         self.settle(1);
     }
 
     /// Settles a failed delivery that will not be tried again.
+    #[inline]
     fn settle_discarded(&self) {
         bump(&self.stats.discarded, 1);
         self.settle(1);
     }
 
     /// Settles `n` deliveries whose subscriptions ended before they ran.
+    #[inline]
     fn settle_cancelled(&self, n: usize) {
         bump(&self.stats.cancelled, n as u64);
         self.settle(n);
     }
 
     /// Settles `n` deliveries of the message it runs (see [`hold`](Self::hold)).
+    #[inline]
     pub(crate) fn settle(&self, n: usize) {
         self.hand_off(n);
         let settled = &self.stats.settled;
@@ -361,6 +371,7 @@ impl WorkerShared {
 
     /// Settles `n` deliveries that were not the running message's but were accepted while it
     /// ran (its handlers' events, when the timer has stopped) as left over.
+    #[inline]
     pub(crate) fn settle_left_accepted(&self, n: usize) {
         if n > 0 {
             bump(&self.holding, n as u64);
@@ -390,6 +401,7 @@ impl WorkerShared {
         Ok(())
     }
 
+    #[inline]
     fn pop_spill(&self) -> Option<Routed> {
         let mut spill = self.spill.lock();
         let routed = spill.pop_front();

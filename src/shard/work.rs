@@ -12,6 +12,7 @@ pub(crate) enum Work {
 
 impl Work {
     /// How many deliveries it holds.
+    #[inline]
     pub(crate) fn deliveries(&self) -> usize {
         match self {
             Work::Task(task) => task.deliveries(),
@@ -23,6 +24,7 @@ impl Work {
     /// Settles the tracked deliveries it holds as `how` (batches are never tracked): the
     /// tracker's callback, if that completed it, for the caller to run.
     #[must_use = "a completed tracker's callback must be run"]
+    #[inline]
     pub(crate) fn track(&self, how: Settled) -> Option<Done> {
         match self {
             Work::Task(task) => task
@@ -47,6 +49,7 @@ impl Work {
     }
 
     /// Whether dropping it runs code of the event's (a `Drop` of its own or of a field).
+    #[inline]
     pub(crate) fn needs_drop(&self) -> bool {
         match self {
             Work::Task(task) => task.ops.needs_drop,
@@ -56,6 +59,7 @@ impl Work {
     }
 
     /// How many published events it holds, and their type (none for a retry).
+    #[inline]
     pub(crate) fn events(&self) -> Option<(TypeId, NameId, usize)> {
         match self {
             Work::Task(task) => Some(((task.ops.type_id)(), task.envelope.source_id(), 1)),
@@ -139,6 +143,7 @@ impl Task {
     }
 
     /// How many subscriptions the event matched.
+    #[inline]
     pub(crate) fn deliveries(&self) -> usize {
         self.deliveries as usize
     }
@@ -279,11 +284,13 @@ impl Batch {
     }
 
     /// How many events it holds.
+    #[inline]
     pub(crate) fn len(&self) -> usize {
         self.len as usize
     }
 
     /// How many deliveries it holds.
+    #[inline]
     pub(crate) fn deliveries(&self) -> usize {
         self.len() * self.per_event as usize
     }
@@ -415,6 +422,7 @@ impl Retry {
     /// Settles the delivery in the event's tracker, if it counts there: the tracker's callback,
     /// if that completed it, for the caller to run.
     #[must_use = "a completed tracker's callback must be run"]
+    #[inline]
     pub(crate) fn track(&self, how: Settled) -> Option<Done> {
         if !self.tracked {
             return None;
@@ -433,6 +441,7 @@ impl Retry {
     }
 
     /// The id of the subscription it goes to.
+    #[inline]
     pub(crate) fn subscription(&self) -> u64 {
         (self.ops.subscription)(&self.sub)
     }

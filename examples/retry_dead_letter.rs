@@ -124,7 +124,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     println!("\nExported as JSON lines:");
-    print!("{}", dead.export_json());
+    print!("{}", dead.export_json_lines());
 
     println!("\nThe handler is fixed; redriving:");
     fixed.store(true, Ordering::SeqCst);

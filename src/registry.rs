@@ -363,7 +363,7 @@ impl Registry {
     }
 
     /// Stores the next generation, made by `change` from the current tables.
-    fn publish(&self, change: impl FnOnce(&mut TypeMap, u32)) {
+    fn install(&self, change: impl FnOnce(&mut TypeMap, u32)) {
         let current = self.snapshot.load_full();
         let generation = current.generation.wrapping_add(1);
         let mut tables = current.tables.clone();
@@ -376,7 +376,7 @@ impl Registry {
     pub(crate) fn insert<S: Subscriber>(&self, sub: S) -> Arc<SubMeta> {
         let meta = sub.meta().clone();
         let _write = self.write.lock();
-        self.publish(|tables, generation| {
+        self.install(|tables, generation| {
             meta.since_gen.store(generation, Ordering::Relaxed);
             let (mut subs, removed) = match tables.get(&TypeId::of::<S::Event>()) {
                 Some(table) => {
@@ -403,7 +403,7 @@ impl Registry {
 
     pub(crate) fn remove(&self, meta: &SubMeta) {
         let _write = self.write.lock();
-        self.publish(|tables, generation| {
+        self.install(|tables, generation| {
             if let Some(table) = tables.get(&meta.type_id) {
                 let rest = table.without(meta.id, generation);
                 tables.insert(meta.type_id, rest);

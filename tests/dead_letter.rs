@@ -229,7 +229,7 @@ fn export_is_one_json_object_per_line() {
         .unwrap();
     }
     bus.flush(WAIT).unwrap();
-    let export = bus.dead_letters().export_json();
+    let export = bus.dead_letters().export_json_lines();
     let lines: Vec<serde_json::Value> = export
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -402,7 +402,7 @@ fn dead_letters_outlive_a_restart_through_a_json_lines_file() {
         bus.flush(WAIT).unwrap();
         assert_eq!(bus.dead_letters().evicted(), 3);
         bus.shutdown().unwrap();
-        let rest = bus.dead_letters().export_json();
+        let rest = bus.dead_letters().export_json_lines();
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
@@ -562,7 +562,7 @@ fn failed_bus(events: u64, capacity: usize, fixed: Arc<AtomicBool>) -> Bus {
 fn a_line_cut_inside_a_character_is_one_more_bad_line() {
     let exported = failed_bus(3, 10, Arc::default())
         .dead_letters()
-        .export_json();
+        .export_json_lines();
     let lines: Vec<&str> = exported.lines().collect();
     assert_eq!(lines.len(), 3);
     // A crash cut the second line after the first byte of a two-byte character.
@@ -589,7 +589,7 @@ fn a_line_cut_inside_a_character_is_one_more_bad_line() {
 fn with_dead_letters_off_loading_keeps_none_and_says_so() {
     let exported = failed_bus(3, 10, Arc::default())
         .dead_letters()
-        .export_json();
+        .export_json_lines();
     let bus = failed_bus(0, 0, Arc::default());
     let summary = bus
         .dead_letters()
@@ -697,7 +697,7 @@ fn deliveries_left_at_shutdown_can_be_kept_as_dead_letters_and_redriven_after_a_
         (1, 1, 16),
         "{report}"
     );
-    let exported = bus.dead_letters().export_json();
+    let exported = bus.dead_letters().export_json_lines();
     let letters = bus.dead_letters().list();
     assert_eq!(letters.len(), 16);
     assert!(
@@ -757,7 +757,7 @@ fn dead_letters_of_an_older_version_load_through_an_upcaster() {
     // Version 1 dead-lettered three.
     let exported = failed_bus(3, 10, Arc::default())
         .dead_letters()
-        .export_json();
+        .export_json_lines();
     // Version 2 reads them back.
     let bus = Bus::builder().workers(1).build().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));

@@ -102,7 +102,7 @@ impl BusBuilder {
     /// At shutdown, keeps the deliveries that never ran as dead letters (reason
     /// [`Shutdown`](DeadLetterReason::Shutdown), no attempts, no errors) instead of counting
     /// them as left: with a [`dead_letter_file`](Self::dead_letter_file), or an
-    /// [`export_json`](DeadLetters::export_json) before exit, they survive a restart and can be
+    /// [`export_json_lines`](DeadLetters::export_json_lines) before exit, they survive a restart and can be
     /// redriven. It takes those waiting in the shards' channels, the workers' spill queues and
     /// on the timer (delayed events); the deliveries after a handler still running at the
     /// deadline stay left, and so does everything with dead letters off. Off by default.

@@ -130,7 +130,7 @@ impl DeadLetters {
     }
 
     /// Every dead letter as JSON lines (one object per line, oldest first).
-    pub fn export_json(&self) -> String {
+    pub fn export_json_lines(&self) -> String {
         let mut out = String::new();
         self.ring().each(&DeadLetterFilter::new(), |l| {
             out.push_str(&l.to_json());
@@ -199,7 +199,7 @@ impl DeadLetters {
         self.redrive_where(&DeadLetterFilter::new())
     }
 
-    /// Loads dead letters exported with [`export_json`](Self::export_json) or written by a
+    /// Loads dead letters exported with [`export_json_lines`](Self::export_json_lines) or written by a
     /// [`dead_letter_file`](crate::BusBuilder::dead_letter_file) sink — say, after a restart —
     /// into the ring, with new ids. Each is matched to the event type subscribed under its name
     /// and version and to the subscription of its service with its handler's name, so that it

@@ -66,7 +66,7 @@ impl Core {
                 done.run(&mut &self.panics);
             }
             if self.taps.on() {
-                self.tap(&envelope, event, &mut &self.panics);
+                self.show_taps(&envelope, event, &mut &self.panics);
             }
             self.panics.drop(envelope);
         }
@@ -75,7 +75,12 @@ impl Core {
     /// Shows an event to the taps, each under `runner`'s guard (the event's `Serialize`, when
     /// a tap asks for the payload, under the guard too).
     #[cold]
-    pub(crate) fn tap<E: Event>(&self, envelope: &Envelope, event: &E, runner: &mut dyn Runner) {
+    pub(crate) fn show_taps<E: Event>(
+        &self,
+        envelope: &Envelope,
+        event: &E,
+        runner: &mut dyn Runner,
+    ) {
         let payload = || crate::shard::to_json(event, &mut &self.panics);
         self.taps.call(
             &Tapped {

@@ -184,7 +184,7 @@ pub(super) fn run_event<E: Event>(
     worker.shared.start_event(envelope.id());
     if worker.core.taps.on() {
         let core = worker.core;
-        core.tap(envelope, event, worker);
+        core.show_taps(envelope, event, worker);
         if worker.detached {
             return Flow::Abandoned;
         }
@@ -327,7 +327,7 @@ pub(super) fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow
         let mut flow = Flow::Continue;
         if tapped {
             let core = worker.core;
-            core.tap(&envelope, &event, worker);
+            core.show_taps(&envelope, &event, worker);
             if worker.detached {
                 flow = Flow::Abandoned;
             }

@@ -49,6 +49,7 @@ impl std::error::Error for ConfigError {}
 
 /// `publish` failed: the bus is shut down, or (on a rayon worker thread only) waiting for room
 /// could deadlock. The event comes back.
+#[non_exhaustive]
 pub enum PublishError<E> {
     /// The bus is shutting down or shut down.
     Shutdown(E),
@@ -79,6 +80,7 @@ impl<E> PublishError<E> {
 }
 
 /// `try_publish` failed: the shard was full, or the bus is shut down. The event comes back.
+#[non_exhaustive]
 pub enum TryPublishError<E> {
     /// The event's shard was full.
     Full(E),
@@ -107,6 +109,7 @@ impl<E> TryPublishError<E> {
 
 /// `publish_timeout` failed: the shard stayed full, or the bus is shut down. The event comes
 /// back.
+#[non_exhaustive]
 pub enum PublishTimeoutError<E> {
     /// The shard stayed full for the whole timeout.
     Timeout(E),

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::quiet_worker_panics;
 use microbus::{
-    Bus, CallbackPanics, Context, Event, HandlerError, HandlerResult, Publish, PublishError,
-    RetryPolicy, SHUTDOWN_GRACE, SubscribeOptions,
+    Bus, CallbackPanics, Context, Event, HandlerError, HandlerResult, Publish, RetryPolicy,
+    SHUTDOWN_GRACE, SubscribeOptions,
 };
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -244,8 +244,8 @@ fn callbacks_that_panic_everywhere_lose_nothing_and_are_counted_at_their_seam() 
                     };
                     match result {
                         Ok(()) => mine.push(id),
-                        Err(PublishError::Shutdown(order) | PublishError::Full(order)) => {
-                            order.defuse();
+                        Err(refused) => {
+                            refused.into_event().defuse();
                             break;
                         }
                     }

@@ -86,7 +86,7 @@ fn publishers_blocked_on_full_shards_get_their_events_back() {
                             assert_eq!((e.publisher, e.seq), (publisher, seq));
                             returned.push(u64::from(publisher) * PER_PUBLISHER + seq);
                         }
-                        Err(PublishError::Full(_)) => unreachable!("not a rayon thread"),
+                        Err(_) => unreachable!("not a rayon thread"),
                     }
                 }
                 returned

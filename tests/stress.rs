@@ -108,7 +108,7 @@ fn mixed_load_with_shutdown_mid_stream_adds_up() {
                             accepted.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(PublishError::Shutdown(e)) => returned.push(e),
-                        Err(PublishError::Full(_)) => unreachable!("not a rayon thread"),
+                        Err(_) => unreachable!("not a rayon thread"),
                     }
                 }
                 returned

@@ -144,6 +144,22 @@ impl RetryPolicy {
         self.max_attempts
     }
 
+    /// What becomes of failed attempt `attempt`: tried again after the delay (`Ok`), or
+    /// given up (`Err`, and why): at once when the error is `permanent`, or when
+    /// the attempts are spent. `draw` gives the jitter's random number; it is called only for a
+    /// delay. The one place where a failure is decided, for handlers and deferred deliveries.
+    pub(crate) fn decide(
+        &self,
+        permanent: bool,
+        attempt: u32,
+        draw: impl FnOnce() -> u64,
+    ) -> Result<Duration, GiveUp> {
+        if permanent {
+            return Err(GiveUp::Permanent);
+        }
+        self.delay_after(attempt, draw()).ok_or(GiveUp::Exhausted)
+    }
+
     /// The delay before the attempt that follows failed attempt `attempt` (counting from 1),
     /// or `None` when `attempt` was the last. `draw` is the random number that sets the jitter
     /// (any `u64`; 0 means no shortening).
@@ -263,6 +279,15 @@ impl Jitter {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
+}
+
+/// Why a failed delivery is not tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GiveUp {
+    /// The handler said the error is permanent.
+    Permanent,
+    /// Every attempt the policy allows failed.
+    Exhausted,
 }
 
 #[cfg(test)]

@@ -38,15 +38,9 @@ pub(crate) fn settle_deferred(
         retry.history.first_failure = SystemTime::now();
     }
     retry.history.errors.push(error.to_string());
-    let then = if error.is_permanent() {
-        Then::Bury(DeadLetterReason::Permanent)
-    } else {
-        let draw = Jitter::new(core.worker_seed(core.shards.len()) ^ seed).draw();
-        match meta.retry.delay_after(retry.attempt, draw) {
-            Some(delay) => Then::Retry(delay),
-            None => Then::Bury(DeadLetterReason::RetriesExhausted),
-        }
-    };
+    let then = Then::from(meta.retry.decide(error.is_permanent(), retry.attempt, || {
+        Jitter::new(core.worker_seed(core.shards.len()) ^ seed).draw()
+    }));
     let reason = match then {
         Then::Retry(delay) => {
             counts.retried.fetch_add(1, Ordering::Relaxed);
@@ -98,6 +92,16 @@ pub(super) enum Then {
     Retry(Duration),
     /// Kept in the dead-letter ring.
     Bury(DeadLetterReason),
+}
+
+impl From<Result<Duration, crate::retry::GiveUp>> for Then {
+    fn from(decided: Result<Duration, crate::retry::GiveUp>) -> Then {
+        match decided {
+            Ok(delay) => Then::Retry(delay),
+            Err(crate::retry::GiveUp::Permanent) => Then::Bury(DeadLetterReason::Permanent),
+            Err(crate::retry::GiveUp::Exhausted) => Then::Bury(DeadLetterReason::RetriesExhausted),
+        }
+    }
 }
 
 /// A failed attempt whose next step waits until the work is done with the event.

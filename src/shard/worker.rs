@@ -554,14 +554,12 @@ impl Worker<'_> {
         if panicked {
             bump(&stats.panicked, 1);
         }
-        let then = if error.is_permanent() {
-            Then::Bury(DeadLetterReason::Permanent)
-        } else {
-            match sub.meta.retry.delay_after(attempt, self.jitter.draw()) {
-                Some(delay) => Then::Retry(delay),
-                None => Then::Bury(DeadLetterReason::RetriesExhausted),
-            }
-        };
+        let jitter = &mut self.jitter;
+        let then = Then::from(
+            sub.meta
+                .retry
+                .decide(error.is_permanent(), attempt, || jitter.draw()),
+        );
         if matches!(then, Then::Retry(_)) || self.core.dead_letters.enabled() {
             // Still outstanding: settled by the attempt that succeeds, or in the ring.
             if let Then::Retry(_) = then {

@@ -1513,53 +1513,91 @@ fn with_the_dedup_kept_in_redis_a_killed_consumer_causes_duplicates_only_in_flig
     payments.shutdown().unwrap();
 }
 
-/// Exports 8 keys × 40 orders through an outage: the stream key holds a string, so every
-/// `XADD` fails (`WRONGTYPE`) while the first half is published and retried every 30 ms; then
-/// it is deleted and the second half published at once. Returns each key's order ids as the
-/// stream holds them (first copy of each event), and how many attempts failed.
-fn export_through_an_outage(test: &str, options: ExportOptions) -> (HashMap<u64, Vec<u64>>, u64) {
-    use redis::Commands;
-    const KEYS: u64 = 8;
-    const EVENTS: u64 = 320;
-    let url = redis_url();
-    let prefix = prefix(test);
-    let stream = format!("{prefix}:OrderCreated");
-    let mut redis = redis_connection(&url);
-    let orders = Bus::builder()
-        .service_name("orders")
-        .workers(2)
-        .retry(microbus::RetryPolicy::fixed(Duration::from_millis(30)).max_attempts(1_000))
-        .build()
-        .unwrap();
-    let bridge = Bridge::connect(&orders, &url, &prefix).unwrap();
-    bridge.export_with::<OrderCreated>(options).unwrap();
-    let _: () = redis.set(&stream, "not a stream").unwrap();
-    let publish = |order_id: u64| {
-        orders
-            .publish_with(OrderCreated { order_id }, Publish::keyed(order_id % KEYS))
+/// An orders bus exporting `OrderCreated` with `options` while its stream is out of order:
+/// the stream key holds a string, so every `XADD` fails (`WRONGTYPE`) until `mend`.
+struct Outage {
+    redis: redis::Connection,
+    stream: String,
+    orders: Bus,
+    _bridge: Bridge,
+}
+
+impl Outage {
+    fn start(test: &str, retry: microbus::RetryPolicy, options: ExportOptions) -> Outage {
+        use redis::Commands;
+        let url = redis_url();
+        let prefix = prefix(test);
+        let stream = format!("{prefix}:OrderCreated");
+        let mut redis = redis_connection(&url);
+        let orders = Bus::builder()
+            .service_name("orders")
+            .workers(2)
+            .retry(retry)
+            .build()
             .unwrap();
-    };
-    (0..EVENTS / 2).for_each(publish);
-    std::thread::sleep(Duration::from_millis(150));
-    let _: () = redis.del(&stream).unwrap();
-    (EVENTS / 2..EVENTS).for_each(publish);
-    orders.flush(WAIT).unwrap();
-    let stats = orders.stats();
-    assert_eq!((stats.succeeded, stats.in_flight), (EVENTS, 0), "{stats:?}");
-    assert!(stats.failed > 0, "{stats:?}");
-    let entries: redis::streams::StreamRangeReply = redis.xrange_all(&stream).unwrap();
-    let _: () = redis.del(&stream).unwrap();
-    let mut seen = std::collections::HashSet::new();
-    let mut by_key: HashMap<u64, Vec<u64>> = HashMap::new();
-    for entry in entries.ids {
-        let m: Vec<u8> = entry.get("m").unwrap();
-        let wire: serde_json::Value = serde_json::from_slice(&m).unwrap();
-        if seen.insert(wire["envelope"]["id"].as_str().unwrap().to_owned()) {
-            let order_id = wire["payload"]["order_id"].as_u64().unwrap();
-            by_key.entry(order_id % KEYS).or_default().push(order_id);
+        let bridge = Bridge::connect(&orders, &url, &prefix).unwrap();
+        bridge.export_with::<OrderCreated>(options).unwrap();
+        let _: () = redis.set(&stream, "not a stream").unwrap();
+        Outage {
+            redis,
+            stream,
+            orders,
+            _bridge: bridge,
         }
     }
-    assert_eq!(seen.len() as u64, EVENTS);
+
+    fn publish(&self, order_id: u64, keys: u64) {
+        self.orders
+            .publish_with(OrderCreated { order_id }, Publish::keyed(order_id % keys))
+            .unwrap();
+    }
+
+    /// Ends the outage after `after`.
+    fn mend(&mut self, after: Duration) {
+        use redis::Commands;
+        std::thread::sleep(after);
+        let _: () = self.redis.del(&self.stream).unwrap();
+    }
+
+    /// Each key's order ids as the stream holds them (the first copy of each event), and how
+    /// many entries it holds; deletes the stream.
+    fn on_stream(&mut self, keys: u64) -> (HashMap<u64, Vec<u64>>, usize) {
+        use redis::Commands;
+        let entries: redis::streams::StreamRangeReply =
+            self.redis.xrange_all(&self.stream).unwrap();
+        let _: () = self.redis.del(&self.stream).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        let mut by_key: HashMap<u64, Vec<u64>> = HashMap::new();
+        for entry in &entries.ids {
+            let m: Vec<u8> = entry.get("m").unwrap();
+            let wire: serde_json::Value = serde_json::from_slice(&m).unwrap();
+            if seen.insert(wire["envelope"]["id"].as_str().unwrap().to_owned()) {
+                let order_id = wire["payload"]["order_id"].as_u64().unwrap();
+                by_key.entry(order_id % keys).or_default().push(order_id);
+            }
+        }
+        (by_key, entries.ids.len())
+    }
+}
+
+/// Exports 8 keys × 40 orders through an outage: the first half is published and retried
+/// every 30 ms while every `XADD` fails, then after 150 ms the stream is mended and the second
+/// half published at once. Returns each key's order ids as the stream holds them, and how
+/// many attempts failed.
+fn export_through_an_outage(test: &str, options: ExportOptions) -> (HashMap<u64, Vec<u64>>, u64) {
+    const KEYS: u64 = 8;
+    const EVENTS: u64 = 320;
+    let retry = microbus::RetryPolicy::fixed(Duration::from_millis(30)).max_attempts(1_000);
+    let mut outage = Outage::start(test, retry, options);
+    (0..EVENTS / 2).for_each(|id| outage.publish(id, KEYS));
+    outage.mend(Duration::from_millis(150));
+    (EVENTS / 2..EVENTS).for_each(|id| outage.publish(id, KEYS));
+    outage.orders.flush(WAIT).unwrap();
+    let stats = outage.orders.stats();
+    assert_eq!((stats.succeeded, stats.in_flight), (EVENTS, 0), "{stats:?}");
+    assert!(stats.failed > 0, "{stats:?}");
+    let (by_key, _) = outage.on_stream(KEYS);
+    assert_eq!(by_key.values().map(Vec::len).sum::<usize>() as u64, EVENTS);
     (by_key, stats.failed)
 }
 
@@ -1594,40 +1632,13 @@ fn without_ordering_retried_exports_land_after_later_events_of_their_key() {
 /// key go on: the stream holds the rest of the key in order.
 #[test]
 fn an_ordered_export_goes_on_past_a_dead_lettered_event() {
-    use redis::Commands;
-    let url = redis_url();
-    let prefix = prefix("ordered-dead");
-    let stream = format!("{prefix}:OrderCreated");
-    let mut redis = redis_connection(&url);
-    let orders = Bus::builder()
-        .service_name("orders")
-        .workers(2)
-        .retry(microbus::RetryPolicy::fixed(Duration::from_millis(10)).max_attempts(2))
-        .build()
-        .unwrap();
-    let bridge = Bridge::connect(&orders, &url, &prefix).unwrap();
-    bridge
-        .export_with::<OrderCreated>(ExportOptions::new().ordered())
-        .unwrap();
-    let _: () = redis.set(&stream, "not a stream").unwrap();
-    for order_id in 0..80 {
-        orders
-            .publish_with(OrderCreated { order_id }, Publish::keyed(order_id % 4))
-            .unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    let _: () = redis.del(&stream).unwrap();
-    orders.flush(WAIT).unwrap();
-    let entries: redis::streams::StreamRangeReply = redis.xrange_all(&stream).unwrap();
-    let _: () = redis.del(&stream).unwrap();
-    let mut on_stream: HashMap<u64, Vec<u64>> = HashMap::new();
-    for entry in &entries.ids {
-        let m: Vec<u8> = entry.get("m").unwrap();
-        let wire: serde_json::Value = serde_json::from_slice(&m).unwrap();
-        let order_id = wire["payload"]["order_id"].as_u64().unwrap();
-        on_stream.entry(order_id % 4).or_default().push(order_id);
-    }
-    let letters = orders.dead_letters().list();
+    let retry = microbus::RetryPolicy::fixed(Duration::from_millis(10)).max_attempts(2);
+    let mut outage = Outage::start("ordered-dead", retry, ExportOptions::new().ordered());
+    (0..80).for_each(|id| outage.publish(id, 4));
+    outage.mend(Duration::from_millis(100));
+    outage.orders.flush(WAIT).unwrap();
+    let (on_stream, entries) = outage.on_stream(4);
+    let letters = outage.orders.dead_letters().list();
     assert!(!letters.is_empty());
     let mut dead: Vec<u64> = letters
         .iter()
@@ -1638,12 +1649,12 @@ fn an_ordered_export_goes_on_past_a_dead_lettered_event() {
         })
         .collect();
     dead.sort_unstable();
-    let stats = orders.stats();
+    let stats = outage.orders.stats();
     assert_eq!(
         (stats.succeeded, stats.dead_lettered, stats.in_flight),
-        (entries.ids.len() as u64, dead.len() as u64, 0)
+        (entries as u64, dead.len() as u64, 0)
     );
-    assert_eq!(entries.ids.len() + dead.len(), 80);
+    assert_eq!(entries + dead.len(), 80);
     for (key, ids) in &on_stream {
         // What reached the stream is the key's tail after its dead letters, in order.
         let expected: Vec<u64> = (0..80)

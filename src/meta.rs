@@ -39,6 +39,37 @@ pub(crate) struct SubMeta {
 }
 
 impl SubMeta {
+    /// A new subscription `id` of event type `E`, named `name`, for service `service` (and only
+    /// events from `filter`, if given), retried by `retry`, with `cells` for its hot counters.
+    pub(crate) fn new<E: crate::event::Event>(
+        id: u64,
+        name: Box<str>,
+        service: NameId,
+        filter: Option<NameId>,
+        retry: RetryPolicy,
+        cells: CellsByWorker,
+    ) -> SubMeta {
+        SubMeta {
+            id,
+            name,
+            service,
+            filter,
+            event_name: E::NAME,
+            type_id: TypeId::of::<E>(),
+            since_gen: AtomicU32::new(0),
+            retry,
+            active: AtomicBool::new(true),
+            failed: AtomicU64::new(0),
+            panicked: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            deferred_succeeded: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            cells,
+        }
+    }
+
     pub(crate) fn matches(&self, source: NameId) -> bool {
         self.filter.is_none_or(|f| f == source)
     }

@@ -437,7 +437,6 @@ mod loom_models {
     use crate::context::{Context, Sub};
     use crate::meta::before;
     use crate::retry::RetryPolicy;
-    use crate::sync::AtomicBool;
     use loom::thread;
 
     #[derive(serde::Serialize, serde::Deserialize)]
@@ -452,25 +451,14 @@ mod loom_models {
     static NEXT_BUS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 40);
 
     fn sub(registry: &Registry, from: Option<NameId>) -> Sub<Probe> {
-        let meta = Arc::new(SubMeta {
-            id: registry.next_id(),
-            name: "probe".into(),
-            service: NameId::intern("loom"),
-            filter: from,
-            event_name: Probe::NAME,
-            type_id: TypeId::of::<Probe>(),
-            since_gen: AtomicU32::new(0),
-            retry: RetryPolicy::none(),
-            active: AtomicBool::new(true),
-            failed: AtomicU64::new(0),
-            panicked: AtomicU64::new(0),
-            cancelled: AtomicU64::new(0),
-            retried: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
-            deferred_succeeded: AtomicU64::new(0),
-            last_error: Mutex::new(None),
-            cells: Box::new([]),
-        });
+        let meta = Arc::new(SubMeta::new::<Probe>(
+            registry.next_id(),
+            "probe".into(),
+            NameId::intern("loom"),
+            from,
+            RetryPolicy::none(),
+            Box::new([]),
+        ));
         Sub {
             meta,
             handler: Box::new(|_: &Probe, _: &Context<'_>| Ok(())),

@@ -42,7 +42,7 @@ use crate::shard::{
 };
 use crate::stats::{AbandonedDelivery, BusStats, SHUTDOWN_GRACE, ShutdownReport};
 use crate::subscription::{SubscribeOptions, Subscription};
-use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::tap::{Tapped, Taps};
 use crate::timer::{REOFFER_DELAY, Timer};
 use crate::trace::{Trace, TraceRing};
@@ -463,25 +463,14 @@ impl Bus {
             }
             None => None,
         };
-        let meta = Arc::new(SubMeta {
-            id: core.registry.next_id(),
-            name: options.name.as_deref().unwrap_or(default_name).into(),
-            service: self.source,
+        let meta = Arc::new(SubMeta::new::<E>(
+            core.registry.next_id(),
+            options.name.as_deref().unwrap_or(default_name).into(),
+            self.source,
             filter,
-            event_name: E::NAME,
-            type_id: TypeId::of::<E>(),
-            since_gen: AtomicU32::new(0),
             retry,
-            active: AtomicBool::new(true),
-            failed: AtomicU64::new(0),
-            panicked: AtomicU64::new(0),
-            cancelled: AtomicU64::new(0),
-            retried: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
-            deferred_succeeded: AtomicU64::new(0),
-            last_error: Mutex::new(None),
-            cells: crate::metrics::cells(core.metrics.enabled, core.shards.len()),
-        });
+            crate::metrics::cells(core.metrics.enabled, core.shards.len()),
+        ));
         core.metrics.subscribed(&meta);
         core.rebuilders.add_decoder::<E>();
         let meta = core.registry.insert(Sub { meta, handler });

@@ -500,17 +500,9 @@ impl Core {
     /// in worker `from`'s spill queue, or on the timer. Returns the deliveries that could not
     /// be kept (the timer has stopped), which the caller settles as left.
     pub(crate) fn offer(&self, from: usize, routed: Routed) -> usize {
-        match self.shards[routed.shard]
-            .tx
-            .try_send(Msg::Work(routed.work))
-        {
+        match self.shards[routed.shard].try_offer(routed) {
             Ok(()) => 0,
-            Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
-                let Msg::Work(work) = msg else {
-                    unreachable!("work was sent")
-                };
-                self.spill_or_wait(from, Routed { work, ..routed })
-            }
+            Err(routed) => self.spill_or_wait(from, routed),
         }
     }
 

@@ -113,15 +113,9 @@ impl crate::timer::Delayed for Routed {
 /// meanwhile.
 pub(crate) fn offer_due(shards: &[Shard], routed: Routed) {
     let shard = &shards[routed.shard];
-    match shard.tx.try_send(Msg::Work(routed.work)) {
-        Ok(()) => {}
-        Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
-            let Msg::Work(work) = msg else {
-                unreachable!("work was sent")
-            };
-            shard.worker.hand_over(Routed { work, ..routed });
-            let _ = shard.tx.try_send(Msg::Wake);
-        }
+    if let Err(routed) = shard.try_offer(routed) {
+        shard.worker.hand_over(routed);
+        let _ = shard.tx.try_send(Msg::Wake);
     }
 }
 
@@ -431,6 +425,24 @@ pub(crate) struct Shard {
     pub(crate) tx: Sender<Msg>,
     pub(crate) rx: Receiver<Msg>,
     pub(crate) worker: CachePadded<WorkerShared>,
+}
+
+impl Shard {
+    /// Offers work bound for this shard to its channel without waiting; gives it back when the
+    /// channel is full (or gone), for the caller to spill, hand over or put on the timer.
+    #[inline]
+    #[allow(clippy::result_large_err)] // The error is the work itself, handed back.
+    pub(crate) fn try_offer(&self, routed: Routed) -> Result<(), Routed> {
+        match self.tx.try_send(Msg::Work(routed.work)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
+                let Msg::Work(work) = msg else {
+                    unreachable!("work was sent")
+                };
+                Err(Routed { work, ..routed })
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -631,17 +631,8 @@ impl Worker<'_> {
                 }
                 continue;
             }
-            match self.core.shards[routed.shard]
-                .tx
-                .try_send(Msg::Work(routed.work))
-            {
-                Ok(()) => {}
-                Err(TrySendError::Full(msg) | TrySendError::Disconnected(msg)) => {
-                    let Msg::Work(work) = msg else {
-                        unreachable!("work was sent")
-                    };
-                    self.shared.hand_over(Routed { work, ..routed });
-                }
+            if let Err(routed) = self.core.shards[routed.shard].try_offer(routed) {
+                self.shared.hand_over(routed);
             }
         }
         Flow::Continue

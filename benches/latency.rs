@@ -145,7 +145,9 @@ fn microbus(
         })
         .unwrap();
     }
-    paced(clock, rate, events, |event| bus.publish(event).unwrap());
+    paced(clock, rate, events, |event| {
+        bus.publish(event).unwrap();
+    });
     record.wait(events);
     bus.shutdown().unwrap();
     record.histogram()

@@ -30,9 +30,9 @@ fn publish_from_rayon(c: &mut Criterion) {
                 .unwrap();
         }),
         ("par_iter_for_each_publish", |bus, n| {
-            (0..n)
-                .into_par_iter()
-                .for_each(|v| bus.publish(Tick(black_box(v))).unwrap());
+            (0..n).into_par_iter().for_each(|v| {
+                bus.publish(Tick(black_box(v))).unwrap();
+            });
         }),
         ("loop_publish_on_the_pool", |bus, n| {
             for v in 0..n {

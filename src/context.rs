@@ -6,7 +6,6 @@
 //! place, and count as a failed attempt.
 
 use std::fmt;
-use std::time::Duration;
 
 use crate::bus::Core;
 use crate::defer::Deferred;
@@ -213,7 +212,7 @@ impl Context<'_> {
         self.core.is_closing()
     }
 
-    /// Stages `event` to be published when this handler returns `Ok`.
+    /// Stages `event` to be published when this handler returns `Ok`, and returns its id.
     ///
     /// The event inherits the handled event's correlation id, names it as its causation, and
     /// comes from this handler's service. It is matched against the subscriptions now. If the
@@ -225,12 +224,15 @@ impl Context<'_> {
     ///
     /// [`PublishError::Shutdown`] with the event when the bus has already stopped (a handler
     /// that outlived the shutdown deadline).
-    pub fn publish<E: Event>(&self, event: E) -> Result<(), PublishError<E>> {
+    pub fn publish<E: Event>(&self, event: E) -> Result<EventId, PublishError<E>> {
         self.publish_with(event, Publish::new())
     }
 
-    /// Like [`publish`](Self::publish), with options. The correlation and causation default to
-    /// the handled event's; options that set them win.
+    /// Like [`publish`](Self::publish), with options, as
+    /// [`Bus::publish_with`](crate::Bus::publish_with) takes them: the correlation and
+    /// causation default to the handled event's (options that set them win), and an event
+    /// with a [`delay`](Publish::delay) waits on the timer once the handler has returned `Ok`.
+    /// A handler's publish is not tracked: its events are sent only if it succeeds.
     ///
     /// # Errors
     ///
@@ -239,22 +241,17 @@ impl Context<'_> {
         &self,
         event: E,
         options: Publish,
-    ) -> Result<(), PublishError<E>> {
-        self.stage(event, options, None)
-    }
-
-    /// Like [`publish`](Self::publish), but the event waits `delay` on the timer before it goes
-    /// to its shard (once the handler has returned `Ok`).
-    ///
-    /// # Errors
-    ///
-    /// As [`publish`](Self::publish).
-    pub fn publish_delayed<E: Event>(
-        &self,
-        event: E,
-        delay: Duration,
-    ) -> Result<(), PublishError<E>> {
-        self.stage(event, Publish::new(), Some(delay))
+    ) -> Result<EventId, PublishError<E>> {
+        let (stamp, delay) = options.into_parts();
+        let (id, routed) = self
+            .core
+            .prepare(self.sub.service, event, stamp.caused_by(self.envelope))
+            .map_err(PublishError::Shutdown)?;
+        if let Some(routed) = routed {
+            self.worker.outbox.lock().push((routed, delay));
+            self.worker.staged.store(true, Ordering::Relaxed);
+        }
+        Ok(id)
     }
 
     /// Stages events of one type to be published, in batches, when this handler returns `Ok`:
@@ -281,45 +278,18 @@ impl Context<'_> {
         &self,
         items: impl IntoIterator<Item = (E, Publish)>,
     ) -> Result<(), PublishBatchError<E>> {
-        let items = items
-            .into_iter()
-            .map(|(event, options)| (event, self.inherit(options)));
+        let items = items.into_iter().map(|(event, options)| {
+            let (stamp, delay) = options.into_parts();
+            (event, stamp.caused_by(self.envelope), delay)
+        });
         let mut staged = Vec::new();
         self.core
-            .prepare_batch(self.sub.service, items, |routed| {
-                staged.push((routed, None))
+            .prepare_batch(self.sub.service, items, |routed, delay| {
+                staged.push((routed, delay))
             })
             .map_err(PublishBatchError::new)?;
         if !staged.is_empty() {
             self.worker.outbox.lock().append(&mut staged);
-            self.worker.staged.store(true, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    /// Options with the correlation and causation of the handled event, unless they set their
-    /// own.
-    fn inherit(&self, options: Publish) -> Publish {
-        Publish {
-            correlation: options.correlation.or(Some(self.envelope.correlation_id())),
-            causation: options.causation.or(Some(self.envelope.id())),
-            ..options
-        }
-    }
-
-    fn stage<E: Event>(
-        &self,
-        event: E,
-        options: Publish,
-        delay: Option<Duration>,
-    ) -> Result<(), PublishError<E>> {
-        let options = self.inherit(options);
-        let routed = self
-            .core
-            .prepare(self.sub.service, event, options)
-            .map_err(PublishError::Shutdown)?;
-        if let Some(routed) = routed {
-            self.worker.outbox.lock().push((routed, delay));
             self.worker.staged.store(true, Ordering::Relaxed);
         }
         Ok(())

@@ -519,7 +519,7 @@ impl Clone for DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{NameId, Publish};
+    use crate::event::NameId;
     use proptest::prelude::*;
 
     const REASONS: [DeadLetterReason; 3] = [
@@ -532,7 +532,7 @@ mod tests {
         let now = SystemTime::now();
         DeadLetter {
             id,
-            envelope: Envelope::stamp(NameId::intern("tests"), Publish::new()),
+            envelope: Envelope::stamp(NameId::intern("tests"), Default::default()),
             event_name: "Tested",
             event_version: 1,
             payload: "{}".to_owned(),

@@ -6,8 +6,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::{LazyLock, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -250,32 +251,39 @@ impl fmt::Debug for Headers {
     }
 }
 
-/// Options for one publish: partition key, correlation, causation and headers.
+/// How one event is published: its partition key, correlation, causation and headers (or an
+/// envelope given whole), a delay, and whether the publish is tracked.
+///
+/// Every publish method takes these options in its `_with` form; what the method returns
+/// follows from them: the event's [`EventId`], or a [`Tracker`] for a publish made
+/// [`tracked`](Publish::tracked).
 ///
 /// # Examples
 ///
 /// ```
 /// use microbus::{EventId, Publish};
+/// use std::time::Duration;
 ///
 /// let trace = EventId::new();
-/// let options = Publish::keyed(42u64).correlation(trace).header("tenant", "acme");
+/// let options = Publish::keyed(42u64)
+///     .correlation(trace)
+///     .header("tenant", "acme")
+///     .delay(Duration::from_secs(5));
 /// # let _ = options;
 /// ```
 ///
-/// A clone carries the key, correlation, causation and headers; the tracking of a tracked
-/// publish belongs to the call that asked for it and is never cloned.
-#[derive(Default)]
-pub struct Publish {
-    pub(crate) key: Option<PartitionKey>,
-    pub(crate) correlation: Option<EventId>,
-    pub(crate) causation: Option<EventId>,
-    pub(crate) headers: Option<Box<Extra>>,
+/// [`Tracker`]: crate::Tracker
+pub struct Publish<T: Track = Untracked> {
+    pub(crate) stamp: Stamp,
+    pub(crate) delay: Option<Duration>,
+    track: PhantomData<fn() -> T>,
 }
 
 impl Publish {
-    /// No key, a fresh correlation, no headers: what plain `publish` uses.
+    /// No key, a fresh correlation, no headers, no delay, untracked: what plain `publish`
+    /// uses.
     pub fn new() -> Publish {
-        Publish::default()
+        Publish::from_stamp(Stamp::New(Options::default()))
     }
 
     /// Options with partition key `key`: same key, same shard, publish order kept.
@@ -283,50 +291,182 @@ impl Publish {
         Publish::new().key(key)
     }
 
+    /// Publishes with an envelope made elsewhere — read back from a file or received from
+    /// another process — keeping its id, correlation, causation, source, key and headers:
+    /// the event re-enters the bus as the same event, published by the service the envelope
+    /// names. Options set afterwards change the envelope's fields.
+    pub fn envelope(envelope: Envelope) -> Publish {
+        Publish::from_stamp(Stamp::Given(envelope))
+    }
+
+    pub(crate) fn from_stamp(stamp: Stamp) -> Publish {
+        Publish {
+            stamp,
+            delay: None,
+            track: PhantomData,
+        }
+    }
+
+    /// Tracks the publish: it returns a [`Tracker`](crate::Tracker) that completes once every
+    /// delivery of the event has settled, with what became of each.
+    pub fn tracked(self) -> Publish<Tracked> {
+        Publish {
+            stamp: self.stamp,
+            delay: self.delay,
+            track: PhantomData,
+        }
+    }
+}
+
+impl<T: Track> Publish<T> {
     /// Sets the partition key.
-    pub fn key(mut self, key: impl Into<PartitionKey>) -> Publish {
-        self.key = Some(key.into());
+    pub fn key(mut self, key: impl Into<PartitionKey>) -> Publish<T> {
+        let key = key.into();
+        match &mut self.stamp {
+            Stamp::New(options) => options.key = Some(key),
+            Stamp::Given(envelope) => {
+                envelope.key = key.get();
+                envelope.has_key = true;
+            }
+        }
         self
     }
 
     /// Joins an existing correlation (a conversation, a trace) instead of starting one.
-    pub fn correlation(mut self, id: EventId) -> Publish {
-        self.correlation = Some(id);
+    pub fn correlation(mut self, id: EventId) -> Publish<T> {
+        match &mut self.stamp {
+            Stamp::New(options) => options.correlation = Some(id),
+            Stamp::Given(envelope) => envelope.correlation = id,
+        }
         self
     }
 
     /// Names the event that caused this one.
-    pub fn causation(mut self, id: EventId) -> Publish {
-        self.causation = Some(id);
+    pub fn causation(mut self, id: EventId) -> Publish<T> {
+        match &mut self.stamp {
+            Stamp::New(options) => options.causation = Some(id),
+            Stamp::Given(envelope) => envelope.causation = Some(id),
+        }
         self
     }
 
     /// Sets a header.
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Publish {
-        self.headers
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Publish<T> {
+        let extra = match &mut self.stamp {
+            Stamp::New(options) => &mut options.extra,
+            Stamp::Given(envelope) => &mut envelope.extra,
+        };
+        extra
             .get_or_insert_with(Default::default)
             .headers
             .insert(name, value);
         self
     }
 
-    /// Attaches `tracker` to the event's envelope (kept out of the hot path: only tracked
-    /// publishes allocate for it).
-    pub(crate) fn tracked(mut self, tracker: Arc<Tracking>) -> Publish {
-        self.headers.get_or_insert_with(Default::default).tracker = Some(tracker);
+    /// Delivers the event after `delay` (any `Duration`, up to `Duration::MAX`): it is
+    /// accepted now — counted by `flush` and `shutdown` — and waits on the timer, then goes
+    /// to its shard; the publish never waits for room. Shutdown does not wait for a delayed
+    /// event that falls due after its deadline: it is reported as left.
+    pub fn delay(mut self, delay: Duration) -> Publish<T> {
+        self.delay = Some(delay);
         self
+    }
+
+    /// The stamp and the delay, for the bus.
+    pub(crate) fn into_parts(self) -> (Stamp, Option<Duration>) {
+        (self.stamp, self.delay)
     }
 }
 
-impl Clone for Publish {
-    fn clone(&self) -> Publish {
+impl Default for Publish {
+    fn default() -> Publish {
+        Publish::new()
+    }
+}
+
+impl<T: Track> Clone for Publish<T> {
+    fn clone(&self) -> Publish<T> {
         Publish {
-            key: self.key,
-            correlation: self.correlation,
-            causation: self.causation,
-            headers: Extra::clone_untracked(&self.headers),
+            stamp: match &self.stamp {
+                Stamp::New(options) => Stamp::New(Options {
+                    extra: Extra::clone_untracked(&options.extra),
+                    ..*options
+                }),
+                Stamp::Given(envelope) => Stamp::Given(envelope.clone()),
+            },
+            delay: self.delay,
+            track: PhantomData,
         }
     }
+}
+
+impl<T: Track> fmt::Debug for Publish<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = f.debug_struct("Publish");
+        match &self.stamp {
+            Stamp::New(options) => s
+                .field("key", &options.key)
+                .field("correlation", &options.correlation)
+                .field("causation", &options.causation)
+                .field("headers", &options.extra.as_ref().map(|e| &e.headers)),
+            Stamp::Given(envelope) => s.field("envelope", envelope),
+        };
+        s.field("delay", &self.delay)
+            .field("tracked", &T::TRACKED)
+            .finish()
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// Whether a publish is tracked, which decides what it returns: [`Untracked`] (the default)
+/// returns the event's [`EventId`], [`Tracked`] a [`Tracker`](crate::Tracker).
+pub trait Track: sealed::Sealed {
+    /// What a publish with these options returns.
+    type Receipt;
+    #[doc(hidden)]
+    const TRACKED: bool;
+    #[doc(hidden)]
+    fn receipt(id: EventId, tracker: Option<crate::Tracker>) -> Self::Receipt;
+}
+
+/// An untracked publish (the default): it returns the event's [`EventId`].
+#[derive(Debug, Clone, Copy)]
+pub enum Untracked {}
+
+/// A tracked publish (see [`Publish::tracked`]): it returns a [`Tracker`](crate::Tracker).
+#[derive(Debug, Clone, Copy)]
+pub enum Tracked {}
+
+impl sealed::Sealed for Untracked {}
+impl sealed::Sealed for Tracked {}
+
+impl Track for Untracked {
+    type Receipt = EventId;
+    const TRACKED: bool = false;
+    #[inline]
+    fn receipt(id: EventId, _: Option<crate::Tracker>) -> EventId {
+        id
+    }
+}
+
+impl Track for Tracked {
+    type Receipt = crate::Tracker;
+    const TRACKED: bool = true;
+    fn receipt(_: EventId, tracker: Option<crate::Tracker>) -> crate::Tracker {
+        tracker.expect("a tracked publish makes a tracker")
+    }
+}
+
+/// The fields of an envelope stamped at publish time: key, correlation, causation, headers.
+#[derive(Default)]
+pub(crate) struct Options {
+    pub(crate) key: Option<PartitionKey>,
+    pub(crate) correlation: Option<EventId>,
+    pub(crate) causation: Option<EventId>,
+    pub(crate) extra: Option<Box<Extra>>,
 }
 
 /// What an envelope carries only when it is used: headers, and the tracking of a tracked
@@ -348,17 +488,6 @@ impl Extra {
                 tracker: None,
             })
         })
-    }
-}
-
-impl fmt::Debug for Publish {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Publish")
-            .field("key", &self.key)
-            .field("correlation", &self.correlation)
-            .field("causation", &self.causation)
-            .field("headers", &self.headers.as_ref().map(|e| &e.headers))
-            .finish()
     }
 }
 
@@ -413,13 +542,13 @@ impl PartialEq for Envelope {
 impl Eq for Envelope {}
 
 impl Envelope {
-    pub(crate) fn stamp(source: NameId, options: Publish) -> Envelope {
+    pub(crate) fn stamp(source: NameId, options: Options) -> Envelope {
         Envelope::stamp_at(unix_nanos(), source, options)
     }
 
     /// An envelope whose id carries time `nanos` (for events of one batch, read once).
     #[inline]
-    pub(crate) fn stamp_at(nanos: u64, source: NameId, options: Publish) -> Envelope {
+    pub(crate) fn stamp_at(nanos: u64, source: NameId, options: Options) -> Envelope {
         let id = EventId::at(nanos);
         Envelope {
             id,
@@ -428,7 +557,7 @@ impl Envelope {
             key: options.key.map_or(0, PartitionKey::get),
             has_key: options.key.is_some(),
             source,
-            extra: options.headers,
+            extra: options.extra,
         }
     }
 
@@ -455,12 +584,6 @@ impl Envelope {
                 })
             }),
         }
-    }
-
-    /// The envelope with `tracker` attached (replacing any), for a tracked publish.
-    pub(crate) fn with_tracker(mut self, tracker: Arc<Tracking>) -> Envelope {
-        self.extra.get_or_insert_with(Default::default).tracker = Some(tracker);
-        self
     }
 
     /// Whether the envelope has headers or a tracker: the cheap test before either is read.
@@ -572,19 +695,39 @@ impl<'de> Deserialize<'de> for Envelope {
 
 /// How a publish gets its envelope: stamped now from options, or given whole.
 pub(crate) enum Stamp {
-    New(Publish),
+    New(Options),
     Given(Envelope),
 }
 
 impl Stamp {
-    /// Whether the publish is tracked.
-    pub(crate) fn is_tracked(&self) -> bool {
+    /// Attaches `tracker` (kept out of the hot path: only tracked publishes allocate for it).
+    pub(crate) fn track(&mut self, tracker: Arc<Tracking>) {
+        let extra = match self {
+            Stamp::New(options) => &mut options.extra,
+            Stamp::Given(envelope) => &mut envelope.extra,
+        };
+        extra.get_or_insert_with(Default::default).tracker = Some(tracker);
+    }
+
+    /// The service the event comes from: a given envelope's, else `publisher`.
+    #[inline]
+    pub(crate) fn source(&self, publisher: NameId) -> NameId {
         match self {
-            Stamp::New(options) => options
-                .headers
-                .as_ref()
-                .is_some_and(|e| e.tracker.is_some()),
-            Stamp::Given(envelope) => envelope.tracker().is_some(),
+            Stamp::New(_) => publisher,
+            Stamp::Given(envelope) => envelope.source,
+        }
+    }
+
+    /// Defaults the correlation and causation of an event published while `cause` is handled
+    /// to `cause`'s (a given envelope keeps its own).
+    pub(crate) fn caused_by(self, cause: &Envelope) -> Stamp {
+        match self {
+            Stamp::New(options) => Stamp::New(Options {
+                correlation: options.correlation.or(Some(cause.correlation)),
+                causation: options.causation.or(Some(cause.id)),
+                ..options
+            }),
+            given => given,
         }
     }
 

@@ -63,6 +63,12 @@ impl Seam {
 pub(crate) trait Runner {
     /// Runs `f` under the guard; `false` when it panicked (counted).
     fn run(&mut self, seam: Seam, f: &mut dyn FnMut()) -> bool;
+
+    /// Whether shutdown has given up on this runner's thread (a worker it detached while user
+    /// code ran): what the thread settles afterwards was counted already.
+    fn detached(&self) -> bool {
+        false
+    }
 }
 
 /// The panics caught at each seam.

@@ -53,18 +53,20 @@
 //!
 //! [`Bus::publish`] stamps an [`Envelope`] (id, correlation, causation, source, time, key,
 //! headers), matches the event against the current subscriptions of its type (a lock-free
-//! read) and sends it to a shard: `hash(key)` for a keyed event ([`Publish::keyed`]), the next
-//! shard in turn otherwise. It waits while the shard is full; [`Bus::try_publish`] never
-//! waits and [`Bus::publish_timeout`] gives up after a while; [`Bus::publish_delayed`] hands
-//! the event to the timer to be delivered later. Whenever an event is not
-//! accepted, the error hands it back. An event that matches no subscription is counted
-//! ([`BusStats::unmatched`]), not silently dropped. [`Bus::publish_batch`] groups many events
-//! per shard and moves up to 64 through the channel as one message, keeping per-key order.
+//! read), sends it to a shard — `hash(key)` for a keyed event ([`Publish::keyed`]), the next
+//! shard in turn otherwise — and returns its [`EventId`]. It waits while the shard is full;
+//! [`Bus::try_publish`] never waits and [`Bus::publish_timeout`] gives up after a while.
+//! Whenever an event is not accepted, the error hands it back. An event that matches no
+//! subscription is counted ([`BusStats::unmatched`]), not silently dropped.
+//! [`Bus::publish_batch`] groups many events per shard and moves up to 64 through the channel
+//! as one message, keeping per-key order.
 //!
-//! [`Bus::publish_envelope`] lets an event re-enter with an [`Envelope`] made elsewhere (a
-//! file, another process), keeping its id, correlation and source; [`Bus::publish_tracked`]
-//! returns a [`Tracker`] that completes, with a [`Completion`], once every delivery of the event
-//! has settled.
+//! Each form has a `_with` twin that takes [`Publish`] options: besides a key, correlation
+//! and headers, [`Publish::delay`] hands the event to the timer to be delivered later,
+//! [`Publish::envelope`] lets it re-enter with an [`Envelope`] made elsewhere (a file, another
+//! process) keeping its id, correlation and source, and [`Publish::tracked`] makes the publish
+//! return a [`Tracker`] that completes, with a [`Completion`], once every delivery of the
+//! event has settled. The table at the top of [`Bus`] lists them all.
 //!
 //! Idle workers park in their channel ([`WaitStrategy::Block`]); with
 //! [`WaitStrategy::SpinThenPark`] they poll for a while first, for lower latency at the price
@@ -303,7 +305,8 @@ pub use crate::error::{
     ShutdownError, SubscribeError, TryPublishError,
 };
 pub use crate::event::{
-    Envelope, Event, EventId, Headers, ParseEventIdError, PartitionKey, Publish,
+    Envelope, Event, EventId, Headers, ParseEventIdError, PartitionKey, Publish, Track, Tracked,
+    Untracked,
 };
 pub use crate::guard::CallbackPanics;
 pub use crate::handler::{HandlerError, HandlerResult};

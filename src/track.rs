@@ -17,9 +17,9 @@ use crate::guard::{Runner, Seam};
 use crate::id::EventId;
 use crate::sync::{Arc, AtomicU32, Ordering};
 
-/// What became of every delivery of one tracked event (see [`Bus::publish_tracked`]).
+/// What became of every delivery of one tracked event (see [`Publish::tracked`]).
 ///
-/// [`Bus::publish_tracked`]: crate::Bus::publish_tracked
+/// [`Publish::tracked`]: crate::Publish::tracked
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Completion {
@@ -159,8 +159,7 @@ impl Done {
 }
 
 /// A handle on one published event's deliveries: it completes once every one of them has
-/// settled. Returned by [`Bus::publish_tracked`](crate::Bus::publish_tracked) and
-/// [`Bus::publish_envelope_tracked`](crate::Bus::publish_envelope_tracked).
+/// settled. Returned by a publish made [`tracked`](crate::Publish::tracked).
 ///
 /// A delivery abandoned at the shutdown deadline counts when its handler finally returns; a
 /// tracker whose handler never returns never completes (wait with a timeout). Redriving a dead

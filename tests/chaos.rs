@@ -283,7 +283,7 @@ fn chaos_accounts_for_every_delivery() {
                     for id in start..end {
                         if id % 4 == 3 {
                             match bus.publish(Ping { id }) {
-                                Ok(()) => accepted[id as usize].store(2, Ordering::SeqCst),
+                                Ok(_id) => accepted[id as usize].store(2, Ordering::SeqCst),
                                 Err(_) => {
                                     returned.fetch_add(1, Ordering::SeqCst);
                                 }

@@ -677,12 +677,12 @@ fn deliveries_left_at_shutdown_can_be_kept_as_dead_letters_and_redriven_after_a_
     }
     bus.publish_batch((5..8).map(|seq| Numbered { publisher: 0, seq }))
         .unwrap();
-    bus.publish_delayed(
+    bus.publish_with(
         Numbered {
             publisher: 0,
             seq: 8,
         },
-        Duration::from_secs(3600),
+        Publish::new().delay(Duration::from_secs(3600)),
     )
     .unwrap();
     entered.recv().unwrap();

@@ -101,7 +101,9 @@ fn deferred_deliveries_settle_from_another_thread() {
 #[test]
 fn flush_and_trackers_wait_for_a_deferral() {
     let (bus, rx) = deferring(Bus::builder().workers(1));
-    let tracker = bus.publish_tracked(numbered(1), Publish::new()).unwrap();
+    let tracker = bus
+        .publish_with(numbered(1), Publish::new().tracked())
+        .unwrap();
     let (_, attempt, done) = rx.recv_timeout(WAIT).unwrap();
     assert_eq!(attempt, 1);
     // The handler has returned; the delivery is still outstanding.
@@ -347,7 +349,9 @@ fn a_deferral_never_completed_is_abandoned_at_the_shutdown_deadline() {
             .shutdown_timeout(Duration::from_millis(100))
             .trace_capacity(16),
     );
-    let tracker = bus.publish_tracked(numbered(0), Publish::new()).unwrap();
+    let tracker = bus
+        .publish_with(numbered(0), Publish::new().tracked())
+        .unwrap();
     bus.publish(numbered(1)).unwrap();
     let (_, _, kept) = rx.recv_timeout(WAIT).unwrap();
     let (_, _, completed) = rx.recv_timeout(WAIT).unwrap();

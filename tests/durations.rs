@@ -26,8 +26,9 @@ fn an_event_delayed_for_ever_waits_on_the_timer_until_shutdown() {
         })
         .unwrap();
     }
-    bus.publish_delayed(numbered(0), Duration::MAX).unwrap();
-    bus.publish_delayed_with(numbered(1), Publish::keyed(1u64), Duration::MAX)
+    bus.publish_with(numbered(0), Publish::new().delay(Duration::MAX))
+        .unwrap();
+    bus.publish_with(numbered(1), Publish::keyed(1u64).delay(Duration::MAX))
         .unwrap();
     // The bus goes on working around it.
     bus.publish(numbered(2)).unwrap();
@@ -46,12 +47,12 @@ fn a_handler_delaying_for_ever_keeps_its_worker() {
     let bus = Bus::builder().workers(1).build().unwrap();
     let followed = Arc::new(AtomicU64::new(0));
     bus.subscribe(|e: &Numbered, ctx: &Context| -> HandlerResult {
-        ctx.publish_delayed(
+        ctx.publish_with(
             FollowUp {
                 parent: e.seq,
                 index: 0,
             },
-            Duration::MAX,
+            Publish::new().delay(Duration::MAX),
         )?;
         Ok(())
     })
@@ -93,10 +94,14 @@ fn waits_and_timeouts_accept_the_longest_duration() {
     let bus = Bus::builder().workers(1).build().unwrap();
     bus.subscribe(|_: &Numbered, _: &Context| -> HandlerResult { Ok(()) })
         .unwrap();
-    let tracker = bus.publish_tracked(numbered(0), Publish::new()).unwrap();
+    let tracker = bus
+        .publish_with(numbered(0), Publish::new().tracked())
+        .unwrap();
     assert_eq!(tracker.wait(Duration::MAX).unwrap().succeeded, 1);
     // A tracker that completes later wakes its waiter.
-    let tracker = bus.publish_tracked(numbered(1), Publish::new()).unwrap();
+    let tracker = bus
+        .publish_with(numbered(1), Publish::new().tracked())
+        .unwrap();
     let waiter = std::thread::spawn(move || tracker.wait(Duration::MAX));
     assert_eq!(waiter.join().unwrap().unwrap().succeeded, 1);
     bus.publish_timeout(numbered(2), Duration::MAX).unwrap();

@@ -230,7 +230,7 @@ fn callbacks_that_panic_everywhere_lose_nothing_and_are_counted_at_their_seam() 
                     let id = u64::from(p) * per_publisher + seq;
                     let order = Order::new(id);
                     let result = if seq % 16 == 0 {
-                        bus.publish_tracked(order, Publish::keyed(id))
+                        bus.publish_with(order, Publish::keyed(id).tracked())
                             .map(|tracker| {
                                 tracker.on_complete(move |_| {
                                     if on_a_bus_thread() && one_in_a_hundred(id, 7) {
@@ -240,7 +240,7 @@ fn callbacks_that_panic_everywhere_lose_nothing_and_are_counted_at_their_seam() 
                                 trackers.push(tracker);
                             })
                     } else {
-                        bus.publish_with(order, Publish::keyed(id))
+                        bus.publish_with(order, Publish::keyed(id)).map(|_id| ())
                     };
                     match result {
                         Ok(()) => mine.push(id),

@@ -222,7 +222,7 @@ fn a_tracker_callback_that_panics_is_counted_on_every_path() {
     }
     let tracked = |seq: u64| {
         let tracker = bus
-            .publish_tracked(Numbered { publisher: 0, seq }, Publish::new())
+            .publish_with(Numbered { publisher: 0, seq }, Publish::new().tracked())
             .unwrap();
         tracker.on_complete(|_| panic!("tracker callback"));
         tracker

@@ -694,7 +694,9 @@ fn a_prometheus_scrape_balances_the_ledger() {
         }
     })
     .unwrap();
-    let publish = |seq| bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    let publish = |seq| {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    };
     (1..=10).for_each(publish);
     bus.flush(WAIT).unwrap();
     (0..1).for_each(publish);

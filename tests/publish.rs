@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Held, Keyed, Numbered, Tally, WAIT, count, hold_the_only_worker};
+use common::{FollowUp, Held, Keyed, Numbered, Tally, WAIT, count, hold_the_only_worker};
 use microbus::{
     Bus, Context, HandlerResult, Publish, PublishTimeoutError, TryPublishError, WaitStrategy,
 };
@@ -346,8 +346,11 @@ fn an_envelope_made_elsewhere_is_kept_whole() {
         serde_json::from_str::<Envelope>(&serde_json::to_string(&envelope).unwrap()).unwrap(),
         envelope
     );
-    bus.publish_envelope(Keyed { key: 42, seq: 1 }, envelope.clone())
-        .unwrap();
+    bus.publish_with(
+        Keyed { key: 42, seq: 1 },
+        Publish::envelope(envelope.clone()),
+    )
+    .unwrap();
     bus.flush(WAIT).unwrap();
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen, std::slice::from_ref(&envelope));
@@ -368,7 +371,7 @@ fn an_envelope_made_elsewhere_is_kept_whole() {
     assert!(m.event("Keyed", "shipping").is_none());
     bus.shutdown().unwrap();
     let back = bus
-        .publish_envelope(Keyed { key: 1, seq: 2 }, envelope)
+        .publish_with(Keyed { key: 1, seq: 2 }, Publish::envelope(envelope))
         .unwrap_err();
     assert_eq!(back.into_event(), Keyed { key: 1, seq: 2 });
 }
@@ -378,4 +381,159 @@ fn an_envelope_with_a_bad_source_does_not_decode() {
     let json = r#"{"id":"0196a0b2-7c3d-7e4f-8a9b-0c1d2e3f4a5b","correlation_id":"0196a0b2-7c3d-7e4f-8a9b-0c1d2e3f4a5b","causation_id":null,"source":" padded","key":null}"#;
     let error = serde_json::from_str::<microbus::Envelope>(json).unwrap_err();
     assert!(error.to_string().contains("source"), "{error}");
+}
+
+#[test]
+fn a_publish_returns_the_id_its_handlers_see_and_so_does_a_handlers_publish() {
+    let bus = Bus::builder().workers(2).build().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (staged, children) = (seen.clone(), seen.clone());
+    bus.subscribe(move |e: &Numbered, ctx: &Context| -> HandlerResult {
+        let child = ctx.publish(FollowUp {
+            parent: e.seq,
+            index: 0,
+        });
+        staged
+            .lock()
+            .unwrap()
+            .push(("staged", e.seq, child.unwrap(), ctx.envelope().id()));
+        Ok(())
+    })
+    .unwrap();
+    bus.subscribe(move |e: &FollowUp, ctx: &Context| -> HandlerResult {
+        let envelope = ctx.envelope();
+        children.lock().unwrap().push((
+            "child",
+            e.parent,
+            envelope.id(),
+            envelope.causation_id().unwrap(),
+        ));
+        Ok(())
+    })
+    .unwrap();
+    let mut published = Vec::new();
+    for seq in 0..50 {
+        let id = bus.publish(Numbered { publisher: 0, seq }).unwrap();
+        published.push(id);
+    }
+    let tracked = bus
+        .try_publish_with(
+            Numbered {
+                publisher: 0,
+                seq: 50,
+            },
+            Publish::new().tracked(),
+        )
+        .unwrap();
+    published.push(tracked.event_id());
+    bus.flush(WAIT).unwrap();
+    assert_eq!(tracked.completion().unwrap().succeeded, 1);
+    let seen = seen.lock().unwrap();
+    // Each parent's handler saw the id its publish returned, and each child arrived with the
+    // id the handler's publish returned, naming its parent as the cause.
+    let mut parents = 0;
+    for (what, seq, id, other) in seen.iter() {
+        match *what {
+            "staged" => {
+                parents += 1;
+                assert_eq!(*other, published[*seq as usize]);
+                let child = seen
+                    .iter()
+                    .find(|(w, s, _, _)| *w == "child" && s == seq)
+                    .expect("the child arrived");
+                assert_eq!((child.2, child.3), (*id, *other));
+            }
+            _ => assert_eq!(*other, published[*seq as usize]),
+        }
+    }
+    assert_eq!((parents, seen.len()), (51, 102));
+}
+
+#[test]
+fn a_batch_sends_its_delayed_events_through_the_timer_and_the_rest_at_once() {
+    let bus = Bus::builder().workers(2).build().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    bus.subscribe(move |e: &Keyed, _: &Context| -> HandlerResult {
+        log.lock().unwrap().push(e.seq);
+        Ok(())
+    })
+    .unwrap();
+    let later = Duration::from_millis(300);
+    let items = (0..200u64).map(|seq| {
+        let options = Publish::keyed(seq % 4);
+        let options = if seq % 50 == 0 {
+            options.delay(later)
+        } else {
+            options
+        };
+        (Keyed { key: seq % 4, seq }, options)
+    });
+    bus.publish_batch_with(items).unwrap();
+    // The undelayed 196 arrive; the four delayed ones wait on the timer.
+    let deadline = std::time::Instant::now() + WAIT;
+    while seen.lock().unwrap().len() < 196 {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    bus.flush(WAIT).unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 200);
+    let tail: Vec<u64> = seen[196..].to_vec();
+    let mut sorted = tail.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, vec![0, 50, 100, 150], "{tail:?}");
+    let mut all = seen.clone();
+    all.sort_unstable();
+    assert_eq!(all, (0..200).collect::<Vec<_>>());
+    assert_eq!(bus.stats().succeeded, 200);
+}
+
+#[test]
+fn a_handler_publishes_with_a_delay_a_key_and_the_inherited_correlation() {
+    let bus = Bus::builder().workers(2).build().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    bus.subscribe(move |e: &Numbered, ctx: &Context| -> HandlerResult {
+        let follow_up = FollowUp {
+            parent: e.seq,
+            index: 1,
+        };
+        ctx.publish_with(
+            follow_up,
+            Publish::keyed(e.seq).delay(Duration::from_millis(20)),
+        )
+        .unwrap();
+        ctx.publish_batch_with([(
+            FollowUp {
+                parent: e.seq,
+                index: 2,
+            },
+            Publish::keyed(e.seq).delay(Duration::from_millis(10)),
+        )])
+        .unwrap();
+        Ok(())
+    })
+    .unwrap();
+    bus.subscribe(move |e: &FollowUp, ctx: &Context| -> HandlerResult {
+        let envelope = ctx.envelope();
+        log.lock().unwrap().push((
+            e.parent,
+            e.index,
+            envelope.key().map(|k| k.get()),
+            envelope.correlation_id(),
+        ));
+        Ok(())
+    })
+    .unwrap();
+    let root = bus
+        .publish(Numbered {
+            publisher: 0,
+            seq: 7,
+        })
+        .unwrap();
+    bus.flush(WAIT).unwrap();
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_unstable_by_key(|s| s.1);
+    assert_eq!(seen, vec![(7, 1, Some(7), root), (7, 2, Some(7), root)]);
 }

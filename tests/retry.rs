@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::{FollowUp, Numbered, WAIT, count};
 use microbus::{
-    Bus, Context, HandlerError, HandlerResult, RetryPolicy, SubscribeError, SubscribeOptions,
+    Bus, Context, HandlerError, HandlerResult, Publish, RetryPolicy, SubscribeError,
+    SubscribeOptions,
 };
 
 const MS: Duration = Duration::from_millis(1);
@@ -281,23 +282,23 @@ fn delayed_events_arrive_after_their_delay_and_count_as_pending() {
         .unwrap();
     }
     bus.subscribe(|e: &Numbered, ctx: &Context| -> HandlerResult {
-        ctx.publish_delayed(
+        ctx.publish_with(
             FollowUp {
                 parent: e.seq,
                 index: 1,
             },
-            Duration::from_millis(30),
+            Publish::new().delay(Duration::from_millis(30)),
         )?;
         Ok(())
     })
     .unwrap();
     let start = Instant::now();
-    bus.publish_delayed(
+    bus.publish_with(
         FollowUp {
             parent: 0,
             index: 0,
         },
-        Duration::from_millis(40),
+        Publish::new().delay(Duration::from_millis(40)),
     )
     .unwrap();
     bus.publish(Numbered {
@@ -335,12 +336,12 @@ fn a_delayed_event_still_waiting_at_shutdown_is_left() {
         })
         .unwrap();
     }
-    bus.publish_delayed(
+    bus.publish_with(
         FollowUp {
             parent: 0,
             index: 0,
         },
-        Duration::from_secs(600),
+        Publish::new().delay(Duration::from_secs(600)),
     )
     .unwrap();
     let report = bus.shutdown().unwrap();
@@ -348,12 +349,12 @@ fn a_delayed_event_still_waiting_at_shutdown_is_left() {
     assert_eq!((report.stats.delivered, report.stats.left), (1, 1));
     assert!(report.is_balanced(), "{report}");
     let late = bus
-        .publish_delayed(
+        .publish_with(
             FollowUp {
                 parent: 1,
                 index: 0,
             },
-            MS,
+            Publish::new().delay(MS),
         )
         .unwrap_err();
     assert_eq!(

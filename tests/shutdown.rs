@@ -79,7 +79,7 @@ fn publishers_blocked_on_full_shards_get_their_events_back() {
                 let mut returned = Vec::new();
                 for seq in 0..PER_PUBLISHER {
                     match bus.publish(Numbered { publisher, seq }) {
-                        Ok(()) => {
+                        Ok(_id) => {
                             accepted.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(PublishError::Shutdown(e)) => {

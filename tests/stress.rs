@@ -104,7 +104,7 @@ fn mixed_load_with_shutdown_mid_stream_adds_up() {
                         Publish::new()
                     };
                     match bus.publish_with(event, options) {
-                        Ok(()) => {
+                        Ok(_id) => {
                             accepted.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(PublishError::Shutdown(e)) => returned.push(e),

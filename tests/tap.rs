@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{FollowUp, Keyed, Numbered, WAIT, quiet_worker_panics};
-use microbus::{Bus, Context, EventId, HandlerError, HandlerResult, RetryPolicy};
+use microbus::{Bus, Context, EventId, HandlerError, HandlerResult, Publish, RetryPolicy};
 
 type Seen = Arc<Mutex<Vec<(&'static str, EventId, String)>>>;
 
@@ -54,12 +54,12 @@ fn a_tap_sees_every_published_event_once() {
         bus.publish(Numbered { publisher: 0, seq }).unwrap();
         bus.publish(Keyed { key: seq, seq }).unwrap();
     }
-    bus.publish_delayed(
+    bus.publish_with(
         Numbered {
             publisher: 1,
             seq: 0,
         },
-        Duration::from_millis(5),
+        Publish::new().delay(Duration::from_millis(5)),
     )
     .unwrap();
     bus.flush(WAIT).unwrap();

@@ -15,7 +15,7 @@ use microbus::{
 
 /// Publishes event `seq` of publisher 0, tracked.
 fn tracked(bus: &Bus, seq: u64) -> Tracker {
-    bus.publish_tracked(Numbered { publisher: 0, seq }, Publish::new())
+    bus.publish_with(Numbered { publisher: 0, seq }, Publish::new().tracked())
         .unwrap()
 }
 
@@ -75,7 +75,7 @@ fn discards_cancellations_and_events_nobody_hears_complete_too() {
         .build()
         .unwrap();
     let nobody = bus
-        .publish_tracked(Keyed { key: 1, seq: 1 }, Publish::new())
+        .publish_with(Keyed { key: 1, seq: 1 }, Publish::new().tracked())
         .unwrap();
     let done = nobody.completion().expect("nothing to wait for");
     assert_eq!(done.deliveries, 0);
@@ -167,7 +167,7 @@ fn trackers_from_many_threads_complete_exactly_once() {
                     (0..PER_THREAD)
                         .map(|seq| {
                             let t = bus
-                                .publish_tracked(Numbered { publisher, seq }, Publish::new())
+                                .publish_with(Numbered { publisher, seq }, Publish::new().tracked())
                                 .unwrap();
                             let callbacks = callbacks.clone();
                             t.on_complete(move |_| {
@@ -219,12 +219,12 @@ fn an_envelope_publish_can_be_tracked() {
     ))
     .unwrap();
     let tracker = bus
-        .publish_envelope_tracked(
+        .publish_with(
             Numbered {
                 publisher: 0,
                 seq: 0,
             },
-            envelope.clone(),
+            Publish::envelope(envelope.clone()).tracked(),
         )
         .unwrap();
     assert!(tracker.wait(WAIT).unwrap().all_succeeded());
@@ -251,12 +251,15 @@ fn a_forwarded_envelope_does_not_carry_the_tracker() {
         let other = other.clone();
         bus.subscribe(move |e: &Numbered, ctx: &Context| -> HandlerResult {
             other
-                .publish_envelope(e.clone(), ctx.envelope().clone())
+                .publish_with(e.clone(), Publish::envelope(ctx.envelope().clone()))
                 .unwrap();
             // Serialized and read back, as a bridge would carry it.
             let json = serde_json::to_string(ctx.envelope()).unwrap();
             other
-                .publish_envelope(e.clone(), serde_json::from_str(&json).unwrap())
+                .publish_with(
+                    e.clone(),
+                    Publish::envelope(serde_json::from_str(&json).unwrap()),
+                )
                 .unwrap();
             // Both copies have been handled over there before this delivery settles.
             other.flush(WAIT).unwrap();
@@ -286,12 +289,12 @@ fn cloned_options_and_envelopes_keep_everything_but_the_tracker() {
     })
     .unwrap();
     let tracker = bus
-        .publish_tracked(
+        .publish_with(
             Numbered {
                 publisher: 0,
                 seq: 1,
             },
-            options.clone(),
+            options.clone().tracked(),
         )
         .unwrap();
     assert_eq!(tracker.wait(WAIT).unwrap().succeeded, 1);
@@ -301,12 +304,12 @@ fn cloned_options_and_envelopes_keep_everything_but_the_tracker() {
     assert_eq!(envelope.clone(), envelope);
     // Publishing the same envelope again is a new, untracked publish: the tracker's
     // completion does not move.
-    bus.publish_envelope(
+    bus.publish_with(
         Numbered {
             publisher: 0,
             seq: 1,
         },
-        envelope,
+        Publish::envelope(envelope),
     )
     .unwrap();
     bus.flush(WAIT).unwrap();

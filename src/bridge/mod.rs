@@ -390,8 +390,10 @@ fn republish<E: Event>(core: &dyn std::any::Any, letter: &DeadLetter) -> Result<
         source,
         wire.payload,
         Stamp::Given(wire.envelope),
+        None,
         Mode::Block,
     )
+    .map(|_| ())
     .map_err(|_| RedriveError::Shutdown(id))
 }
 

@@ -39,35 +39,115 @@ pub(super) fn run_other_rayon_work() -> bool {
     rayon::yield_now() == Some(rayon::Yield::Executed)
 }
 
-impl Core {
-    pub(super) fn unmatched<E: Event>(
-        &self,
-        source: NameId,
-        event: E,
-        stamp: Stamp,
-    ) -> Result<(), (Refusal, E)> {
-        if self.is_closing() {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            self.registry.uncount(TypeId::of::<E>(), source, 1, true);
-            return Err((Refusal::Shutdown, event));
+/// The publishes an admission counted: `events` events of one type from one source (none
+/// for a redrive, which is not a publish).
+#[derive(Clone, Copy)]
+pub(super) struct Counted {
+    type_id: TypeId,
+    source: NameId,
+    events: u64,
+}
+
+impl Counted {
+    #[inline]
+    pub(super) fn of<E: Event>(source: NameId, events: usize) -> Counted {
+        Counted {
+            type_id: TypeId::of::<E>(),
+            source,
+            events: events as u64,
         }
-        self.count_unmatched(source, &event, stamp);
-        Ok(())
+    }
+
+    /// A redrive of an event from `source`: deliveries, no publish.
+    pub(super) fn redrive(source: NameId) -> Counted {
+        Counted {
+            type_id: TypeId::of::<()>(),
+            source,
+            events: 0,
+        }
+    }
+}
+
+/// Deliveries let in at a shard's gate, with the publishes counted for them: what a refusal
+/// after this point gives back ([`Core::refund`]).
+#[must_use = "an admission is either sent or refunded"]
+pub(super) struct Admitted {
+    index: usize,
+    deliveries: usize,
+    counted: Counted,
+}
+
+impl Core {
+    /// The first half of the accept/refund protocol, the same for every publish path: lets
+    /// `deliveries` in at shard `index`'s gate for the publishes `counted` (which the registry
+    /// counted already). A closed gate lets nothing in and takes the publishes back: the bus
+    /// is shutting down.
+    #[inline]
+    pub(super) fn admit(
+        &self,
+        index: usize,
+        deliveries: usize,
+        counted: Counted,
+    ) -> Result<Admitted, Refusal> {
+        if self.shards[index].gate.enter(deliveries) {
+            Ok(Admitted {
+                index,
+                deliveries,
+                counted,
+            })
+        } else {
+            self.uncount(counted);
+            Err(Refusal::Shutdown)
+        }
+    }
+
+    /// The second half: gives back an admission whose work was not sent (no room, or the bus
+    /// is shutting down): its deliveries at the gate, and its publishes.
+    #[cold]
+    pub(super) fn refund(&self, admitted: Admitted) {
+        self.shards[admitted.index].gate.refund(admitted.deliveries);
+        self.uncount(admitted.counted);
+    }
+
+    fn uncount(&self, counted: Counted) {
+        if counted.events > 0 {
+            self.registry
+                .uncount(counted.type_id, counted.source, counted.events, false);
+        }
+    }
+
+    /// Counts `events` handed back to their publisher: a refusal when the bus is shutting
+    /// down (a full shard's event is not refused, only not published yet).
+    #[cold]
+    pub(super) fn refuse(&self, why: Refusal, events: usize) {
+        if why == Refusal::Shutdown {
+            self.refused.fetch_add(events as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends a message to shard `index`: at once when it has room, else as `mode` says.
+    #[inline]
+    #[allow(clippy::result_large_err)] // The error is the message itself, handed back.
+    fn send(&self, index: usize, msg: Msg, mode: Mode) -> Result<(), (Refusal, Msg)> {
+        match self.shards[index].tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(msg)) => self.send_full(index, msg, mode),
+            Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
+        }
     }
 
     /// Counts an event that matched no subscription, and shows it to the taps (it never
-    /// reaches a worker).
-    pub(super) fn count_unmatched<E: Event>(&self, source: NameId, event: &E, stamp: Stamp) {
+    /// reaches a worker). A tracked event's tracker completes with no delivery.
+    pub(super) fn count_unmatched<E: Event>(&self, event: &E, envelope: Envelope) {
         self.unmatched.fetch_add(1, Ordering::Relaxed);
-        let tracked = stamp.is_tracked();
-        if self.taps.on() || tracked {
-            let envelope = stamp.envelope(source);
-            if let Some(done) = envelope.tracker().and_then(|t| t.arm(envelope.id(), 0)) {
-                done.run(&mut &self.panics);
-            }
-            if self.taps.on() {
-                self.show_taps(&envelope, event, &mut &self.panics);
-            }
+        if let Some(done) = envelope.tracker().and_then(|t| t.arm(envelope.id(), 0)) {
+            done.run(&mut &self.panics);
+        }
+        if self.taps.on() {
+            self.show_taps(&envelope, event, &mut &self.panics);
+        }
+        if envelope.has_extra() {
+            // A tracker's callback is user code, and so is its `Drop`.
             self.panics.drop(envelope);
         }
     }
@@ -93,161 +173,173 @@ impl Core {
         );
     }
 
-    /// Publishes from outside a handler's outbox: through the gate.
+    /// Publishes one event from outside a handler's outbox: routes and stamps it, then
+    /// [`submit`](Self::submit)s it. Returns its id.
     pub(crate) fn publish<E: Event>(
         &self,
         source: NameId,
         event: E,
         stamp: Stamp,
+        delay: Option<Duration>,
+        mode: Mode,
+    ) -> Result<EventId, (Refusal, E)> {
+        let (generation, deliveries) = self.registry.route::<E>(source, 1);
+        let envelope = stamp.envelope(source);
+        let id = envelope.id();
+        if deliveries == 0 {
+            if self.is_closing() {
+                self.refuse(Refusal::Shutdown, 1);
+                self.registry.uncount(TypeId::of::<E>(), source, 1, true);
+                return Err((Refusal::Shutdown, event));
+            }
+            self.count_unmatched(&event, envelope);
+            return Ok(id);
+        }
+        let task = Task::new(envelope, generation, deliveries, event);
+        self.submit(Counted::of::<E>(source, 1), task, delay, mode)
+            .map_err(|(why, event)| {
+                self.refuse(why, 1);
+                (why, event)
+            })?;
+        Ok(id)
+    }
+
+    /// Admits one routed, stamped event (its publish counted as `counted`) and sends it to its
+    /// shard — or, with a delay, to the timer; a refusal refunds the admission and hands the
+    /// event back.
+    fn submit<E: Event>(
+        &self,
+        counted: Counted,
+        task: Task,
+        delay: Option<Duration>,
         mode: Mode,
     ) -> Result<(), (Refusal, E)> {
-        let (generation, deliveries) = self.registry.route::<E>(source, 1);
-        if deliveries == 0 {
-            return self.unmatched(source, event, stamp);
-        }
-        let envelope = stamp.envelope(source);
-        if let Some(t) = envelope.tracker() {
+        if let Some(t) = task.envelope.tracker() {
             // With deliveries to come, arming completes nothing.
-            let _none = t.arm(envelope.id(), deliveries);
+            let _none = t.arm(task.envelope.id(), task.deliveries());
         }
-        let index = self.shard_for(&envelope);
-        let shard = &self.shards[index];
-        if !shard.gate.enter(deliveries) {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            self.registry.uncount(TypeId::of::<E>(), source, 1, false);
-            return Err((Refusal::Shutdown, event));
-        }
-        let msg = Msg::Work(Work::Task(Task::new(
-            envelope, generation, deliveries, event,
-        )));
-        let sent = match shard.tx.try_send(msg) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(msg)) => self.send_full(index, msg, mode),
-            Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
+        let index = self.shard_for(&task.envelope);
+        let admitted = match self.admit(index, task.deliveries(), counted) {
+            Ok(admitted) => admitted,
+            Err(why) => return Err((why, task.into_event())),
         };
-        match sent {
-            Ok(()) => Ok(()),
-            Err((why, msg)) => {
-                shard.gate.refund(deliveries);
-                self.registry.uncount(TypeId::of::<E>(), source, 1, false);
-                if why == Refusal::Shutdown {
-                    self.refused.fetch_add(1, Ordering::Relaxed);
-                }
-                let Msg::Work(Work::Task(task)) = msg else {
-                    unreachable!("publishers send tasks")
-                };
-                Err((why, task.into_event()))
-            }
-        }
+        let work = Work::Task(task);
+        let sent = match delay {
+            None => self
+                .send(index, Msg::Work(work), mode)
+                .map_err(|(why, msg)| (why, msg.into_work())),
+            Some(delay) => self
+                .timer
+                .schedule(Routed { shard: index, work }, delay)
+                .map_err(|routed| (Refusal::Shutdown, routed.work)),
+        };
+        sent.map_err(|(why, work)| {
+            self.refund(admitted);
+            let Work::Task(task) = work else {
+                unreachable!("a single publish sends a task")
+            };
+            (why, task.into_event())
+        })
     }
 
-    /// Publishes through the gate onto the timer: the event goes to its shard after `delay`.
-    pub(crate) fn publish_delayed<E: Event>(
-        &self,
-        source: NameId,
-        event: E,
-        options: Publish,
-        delay: Duration,
-    ) -> Result<(), E> {
-        let (generation, deliveries) = self.registry.route::<E>(source, 1);
-        if deliveries == 0 {
-            return self
-                .unmatched(source, event, Stamp::New(options))
-                .map_err(|(_, e)| e);
-        }
-        let envelope = Envelope::stamp(source, options);
-        let index = self.shard_for(&envelope);
-        let gate = &self.shards[index].gate;
-        if !gate.enter(deliveries) {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            self.registry.uncount(TypeId::of::<E>(), source, 1, false);
-            return Err(event);
-        }
-        let routed = Routed {
-            shard: index,
-            work: Work::Task(Task::new(envelope, generation, deliveries, event)),
-        };
-        match self.timer.schedule(routed, delay) {
-            Ok(()) => Ok(()),
-            Err(routed) => {
-                gate.refund(deliveries);
-                self.registry.uncount(TypeId::of::<E>(), source, 1, false);
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                let Work::Task(task) = routed.work else {
-                    unreachable!("a task was scheduled")
-                };
-                Err(task.into_event())
-            }
-        }
-    }
-
-    /// Publishes events of one type as batch messages (see [`in_groups`](Self::in_groups)).
-    /// Waits while a shard is full. `Err` hands back every event that was not accepted (the
-    /// bus is shutting down).
+    /// Publishes events of one type as batch messages (see [`in_groups`](Self::in_groups));
+    /// an event with a delay goes to the timer on its own. Waits while a shard is full. `Err`
+    /// hands back every event that was not accepted (the bus is shutting down).
     pub(crate) fn publish_batch<E: Event>(
         &self,
         source: NameId,
-        items: impl IntoIterator<Item = (E, Stamp)>,
+        items: impl IntoIterator<Item = (E, Stamp, Option<Duration>)>,
     ) -> Result<(), (Refusal, Vec<E>)> {
         let (generation, deliveries) = self.registry.route::<E>(source, 0);
-        if deliveries == 0 && self.is_closing() {
-            let back: Vec<E> = items.into_iter().map(|(event, _)| event).collect();
-            self.refused.fetch_add(back.len() as u64, Ordering::Relaxed);
-            return Err((Refusal::Shutdown, back));
-        }
-        let result = self.in_groups(source, items, deliveries, |index, group| {
-            self.send_group(index, group, source, generation, deliveries)
-        });
-        if let Err((Refusal::Shutdown, back)) = &result {
-            self.refused.fetch_add(back.len() as u64, Ordering::Relaxed);
+        let result = if deliveries == 0 && self.is_closing() {
+            let back = items.into_iter().map(|(event, ..)| event).collect();
+            Err((Refusal::Shutdown, back))
+        } else {
+            self.in_groups(
+                source,
+                items,
+                deliveries,
+                |index, group| self.send_group(index, group, source, generation, deliveries),
+                |envelope, event, delay| {
+                    self.registry.count::<E>(source, 1, false);
+                    let task = Task::new(envelope, generation, deliveries, event);
+                    self.submit(Counted::of::<E>(source, 1), task, Some(delay), Mode::Block)
+                },
+            )
+        };
+        if let Err((why, back)) = &result {
+            self.refuse(*why, back.len());
         }
         result
     }
 
     /// Prepares a batch published by a handler: grouped as [`publish_batch`](Self::publish_batch)
-    /// does, handed to `stage`, and sent when the handler succeeds.
+    /// does, handed to `stage` (with the delay of an event that has one), and sent when the
+    /// handler succeeds.
     pub(crate) fn prepare_batch<E: Event>(
         &self,
         source: NameId,
-        items: impl IntoIterator<Item = (E, Publish)>,
-        mut stage: impl FnMut(Routed),
+        items: impl IntoIterator<Item = (E, Stamp, Option<Duration>)>,
+        mut stage: impl FnMut(Routed, Option<Duration>),
     ) -> Result<(), Vec<E>> {
         if self.stopped.load(Ordering::SeqCst) {
-            return Err(items.into_iter().map(|(event, _)| event).collect());
+            return Err(items.into_iter().map(|(event, ..)| event).collect());
         }
         let (generation, deliveries) = self.registry.route::<E>(source, 0);
-        let items = items
-            .into_iter()
-            .map(|(event, options)| (event, Stamp::New(options)));
-        self.in_groups(source, items, deliveries, |index, group| {
-            self.registry.count::<E>(source, group.len() as u64, false);
-            stage(Routed {
-                shard: index,
-                work: Work::Batch(Batch::new(group, source, generation, deliveries)),
-            });
-            Ok(())
-        })
+        let stage = std::cell::RefCell::new(&mut stage);
+        self.in_groups(
+            source,
+            items,
+            deliveries,
+            |index, group| {
+                self.registry.count::<E>(source, group.len() as u64, false);
+                let batch = Batch::new(group, source, generation, deliveries);
+                (stage.borrow_mut())(
+                    Routed {
+                        shard: index,
+                        work: Work::Batch(batch),
+                    },
+                    None,
+                );
+                Ok(())
+            },
+            |envelope, event, delay| {
+                self.registry.count::<E>(source, 1, false);
+                let shard = self.shard_for(&envelope);
+                let task = Task::new(envelope, generation, deliveries, event);
+                (stage.borrow_mut())(
+                    Routed {
+                        shard,
+                        work: Work::Task(task),
+                    },
+                    Some(delay),
+                );
+                Ok(())
+            },
+        )
         .map_err(|(_, back)| back)
     }
 
     /// Stamps `items` (an envelope given is kept, its tracker armed) and groups them per
     /// shard — by key; unkeyed events fill one shard's group, then the next one's — and hands
     /// each group of up to [`MAX_GROUP`] events, in publish order, to `emit`: as soon as it is
-    /// full, and the rest at the end. Events that match no subscription (`deliveries` is 0)
-    /// are counted, not grouped. At the first `Err` it stops and returns every event not
-    /// handed over, with those `emit` gave back.
+    /// full, and the rest at the end. An event with a delay goes to `later` on its own.
+    /// Events that match no subscription (`deliveries` is 0) are counted, not grouped. At the
+    /// first `Err` it stops and returns every event not handed over, with those `emit` or
+    /// `later` gave back.
     pub(super) fn in_groups<E: Event>(
         &self,
         source: NameId,
-        items: impl IntoIterator<Item = (E, Stamp)>,
+        items: impl IntoIterator<Item = (E, Stamp, Option<Duration>)>,
         deliveries: usize,
         mut emit: impl FnMut(usize, Vec<(Envelope, E)>) -> Result<(), (Refusal, Vec<E>)>,
+        mut later: impl FnMut(Envelope, E, Duration) -> Result<(), (Refusal, E)>,
     ) -> Result<(), (Refusal, Vec<E>)> {
         let mut items = items.into_iter();
         if deliveries == 0 {
-            for (event, stamp) in items {
+            for (event, stamp, _) in items {
                 self.registry.count::<E>(source, 1, true);
-                self.count_unmatched(source, &event, stamp);
+                self.count_unmatched(&event, stamp.envelope(source));
             }
             return Ok(());
         }
@@ -256,7 +348,7 @@ impl Core {
         let mut unkeyed = self.round_robin();
         let mut failed = None;
         let mut now = 0;
-        for (i, (event, stamp)) in items.by_ref().enumerate() {
+        for (i, (event, stamp, delay)) in items.by_ref().enumerate() {
             let envelope = match stamp {
                 Stamp::New(options) => {
                     // The clock is read once per message's worth of events: ids stay unique
@@ -274,6 +366,13 @@ impl Core {
                     envelope
                 }
             };
+            if let Some(delay) = delay {
+                if let Err((why, event)) = later(envelope, event, delay) {
+                    failed = Some((why, vec![event]));
+                    break;
+                }
+                continue;
+            }
             let index = match envelope.key() {
                 Some(key) => key.shard(shards),
                 None => unkeyed,
@@ -304,11 +403,12 @@ impl Core {
             return Ok(());
         };
         back.extend(groups.flat_map(|(_, group)| group).map(|(_, event)| event));
-        back.extend(items.map(|(event, _)| event));
+        back.extend(items.map(|(event, ..)| event));
         Err((why, back))
     }
 
-    /// Sends one group of a batch to shard `index` through its gate.
+    /// Sends one group of a batch to shard `index`: counted, admitted, sent; refunded when
+    /// refused.
     pub(super) fn send_group<E: Event>(
         &self,
         index: usize,
@@ -318,31 +418,21 @@ impl Core {
         per_event: usize,
     ) -> Result<(), (Refusal, Vec<E>)> {
         let events = group.len();
-        let deliveries = events * per_event;
-        let shard = &self.shards[index];
         let batch = Batch::new(group, source, generation, per_event);
-        if !shard.gate.enter(deliveries) {
-            return Err((Refusal::Shutdown, batch.into_events().collect()));
-        }
-        let msg = Msg::Work(Work::Batch(batch));
-        let sent = match shard.tx.try_send(msg) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(msg)) => self.send_full(index, msg, Mode::Block),
-            Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
+        self.registry.count::<E>(source, events as u64, false);
+        let admitted = match self.admit(index, events * per_event, Counted::of::<E>(source, events))
+        {
+            Ok(admitted) => admitted,
+            Err(why) => return Err((why, batch.into_events().collect())),
         };
-        match sent {
-            Ok(()) => {
-                self.registry.count::<E>(source, events as u64, false);
-                Ok(())
-            }
-            Err((why, msg)) => {
-                shard.gate.refund(deliveries);
-                let Msg::Work(Work::Batch(batch)) = msg else {
+        self.send(index, Msg::Work(Work::Batch(batch)), Mode::Block)
+            .map_err(|(why, msg)| {
+                self.refund(admitted);
+                let Work::Batch(batch) = msg.into_work() else {
                     unreachable!("a batch was sent")
                 };
-                Err((why, batch.into_events().collect()))
-            }
-        }
+                (why, batch.into_events().collect())
+            })
     }
 
     /// The slow path of a publish that found its shard full.
@@ -472,28 +562,28 @@ impl Core {
         }
     }
 
-    /// Prepares an event published by a handler: matched now, sent when the handler succeeds.
-    /// `Ok(None)` when it matched no subscription (counted); `Err` once the bus has stopped.
+    /// Prepares an event published by a handler: matched and stamped now, sent when the
+    /// handler succeeds. Its id, and the work to send (`None` when it matched no subscription:
+    /// counted); `Err` once the bus has stopped.
     pub(crate) fn prepare<E: Event>(
         &self,
         source: NameId,
         event: E,
-        options: Publish,
-    ) -> Result<Option<Routed>, E> {
+        stamp: Stamp,
+    ) -> Result<(EventId, Option<Routed>), E> {
         if self.stopped.load(Ordering::SeqCst) {
             return Err(event);
         }
         let (generation, deliveries) = self.registry.route::<E>(source, 1);
+        let envelope = stamp.envelope(source);
+        let id = envelope.id();
         if deliveries == 0 {
-            self.count_unmatched(source, &event, Stamp::New(options));
-            return Ok(None);
+            self.count_unmatched(&event, envelope);
+            return Ok((id, None));
         }
-        let envelope = Envelope::stamp(source, options);
         let shard = self.shard_for(&envelope);
-        Ok(Some(Routed {
-            shard,
-            work: Work::Task(Task::new(envelope, generation, deliveries, event)),
-        }))
+        let work = Work::Task(Task::new(envelope, generation, deliveries, event));
+        Ok((id, Some(Routed { shard, work })))
     }
 
     /// Offers an accepted event to its shard without blocking; when the shard is full it waits

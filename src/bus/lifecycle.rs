@@ -64,14 +64,15 @@ impl Swept {
         }
     }
 
-    /// Leaves `retry` to be made a dead letter (reason `Shutdown`).
+    /// Leaves `retry` to be made a dead letter (reason `Shutdown`); it is counted, and its
+    /// tracker settled, already.
     pub(super) fn bury(&mut self, core: &Arc<Core>, retry: Retry, leftovers: &mut Leftovers) {
         let core = core.clone();
+        let retry = retry.untracked();
         leftovers.push(move |runner| {
-            let id = core.dead_letters.next_id();
-            let letter = retry.bury(DeadLetterReason::Shutdown, id, runner);
-            let after = core.dead_letters.push(letter);
-            core.dead_letters.call_back(after, runner);
+            if let Some(burial) = Burial::make(&core, retry, DeadLetterReason::Shutdown, runner) {
+                burial.finish(&core, runner);
+            }
         });
     }
 

@@ -26,7 +26,7 @@ use crate::error::{
     ConfigError, FlushError, Pending, PublishBatchError, PublishError, PublishTimeoutError,
     ShutdownError, SubscribeError, TryPublishError,
 };
-use crate::event::{Envelope, Event, EventId, NameId, Publish, Stamp};
+use crate::event::{Envelope, Event, EventId, NameId, Publish, Stamp, Track};
 use crate::guard::{Leftovers, Panics, Runner, drop_with};
 use crate::handler::HandlerResult;
 use crate::ledger::{Gate, Quiescence, net_sum, outstanding};
@@ -37,7 +37,7 @@ pub(crate) type BridgeReport = Box<dyn Fn() -> Option<BridgeCounters> + Send + S
 use crate::registry::{Registry, SubMeta};
 use crate::retry::RetryPolicy;
 use crate::shard::{
-    ABANDONED, Batch, IDLE, MAX_GROUP, Msg, Retry, Routed, Shard, Task, Work, WorkerCounts,
+    ABANDONED, Batch, Burial, IDLE, MAX_GROUP, Msg, Retry, Routed, Shard, Task, Work, WorkerCounts,
     WorkerShared, offer_due, run_worker, seam_of, wait_for_batches,
 };
 use crate::stats::{AbandonedDelivery, BusStats, SHUTDOWN_GRACE, ShutdownReport};
@@ -58,6 +58,7 @@ mod redrive;
 
 use self::core::*;
 pub(crate) use self::core::{Core, Mode, OwnThread};
+use self::intake::Counted;
 pub use builder::BusBuilder;
 pub use dead_letters::{DeadLetters, LoadSummary, RedriveCutShort};
 
@@ -66,6 +67,23 @@ pub use dead_letters::{DeadLetters, LoadSummary, RedriveCutShort};
 /// Handles are cheap to clone and share one bus. Events published through a handle come from
 /// its service: the bus's own [`service_name`](BusBuilder::service_name), or the name given to
 /// [`Bus::service`]. Dropping the last handle shuts the bus down as [`Bus::shutdown`] does.
+///
+/// # Publishing
+///
+/// | | waits for room | never waits | waits at most `timeout` |
+/// |---|---|---|---|
+/// | an event | [`publish`](Bus::publish) | [`try_publish`](Bus::try_publish) | [`publish_timeout`](Bus::publish_timeout) |
+/// | an event with [`Publish`] options | [`publish_with`](Bus::publish_with) | [`try_publish_with`](Bus::try_publish_with) | [`publish_timeout_with`](Bus::publish_timeout_with) |
+/// | events of one type, grouped per shard | [`publish_batch`](Bus::publish_batch), [`publish_batch_with`](Bus::publish_batch_with) | | |
+/// | a rayon parallel iterator (feature `rayon`) | `publish_par_iter`, `publish_par_iter_with` | | |
+///
+/// [`Publish`] holds what varies: a key, correlation, causation and headers, or an envelope
+/// made elsewhere ([`Publish::envelope`]); a delay on the timer ([`Publish::delay`]; a
+/// delayed publish never waits for room); and tracking ([`Publish::tracked`]). A single
+/// publish returns the event's [`EventId`], or a [`Tracker`] when it is tracked; every error
+/// hands the event back. A handler publishes through its [`Context`] with the same
+/// `publish`, `publish_with`, `publish_batch` and `publish_batch_with`, staged until it
+/// returns `Ok`.
 ///
 /// # Examples
 ///
@@ -132,7 +150,7 @@ impl Bus {
         self.core().shards.len()
     }
 
-    /// Publishes `event`, waiting while its shard is full.
+    /// Publishes `event`, waiting while its shard is full, and returns its id.
     ///
     /// The event is stamped with a new id, its own correlation, this handle's service as its
     /// source and the current time, and matched against the subscriptions of its type now.
@@ -145,90 +163,17 @@ impl Bus {
     ///
     /// [`PublishError::Shutdown`] with the event when the bus is shutting down, including
     /// when shutdown starts while this call waits for room.
-    pub fn publish<E: Event>(&self, event: E) -> Result<(), PublishError<E>> {
+    pub fn publish<E: Event>(&self, event: E) -> Result<EventId, PublishError<E>> {
         self.publish_with(event, Publish::new())
     }
 
-    /// Publishes `event` with options (key, correlation, causation, headers), waiting while
-    /// its shard is full.
-    ///
-    /// # Errors
-    ///
-    /// As [`publish`](Self::publish).
-    pub fn publish_with<E: Event>(
-        &self,
-        event: E,
-        options: Publish,
-    ) -> Result<(), PublishError<E>> {
-        self.core()
-            .publish(self.source, event, Stamp::New(options), Mode::Block)
-            .map_err(|(why, e)| refused(why, e))
-    }
-
-    /// Publishes `event` with an envelope made elsewhere — read back from a file or received
-    /// from another process — keeping its id, correlation, causation, source, key and
-    /// headers: the event re-enters the bus as the same event, published by the service the
-    /// envelope names. Waits while the shard is full, as [`publish`](Self::publish) does.
+    /// Publishes `event` with options — a key, correlation, causation, headers, an envelope
+    /// given whole, a delay, tracking — waiting while its shard is full. Returns the event's
+    /// [`EventId`], or a [`Tracker`] for a [`tracked`](Publish::tracked) publish.
     ///
     /// # Examples
     ///
-    /// ```
-    /// use microbus::{Bus, Context, Envelope, Event, HandlerResult};
-    /// use serde::{Deserialize, Serialize};
-    /// use std::sync::{Arc, Mutex};
-    /// use std::time::Duration;
-    ///
-    /// #[derive(Debug, Serialize, Deserialize)]
-    /// struct OrderPaid { order_id: u64 }
-    /// impl Event for OrderPaid { const NAME: &'static str = "OrderPaid"; }
-    ///
-    /// // An envelope that travelled as JSON, say from another process.
-    /// let original = Bus::builder().service_name("payments").build()?;
-    /// let seen = Arc::new(Mutex::new(None));
-    /// let sent = seen.clone();
-    /// original.subscribe(move |_: &OrderPaid, ctx: &Context| -> HandlerResult {
-    ///     *sent.lock().unwrap() = Some(serde_json::to_string(ctx.envelope()).unwrap());
-    ///     Ok(())
-    /// })?;
-    /// original.publish(OrderPaid { order_id: 7 })?;
-    /// original.flush(Duration::from_secs(5))?;
-    /// let json = seen.lock().unwrap().take().unwrap();
-    ///
-    /// let bus = Bus::builder().service_name("shipping").build()?;
-    /// let arrived = Arc::new(Mutex::new(None));
-    /// let got = arrived.clone();
-    /// bus.subscribe(move |_: &OrderPaid, ctx: &Context| -> HandlerResult {
-    ///     *got.lock().unwrap() = Some(ctx.envelope().clone());
-    ///     Ok(())
-    /// })?;
-    /// let envelope: Envelope = serde_json::from_str(&json)?;
-    /// bus.publish_envelope(OrderPaid { order_id: 7 }, envelope.clone())?;
-    /// bus.flush(Duration::from_secs(5))?;
-    /// let arrived = arrived.lock().unwrap().take().unwrap();
-    /// assert_eq!(arrived, envelope);
-    /// assert_eq!(arrived.source(), "payments");
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// [`PublishError::Shutdown`] with the event when the bus is shutting down.
-    pub fn publish_envelope<E: Event>(
-        &self,
-        event: E,
-        envelope: Envelope,
-    ) -> Result<(), PublishError<E>> {
-        let source = envelope.source_id();
-        self.core()
-            .publish(source, event, Stamp::Given(envelope), Mode::Block)
-            .map_err(|(why, e)| refused(why, e))
-    }
-
-    /// Publishes `event` as [`publish_with`](Self::publish_with) does and returns a
-    /// [`Tracker`] that completes once every delivery of the event has settled (succeeded,
-    /// dead-lettered, discarded, cancelled, left or abandoned), with what became of each.
-    ///
-    /// # Examples
+    /// A tracked publish, and a delayed one:
     ///
     /// ```
     /// use microbus::{Bus, Context, Event, HandlerError, HandlerResult, Publish, RetryPolicy};
@@ -244,46 +189,149 @@ impl Bus {
     /// bus.subscribe(|_: &OrderPaid, _: &Context| -> HandlerResult {
     ///     Err(HandlerError::msg("out of stock"))
     /// })?;
-    /// let tracker = bus.publish_tracked(OrderPaid { order_id: 7 }, Publish::new())?;
+    /// let tracker = bus.publish_with(OrderPaid { order_id: 7 }, Publish::keyed(7u64).tracked())?;
     /// let done = tracker.wait(Duration::from_secs(5)).expect("settled");
     /// assert_eq!((done.deliveries, done.succeeded, done.dead_lettered), (2, 1, 1));
+    ///
+    /// let later = Publish::keyed(8u64).delay(Duration::from_millis(10)).tracked();
+    /// let tracker = bus.publish_with(OrderPaid { order_id: 8 }, later)?;
+    /// assert_eq!(tracker.wait(Duration::from_secs(5)).expect("settled").succeeded, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// An envelope that travelled as JSON, say from another process, re-enters as the same
+    /// event:
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Envelope, Event, HandlerResult, Publish};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::sync::{Arc, Mutex};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct OrderPaid { order_id: u64 }
+    /// impl Event for OrderPaid { const NAME: &'static str = "OrderPaid"; }
+    ///
+    /// let original = Bus::builder().service_name("payments").build()?;
+    /// let seen = Arc::new(Mutex::new(None));
+    /// let sent = seen.clone();
+    /// original.subscribe(move |_: &OrderPaid, ctx: &Context| -> HandlerResult {
+    ///     *sent.lock().unwrap() = Some(serde_json::to_string(ctx.envelope()).unwrap());
+    ///     Ok(())
+    /// })?;
+    /// let id = original.publish(OrderPaid { order_id: 7 })?;
+    /// original.flush(Duration::from_secs(5))?;
+    /// let json = seen.lock().unwrap().take().unwrap();
+    ///
+    /// let bus = Bus::builder().service_name("shipping").build()?;
+    /// let arrived = Arc::new(Mutex::new(None));
+    /// let got = arrived.clone();
+    /// bus.subscribe(move |_: &OrderPaid, ctx: &Context| -> HandlerResult {
+    ///     *got.lock().unwrap() = Some(ctx.envelope().clone());
+    ///     Ok(())
+    /// })?;
+    /// let envelope: Envelope = serde_json::from_str(&json)?;
+    /// assert_eq!(bus.publish_with(OrderPaid { order_id: 7 }, Publish::envelope(envelope.clone()))?, id);
+    /// bus.flush(Duration::from_secs(5))?;
+    /// let arrived = arrived.lock().unwrap().take().unwrap();
+    /// assert_eq!(arrived, envelope);
+    /// assert_eq!(arrived.source(), "payments");
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     ///
     /// # Errors
     ///
-    /// [`PublishError::Shutdown`] with the event when the bus is shutting down.
-    pub fn publish_tracked<E: Event>(
+    /// As [`publish`](Self::publish).
+    pub fn publish_with<E: Event, T: Track>(
         &self,
         event: E,
-        options: Publish,
-    ) -> Result<Tracker, PublishError<E>> {
-        let tracking = Tracking::new();
-        let options = options.tracked(tracking.clone());
-        self.core()
-            .publish(self.source, event, Stamp::New(options), Mode::Block)
-            .map_err(|(why, e)| refused(why, e))?;
-        Ok(Tracker(tracking))
+        options: Publish<T>,
+    ) -> Result<T::Receipt, PublishError<E>> {
+        self.send(event, options, Mode::Block)
+            .map_err(|(why, e)| refused(why, e))
     }
 
-    /// [`publish_envelope`](Self::publish_envelope) with a [`Tracker`], as
-    /// [`publish_tracked`](Self::publish_tracked) gives: what a bridge acknowledges by.
+    /// Publishes `event` if its shard has room now; never waits.
     ///
     /// # Errors
     ///
-    /// [`PublishError::Shutdown`] with the event when the bus is shutting down.
-    pub fn publish_envelope_tracked<E: Event>(
+    /// [`TryPublishError::Full`] or [`TryPublishError::Shutdown`], with the event.
+    pub fn try_publish<E: Event>(&self, event: E) -> Result<EventId, TryPublishError<E>> {
+        self.try_publish_with(event, Publish::new())
+    }
+
+    /// [`try_publish`](Self::try_publish) with options, returning what
+    /// [`publish_with`](Self::publish_with) returns.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_publish`](Self::try_publish).
+    pub fn try_publish_with<E: Event, T: Track>(
         &self,
         event: E,
-        envelope: Envelope,
-    ) -> Result<Tracker, PublishError<E>> {
-        let tracking = Tracking::new();
-        let envelope = envelope.with_tracker(tracking.clone());
-        let source = envelope.source_id();
-        self.core()
-            .publish(source, event, Stamp::Given(envelope), Mode::Block)
-            .map_err(|(why, e)| refused(why, e))?;
-        Ok(Tracker(tracking))
+        options: Publish<T>,
+    ) -> Result<T::Receipt, TryPublishError<E>> {
+        self.send(event, options, Mode::Try)
+            .map_err(|(why, e)| match why {
+                Refusal::Shutdown => TryPublishError::Shutdown(e),
+                Refusal::Full | Refusal::Timeout => TryPublishError::Full(e),
+            })
+    }
+
+    /// Publishes `event`, waiting at most `timeout` for room in its shard.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishTimeoutError::Timeout`] or [`PublishTimeoutError::Shutdown`], with the event.
+    pub fn publish_timeout<E: Event>(
+        &self,
+        event: E,
+        timeout: Duration,
+    ) -> Result<EventId, PublishTimeoutError<E>> {
+        self.publish_timeout_with(event, Publish::new(), timeout)
+    }
+
+    /// [`publish_timeout`](Self::publish_timeout) with options, returning what
+    /// [`publish_with`](Self::publish_with) returns.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish_timeout`](Self::publish_timeout).
+    pub fn publish_timeout_with<E: Event, T: Track>(
+        &self,
+        event: E,
+        options: Publish<T>,
+        timeout: Duration,
+    ) -> Result<T::Receipt, PublishTimeoutError<E>> {
+        let mode = match Instant::now().checked_add(timeout) {
+            Some(deadline) => Mode::Until(deadline),
+            None => Mode::Block,
+        };
+        self.send(event, options, mode)
+            .map_err(|(why, e)| match why {
+                Refusal::Shutdown => PublishTimeoutError::Shutdown(e),
+                Refusal::Full | Refusal::Timeout => PublishTimeoutError::Timeout(e),
+            })
+    }
+
+    /// The one publish of a single event behind the methods above: tracking armed when
+    /// asked for, the source a given envelope names or this handle's.
+    #[inline]
+    fn send<E: Event, T: Track>(
+        &self,
+        event: E,
+        options: Publish<T>,
+        mode: Mode,
+    ) -> Result<T::Receipt, (Refusal, E)> {
+        let (mut stamp, delay) = options.into_parts();
+        let tracking = T::TRACKED.then(|| {
+            let tracking = Tracking::new();
+            stamp.track(tracking.clone());
+            Tracker(tracking)
+        });
+        let source = stamp.source(self.source);
+        let id = self.core().publish(source, event, stamp, delay, mode)?;
+        Ok(T::receipt(id, tracking))
     }
 
     /// Publishes events of one type in batches: they are grouped per shard and each group of
@@ -325,7 +373,8 @@ impl Bus {
     }
 
     /// Like [`publish_batch`](Self::publish_batch), each event with its own options (a key,
-    /// headers, a correlation).
+    /// headers, a correlation, an envelope given whole). An event with a
+    /// [`delay`](Publish::delay) goes to the timer on its own.
     ///
     /// # Errors
     ///
@@ -337,108 +386,14 @@ impl Bus {
         self.core()
             .publish_batch(
                 self.source,
-                items
-                    .into_iter()
-                    .map(|(event, options)| (event, Stamp::New(options))),
+                items.into_iter().map(|(event, options)| {
+                    let (stamp, delay) = options.into_parts();
+                    (event, stamp, delay)
+                }),
             )
             .map_err(|(why, back)| match why {
                 Refusal::Full => PublishBatchError::full(back),
                 Refusal::Timeout | Refusal::Shutdown => PublishBatchError::new(back),
-            })
-    }
-
-    /// Publishes `event` to be delivered after `delay`: it is accepted now (and counted by
-    /// `flush` and `shutdown`) and waits on the timer, then goes to its shard. Never waits.
-    /// Shutdown does not wait for a delayed event that falls due after its deadline; it is
-    /// reported as left.
-    ///
-    /// # Errors
-    ///
-    /// [`PublishError::Shutdown`] with the event when the bus is shutting down.
-    pub fn publish_delayed<E: Event>(
-        &self,
-        event: E,
-        delay: Duration,
-    ) -> Result<(), PublishError<E>> {
-        self.publish_delayed_with(event, Publish::new(), delay)
-    }
-
-    /// [`publish_delayed`](Self::publish_delayed) with options.
-    ///
-    /// # Errors
-    ///
-    /// As [`publish_delayed`](Self::publish_delayed).
-    pub fn publish_delayed_with<E: Event>(
-        &self,
-        event: E,
-        options: Publish,
-        delay: Duration,
-    ) -> Result<(), PublishError<E>> {
-        self.core()
-            .publish_delayed(self.source, event, options, delay)
-            .map_err(PublishError::Shutdown)
-    }
-
-    /// Publishes `event` if its shard has room now; never waits.
-    ///
-    /// # Errors
-    ///
-    /// [`TryPublishError::Full`] or [`TryPublishError::Shutdown`], with the event.
-    pub fn try_publish<E: Event>(&self, event: E) -> Result<(), TryPublishError<E>> {
-        self.try_publish_with(event, Publish::new())
-    }
-
-    /// [`try_publish`](Self::try_publish) with options.
-    ///
-    /// # Errors
-    ///
-    /// As [`try_publish`](Self::try_publish).
-    pub fn try_publish_with<E: Event>(
-        &self,
-        event: E,
-        options: Publish,
-    ) -> Result<(), TryPublishError<E>> {
-        self.core()
-            .publish(self.source, event, Stamp::New(options), Mode::Try)
-            .map_err(|(why, e)| match why {
-                Refusal::Shutdown => TryPublishError::Shutdown(e),
-                Refusal::Full | Refusal::Timeout => TryPublishError::Full(e),
-            })
-    }
-
-    /// Publishes `event`, waiting at most `timeout` for room in its shard.
-    ///
-    /// # Errors
-    ///
-    /// [`PublishTimeoutError::Timeout`] or [`PublishTimeoutError::Shutdown`], with the event.
-    pub fn publish_timeout<E: Event>(
-        &self,
-        event: E,
-        timeout: Duration,
-    ) -> Result<(), PublishTimeoutError<E>> {
-        self.publish_timeout_with(event, Publish::new(), timeout)
-    }
-
-    /// [`publish_timeout`](Self::publish_timeout) with options.
-    ///
-    /// # Errors
-    ///
-    /// As [`publish_timeout`](Self::publish_timeout).
-    pub fn publish_timeout_with<E: Event>(
-        &self,
-        event: E,
-        options: Publish,
-        timeout: Duration,
-    ) -> Result<(), PublishTimeoutError<E>> {
-        let mode = match Instant::now().checked_add(timeout) {
-            Some(deadline) => Mode::Until(deadline),
-            None => Mode::Block,
-        };
-        self.core()
-            .publish(self.source, event, Stamp::New(options), mode)
-            .map_err(|(why, e)| match why {
-                Refusal::Shutdown => PublishTimeoutError::Shutdown(e),
-                Refusal::Full | Refusal::Timeout => PublishTimeoutError::Timeout(e),
             })
     }
 

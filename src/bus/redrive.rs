@@ -34,7 +34,10 @@ impl Core {
         }
         let index = self.shard_for(&retry.event.envelope);
         // Counted in before it can be settled; given back if the timer has stopped.
-        self.shards[index].gate.accept(1);
+        let counted = Counted::redrive(retry.event.envelope.source_id());
+        let Ok(admitted) = self.admit(index, 1, counted) else {
+            return Err((letter, RedriveError::Shutdown(id)));
+        };
         let routed = Routed {
             shard: index,
             work: Work::Retry(retry.clone()),
@@ -42,7 +45,7 @@ impl Core {
         match self.timer.schedule(routed, Duration::ZERO) {
             Ok(()) => Ok(()),
             Err(_) => {
-                self.shards[index].gate.refund(1);
+                self.refund(admitted);
                 Err((letter, RedriveError::Shutdown(id)))
             }
         }
@@ -145,8 +148,8 @@ impl Core {
             return;
         }
         let now = SystemTime::now();
-        let envelope =
-            envelope.unwrap_or_else(|| Envelope::stamp(NameId::intern(handler), Publish::new()));
+        let envelope = envelope
+            .unwrap_or_else(|| Envelope::stamp(NameId::intern(handler), Default::default()));
         let service = envelope.source();
         let letter = DeadLetter {
             id: self.dead_letters.next_id(),

@@ -94,6 +94,16 @@ pub(crate) enum Msg {
     Wake,
 }
 
+impl Msg {
+    /// The work of a message that was handed back (publishers send only work).
+    pub(crate) fn into_work(self) -> Work {
+        match self {
+            Msg::Work(work) => work,
+            Msg::Wake => unreachable!("publishers send work"),
+        }
+    }
+}
+
 /// Work bound for shard `shard`.
 pub(crate) struct Routed {
     pub(crate) shard: usize,

@@ -64,24 +64,80 @@ pub(crate) fn settle_deferred(
         }
         Then::Bury(reason) => reason,
     };
-    let (done, after) = if core.dead_letters.enabled() {
-        let done = retry.track(Settled::DeadLettered);
-        let id = core.dead_letters.next_id();
-        let after = core.dead_letters.push(retry.bury(reason, id, runner));
-        counts.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        (done, Some(after))
-    } else {
-        let done = retry.track(Settled::Discarded);
-        counts.discarded.fetch_add(1, Ordering::Relaxed);
-        drop_with(runner, retry);
-        (done, None)
+    let Some(burial) = Burial::make(core, retry, reason, runner) else {
+        unreachable!("only a worker is detached")
+    };
+    match burial.how {
+        Settled::DeadLettered => counts.dead_lettered.fetch_add(1, Ordering::Relaxed),
+        _ => counts.discarded.fetch_add(1, Ordering::Relaxed),
     };
     counts.settle(1);
-    if let Some(done) = done {
-        done.run(runner);
+    burial.finish(core, runner);
+}
+
+/// A delivery that failed for good, on its way out: kept as a dead letter, or discarded
+/// with dead letters off. [`make`](Burial::make) is the one place that decides which; the
+/// caller counts the settlement (`how`), then [`finish`](Burial::finish)es it: user code
+/// (the tracker's callback, the hook, the sink, the event's `Drop`) runs only after that.
+pub(crate) struct Burial {
+    pub(crate) how: Settled,
+    /// The tracker's callback, when this delivery completed it.
+    pub(crate) done: Option<Done>,
+    /// What the ring calls back: the hook, the sink for an evicted letter.
+    pub(crate) after: Option<Aftermath>,
+    /// A discarded delivery, to drop (its event's `Drop` may be user code).
+    pub(crate) discarded: Option<Retry>,
+}
+
+impl Burial {
+    /// Makes `retry` dead letter `reason` in the ring (the event's `Serialize` under
+    /// `runner`'s guard) or, with dead letters off, discards it; settles its tracker.
+    /// `None` when `runner` was detached while `Serialize` ran: shutdown has counted the
+    /// delivery, and the letter is dropped.
+    pub(crate) fn make(
+        core: &Core,
+        retry: Retry,
+        reason: DeadLetterReason,
+        runner: &mut dyn Runner,
+    ) -> Option<Burial> {
+        if !core.dead_letters.enabled() {
+            return Some(Burial {
+                how: Settled::Discarded,
+                done: retry.track(Settled::Discarded),
+                after: None,
+                discarded: Some(retry),
+            });
+        }
+        let id = core.dead_letters.next_id();
+        let tracked = retry.tracked.then(|| retry.event.clone());
+        let letter = retry.bury(reason, id, runner);
+        if runner.detached() {
+            drop_with(&mut &core.panics, (letter, tracked));
+            return None;
+        }
+        let tracker = tracked.as_ref().and_then(|event| event.envelope.tracker());
+        let done = tracker.and_then(|t| t.settle(Settled::DeadLettered, 1));
+        let after = core.dead_letters.push(letter);
+        Some(Burial {
+            how: Settled::DeadLettered,
+            done,
+            after: Some(after),
+            discarded: None,
+        })
     }
-    if let Some(after) = after {
-        core.dead_letters.call_back(after, runner);
+
+    /// Runs the user code that follows a counted burial, under `runner`'s guard: the
+    /// tracker's callback, then the hook and the sink, then the discarded event's `Drop`.
+    pub(crate) fn finish(self, core: &Core, runner: &mut dyn Runner) {
+        if let Some(done) = self.done {
+            done.run(runner);
+        }
+        if let Some(after) = self.after {
+            core.dead_letters.call_back(after, runner);
+        }
+        if let Some(retry) = self.discarded {
+            drop_with(runner, retry);
+        }
     }
 }
 

@@ -430,6 +430,12 @@ impl Retry {
         self.event.envelope.tracker()?.settle(how, 1)
     }
 
+    /// The retry, no longer counted by the event's tracker (which was settled for it).
+    pub(crate) fn untracked(mut self) -> Retry {
+        self.tracked = false;
+        self
+    }
+
     /// Turns the retry into dead letter `id`; the event is serialized under `runner`'s guard.
     pub(crate) fn bury(
         self,

@@ -41,6 +41,10 @@ pub(super) enum Later {
 impl Runner for Worker<'_> {
     /// Runs user code outside a handler, under the guard and in a window in which shutdown may
     /// detach the worker: the state word names the seam while it runs.
+    fn detached(&self) -> bool {
+        self.detached
+    }
+
     fn run(&mut self, seam: Seam, f: &mut dyn FnMut()) -> bool {
         let state = &self.shared.state;
         if self.detached || state.load(Ordering::Relaxed) != IDLE {
@@ -246,28 +250,22 @@ impl Worker<'_> {
     /// then runs the user code that follows (the tracker's callback, the hook, the sink).
     pub(super) fn bury(&mut self, retry: Retry, reason: DeadLetterReason) {
         let core = self.core;
-        let kept = core.dead_letters.enabled();
-        if kept {
-            let id = core.dead_letters.next_id();
-            let tracked = retry.tracked.then(|| retry.event.clone());
-            // The event's `Serialize` runs here, in a window.
-            let letter = retry.bury(reason, id, self);
-            if self.detached {
-                // Shutdown counted this delivery while `Serialize` ran.
-                return drop_with(&mut &core.panics, (letter, tracked));
-            }
-            let tracker = tracked.as_ref().and_then(|event| event.envelope.tracker());
-            if let Some(done) = tracker.and_then(|t| t.settle(Settled::DeadLettered, 1)) {
-                self.later.push(Later::Tracker(done));
-            }
-            let after = core.dead_letters.push(letter);
-            self.shared.settle_dead_lettered();
+        // The event's `Serialize` runs in a window: `None` when shutdown detached the worker
+        // meanwhile and counted the delivery.
+        let Some(burial) = Burial::make(core, retry, reason, self) else {
+            return;
+        };
+        match burial.how {
+            Settled::DeadLettered => self.shared.settle_dead_lettered(),
+            _ => self.shared.settle_discarded(),
+        }
+        if let Some(done) = burial.done {
+            self.later.push(Later::Tracker(done));
+        }
+        if let Some(after) = burial.after {
             self.later.push(Later::Ring(Box::new(after)));
-        } else {
-            if let Some(done) = retry.track(Settled::Discarded) {
-                self.later.push(Later::Tracker(done));
-            }
-            self.shared.settle_discarded();
+        }
+        if let Some(retry) = burial.discarded {
             self.dispose(Work::Retry(retry));
         }
         self.call_back();

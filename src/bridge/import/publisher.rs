@@ -65,13 +65,15 @@ impl Publisher {
                 run.push(next);
             }
             let mut trackers = Vec::with_capacity(run.len());
-            let items: Vec<(E, Stamp)> = run
+            let items: Vec<(E, Stamp, Option<std::time::Duration>)> = run
                 .into_iter()
                 .map(|(id, event, envelope)| {
                     let tracking = crate::track::Tracking::new();
                     let seen = self.options.seen_ttl.map(|_| envelope.id());
                     trackers.push((id, seen, Tracker(tracking.clone())));
-                    (event, Stamp::Given(envelope.with_tracker(tracking)))
+                    let mut stamp = Stamp::Given(envelope);
+                    stamp.track(tracking);
+                    (event, stamp, None)
                 })
                 .collect();
             if core.publish_batch(source, items).is_err() {

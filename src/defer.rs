@@ -28,6 +28,7 @@ use crate::guard::{Runner, drop_with};
 use crate::handler::{HandlerError, HandlerResult};
 use crate::shard::Retry;
 use crate::stats::AbandonedDelivery;
+use crate::stats::OutcomeCounters;
 use crate::sync::{Arc, AtomicU64, Ordering};
 use crate::track::Settled;
 
@@ -58,11 +59,7 @@ pub(crate) struct Deferrals {
     /// Registered and not yet closed.
     outstanding: Mutex<HashMap<u64, Arc<Slot>>>,
     pub(crate) settled: AtomicU64,
-    pub(crate) succeeded: AtomicU64,
-    pub(crate) failed: AtomicU64,
-    pub(crate) retried: AtomicU64,
-    pub(crate) dead_lettered: AtomicU64,
-    pub(crate) discarded: AtomicU64,
+    pub(crate) outcomes: OutcomeCounters,
 }
 
 impl Deferrals {

@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 
 use crate::event::NameId;
 use crate::retry::RetryPolicy;
+use crate::stats::OutcomeCounters;
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// What a subscription is, apart from its handler.
@@ -26,13 +27,10 @@ pub(crate) struct SubMeta {
     pub(crate) since_gen: AtomicU32,
     pub(crate) retry: RetryPolicy,
     pub(crate) active: AtomicBool,
-    pub(crate) failed: AtomicU64,
-    pub(crate) panicked: AtomicU64,
-    pub(crate) cancelled: AtomicU64,
-    pub(crate) retried: AtomicU64,
-    pub(crate) dead_lettered: AtomicU64,
-    /// Deferred deliveries completed with success (on whatever thread completed them).
-    pub(crate) deferred_succeeded: AtomicU64,
+    /// Its outcomes. `succeeded` counts only deferred deliveries completed with success (on
+    /// whatever thread completed them): a worker counts its successes in `cells`, which no
+    /// other worker writes.
+    pub(crate) outcomes: OutcomeCounters,
     pub(crate) last_error: Mutex<Option<String>>,
     /// Counters each worker writes on every delivery (none with metrics off).
     pub(crate) cells: CellsByWorker,
@@ -59,12 +57,7 @@ impl SubMeta {
             since_gen: AtomicU32::new(0),
             retry,
             active: AtomicBool::new(true),
-            failed: AtomicU64::new(0),
-            panicked: AtomicU64::new(0),
-            cancelled: AtomicU64::new(0),
-            retried: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
-            deferred_succeeded: AtomicU64::new(0),
+            outcomes: OutcomeCounters::default(),
             last_error: Mutex::new(None),
             cells,
         }
@@ -82,9 +75,9 @@ impl SubMeta {
     }
 
     pub(crate) fn record_failure(&self, error: &dyn fmt::Display, panicked: bool) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.outcomes.failed.fetch_add(1, Ordering::Relaxed);
         if panicked {
-            self.panicked.fetch_add(1, Ordering::Relaxed);
+            self.outcomes.panicked.fetch_add(1, Ordering::Relaxed);
         }
         *self.last_error.lock() = Some(error.to_string());
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::guard::CallbackPanics;
 use crate::id::EventId;
+use crate::sync::{AtomicU64, Ordering};
 
 /// How long past its deadline [`Bus::shutdown`](crate::Bus::shutdown) may take at most, whatever user code is running:
 /// to detach workers stuck in handlers or callbacks, to sweep what never ran, and to wait for
@@ -54,6 +55,85 @@ pub struct BusStats {
     /// Panics caught in user code outside handlers, by where they happened (not terms of
     /// the ledger: each delivery concerned is settled as if the code had returned).
     pub callback_panics: CallbackPanics,
+}
+
+/// The outcome terms of deliveries, as counted wherever deliveries settle or move on — a
+/// worker, a deferred delivery's settlement, shutdown's sweep, a subscription — and summed
+/// into [`BusStats`]: one type, added as a whole, so no place lists the terms again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Outcomes {
+    pub(crate) succeeded: u64,
+    pub(crate) failed: u64,
+    pub(crate) panicked: u64,
+    pub(crate) retried: u64,
+    pub(crate) dead_lettered: u64,
+    pub(crate) discarded: u64,
+    pub(crate) cancelled: u64,
+    pub(crate) left: u64,
+}
+
+impl std::ops::AddAssign for Outcomes {
+    fn add_assign(&mut self, o: Outcomes) {
+        self.succeeded += o.succeeded;
+        self.failed += o.failed;
+        self.panicked += o.panicked;
+        self.retried += o.retried;
+        self.dead_lettered += o.dead_lettered;
+        self.discarded += o.discarded;
+        self.cancelled += o.cancelled;
+        self.left += o.left;
+    }
+}
+
+impl Outcomes {
+    /// The deliveries these outcomes settled: failures and retries are steps on the way.
+    pub(crate) fn settled(&self) -> u64 {
+        self.succeeded + self.dead_lettered + self.discarded + self.cancelled + self.left
+    }
+}
+
+/// [`Outcomes`] as counters that other threads read.
+#[derive(Debug, Default)]
+pub(crate) struct OutcomeCounters {
+    pub(crate) succeeded: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) panicked: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) discarded: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+    pub(crate) left: AtomicU64,
+}
+
+impl OutcomeCounters {
+    /// The counts now (each read `Relaxed`: the caller orders them against its own
+    /// `settled` counter).
+    pub(crate) fn read(&self) -> Outcomes {
+        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Outcomes {
+            succeeded: read(&self.succeeded),
+            failed: read(&self.failed),
+            panicked: read(&self.panicked),
+            retried: read(&self.retried),
+            dead_lettered: read(&self.dead_lettered),
+            discarded: read(&self.discarded),
+            cancelled: read(&self.cancelled),
+            left: read(&self.left),
+        }
+    }
+}
+
+impl std::ops::AddAssign<Outcomes> for BusStats {
+    fn add_assign(&mut self, o: Outcomes) {
+        self.succeeded += o.succeeded;
+        self.failed += o.failed;
+        self.panicked += o.panicked;
+        self.retried += o.retried;
+        self.dead_lettered += o.dead_lettered;
+        self.discarded += o.discarded;
+        self.cancelled += o.cancelled;
+        self.left += o.left;
+    }
 }
 
 /// What a counter of [`BusStats`] is to the ledger.
@@ -198,15 +278,16 @@ impl BusStats {
 
     /// Whether every accepted delivery is accounted for by exactly one outcome.
     pub fn is_balanced(&self) -> bool {
-        let terms = self.terms();
-        let sum = |role| {
-            terms
-                .iter()
-                .filter(|t| t.role == role)
-                .map(|t| t.value)
-                .sum::<u64>()
-        };
-        sum(Role::Accepted) == sum(Role::Outcome)
+        self.sum(Role::Accepted) == self.sum(Role::Outcome)
+    }
+
+    /// The sum of the terms that play `role`.
+    pub(crate) fn sum(&self, role: Role) -> u64 {
+        self.terms()
+            .iter()
+            .filter(|t| t.role == role)
+            .map(|t| t.value)
+            .sum()
     }
 
     /// The ledger as one line: `10 accepted = 8 succeeded + 1 dead-lettered + … + 1 in

@@ -112,10 +112,11 @@ impl Subscription {
 
     /// Its failure and cancellation counts so far.
     pub fn stats(&self) -> SubscriptionStats {
+        let outcomes = self.meta.outcomes.read();
         SubscriptionStats {
-            failed: self.meta.failed.load(Ordering::Relaxed),
-            panicked: self.meta.panicked.load(Ordering::Relaxed),
-            cancelled: self.meta.cancelled.load(Ordering::Relaxed),
+            failed: outcomes.failed,
+            panicked: outcomes.panicked,
+            cancelled: outcomes.cancelled,
             last_error: self.meta.last_error.lock().clone(),
         }
     }

@@ -6,9 +6,7 @@ use super::*;
 /// (dead-lettered, or discarded when dead letters are off).
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Swept {
-    pub(super) left: u64,
-    pub(super) dead_lettered: u64,
-    pub(super) discarded: u64,
+    pub(super) outcomes: Outcomes,
 }
 
 impl Swept {
@@ -23,8 +21,8 @@ impl Swept {
             let deliveries = work.deliveries() as u64;
             let mut done = Vec::new();
             let retries = work.never_ran(&core.registry.load_full(), &mut done);
-            self.dead_lettered += retries.len() as u64;
-            self.left += deliveries - retries.len() as u64;
+            self.outcomes.dead_lettered += retries.len() as u64;
+            self.outcomes.left += deliveries - retries.len() as u64;
             done.extend(
                 retries
                     .iter()
@@ -48,17 +46,17 @@ impl Swept {
         }
         match work {
             Work::Task(_) | Work::Batch(_) => {
-                self.left += work.deliveries() as u64;
+                self.outcomes.left += work.deliveries() as u64;
                 if work.needs_drop() {
                     leftovers.drop(work);
                 }
             }
             Work::Retry(retry) if kept => {
-                self.dead_lettered += 1;
+                self.outcomes.dead_lettered += 1;
                 self.bury(core, retry, leftovers);
             }
             Work::Retry(retry) => {
-                self.discarded += 1;
+                self.outcomes.discarded += 1;
                 leftovers.drop(retry);
             }
         }
@@ -77,7 +75,7 @@ impl Swept {
     }
 
     pub(super) fn total(&self) -> u64 {
-        self.left + self.dead_lettered + self.discarded
+        self.outcomes.settled()
     }
 }
 
@@ -242,32 +240,19 @@ impl Core {
     ) -> BusStats {
         let mut stats = BusStats {
             abandoned,
-            left: swept.left,
-            dead_lettered: swept.dead_lettered,
-            discarded: swept.discarded,
             evicted: self.dead_letters.evicted(),
             unmatched: self.unmatched.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
             callback_panics: self.panics.counts(),
             ..BusStats::default()
         };
+        stats += swept.outcomes;
         let d = &self.deferrals;
-        stats.succeeded += d.succeeded.load(Ordering::Relaxed);
-        stats.failed += d.failed.load(Ordering::Relaxed);
-        stats.retried += d.retried.load(Ordering::Relaxed);
-        stats.dead_lettered += d.dead_lettered.load(Ordering::Relaxed);
-        stats.discarded += d.discarded.load(Ordering::Relaxed);
         let mut settled = abandoned + swept.total() + d.settled.load(Ordering::Acquire);
+        stats += d.outcomes.read();
         for w in self.worker_counts(frozen) {
             settled += w.settled;
-            stats.succeeded += w.succeeded;
-            stats.failed += w.failed;
-            stats.panicked += w.panicked;
-            stats.discarded += w.discarded;
-            stats.cancelled += w.cancelled;
-            stats.left += w.left;
-            stats.retried += w.retried;
-            stats.dead_lettered += w.dead_lettered;
+            stats += w.outcomes;
         }
         let net = net.unwrap_or_else(|| net_sum(self.shards.iter().map(|s| &*s.gate)));
         let out = outstanding(net, settled);
@@ -288,12 +273,7 @@ impl Core {
         BusStats {
             // A worker may settle an event a moment before its publisher counts it accepted:
             // live counts never show fewer deliveries than outcomes.
-            delivered: stats.succeeded
-                + stats.dead_lettered
-                + stats.discarded
-                + stats.cancelled
-                + stats.left
-                + stats.in_flight,
+            delivered: stats.sum(crate::stats::Role::Outcome),
             ..stats
         }
     }
@@ -498,8 +478,8 @@ impl Core {
                     let left = worker.remaining.load(Ordering::Relaxed);
                     let held = worker.held_retries.load(Ordering::Relaxed);
                     given_up += 1;
-                    swept.left += left;
-                    swept.discarded += held;
+                    swept.outcomes.left += left;
+                    swept.outcomes.discarded += held;
                     let meta = self.registry.lookup(state);
                     detached.push(AbandonedDelivery {
                         worker: name,

@@ -40,7 +40,7 @@ use crate::shard::{
     ABANDONED, Batch, Burial, IDLE, MAX_GROUP, Msg, Retry, Routed, Shard, Task, Work, WorkerCounts,
     WorkerShared, offer_due, run_worker, seam_of, wait_for_batches,
 };
-use crate::stats::{AbandonedDelivery, BusStats, SHUTDOWN_GRACE, ShutdownReport};
+use crate::stats::{AbandonedDelivery, BusStats, Outcomes, SHUTDOWN_GRACE, ShutdownReport};
 use crate::subscription::{SubscribeOptions, Subscription};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::tap::{Tapped, Taps};

@@ -513,6 +513,7 @@ impl Metrics {
                         .map(|c| pick(c).load(Ordering::Relaxed))
                         .sum()
                 };
+                let outcomes = meta.outcomes.read();
                 HandlerMetrics {
                     id: meta.id,
                     service: meta.service.as_str().to_owned(),
@@ -520,13 +521,12 @@ impl Metrics {
                     event: meta.event_name.to_owned(),
                     active: meta.active.load(Ordering::Relaxed),
                     delivered: sum(|c| &c.delivered),
-                    succeeded: sum(|c| &c.succeeded)
-                        + meta.deferred_succeeded.load(Ordering::Relaxed),
-                    failed: meta.failed.load(Ordering::Relaxed),
-                    panicked: meta.panicked.load(Ordering::Relaxed),
-                    retried: meta.retried.load(Ordering::Relaxed),
-                    dead_lettered: meta.dead_lettered.load(Ordering::Relaxed),
-                    cancelled: meta.cancelled.load(Ordering::Relaxed),
+                    succeeded: sum(|c| &c.succeeded) + outcomes.succeeded,
+                    failed: outcomes.failed,
+                    panicked: outcomes.panicked,
+                    retried: outcomes.retried,
+                    dead_lettered: outcomes.dead_lettered,
+                    cancelled: outcomes.cancelled,
                     queue_wait: latencies.queue_wait.summary(&mut scratch),
                     handler_time: latencies.handler.summary(&mut scratch),
                     end_to_end: latencies.end_to_end.summary(&mut scratch),

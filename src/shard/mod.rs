@@ -49,6 +49,7 @@ use crate::meta::{SubMeta, before};
 use crate::metrics::{Collect, Recorder, Span};
 use crate::registry::{Snapshot, TypeTable};
 use crate::retry::Jitter;
+use crate::stats::{OutcomeCounters, Outcomes};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::trace::{TraceEntry, TraceOutcome};
 use crate::track::{Done, Settled};
@@ -133,14 +134,7 @@ pub(crate) fn offer_due(shards: &[Shard], routed: Routed) {
 #[derive(Default)]
 pub(crate) struct WorkerStats {
     pub(crate) settled: AtomicU64,
-    pub(crate) succeeded: AtomicU64,
-    pub(crate) failed: AtomicU64,
-    pub(crate) panicked: AtomicU64,
-    pub(crate) discarded: AtomicU64,
-    pub(crate) cancelled: AtomicU64,
-    pub(crate) left: AtomicU64,
-    pub(crate) retried: AtomicU64,
-    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) outcomes: OutcomeCounters,
 }
 
 impl WorkerStats {
@@ -149,14 +143,7 @@ impl WorkerStats {
     pub(crate) fn read(&self) -> WorkerCounts {
         WorkerCounts {
             settled: self.settled.load(Ordering::Acquire),
-            succeeded: self.succeeded.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            panicked: self.panicked.load(Ordering::Relaxed),
-            discarded: self.discarded.load(Ordering::Relaxed),
-            cancelled: self.cancelled.load(Ordering::Relaxed),
-            left: self.left.load(Ordering::Relaxed),
-            retried: self.retried.load(Ordering::Relaxed),
-            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            outcomes: self.outcomes.read(),
         }
     }
 }
@@ -165,14 +152,7 @@ impl WorkerStats {
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct WorkerCounts {
     pub(crate) settled: u64,
-    pub(crate) succeeded: u64,
-    pub(crate) failed: u64,
-    pub(crate) panicked: u64,
-    pub(crate) discarded: u64,
-    pub(crate) cancelled: u64,
-    pub(crate) left: u64,
-    pub(crate) retried: u64,
-    pub(crate) dead_lettered: u64,
+    pub(crate) outcomes: Outcomes,
 }
 
 /// Adds to a counter that has one writer: a load and a store, no read-modify-write.
@@ -331,28 +311,28 @@ impl WorkerShared {
     /// Settles `n` deliveries as left over (never run).
     #[inline]
     pub(crate) fn settle_left(&self, n: usize) {
-        bump(&self.stats.left, n as u64);
+        bump(&self.stats.outcomes.left, n as u64);
         self.settle(n);
     }
 
     /// Settles a failed delivery kept in the dead-letter ring.
     #[inline]
     fn settle_dead_lettered(&self) {
-        bump(&self.stats.dead_lettered, 1);
+        bump(&self.stats.outcomes.dead_lettered, 1);
         self.settle(1);
     }
 
     /// Settles a failed delivery that will not be tried again.
     #[inline]
     fn settle_discarded(&self) {
-        bump(&self.stats.discarded, 1);
+        bump(&self.stats.outcomes.discarded, 1);
         self.settle(1);
     }
 
     /// Settles `n` deliveries whose subscriptions ended before they ran.
     #[inline]
     fn settle_cancelled(&self, n: usize) {
-        bump(&self.stats.cancelled, n as u64);
+        bump(&self.stats.outcomes.cancelled, n as u64);
         self.settle(n);
     }
 

@@ -18,8 +18,8 @@ pub(crate) fn settle_deferred(
     let meta = (retry.ops.meta)(&retry.sub);
     let error = match result {
         Ok(()) => {
-            meta.deferred_succeeded.fetch_add(1, Ordering::Relaxed);
-            counts.succeeded.fetch_add(1, Ordering::Relaxed);
+            meta.outcomes.succeeded.fetch_add(1, Ordering::Relaxed);
+            counts.outcomes.succeeded.fetch_add(1, Ordering::Relaxed);
             // Trackers first: once the ledger says settled (`flush`), trackers have completed.
             // Their callbacks run once it is settled.
             let done = retry.track(Settled::Succeeded);
@@ -33,7 +33,7 @@ pub(crate) fn settle_deferred(
         Err(error) => error,
     };
     meta.record_failure(&error, false);
-    counts.failed.fetch_add(1, Ordering::Relaxed);
+    counts.outcomes.failed.fetch_add(1, Ordering::Relaxed);
     if retry.history.errors.is_empty() {
         retry.history.first_failure = SystemTime::now();
     }
@@ -43,8 +43,8 @@ pub(crate) fn settle_deferred(
     }));
     let reason = match then {
         Then::Retry(delay) => {
-            counts.retried.fetch_add(1, Ordering::Relaxed);
-            meta.retried.fetch_add(1, Ordering::Relaxed);
+            counts.outcomes.retried.fetch_add(1, Ordering::Relaxed);
+            meta.outcomes.retried.fetch_add(1, Ordering::Relaxed);
             retry.attempt += 1;
             let routed = Routed {
                 shard,
@@ -68,8 +68,11 @@ pub(crate) fn settle_deferred(
         unreachable!("only a worker is detached")
     };
     match burial.how {
-        Settled::DeadLettered => counts.dead_lettered.fetch_add(1, Ordering::Relaxed),
-        _ => counts.discarded.fetch_add(1, Ordering::Relaxed),
+        Settled::DeadLettered => counts
+            .outcomes
+            .dead_lettered
+            .fetch_add(1, Ordering::Relaxed),
+        _ => counts.outcomes.discarded.fetch_add(1, Ordering::Relaxed),
     };
     counts.settle(1);
     burial.finish(core, runner);

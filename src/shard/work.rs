@@ -232,7 +232,7 @@ pub(super) fn deliver_all<E: Event>(
             // Subscriptions removed since the event was published.
             for tomb in table.removed.iter() {
                 if before(generation, tomb.removed_gen) && tomb.meta.matched(generation, source) {
-                    tomb.meta.cancelled.fetch_add(1, Ordering::Relaxed);
+                    tomb.meta.outcomes.cancelled.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -503,7 +503,10 @@ pub(super) fn bury<E: Event>(
         unreachable!("a retry's functions match its event")
     };
     let payload = to_json(event, runner);
-    sub.meta.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    sub.meta
+        .outcomes
+        .dead_lettered
+        .fetch_add(1, Ordering::Relaxed);
     let attempts = u32::try_from(retry.history.errors.len()).unwrap_or(u32::MAX);
     let redrive: Option<crate::dead_letter::Redrive> = Some(Arc::new(Retry {
         ops: retry.ops,

@@ -411,7 +411,7 @@ impl Worker<'_> {
         let settled = match outcome {
             Outcome::Succeeded => {
                 self.flush_outbox();
-                bump(&stats.succeeded, 1);
+                bump(&stats.outcomes.succeeded, 1);
                 Settled::Succeeded
             }
             Outcome::Deferred(slot) => {
@@ -427,8 +427,8 @@ impl Worker<'_> {
                 return Flow::Continue;
             }
             Outcome::Cancelled => {
-                sub.meta.cancelled.fetch_add(1, Ordering::Relaxed);
-                bump(&stats.cancelled, 1);
+                sub.meta.outcomes.cancelled.fetch_add(1, Ordering::Relaxed);
+                bump(&stats.outcomes.cancelled, 1);
                 Settled::Cancelled
             }
             Outcome::Failed(error, panicked) => {
@@ -548,9 +548,9 @@ impl Worker<'_> {
             self.discard_outbox();
         }
         sub.meta.record_failure(&error, panicked);
-        bump(&stats.failed, 1);
+        bump(&stats.outcomes.failed, 1);
         if panicked {
-            bump(&stats.panicked, 1);
+            bump(&stats.outcomes.panicked, 1);
         }
         let jitter = &mut self.jitter;
         let then = Then::from(
@@ -561,8 +561,8 @@ impl Worker<'_> {
         if matches!(then, Then::Retry(_)) || self.core.dead_letters.enabled() {
             // Still outstanding: settled by the attempt that succeeds, or in the ring.
             if let Then::Retry(_) = then {
-                bump(&stats.retried, 1);
-                sub.meta.retried.fetch_add(1, Ordering::Relaxed);
+                bump(&stats.outcomes.retried, 1);
+                sub.meta.outcomes.retried.fetch_add(1, Ordering::Relaxed);
             }
             self.pending.push(Failed {
                 sub: sub.clone(),
@@ -575,7 +575,7 @@ impl Worker<'_> {
                 .store(self.pending.len() as u64, Ordering::Relaxed);
             return true;
         }
-        bump(&stats.discarded, 1);
+        bump(&stats.outcomes.discarded, 1);
         false
     }
 

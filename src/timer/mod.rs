@@ -194,7 +194,7 @@ mod tests {
 #[cfg(all(test, loom))]
 mod loom_models {
     use super::*;
-    use crate::event::{Envelope, Event, NameId, Publish};
+    use crate::event::{Envelope, Event, NameId};
     use crate::ledger::Gate;
     use crate::shard::{Msg, Routed, Shard, Task, Work, WorkerShared, offer_due};
     use crossbeam_utils::CachePadded;
@@ -209,7 +209,7 @@ mod loom_models {
     }
 
     fn routed(id: u64) -> Routed {
-        let envelope = Envelope::stamp(NameId::intern("loom"), Publish::new());
+        let envelope = Envelope::stamp(NameId::intern("loom"), Default::default());
         Routed {
             shard: 0,
             work: Work::Task(Task::new(envelope, 0, 1, Probe(id))),

@@ -5,7 +5,9 @@
 //! ShippingService reacts and publishes `ShipmentCreated`; NotificationService sends the
 //! tracking message. The example first follows one order on a bus that keeps a trace and prints
 //! the conversation's causal tree from `bus.trace`, then runs many orders through the same flow
-//! and prints the throughput and per-service counts.
+//! and prints the throughput and per-service counts. Last, it makes NotificationService slow
+//! (each e-mail takes 2 ms) and shows how long payments and shipping take to finish with it on
+//! the bus's own workers, and with it on a lane of its own.
 //!
 //! ```text
 //! cargo run --release --example order_flow [-- --orders 100000]
@@ -15,7 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use microbus::{Bus, Context, Event, EventId, HandlerResult, Publish, SubscribeOptions, Trace};
+use microbus::{
+    Bus, Context, Event, EventId, HandlerResult, Lane, Publish, SubscribeOptions, Trace,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,7 +61,32 @@ struct Counts {
     tracking_messages: AtomicU64,
 }
 
-fn wire(bus: &Bus, counts: &Arc<Counts>) -> Result<(), Box<dyn std::error::Error>> {
+/// How NotificationService sends its messages: at once, or taking `delay` a message on the
+/// workers of `lane` (the bus's own when `None`).
+#[derive(Clone, Copy, Default)]
+struct Mail {
+    delay: Option<Duration>,
+    lane: Option<&'static str>,
+}
+
+impl Mail {
+    fn options(self, name: &str, from: &str) -> SubscribeOptions {
+        let options = SubscribeOptions::new().named(name).from(from);
+        match self.lane {
+            Some(lane) => options.lane(lane),
+            None => options,
+        }
+    }
+
+    fn send(self, message: String) {
+        std::hint::black_box(message);
+        if let Some(delay) = self.delay {
+            std::thread::sleep(delay);
+        }
+    }
+}
+
+fn wire(bus: &Bus, counts: &Arc<Counts>, mail: Mail) -> Result<(), Box<dyn std::error::Error>> {
     let payments = bus.service("PaymentService")?;
     let inventory = bus.service("InventoryService")?;
     let shipping = bus.service("ShippingService")?;
@@ -94,11 +123,9 @@ fn wire(bus: &Bus, counts: &Arc<Counts>) -> Result<(), Box<dyn std::error::Error
 
     let c = counts.clone();
     notifications.subscribe_with(
-        SubscribeOptions::new()
-            .named("send-confirmation")
-            .from("OrderService"),
+        mail.options("send-confirmation", "OrderService"),
         move |order: &OrderCreated, _: &Context| -> HandlerResult {
-            std::hint::black_box(format!(
+            mail.send(format!(
                 "Thanks for order {} sent to {}",
                 order.order_id, order.email
             ));
@@ -127,11 +154,9 @@ fn wire(bus: &Bus, counts: &Arc<Counts>) -> Result<(), Box<dyn std::error::Error
 
     let c = counts.clone();
     notifications.subscribe_with(
-        SubscribeOptions::new()
-            .named("send-tracking")
-            .from("ShippingService"),
+        mail.options("send-tracking", "ShippingService"),
         move |shipment: &ShipmentCreated, _: &Context| -> HandlerResult {
-            std::hint::black_box(format!(
+            mail.send(format!(
                 "Order {} is on its way: {}",
                 shipment.order_id, shipment.tracking
             ));
@@ -194,7 +219,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .service_name("OrderService")
             .trace_capacity(64)
             .build()?;
-        wire(&bus, &Arc::new(Counts::default()))?;
+        wire(&bus, &Arc::new(Counts::default()), Mail::default())?;
         let conversation = EventId::new();
         bus.publish_with(order(1), Publish::keyed(1u64).correlation(conversation))?;
         bus.flush(Duration::from_secs(10))?;
@@ -204,7 +229,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Many orders on a bus without the trace, for throughput.
     let bus = Bus::builder().service_name("OrderService").build()?;
     let counts = Arc::new(Counts::default());
-    wire(&bus, &counts)?;
+    wire(&bus, &counts, Mail::default())?;
     println!(
         "\n{orders} orders through the same flow on {} workers:",
         bus.workers()
@@ -256,5 +281,63 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !(linked && all_handled && report.is_balanced()) {
         return Err("the flow did not complete as expected".into());
     }
+
+    // NotificationService made slow: on the bus's own workers, then on a lane of its own.
+    let slow_orders = (orders / 100).clamp(50, 500);
+    println!(
+        "\n{slow_orders} orders with NotificationService taking 2 ms a message, on 2 workers:"
+    );
+    for lane in [None, Some("notifications")] {
+        let (payments, shipments, all) = slow_mail(slow_orders, lane)?;
+        println!(
+            "  {:<34} payments done in {payments:>9.2?}, shipments in {shipments:>9.2?}, \
+             every message sent in {all:>9.2?}",
+            match lane {
+                None => "notifications on the bus's workers",
+                Some(_) => "notifications on their own lane",
+            },
+        );
+    }
     Ok(())
+}
+
+/// Runs `orders` orders with a slow NotificationService on `lane` (or on the bus's own two
+/// workers): how long until every payment was taken, every shipment created, and every
+/// message sent.
+fn slow_mail(
+    orders: u64,
+    lane: Option<&'static str>,
+) -> Result<(Duration, Duration, Duration), Box<dyn std::error::Error>> {
+    let mut builder = Bus::builder().service_name("OrderService").workers(2);
+    if let Some(lane) = lane {
+        builder = builder.lane(lane, Lane::new(2));
+    }
+    let bus = builder.build()?;
+    let counts = Arc::new(Counts::default());
+    let mail = Mail {
+        delay: Some(Duration::from_millis(2)),
+        lane,
+    };
+    wire(&bus, &counts, mail)?;
+    let started = Instant::now();
+    for order_id in 1..=orders {
+        bus.publish_with(order(order_id), Publish::keyed(order_id))?;
+    }
+    let done = |c: &AtomicU64| c.load(Ordering::Relaxed) == orders;
+    let (mut payments, mut shipments) = (None, None);
+    while payments.is_none() || shipments.is_none() {
+        if payments.is_none() && done(&counts.payments) {
+            payments = Some(started.elapsed());
+        }
+        if shipments.is_none() && done(&counts.shipments) {
+            shipments = Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    bus.flush(Duration::from_secs(60))?;
+    let all = started.elapsed();
+    if !bus.shutdown()?.is_balanced() {
+        return Err("the books do not balance".into());
+    }
+    Ok((payments.unwrap_or(all), shipments.unwrap_or(all), all))
 }

@@ -25,6 +25,10 @@ pub const DEFAULT_SERVICE_NAME: &str = "app";
 pub const DEFAULT_DEAD_LETTER_CAPACITY: usize = 10_000;
 /// The longest service name, in bytes.
 pub const MAX_NAME_LEN: usize = 256;
+/// The most lanes a bus has, the default lane included.
+pub const MAX_LANES: usize = 8;
+/// The name of the bus's own lane, the one its [`workers`](crate::BusBuilder::workers) make.
+pub const DEFAULT_LANE: &str = "default";
 
 /// How an idle worker waits for work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,6 +53,87 @@ impl WaitStrategy {
     }
 }
 
+/// What a lane does with a delivery when the shard it goes to is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Backpressure {
+    /// The publisher waits for room, as in the default lane (`try_publish` and
+    /// `publish_timeout` hand the event back instead, unless another lane took it already).
+    #[default]
+    Block,
+    /// The delivery is shed: settled at once as a dead letter with reason
+    /// [`Shed`](crate::DeadLetterReason::Shed) (discarded when dead letters are off), counted
+    /// per lane. The publisher never waits for this lane.
+    Shed,
+}
+
+/// The settings of a lane: a set of workers of its own, each with its own bounded channel,
+/// for the subscriptions given to it with
+/// [`SubscribeOptions::lane`](crate::SubscribeOptions::lane). Declared with
+/// [`BusBuilder::lane`](crate::BusBuilder::lane).
+///
+/// # Examples
+///
+/// ```
+/// use microbus::{Backpressure, Bus, Lane};
+///
+/// let bus = Bus::builder()
+///     .workers(2)
+///     .lane("email", Lane::new(1).channel_capacity(256).backpressure(Backpressure::Shed))
+///     .build()?;
+/// assert_eq!(bus.workers(), 3);
+/// # Ok::<(), microbus::ConfigError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Lane {
+    pub(crate) workers: usize,
+    pub(crate) channel_capacity: Option<usize>,
+    pub(crate) wait_strategy: Option<WaitStrategy>,
+    pub(crate) backpressure: Backpressure,
+}
+
+impl Lane {
+    /// A lane of `workers` worker threads (shards): at most that many of its handlers run at
+    /// once. Its channel capacity and wait strategy are the bus's unless set.
+    pub fn new(workers: usize) -> Lane {
+        Lane {
+            workers,
+            channel_capacity: None,
+            wait_strategy: None,
+            backpressure: Backpressure::Block,
+        }
+    }
+
+    /// Each of its shards' channel capacity, in events.
+    pub fn channel_capacity(mut self, capacity: usize) -> Lane {
+        self.channel_capacity = Some(capacity);
+        self
+    }
+
+    /// How its idle workers wait for work.
+    pub fn wait_strategy(mut self, strategy: WaitStrategy) -> Lane {
+        self.wait_strategy = Some(strategy);
+        self
+    }
+
+    /// What it does when a shard is full (default [`Backpressure::Block`]).
+    pub fn backpressure(mut self, backpressure: Backpressure) -> Lane {
+        self.backpressure = backpressure;
+        self
+    }
+}
+
+/// A lane as the bus runs it: its shards are `start..start + workers`.
+#[derive(Debug, Clone)]
+pub(crate) struct LaneConfig {
+    pub(crate) name: String,
+    pub(crate) start: usize,
+    pub(crate) workers: usize,
+    pub(crate) channel_capacity: usize,
+    pub(crate) wait_strategy: WaitStrategy,
+    pub(crate) backpressure: Backpressure,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) service_name: String,
@@ -66,6 +151,8 @@ pub(crate) struct Config {
     pub(crate) metrics: bool,
     pub(crate) metrics_sample_every: u32,
     pub(crate) wait_strategy: WaitStrategy,
+    /// The lanes declared besides the default one, in order.
+    pub(crate) lanes: Vec<(String, Lane)>,
 }
 
 impl Default for Config {
@@ -84,6 +171,7 @@ impl Default for Config {
             metrics: true,
             metrics_sample_every: 1,
             wait_strategy: WaitStrategy::Block,
+            lanes: Vec::new(),
         }
     }
 }
@@ -205,7 +293,81 @@ impl Config {
                 "must be at least 1 (got 0)",
             ));
         }
+        self.lanes()?;
         self.retry.validate("retry")
+    }
+
+    /// Every lane, the default one first, with its shards: or a [`ConfigError`] for field
+    /// `lane` naming the lane that is wrong (a bad or duplicate name, no workers, too many
+    /// lanes or workers, a channel too small or too large).
+    pub(crate) fn lanes(&self) -> Result<Vec<LaneConfig>, ConfigError> {
+        let mut lanes = vec![LaneConfig {
+            name: DEFAULT_LANE.to_owned(),
+            start: 0,
+            workers: self.workers,
+            channel_capacity: self.channel_capacity,
+            wait_strategy: self.wait_strategy,
+            backpressure: Backpressure::Block,
+        }];
+        if 1 + self.lanes.len() > MAX_LANES {
+            return Err(ConfigError::new(
+                "lane",
+                format!(
+                    "at most {MAX_LANES} lanes, the default one included (got {})",
+                    1 + self.lanes.len()
+                ),
+            ));
+        }
+        let mut start = self.workers;
+        let mut memory = self.workers.saturating_mul(self.channel_capacity);
+        for (name, lane) in &self.lanes {
+            let wrong = |why: String| ConfigError::new("lane", format!("lane {name:?}: {why}"));
+            check_name("lane", name).map_err(|e| wrong(e.to_string()))?;
+            if lanes.iter().any(|l| l.name == *name) {
+                return Err(wrong("declared twice".to_owned()));
+            }
+            if lane.workers == 0 {
+                return Err(wrong("must have at least 1 worker (got 0)".to_owned()));
+            }
+            let capacity = lane.channel_capacity.unwrap_or(self.channel_capacity);
+            if capacity == 0 || capacity > MAX_CHANNEL_CAPACITY {
+                return Err(wrong(format!(
+                    "channel capacity must be 1 to {MAX_CHANNEL_CAPACITY} (got {capacity})"
+                )));
+            }
+            let wait_strategy = lane.wait_strategy.unwrap_or(self.wait_strategy);
+            if let WaitStrategy::SpinThenPark(spin) = wait_strategy
+                && spin > Duration::from_secs(1)
+            {
+                return Err(wrong(format!("must spin at most 1 second (got {spin:?})")));
+            }
+            lanes.push(LaneConfig {
+                name: name.clone(),
+                start,
+                workers: lane.workers,
+                channel_capacity: capacity,
+                wait_strategy,
+                backpressure: lane.backpressure,
+            });
+            start = start.saturating_add(lane.workers);
+            memory = memory.saturating_add(lane.workers.saturating_mul(capacity));
+        }
+        if start > MAX_WORKERS {
+            return Err(ConfigError::new(
+                "lane",
+                format!("all lanes together may have at most {MAX_WORKERS} workers (got {start})"),
+            ));
+        }
+        if memory.saturating_mul(CHANNEL_SLOT_BYTES) > MAX_CHANNEL_MEMORY {
+            return Err(ConfigError::new(
+                "lane",
+                format!(
+                    "the channels of all lanes must fit in {} MiB",
+                    MAX_CHANNEL_MEMORY >> 20
+                ),
+            ));
+        }
+        Ok(lanes)
     }
 
     pub(crate) fn spill_capacity(&self) -> usize {

@@ -243,14 +243,14 @@ impl Context<'_> {
         options: Publish,
     ) -> Result<EventId, PublishError<E>> {
         let (stamp, delay) = options.into_parts();
-        let (id, routed) = self
+        let stamp = stamp.caused_by(self.envelope);
+        let id = self
             .core
-            .prepare(self.sub.service, event, stamp.caused_by(self.envelope))
+            .prepare(self.sub.service, event, stamp, |routed| {
+                self.worker.outbox.lock().push((routed, delay));
+                self.worker.staged.store(true, Ordering::Relaxed);
+            })
             .map_err(PublishError::Shutdown)?;
-        if let Some(routed) = routed {
-            self.worker.outbox.lock().push((routed, delay));
-            self.worker.staged.store(true, Ordering::Relaxed);
-        }
         Ok(id)
     }
 

@@ -35,6 +35,9 @@ pub enum DeadLetterReason {
     /// A message from outside the process (a bridge) that did not decode into its event type:
     /// kept with its raw text, never retried.
     Undecodable,
+    /// Its lane, with [`Backpressure::Shed`](crate::Backpressure::Shed), had no room for it
+    /// when it was published: it never ran.
+    Shed,
 }
 
 impl fmt::Display for DeadLetterReason {
@@ -44,6 +47,7 @@ impl fmt::Display for DeadLetterReason {
             Self::Permanent => "permanent error",
             Self::Shutdown => "shutdown",
             Self::Undecodable => "undecodable",
+            Self::Shed => "shed",
         })
     }
 }

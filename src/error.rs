@@ -277,16 +277,23 @@ pub enum SubscribeError {
     /// The subscription's retry policy is out of bounds (see
     /// [`BusBuilder::retry`](crate::BusBuilder::retry)).
     InvalidRetry,
+    /// [`SubscribeOptions::lane`](crate::SubscribeOptions::lane) names a lane the bus was not
+    /// built with.
+    UnknownLane(&'static str),
 }
 
 impl fmt::Display for SubscribeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Self::UnknownLane(lane) = self {
+            return write!(f, "no lane named {lane:?} was declared on this bus");
+        }
         f.write_str(match self {
             Self::Shutdown => "subscribing on a bus that is shut down",
             Self::InvalidSource => {
                 "the source service name is empty, padded, too long or has control characters"
             }
             Self::InvalidRetry => "the retry policy is out of bounds",
+            Self::UnknownLane(_) => unreachable!("written above"),
         })
     }
 }

@@ -322,4 +322,37 @@ mod loom_models {
             );
         });
     }
+
+    /// A publish to two lanes enters both lanes' gates before it sends anything (refunding the
+    /// first when the second is closed), while shutdown closes the gates one after the other:
+    /// the event is admitted in both lanes or in neither — shutdown never takes one lane's
+    /// deliveries of an event it hands back, nor hands back an event one lane has.
+    #[test]
+    fn loom_a_publish_to_two_lanes_is_admitted_in_both_or_neither() {
+        loom::model(|| {
+            let gates = Arc::new([Gate::new(), Gate::new()]);
+            let publisher = {
+                let gates = gates.clone();
+                thread::spawn(move || {
+                    if !gates[0].enter(2) {
+                        return false;
+                    }
+                    if !gates[1].enter(1) {
+                        gates[0].refund(2);
+                        return false;
+                    }
+                    true
+                })
+            };
+            gates[0].close();
+            gates[1].close();
+            let admitted = publisher.join().unwrap();
+            let (first, second) = (gates[0].read().net(), gates[1].read().net());
+            if admitted {
+                assert_eq!((first, second), (2, 1));
+            } else {
+                assert_eq!((first, second), (0, 0));
+            }
+        });
+    }
 }

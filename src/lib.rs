@@ -87,6 +87,42 @@
 //! delivery stays outstanding until the [`Deferred`] is completed from any thread, and a failure
 //! is retried and dead-lettered as if the handler had returned it.
 //!
+//! # Lanes
+//!
+//! A [`Lane`] is a set of workers of its own, with their own channels, declared with
+//! [`BusBuilder::lane`]; the bus's own workers are the lane [`DEFAULT_LANE`]. A subscription
+//! given a lane with [`SubscribeOptions::lane`] runs there, so a slow or failing service holds
+//! back no subscription outside its lane, and the lane's worker count bounds how many of its
+//! handlers run at once. Per-key order holds in every lane. A full lane either makes the
+//! publisher wait ([`Backpressure::Block`], the default) or sheds the delivery as a dead letter
+//! ([`Backpressure::Shed`]). An event whose subscriptions live in several lanes is shared by
+//! them, and handed back to its publisher only if no lane took it.
+//!
+//! ```
+//! use microbus::{Backpressure, Bus, Context, Event, HandlerResult, Lane, SubscribeOptions};
+//! use serde::{Deserialize, Serialize};
+//! use std::time::Duration;
+//!
+//! #[derive(Debug, Serialize, Deserialize)]
+//! struct OrderCreated { order_id: u64 }
+//! impl Event for OrderCreated { const NAME: &'static str = "OrderCreated"; }
+//!
+//! let bus = Bus::builder()
+//!     .workers(2)
+//!     .lane("email", Lane::new(1).backpressure(Backpressure::Shed))
+//!     .build()?;
+//! bus.service("PaymentService")?
+//!     .subscribe(|_: &OrderCreated, _: &Context| -> HandlerResult { Ok(()) })?;
+//! bus.service("NotificationService")?.subscribe_with(
+//!     SubscribeOptions::new().lane("email"),
+//!     |_: &OrderCreated, _: &Context| -> HandlerResult { Ok(()) },
+//! )?;
+//! let tracker = bus.publish_with(OrderCreated { order_id: 1 }, microbus::Publish::new().tracked())?;
+//! assert_eq!(tracker.wait(Duration::from_secs(5)).unwrap().succeeded, 2);
+//! assert_eq!(bus.metrics().lanes[1].name, "email");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # rayon
 //!
 //! With the `rayon` cargo feature (on by default), `Bus::publish_par_iter` and
@@ -291,9 +327,9 @@ mod track;
 
 pub use crate::bus::{Bus, BusBuilder, DeadLetters, LoadSummary, RedriveCutShort};
 pub use crate::config::{
-    DEFAULT_CHANNEL_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_SERVICE_NAME,
-    DEFAULT_SHUTDOWN_TIMEOUT, MAX_CHANNEL_CAPACITY, MAX_CHANNEL_MEMORY, MAX_NAME_LEN, MAX_WORKERS,
-    WaitStrategy,
+    Backpressure, DEFAULT_CHANNEL_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_LANE,
+    DEFAULT_SERVICE_NAME, DEFAULT_SHUTDOWN_TIMEOUT, Lane, MAX_CHANNEL_CAPACITY, MAX_CHANNEL_MEMORY,
+    MAX_LANES, MAX_NAME_LEN, MAX_WORKERS, WaitStrategy,
 };
 pub use crate::context::{Context, Handler};
 pub use crate::dead_letter::{
@@ -311,7 +347,7 @@ pub use crate::event::{
 pub use crate::guard::CallbackPanics;
 pub use crate::handler::{HandlerError, HandlerResult};
 pub use crate::metrics::{
-    BridgeCounters, EventCounts, EventLatency, HandlerMetrics, ImportStatus, Latency,
+    BridgeCounters, EventCounts, EventLatency, HandlerMetrics, ImportStatus, LaneMetrics, Latency,
     MetricsSnapshot,
 };
 pub use crate::retry::{

@@ -26,6 +26,8 @@ pub(crate) struct SubMeta {
     /// The generation of the first snapshot that holds the subscription.
     pub(crate) since_gen: AtomicU32,
     pub(crate) retry: RetryPolicy,
+    /// The lane whose workers run it.
+    pub(crate) lane: u8,
     pub(crate) active: AtomicBool,
     /// Its outcomes. `succeeded` counts only deferred deliveries completed with success (on
     /// whatever thread completed them): a worker counts its successes in `cells`, which no
@@ -38,13 +40,15 @@ pub(crate) struct SubMeta {
 
 impl SubMeta {
     /// A new subscription `id` of event type `E`, named `name`, for service `service` (and only
-    /// events from `filter`, if given), retried by `retry`, with `cells` for its hot counters.
+    /// events from `filter`, if given), retried by `retry`, run in lane `lane`, with `cells` for
+    /// its hot counters.
     pub(crate) fn new<E: crate::event::Event>(
         id: u64,
         name: Box<str>,
         service: NameId,
         filter: Option<NameId>,
         retry: RetryPolicy,
+        lane: u8,
         cells: CellsByWorker,
     ) -> SubMeta {
         SubMeta {
@@ -56,6 +60,7 @@ impl SubMeta {
             type_id: TypeId::of::<E>(),
             since_gen: AtomicU32::new(0),
             retry,
+            lane,
             active: AtomicBool::new(true),
             outcomes: OutcomeCounters::default(),
             last_error: Mutex::new(None),
@@ -67,11 +72,14 @@ impl SubMeta {
         self.filter.is_none_or(|f| f == source)
     }
 
-    /// Whether an event of generation `generation` from `source` was matched to this subscription
-    /// (given that the subscription was in that generation's snapshot or is still subscribed).
+    /// Whether an event of generation `generation` from `source` was matched to this
+    /// subscription, which runs in lane `lane` (given that the subscription was in that
+    /// generation's snapshot or is still subscribed).
     #[inline]
-    pub(crate) fn matched(&self, generation: u32, source: NameId) -> bool {
-        !before(generation, self.since_gen.load(Ordering::Relaxed)) && self.matches(source)
+    pub(crate) fn matched(&self, lane: u8, generation: u32, source: NameId) -> bool {
+        self.lane == lane
+            && !before(generation, self.since_gen.load(Ordering::Relaxed))
+            && self.matches(source)
     }
 
     pub(crate) fn record_failure(&self, error: &dyn fmt::Display, panicked: bool) {

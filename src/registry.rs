@@ -24,6 +24,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use parking_lot::Mutex;
 
+use crate::config::MAX_LANES;
 use crate::event::{Event, NameId};
 pub(crate) use crate::meta::SubMeta;
 use crate::metrics::{HeldSlot, PublishCounters};
@@ -56,13 +57,16 @@ pub(crate) struct TypeTable<S> {
 trait ErasedTable: Any + Send + Sync {
     /// The same table without subscription `id`, which generation `generation` removes.
     fn without(&self, id: u64, generation: u32) -> Arc<dyn ErasedTable>;
-    /// The source filter of each subscription.
-    fn filters(&self) -> Box<[Option<NameId>]>;
+    /// The source filter and lane of each subscription.
+    fn filters(&self) -> Box<[Filter]>;
 }
 
 impl<S: Subscriber> ErasedTable for TypeTable<S> {
-    fn filters(&self) -> Box<[Option<NameId>]> {
-        self.subs.iter().map(|s| s.meta().filter).collect()
+    fn filters(&self) -> Box<[Filter]> {
+        self.subs
+            .iter()
+            .map(|s| (s.meta().filter, s.meta().lane))
+            .collect()
     }
 
     fn without(&self, id: u64, generation: u32) -> Arc<dyn ErasedTable> {
@@ -107,21 +111,61 @@ impl Hasher for TypeIdHasher {
 
 type TypeMap = HashMap<TypeId, Arc<dyn ErasedTable>, BuildHasherDefault<TypeIdHasher>>;
 
-/// What publishers need of one generation: each event type's subscriptions' source filters.
-/// Plain data, so that a publisher thread may cache it without keeping handlers alive.
+/// A subscription as a publisher sees it: the source it hears (all when `None`), its lane.
+type Filter = (Option<NameId>, u8);
+
+/// What publishers need of one generation: each event type's subscriptions' source filters
+/// and lanes. Plain data, so that a publisher thread may cache it without keeping handlers
+/// alive.
 pub(crate) struct Routes {
     generation: u32,
-    filters: HashMap<TypeId, Box<[Option<NameId>]>, BuildHasherDefault<TypeIdHasher>>,
+    filters: HashMap<TypeId, Box<[Filter]>, BuildHasherDefault<TypeIdHasher>>,
 }
 
 impl Routes {
-    fn matching(&self, type_id: TypeId, source: NameId) -> usize {
-        self.filters.get(&type_id).map_or(0, |filters| {
-            filters
+    /// The deliveries an event of type `type_id` from `source` has in each lane.
+    fn matching(&self, type_id: TypeId, source: NameId) -> [u32; MAX_LANES] {
+        let mut counts = [0; MAX_LANES];
+        if let Some(filters) = self.filters.get(&type_id) {
+            for (_, lane) in filters
                 .iter()
-                .filter(|f| f.is_none_or(|f| f == source))
-                .count()
-        })
+                .filter(|(f, _)| f.is_none_or(|f| f == source))
+            {
+                counts[*lane as usize] += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// Where an event's deliveries go: the generation it was matched in, how many deliveries it
+/// has, and the lanes they are in (one bit each).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Route {
+    pub(crate) generation: u32,
+    pub(crate) deliveries: usize,
+    pub(crate) lanes: u8,
+}
+
+impl Route {
+    /// The one lane that has every delivery, if there is one.
+    #[inline]
+    pub(crate) fn single(&self) -> Option<usize> {
+        (self.lanes.count_ones() == 1).then(|| self.lanes.trailing_zeros() as usize)
+    }
+}
+
+/// The deliveries of an event in each lane, for one that goes to several.
+pub(crate) struct LaneCounts(pub(crate) [u32; MAX_LANES]);
+
+impl LaneCounts {
+    /// The lanes with deliveries, with how many each, in lane order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.0
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(lane, n)| (lane, *n as usize))
     }
 }
 
@@ -178,6 +222,7 @@ struct Last {
     type_id: TypeId,
     source: NameId,
     deliveries: usize,
+    lanes: u8,
     counter: usize,
 }
 
@@ -215,10 +260,15 @@ impl CachedRoutes {
         event: &'static str,
         source: NameId,
     ) -> Last {
+        let counts = self.routes.matching(type_id, source);
         let last = Last {
             type_id,
             source,
-            deliveries: self.routes.matching(type_id, source),
+            deliveries: counts.iter().sum::<u32>() as usize,
+            lanes: counts
+                .iter()
+                .enumerate()
+                .fold(0, |mask, (lane, n)| mask | (u8::from(*n > 0) << lane)),
             counter: self.counter(counters, type_id, event, source),
         };
         self.last = Some(last);
@@ -264,7 +314,7 @@ impl Registry {
     /// Takes no lock, and in the common case (no subscription change since this thread last
     /// published) no read-modify-write either.
     #[inline]
-    pub(crate) fn route<E: Event>(&self, source: NameId, events: u64) -> (u32, usize) {
+    pub(crate) fn route<E: Event>(&self, source: NameId, events: u64) -> Route {
         let current = self.generation.load(Ordering::Acquire);
         let type_id = TypeId::of::<E>();
         ROUTES.with_borrow_mut(|cache| {
@@ -308,8 +358,29 @@ impl Registry {
             {
                 counter.count(events, last.deliveries == 0);
             }
-            (entry.routes.generation, last.deliveries)
+            Route {
+                generation: entry.routes.generation,
+                deliveries: last.deliveries,
+                lanes: last.lanes,
+            }
         })
+    }
+
+    /// The current generation and how many deliveries an event of type `E` from `source` has
+    /// in each lane (for an event that goes to several; counts nothing).
+    #[cold]
+    pub(crate) fn route_lanes<E: Event>(&self, source: NameId) -> (Route, LaneCounts) {
+        let routes = self.snapshot.load().routes.clone();
+        let counts = routes.matching(TypeId::of::<E>(), source);
+        let route = Route {
+            generation: routes.generation,
+            deliveries: counts.iter().sum::<u32>() as usize,
+            lanes: counts
+                .iter()
+                .enumerate()
+                .fold(0, |mask, (lane, n)| mask | (u8::from(*n > 0) << lane)),
+        };
+        (route, LaneCounts(counts))
     }
 
     /// Counts `n` events of type `E` from `source` as published (after [`route`](Self::route)
@@ -457,6 +528,7 @@ mod loom_models {
             NameId::intern("loom"),
             from,
             RetryPolicy::none(),
+            0,
             Box::new([]),
         ));
         Sub {
@@ -489,7 +561,8 @@ mod loom_models {
             let publisher = {
                 let (registry, sent) = (registry.clone(), sent.clone());
                 thread::spawn(move || {
-                    let (generation, deliveries) = registry.route::<Probe>(source, 1);
+                    let route = registry.route::<Probe>(source, 1);
+                    let (generation, deliveries) = (route.generation, route.deliveries);
                     // Into the channel: the generation (at least 1: the first subscription
                     // made one) and the count travel with the event.
                     sent.store(
@@ -518,12 +591,14 @@ mod loom_models {
             let live = table
                 .subs
                 .iter()
-                .filter(|s| s.meta.matched(generation, source))
+                .filter(|s| s.meta.matched(0, generation, source))
                 .count();
             let removed = table
                 .removed
                 .iter()
-                .filter(|t| before(generation, t.removed_gen) && t.meta.matched(generation, source))
+                .filter(|t| {
+                    before(generation, t.removed_gen) && t.meta.matched(0, generation, source)
+                })
                 .count();
             assert_eq!(live + removed, deliveries);
             subscriber.join().unwrap();

@@ -57,82 +57,63 @@ pub struct BusStats {
     pub callback_panics: CallbackPanics,
 }
 
-/// The outcome terms of deliveries, as counted wherever deliveries settle or move on — a
-/// worker, a deferred delivery's settlement, shutdown's sweep, a subscription — and summed
-/// into [`BusStats`]: one type, added as a whole, so no place lists the terms again.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Outcomes {
-    pub(crate) succeeded: u64,
-    pub(crate) failed: u64,
-    pub(crate) panicked: u64,
-    pub(crate) retried: u64,
-    pub(crate) dead_lettered: u64,
-    pub(crate) discarded: u64,
-    pub(crate) cancelled: u64,
-    pub(crate) left: u64,
+/// Makes [`Outcomes`], [`OutcomeCounters`] and their sums from one list of the terms.
+macro_rules! outcomes {
+    ($($term:ident),* $(,)?) => {
+        /// The outcome terms of deliveries, as counted wherever deliveries settle or move on —
+        /// a worker, a deferred delivery's settlement, shutdown's sweep, a subscription — and
+        /// summed into [`BusStats`]: one type, added as a whole, so no place lists the terms
+        /// again.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub(crate) struct Outcomes {
+            $(pub(crate) $term: u64,)*
+        }
+
+        /// [`Outcomes`] as counters that other threads read.
+        #[derive(Debug, Default)]
+        pub(crate) struct OutcomeCounters {
+            $(pub(crate) $term: AtomicU64,)*
+        }
+
+        impl OutcomeCounters {
+            /// The counts now (each read `Relaxed`: the caller orders them against its own
+            /// `settled` counter).
+            pub(crate) fn read(&self) -> Outcomes {
+                Outcomes {
+                    $($term: self.$term.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+
+        impl std::ops::AddAssign for Outcomes {
+            fn add_assign(&mut self, o: Outcomes) {
+                $(self.$term += o.$term;)*
+            }
+        }
+
+        impl std::ops::AddAssign<Outcomes> for BusStats {
+            fn add_assign(&mut self, o: Outcomes) {
+                $(self.$term += o.$term;)*
+            }
+        }
+    };
 }
 
-impl std::ops::AddAssign for Outcomes {
-    fn add_assign(&mut self, o: Outcomes) {
-        self.succeeded += o.succeeded;
-        self.failed += o.failed;
-        self.panicked += o.panicked;
-        self.retried += o.retried;
-        self.dead_lettered += o.dead_lettered;
-        self.discarded += o.discarded;
-        self.cancelled += o.cancelled;
-        self.left += o.left;
-    }
-}
+outcomes!(
+    succeeded,
+    failed,
+    panicked,
+    retried,
+    dead_lettered,
+    discarded,
+    cancelled,
+    left,
+);
 
 impl Outcomes {
     /// The deliveries these outcomes settled: failures and retries are steps on the way.
     pub(crate) fn settled(&self) -> u64 {
         self.succeeded + self.dead_lettered + self.discarded + self.cancelled + self.left
-    }
-}
-
-/// [`Outcomes`] as counters that other threads read.
-#[derive(Debug, Default)]
-pub(crate) struct OutcomeCounters {
-    pub(crate) succeeded: AtomicU64,
-    pub(crate) failed: AtomicU64,
-    pub(crate) panicked: AtomicU64,
-    pub(crate) retried: AtomicU64,
-    pub(crate) dead_lettered: AtomicU64,
-    pub(crate) discarded: AtomicU64,
-    pub(crate) cancelled: AtomicU64,
-    pub(crate) left: AtomicU64,
-}
-
-impl OutcomeCounters {
-    /// The counts now (each read `Relaxed`: the caller orders them against its own
-    /// `settled` counter).
-    pub(crate) fn read(&self) -> Outcomes {
-        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        Outcomes {
-            succeeded: read(&self.succeeded),
-            failed: read(&self.failed),
-            panicked: read(&self.panicked),
-            retried: read(&self.retried),
-            dead_lettered: read(&self.dead_lettered),
-            discarded: read(&self.discarded),
-            cancelled: read(&self.cancelled),
-            left: read(&self.left),
-        }
-    }
-}
-
-impl std::ops::AddAssign<Outcomes> for BusStats {
-    fn add_assign(&mut self, o: Outcomes) {
-        self.succeeded += o.succeeded;
-        self.failed += o.failed;
-        self.panicked += o.panicked;
-        self.retried += o.retried;
-        self.dead_lettered += o.dead_lettered;
-        self.discarded += o.discarded;
-        self.cancelled += o.cancelled;
-        self.left += o.left;
     }
 }
 

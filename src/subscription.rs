@@ -24,6 +24,7 @@ pub struct SubscribeOptions {
     pub(crate) name: Option<String>,
     pub(crate) from: Option<String>,
     pub(crate) retry: Option<RetryPolicy>,
+    pub(crate) lane: Option<String>,
 }
 
 impl SubscribeOptions {
@@ -49,6 +50,15 @@ impl SubscribeOptions {
         self.retry = Some(policy);
         self
     }
+
+    /// Runs the handler on the workers of lane `name`, declared with
+    /// [`BusBuilder::lane`](crate::BusBuilder::lane), instead of the bus's own (the lane
+    /// [`DEFAULT_LANE`](crate::DEFAULT_LANE)): a slow or failing handler there holds back
+    /// nothing outside its lane.
+    pub fn lane(mut self, name: impl Into<String>) -> SubscribeOptions {
+        self.lane = Some(name.into());
+        self
+    }
 }
 
 impl fmt::Debug for SubscribeOptions {
@@ -57,6 +67,7 @@ impl fmt::Debug for SubscribeOptions {
             .field("name", &self.name)
             .field("from", &self.from)
             .field("retry", &self.retry)
+            .field("lane", &self.lane)
             .finish()
     }
 }

@@ -136,6 +136,15 @@ impl BusBuilder {
         self
     }
 
+    /// Declares lane `name`: workers of its own, with their own channels, for the
+    /// subscriptions given to it with [`SubscribeOptions::lane`](crate::SubscribeOptions::lane)
+    /// (see [`Lane`](crate::Lane)). The bus's own workers are the lane named
+    /// [`DEFAULT_LANE`](crate::DEFAULT_LANE). Lanes are declared here, before the bus runs.
+    pub fn lane(mut self, name: impl Into<String>, lane: crate::config::Lane) -> Self {
+        self.config.lanes.push((name.into(), lane));
+        self
+    }
+
     /// How idle workers wait for work (default [`WaitStrategy::Block`]).
     pub fn wait_strategy(mut self, strategy: WaitStrategy) -> Self {
         self.config.wait_strategy = strategy;
@@ -167,18 +176,24 @@ impl BusBuilder {
     pub fn build(self) -> Result<Bus, ConfigError> {
         let config = self.config.clone();
         config.validate()?;
+        let lanes = config.lanes()?;
         let (signal_tx, signal_rx) = crossbeam_channel::bounded(0);
-        let shards = (0..config.workers)
-            .map(|_| {
-                let (tx, rx) = crossbeam_channel::bounded(config.channel_capacity);
+        let shards = lanes
+            .iter()
+            .enumerate()
+            .flat_map(|(index, lane)| (0..lane.workers).map(move |_| (index, lane)))
+            .map(|(index, lane)| {
+                let (tx, rx) = crossbeam_channel::bounded(lane.channel_capacity);
                 Shard {
                     gate: CachePadded::new(Gate::new()),
                     tx,
                     rx,
                     worker: CachePadded::new(WorkerShared::default()),
+                    lane: index as u8,
                 }
             })
             .collect();
+        let lanes = lanes.into_iter().map(LaneState::new).collect();
         let source = NameId::intern(&config.service_name);
         let id = NEXT_BUS_ID.fetch_add(1, Ordering::Relaxed);
         let jitter_seed = config.retry_seed.unwrap_or_else(|| {
@@ -239,6 +254,8 @@ impl BusBuilder {
             registry: Registry::new(id, metrics_on),
             rebuilders: super::rebuild::Rebuilders::default(),
             shards,
+            lanes,
+            shed_books: ShedBooks::default(),
             timer: Timer::new(),
             signal_tx: Mutex::new(Some(signal_tx)),
             signal_rx,

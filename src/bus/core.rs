@@ -100,7 +100,13 @@ pub(crate) struct Core {
     pub(crate) registry: Registry,
     /// How dead letters read from a file become deliveries again.
     pub(crate) rebuilders: super::rebuild::Rebuilders,
+    /// Every lane's shards, lane after lane (see [`LaneState::start`]).
     pub(crate) shards: Box<[Shard]>,
+    /// The lanes, the default one first.
+    pub(crate) lanes: Box<[LaneState]>,
+    /// Deliveries settled by publishers: shed by a full `Shed` lane, or left when shutdown
+    /// closed a lane while the event waited for room in it after another lane had taken it.
+    pub(crate) shed_books: ShedBooks,
     pub(super) timer: Timer<Routed>,
     pub(super) signal_tx: Mutex<Option<Sender<()>>>,
     pub(super) signal_rx: Receiver<()>,
@@ -115,6 +121,62 @@ pub(crate) struct Core {
     pub(super) lifecycle_cv: Condvar,
     pub(super) worker_threads: Mutex<Vec<JoinHandle<()>>>,
     pub(super) timer_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A lane as the bus runs it: its settings and its counters.
+pub(crate) struct LaneState {
+    pub(crate) name: String,
+    /// Its first shard; its shards are `start..start + workers`.
+    pub(crate) start: usize,
+    pub(crate) workers: usize,
+    pub(crate) wait_strategy: WaitStrategy,
+    pub(crate) backpressure: Backpressure,
+    /// Deliveries it shed.
+    pub(crate) shed: AtomicU64,
+    /// Nanoseconds publishers waited for room in its shards.
+    pub(crate) waited_nanos: AtomicU64,
+}
+
+impl LaneState {
+    pub(super) fn new(lane: crate::config::LaneConfig) -> LaneState {
+        LaneState {
+            name: lane.name,
+            start: lane.start,
+            workers: lane.workers,
+            wait_strategy: lane.wait_strategy,
+            backpressure: lane.backpressure,
+            shed: AtomicU64::new(0),
+            waited_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Its shard for `envelope`: by key, or the next in turn on this thread.
+    #[inline]
+    pub(crate) fn shard_for(&self, envelope: &Envelope) -> usize {
+        self.start
+            + match envelope.key() {
+                Some(key) => key.shard(self.workers),
+                None if self.workers == 1 => 0,
+                None => next_in_turn(self.workers),
+            }
+    }
+}
+
+/// The next of `n` shards in turn for an unkeyed event from this thread.
+#[inline]
+pub(super) fn next_in_turn(n: usize) -> usize {
+    ROUND_ROBIN.with(|rr| {
+        let next = rr.get();
+        rr.set(next.wrapping_add(1));
+        next % n
+    })
+}
+
+/// The books of deliveries settled on publishers' threads (see [`Core::shed_books`]).
+#[derive(Default)]
+pub(crate) struct ShedBooks {
+    pub(crate) settled: AtomicU64,
+    pub(crate) outcomes: crate::stats::OutcomeCounters,
 }
 
 /// Backs off in a wait loop that expects to be short: spin, then yield, then sleep briefly.
@@ -146,24 +208,10 @@ impl Core {
         self.stopped.load(Ordering::SeqCst)
     }
 
+    /// The lane of shard `index`.
     #[inline]
-    pub(super) fn shard_for(&self, envelope: &Envelope) -> usize {
-        let shards = self.shards.len();
-        match envelope.key() {
-            Some(key) => key.shard(shards),
-            None if shards == 1 => 0,
-            None => self.round_robin(),
-        }
-    }
-
-    /// The next shard in turn for an unkeyed event from this thread.
-    #[inline]
-    pub(super) fn round_robin(&self) -> usize {
-        ROUND_ROBIN.with(|rr| {
-            let next = rr.get();
-            rr.set(next.wrapping_add(1));
-            next % self.shards.len()
-        })
+    pub(crate) fn lane_of(&self, index: usize) -> &LaneState {
+        &self.lanes[self.shards[index].lane as usize]
     }
 
     /// The seed of worker `index`'s jitter generator.

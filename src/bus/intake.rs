@@ -128,10 +128,10 @@ impl Core {
     /// Sends a message to shard `index`: at once when it has room, else as `mode` says.
     #[inline]
     #[allow(clippy::result_large_err)] // The error is the message itself, handed back.
-    fn send(&self, index: usize, msg: Msg, mode: Mode) -> Result<(), (Refusal, Msg)> {
+    pub(super) fn send(&self, index: usize, msg: Msg, mode: Mode) -> Result<(), (Refusal, Msg)> {
         match self.shards[index].tx.try_send(msg) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(msg)) => self.send_full(index, msg, mode),
+            Err(TrySendError::Full(msg)) => self.send_full_timed(index, msg, mode),
             Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
         }
     }
@@ -174,7 +174,8 @@ impl Core {
     }
 
     /// Publishes one event from outside a handler's outbox: routes and stamps it, then
-    /// [`submit`](Self::submit)s it. Returns its id.
+    /// [`submit`](Self::submit)s it to its lane (or [`fan_out`](Self::fan_out) to its lanes).
+    /// Returns its id; a refusal is counted.
     pub(crate) fn publish<E: Event>(
         &self,
         source: NameId,
@@ -183,54 +184,95 @@ impl Core {
         delay: Option<Duration>,
         mode: Mode,
     ) -> Result<EventId, (Refusal, E)> {
-        let (generation, deliveries) = self.registry.route::<E>(source, 1);
+        self.publish_one(source, event, stamp, delay, mode)
+            .map_err(|(why, event)| {
+                self.refuse(why, 1);
+                (why, event)
+            })
+    }
+
+    /// [`publish`](Self::publish), without counting a refusal.
+    #[inline(always)]
+    pub(super) fn publish_one<E: Event>(
+        &self,
+        source: NameId,
+        event: E,
+        stamp: Stamp,
+        delay: Option<Duration>,
+        mode: Mode,
+    ) -> Result<EventId, (Refusal, E)> {
+        let route = self.registry.route::<E>(source, 1);
         let envelope = stamp.envelope(source);
         let id = envelope.id();
-        if deliveries == 0 {
+        if route.deliveries == 0 {
             if self.is_closing() {
-                self.refuse(Refusal::Shutdown, 1);
                 self.registry.uncount(TypeId::of::<E>(), source, 1, true);
                 return Err((Refusal::Shutdown, event));
             }
             self.count_unmatched(&event, envelope);
             return Ok(id);
         }
-        let task = Task::new(envelope, generation, deliveries, event);
-        self.submit(Counted::of::<E>(source, 1), task, delay, mode)
-            .map_err(|(why, event)| {
-                self.refuse(why, 1);
-                (why, event)
-            })?;
+        let counted = Counted::of::<E>(source, 1);
+        match route.single() {
+            Some(lane) => {
+                let (generation, deliveries) = (route.generation, route.deliveries);
+                self.submit(
+                    lane, counted, envelope, generation, deliveries, event, delay, mode,
+                )?;
+            }
+            None => self.fan_out(counted, envelope, event, delay, mode)?,
+        }
         Ok(id)
     }
 
-    /// Admits one routed, stamped event (its publish counted as `counted`) and sends it to its
-    /// shard — or, with a delay, to the timer; a refusal refunds the admission and hands the
-    /// event back.
+    /// Admits one routed, stamped event (its publish counted as `counted`) at its shard of
+    /// lane `lane` and sends it there — or, with a delay, to the timer; a refusal refunds the
+    /// admission and hands the event back. A full shard of a `Shed` lane sheds it.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn submit<E: Event>(
         &self,
+        lane: usize,
         counted: Counted,
-        task: Task,
+        envelope: Envelope,
+        generation: u32,
+        deliveries: usize,
+        event: E,
         delay: Option<Duration>,
         mode: Mode,
     ) -> Result<(), (Refusal, E)> {
-        if let Some(t) = task.envelope.tracker() {
+        if let Some(t) = envelope.tracker() {
             // With deliveries to come, arming completes nothing.
-            let _none = t.arm(task.envelope.id(), task.deliveries());
+            let _none = t.arm(envelope.id(), deliveries);
         }
-        let index = self.shard_for(&task.envelope);
-        let admitted = match self.admit(index, task.deliveries(), counted) {
+        let lane = &self.lanes[lane];
+        let index = lane.shard_for(&envelope);
+        let admitted = match self.admit(index, deliveries, counted) {
             Ok(admitted) => admitted,
-            Err(why) => return Err((why, task.into_event())),
+            Err(why) => return Err((why, event)),
         };
-        let work = Work::Task(task);
+        // The message is made where it is sent: a task is moved once.
+        let task = || Task::new(envelope, generation, deliveries, event);
         let sent = match delay {
-            None => self
-                .send(index, Msg::Work(work), mode)
-                .map_err(|(why, msg)| (why, msg.into_work())),
+            None if lane.backpressure == Backpressure::Block => match self.shards[index]
+                .tx
+                .try_send(Msg::Work(Work::Task(task())))
+            {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(msg)) => self.send_full_timed(index, msg, mode),
+                Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
+            }
+            .map_err(|(why, msg)| (why, msg.into_work())),
+            None => self.send_or_shed(index, Work::Task(task())),
             Some(delay) => self
                 .timer
-                .schedule(Routed { shard: index, work }, delay)
+                .schedule(
+                    Routed {
+                        shard: index,
+                        work: Work::Task(task()),
+                    },
+                    delay,
+                )
                 .map_err(|routed| (Refusal::Shutdown, routed.work)),
         };
         sent.map_err(|(why, work)| {
@@ -250,22 +292,39 @@ impl Core {
         source: NameId,
         items: impl IntoIterator<Item = (E, Stamp, Option<Duration>)>,
     ) -> Result<(), (Refusal, Vec<E>)> {
-        let (generation, deliveries) = self.registry.route::<E>(source, 0);
+        let route = self.registry.route::<E>(source, 0);
+        let (generation, deliveries) = (route.generation, route.deliveries);
         let result = if deliveries == 0 && self.is_closing() {
             let back = items.into_iter().map(|(event, ..)| event).collect();
             Err((Refusal::Shutdown, back))
-        } else {
+        } else if let Some(lane) = route.single().or((deliveries == 0).then_some(0)) {
             self.in_groups(
                 source,
+                lane,
                 items,
                 deliveries,
                 |index, group| self.send_group(index, group, source, generation, deliveries),
                 |envelope, event, delay| {
                     self.registry.count::<E>(source, 1, false);
-                    let task = Task::new(envelope, generation, deliveries, event);
-                    self.submit(Counted::of::<E>(source, 1), task, Some(delay), Mode::Block)
+                    let counted = Counted::of::<E>(source, 1);
+                    self.submit(
+                        lane,
+                        counted,
+                        envelope,
+                        generation,
+                        deliveries,
+                        event,
+                        Some(delay),
+                        Mode::Block,
+                    )
                 },
             )
+        } else {
+            // Subscriptions in several lanes: each event is shared by its lanes.
+            one_by_one(items, |event, stamp, delay| {
+                self.publish_one(source, event, stamp, delay, Mode::Block)
+                    .map(|_| ())
+            })
         };
         if let Err((why, back)) = &result {
             self.refuse(*why, back.len());
@@ -285,10 +344,21 @@ impl Core {
         if self.stopped.load(Ordering::SeqCst) {
             return Err(items.into_iter().map(|(event, ..)| event).collect());
         }
-        let (generation, deliveries) = self.registry.route::<E>(source, 0);
+        let route = self.registry.route::<E>(source, 0);
+        let (generation, deliveries) = (route.generation, route.deliveries);
+        let Some(lane) = route.single().or((deliveries == 0).then_some(0)) else {
+            // Subscriptions in several lanes: each event is shared by its lanes.
+            return one_by_one(items, |event, stamp, delay| {
+                self.prepare(source, event, stamp, |routed| stage(routed, delay))
+                    .map(|_| ())
+                    .map_err(|event| (Refusal::Shutdown, event))
+            })
+            .map_err(|(_, back)| back);
+        };
         let stage = std::cell::RefCell::new(&mut stage);
         self.in_groups(
             source,
+            lane,
             items,
             deliveries,
             |index, group| {
@@ -305,7 +375,7 @@ impl Core {
             },
             |envelope, event, delay| {
                 self.registry.count::<E>(source, 1, false);
-                let shard = self.shard_for(&envelope);
+                let shard = self.lanes[lane].shard_for(&envelope);
                 let task = Task::new(envelope, generation, deliveries, event);
                 (stage.borrow_mut())(
                     Routed {
@@ -330,6 +400,7 @@ impl Core {
     pub(super) fn in_groups<E: Event>(
         &self,
         source: NameId,
+        lane: usize,
         items: impl IntoIterator<Item = (E, Stamp, Option<Duration>)>,
         deliveries: usize,
         mut emit: impl FnMut(usize, Vec<(Envelope, E)>) -> Result<(), (Refusal, Vec<E>)>,
@@ -343,9 +414,9 @@ impl Core {
             }
             return Ok(());
         }
-        let shards = self.shards.len();
-        let mut groups: Vec<Vec<(Envelope, E)>> = (0..shards).map(|_| Vec::new()).collect();
-        let mut unkeyed = self.round_robin();
+        let LaneState { start, workers, .. } = self.lanes[lane];
+        let mut groups: Vec<Vec<(Envelope, E)>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut unkeyed = next_in_turn(workers);
         let mut failed = None;
         let mut now = 0;
         for (i, (event, stamp, delay)) in items.by_ref().enumerate() {
@@ -374,7 +445,7 @@ impl Core {
                 continue;
             }
             let index = match envelope.key() {
-                Some(key) => key.shard(shards),
+                Some(key) => key.shard(workers),
                 None => unkeyed,
             };
             let group = &mut groups[index];
@@ -384,9 +455,9 @@ impl Core {
             group.push((envelope, event));
             if group.len() == MAX_GROUP {
                 if index == unkeyed {
-                    unkeyed = (unkeyed + 1) % shards;
+                    unkeyed = (unkeyed + 1) % workers;
                 }
-                if let Err(back) = emit(index, std::mem::take(group)) {
+                if let Err(back) = emit(start + index, std::mem::take(group)) {
                     failed = Some(back);
                     break;
                 }
@@ -397,7 +468,7 @@ impl Core {
             failed = groups
                 .by_ref()
                 .filter(|(_, group)| !group.is_empty())
-                .find_map(|(index, group)| emit(index, group).err());
+                .find_map(|(index, group)| emit(start + index, group).err());
         }
         let Some((why, mut back)) = failed else {
             return Ok(());
@@ -425,14 +496,34 @@ impl Core {
             Ok(admitted) => admitted,
             Err(why) => return Err((why, batch.into_events().collect())),
         };
-        self.send(index, Msg::Work(Work::Batch(batch)), Mode::Block)
-            .map_err(|(why, msg)| {
-                self.refund(admitted);
-                let Work::Batch(batch) = msg.into_work() else {
-                    unreachable!("a batch was sent")
-                };
-                (why, batch.into_events().collect())
-            })
+        let work = Work::Batch(batch);
+        let sent = if self.lane_of(index).backpressure == Backpressure::Shed {
+            self.send_or_shed(index, work)
+        } else {
+            self.send(index, Msg::Work(work), Mode::Block)
+                .map_err(|(why, msg)| (why, msg.into_work()))
+        };
+        sent.map_err(|(why, work)| {
+            self.refund(admitted);
+            let Work::Batch(batch) = work else {
+                unreachable!("a batch was sent")
+            };
+            (why, batch.into_events().collect())
+        })
+    }
+
+    /// [`send_full`](Self::send_full), adding the time it waited to its lane's.
+    #[cold]
+    #[inline(never)]
+    #[allow(clippy::result_large_err)] // The error is the message itself, handed back.
+    fn send_full_timed(&self, index: usize, msg: Msg, mode: Mode) -> Result<(), (Refusal, Msg)> {
+        let start = Instant::now();
+        let sent = self.send_full(index, msg, mode);
+        let waited = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.lane_of(index)
+            .waited_nanos
+            .fetch_add(waited, Ordering::Relaxed);
+        sent
     }
 
     /// The slow path of a publish that found its shard full.
@@ -562,28 +653,51 @@ impl Core {
         }
     }
 
-    /// Prepares an event published by a handler: matched and stamped now, sent when the
-    /// handler succeeds. Its id, and the work to send (`None` when it matched no subscription:
-    /// counted); `Err` once the bus has stopped.
+    /// Prepares an event published by a handler: matched and stamped now, handed to `stage`
+    /// (one message per lane it goes to) to be sent when the handler succeeds. Its id (when it
+    /// matched no subscription it is counted, and nothing is staged); `Err` once the bus has
+    /// stopped.
     pub(crate) fn prepare<E: Event>(
         &self,
         source: NameId,
         event: E,
         stamp: Stamp,
-    ) -> Result<(EventId, Option<Routed>), E> {
+        mut stage: impl FnMut(Routed),
+    ) -> Result<EventId, E> {
         if self.stopped.load(Ordering::SeqCst) {
             return Err(event);
         }
-        let (generation, deliveries) = self.registry.route::<E>(source, 1);
+        let route = self.registry.route::<E>(source, 1);
         let envelope = stamp.envelope(source);
         let id = envelope.id();
-        if deliveries == 0 {
+        if route.deliveries == 0 {
             self.count_unmatched(&event, envelope);
-            return Ok((id, None));
+            return Ok(id);
         }
-        let shard = self.shard_for(&envelope);
-        let work = Work::Task(Task::new(envelope, generation, deliveries, event));
-        Ok((id, Some(Routed { shard, work })))
+        match route.single() {
+            Some(lane) => {
+                let shard = self.lanes[lane].shard_for(&envelope);
+                let task = Task::new(envelope, route.generation, route.deliveries, event);
+                stage(Routed {
+                    shard,
+                    work: Work::Task(task),
+                });
+            }
+            None => {
+                let (route, counts) = self.registry.route_lanes::<E>(source);
+                let shared = Fanout::share(envelope, event);
+                for (i, (lane, deliveries)) in counts.iter().enumerate() {
+                    let shard = self.lanes[lane].shard_for(&shared.envelope);
+                    let fanout =
+                        Fanout::new::<E>(shared.clone(), route.generation, deliveries, i == 0);
+                    stage(Routed {
+                        shard,
+                        work: Work::Fanout(fanout),
+                    });
+                }
+            }
+        }
+        Ok(id)
     }
 
     /// Offers an accepted event to its shard without blocking; when the shard is full it waits
@@ -619,4 +733,21 @@ impl Core {
     pub(crate) fn wait_on_timer(&self, routed: Routed, delay: Duration) -> Result<(), Routed> {
         self.timer.schedule(routed, delay)
     }
+}
+
+/// Publishes `items` one at a time with `publish`; at the first refusal, hands back that event
+/// and every one after it.
+pub(super) fn one_by_one<E>(
+    items: impl IntoIterator<Item = (E, Stamp, Option<Duration>)>,
+    mut publish: impl FnMut(E, Stamp, Option<Duration>) -> Result<(), (Refusal, E)>,
+) -> Result<(), (Refusal, Vec<E>)> {
+    let mut items = items.into_iter();
+    while let Some((event, stamp, delay)) = items.next() {
+        if let Err((why, event)) = publish(event, stamp, delay) {
+            let mut back = vec![event];
+            back.extend(items.map(|(event, ..)| event));
+            return Err((why, back));
+        }
+    }
+    Ok(())
 }

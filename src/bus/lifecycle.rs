@@ -14,13 +14,14 @@ impl Swept {
     /// ran are dead letters (reason [`Shutdown`](DeadLetterReason::Shutdown)), or discarded
     /// with dead letters off. It only counts: the user code that follows (trackers' callbacks,
     /// the event's `Serialize` and `Drop`, the hook and the sink) goes to `leftovers`.
-    fn add(&mut self, core: &Arc<Core>, work: Work, leftovers: &mut Leftovers) {
+    fn add(&mut self, core: &Arc<Core>, shard: usize, work: Work, leftovers: &mut Leftovers) {
         let kept = core.dead_letters.enabled();
         if kept && core.config.dead_letter_left && !matches!(work, Work::Retry(_)) {
             // Kept as dead letters, to be redriven (after a restart, from a file).
             let deliveries = work.deliveries() as u64;
             let mut done = Vec::new();
-            let retries = work.never_ran(&core.registry.load_full(), &mut done);
+            let lane = core.shards[shard].lane;
+            let retries = work.never_ran(lane, &core.registry.load_full(), &mut done);
             self.outcomes.dead_lettered += retries.len() as u64;
             self.outcomes.left += deliveries - retries.len() as u64;
             done.extend(
@@ -45,7 +46,7 @@ impl Swept {
             leftovers.push(move |runner| done.run(runner));
         }
         match work {
-            Work::Task(_) | Work::Batch(_) => {
+            Work::Task(_) | Work::Batch(_) | Work::Fanout(_) => {
                 self.outcomes.left += work.deliveries() as u64;
                 if work.needs_drop() {
                     leftovers.drop(work);
@@ -86,7 +87,11 @@ impl Core {
 
     /// The deliveries settled, with the counts of the workers shutdown detached.
     pub(super) fn settled_with(&self, frozen: &[Option<WorkerCounts>]) -> u64 {
-        let deferred = self.deferrals.settled.load(Ordering::Acquire);
+        let deferred = self
+            .deferrals
+            .settled
+            .load(Ordering::Acquire)
+            .wrapping_add(self.shed_books.settled.load(Ordering::Acquire));
         self.shards
             .iter()
             .enumerate()
@@ -248,8 +253,13 @@ impl Core {
         };
         stats += swept.outcomes;
         let d = &self.deferrals;
-        let mut settled = abandoned + swept.total() + d.settled.load(Ordering::Acquire);
+        let shed = &self.shed_books;
+        let mut settled = abandoned
+            + swept.total()
+            + d.settled.load(Ordering::Acquire)
+            + shed.settled.load(Ordering::Acquire);
         stats += d.outcomes.read();
+        stats += shed.outcomes.read();
         for w in self.worker_counts(frozen) {
             settled += w.settled;
             stats += w.outcomes;
@@ -292,6 +302,7 @@ impl Core {
             dead_letters_held: 0,
             workers_behind: Vec::new(),
             bridges: Vec::new(),
+            lanes: Vec::new(),
         };
         if metrics.enabled {
             let asked: Vec<(&Collect, u64)> = self
@@ -320,7 +331,31 @@ impl Core {
         snapshot.timer_pending = self.timer.len() as u64;
         snapshot.dead_letters_held = self.dead_letters.len() as u64;
         snapshot.bridges = self.bridges.lock().iter().filter_map(|b| b()).collect();
+        snapshot.lanes = self
+            .lanes
+            .iter()
+            .map(|lane| self.lane_metrics(lane))
+            .collect();
         snapshot
+    }
+
+    fn lane_metrics(&self, lane: &LaneState) -> crate::metrics::LaneMetrics {
+        let shards = &self.shards[lane.start..lane.start + lane.workers];
+        let sum = |f: &dyn Fn(&Shard) -> u64| shards.iter().map(f).sum::<u64>();
+        crate::metrics::LaneMetrics {
+            name: lane.name.clone(),
+            workers: lane.workers,
+            backpressure: match lane.backpressure {
+                Backpressure::Shed => "shed",
+                _ => "block",
+            }
+            .to_owned(),
+            queue_depth: sum(&|s| s.rx.len() as u64),
+            overflow_depth: sum(&|s| s.worker.spill_len.load(Ordering::Relaxed) as u64),
+            busy_workers: sum(&|s| u64::from(s.worker.state.load(Ordering::Relaxed) != IDLE)),
+            shed: lane.shed.load(Ordering::Relaxed),
+            publisher_wait_nanos: lane.waited_nanos.load(Ordering::Relaxed),
+        }
     }
 
     pub(crate) fn shutdown(
@@ -387,7 +422,7 @@ impl Core {
         let mut leftovers = Leftovers::default();
         let mut swept = Swept::default();
         for routed in self.timer.take() {
-            swept.add(self, routed.work, &mut leftovers);
+            swept.add(self, routed.shard, routed.work, &mut leftovers);
         }
 
         // Stop the workers between deliveries. Past the deadline, a worker still inside a
@@ -498,14 +533,14 @@ impl Core {
         // is missing then is counted as abandoned).
         let mut step = 0;
         let net = loop {
-            for shard in self.shards.iter() {
+            for (index, shard) in self.shards.iter().enumerate() {
                 while let Ok(msg) = shard.rx.try_recv() {
                     if let Msg::Work(work) = msg {
-                        swept.add(self, work, &mut leftovers);
+                        swept.add(self, index, work, &mut leftovers);
                     }
                 }
                 for routed in shard.worker.take_spill() {
-                    swept.add(self, routed.work, &mut leftovers);
+                    swept.add(self, routed.shard, routed.work, &mut leftovers);
                 }
             }
             let settled = self

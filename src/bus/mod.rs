@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Select, Sender, TrySendError};
 use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
 
-use crate::config::{Config, WaitStrategy, check_name};
+use crate::config::{Backpressure, Config, WaitStrategy, check_name};
 use crate::context::{Context, Handler, HandlerFn, Sub};
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink, RedriveError, Ring};
 use crate::defer::Deferrals;
@@ -37,8 +37,8 @@ pub(crate) type BridgeReport = Box<dyn Fn() -> Option<BridgeCounters> + Send + S
 use crate::registry::{Registry, SubMeta};
 use crate::retry::RetryPolicy;
 use crate::shard::{
-    ABANDONED, Batch, Burial, IDLE, MAX_GROUP, Msg, Retry, Routed, Shard, Task, Work, WorkerCounts,
-    WorkerShared, offer_due, run_worker, seam_of, wait_for_batches,
+    ABANDONED, Batch, Burial, Fanout, IDLE, MAX_GROUP, Msg, Retry, Routed, Shard, Task, Work,
+    WorkerCounts, WorkerShared, offer_due, run_worker, seam_of, wait_for_batches,
 };
 use crate::stats::{AbandonedDelivery, BusStats, Outcomes, SHUTDOWN_GRACE, ShutdownReport};
 use crate::subscription::{SubscribeOptions, Subscription};
@@ -52,12 +52,13 @@ mod builder;
 mod core;
 mod dead_letters;
 mod intake;
+mod lanes;
 mod lifecycle;
 mod rebuild;
 mod redrive;
 
 use self::core::*;
-pub(crate) use self::core::{Core, Mode, OwnThread};
+pub(crate) use self::core::{Core, LaneState, Mode, OwnThread};
 use self::intake::Counted;
 pub use builder::BusBuilder;
 pub use dead_letters::{DeadLetters, LoadSummary, RedriveCutShort};
@@ -418,12 +419,21 @@ impl Bus {
             }
             None => None,
         };
+        let lane = match &options.lane {
+            None => 0,
+            Some(name) => core
+                .lanes
+                .iter()
+                .position(|lane| lane.name == *name)
+                .ok_or_else(|| SubscribeError::UnknownLane(NameId::intern(name).as_str()))?,
+        };
         let meta = Arc::new(SubMeta::new::<E>(
             core.registry.next_id(),
             options.name.as_deref().unwrap_or(default_name).into(),
             self.source,
             filter,
             retry,
+            lane as u8,
             crate::metrics::cells(core.metrics.enabled, core.shards.len()),
         ));
         core.metrics.subscribed(&meta);

@@ -25,14 +25,11 @@ impl Core {
                 None => Err((letter, RedriveError::NotRedrivable(id))),
             };
         };
-        if self
-            .registry
-            .lookup(retry.subscription())
-            .is_none_or(|meta| !meta.active.load(Ordering::SeqCst))
-        {
+        let meta = self.registry.lookup(retry.subscription());
+        let Some(meta) = meta.filter(|meta| meta.active.load(Ordering::SeqCst)) else {
             return Err((letter, RedriveError::SubscriptionGone(id)));
-        }
-        let index = self.shard_for(&retry.event.envelope);
+        };
+        let index = self.lanes[meta.lane as usize].shard_for(&retry.event.envelope);
         // Counted in before it can be settled; given back if the timer has stopped.
         let counted = Counted::redrive(retry.event.envelope.source_id());
         let Ok(admitted) = self.admit(index, 1, counted) else {

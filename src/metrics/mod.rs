@@ -28,7 +28,7 @@
 mod snapshot;
 
 pub use snapshot::{
-    BridgeCounters, EventCounts, EventLatency, HandlerMetrics, ImportStatus, Latency,
+    BridgeCounters, EventCounts, EventLatency, HandlerMetrics, ImportStatus, LaneMetrics, Latency,
     MetricsSnapshot,
 };
 

@@ -145,6 +145,32 @@ pub struct MetricsSnapshot {
     /// The counters of each Redis bridge on the bus (cargo feature `redis`).
     #[serde(default)]
     pub bridges: Vec<BridgeCounters>,
+    /// Each lane, the default one first.
+    #[serde(default)]
+    pub lanes: Vec<LaneMetrics>,
+}
+
+/// One lane's workers, queues and overload (see [`Lane`](crate::Lane)).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LaneMetrics {
+    /// Its name.
+    pub name: String,
+    /// Its worker threads (shards).
+    pub workers: usize,
+    /// `"block"` or `"shed"`: what it does when a shard is full.
+    pub backpressure: String,
+    /// Events waiting in its shards' channels.
+    pub queue_depth: u64,
+    /// Events waiting in its workers' overflow (spill) queues.
+    pub overflow_depth: u64,
+    /// Its workers busy with a delivery or a callback now.
+    pub busy_workers: u64,
+    /// Deliveries it shed because a shard was full (dead-lettered with reason `Shed`, or
+    /// discarded with dead letters off).
+    pub shed: u64,
+    /// How long publishers waited for room in its shards, in total, in nanoseconds.
+    pub publisher_wait_nanos: u64,
 }
 
 /// The counters of one bridge to Redis Streams.
@@ -333,6 +359,39 @@ impl MetricsSnapshot {
                 "Events waiting in a shard.",
                 &[("shard", &shard.to_string())],
                 *depth,
+            );
+        }
+        for lane in &self.lanes {
+            let labels = [("lane", lane.name.as_str())];
+            out.gauge(
+                "microbus_lane_queue_depth",
+                "Events waiting in a lane's channels.",
+                &labels,
+                lane.queue_depth,
+            );
+            out.gauge(
+                "microbus_lane_overflow_depth",
+                "Events waiting in a lane's workers' overflow queues.",
+                &labels,
+                lane.overflow_depth,
+            );
+            out.gauge(
+                "microbus_lane_busy_workers",
+                "A lane's workers busy now.",
+                &labels,
+                lane.busy_workers,
+            );
+            out.counter(
+                "microbus_lane_shed_total",
+                "Deliveries a lane shed because a shard was full.",
+                &labels,
+                lane.shed,
+            );
+            out.counter(
+                "microbus_lane_publisher_wait_nanoseconds_total",
+                "Time publishers waited for room in a lane.",
+                &labels,
+                lane.publisher_wait_nanos,
             );
         }
         out.gauge(
@@ -705,6 +764,38 @@ impl fmt::Display for MetricsSnapshot {
             self.timer_pending,
             self.dead_letters_held
         )?;
+        if self.lanes.len() > 1 {
+            writeln!(f, "\nlanes")?;
+            let mut table = Table::new(
+                &[
+                    "lane",
+                    "when full",
+                    "workers",
+                    "queued",
+                    "overflow",
+                    "busy",
+                    "shed",
+                    "waited",
+                ],
+                2,
+            );
+            for lane in &self.lanes {
+                table.row(vec![
+                    lane.name.clone(),
+                    lane.backpressure.clone(),
+                    lane.workers.to_string(),
+                    lane.queue_depth.to_string(),
+                    lane.overflow_depth.to_string(),
+                    lane.busy_workers.to_string(),
+                    lane.shed.to_string(),
+                    format!(
+                        "{:?}",
+                        std::time::Duration::from_nanos(lane.publisher_wait_nanos)
+                    ),
+                ]);
+            }
+            table.write(f)?;
+        }
         if !self.enabled {
             return writeln!(f, "metrics are off: no per-event or per-handler figures");
         }

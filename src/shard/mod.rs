@@ -415,6 +415,8 @@ pub(crate) struct Shard {
     pub(crate) tx: Sender<Msg>,
     pub(crate) rx: Receiver<Msg>,
     pub(crate) worker: CachePadded<WorkerShared>,
+    /// The lane it belongs to.
+    pub(crate) lane: u8,
 }
 
 impl Shard {

@@ -3,10 +3,12 @@
 
 use super::*;
 
-/// Deliveries to run: a published event, a batch of them, or one failed delivery tried again.
+/// Deliveries to run: a published event, a batch of them, a published event shared by the
+/// lanes it goes to, or one failed delivery tried again.
 pub(crate) enum Work {
     Task(Task),
     Batch(Batch),
+    Fanout(Fanout),
     Retry(Retry),
 }
 
@@ -17,6 +19,7 @@ impl Work {
         match self {
             Work::Task(task) => task.deliveries(),
             Work::Batch(batch) => batch.deliveries(),
+            Work::Fanout(fanout) => fanout.deliveries(),
             Work::Retry(_) => 1,
         }
     }
@@ -32,18 +35,30 @@ impl Work {
                 .tracker()
                 .and_then(|t| t.settle(how, task.deliveries())),
             Work::Batch(_) => None,
+            Work::Fanout(fanout) => fanout
+                .event
+                .envelope
+                .tracker()
+                .and_then(|t| t.settle(how, fanout.deliveries())),
             Work::Retry(retry) => retry.track(how),
         }
     }
 
-    /// The deliveries of published events that never ran, each as a first attempt to bury: one
-    /// per event and subscription it matched that `snapshot` still has. Its other deliveries
-    /// (to subscriptions since removed) are settled as left in its tracker, which may complete
-    /// (its callback goes to `done`). Moves the events; runs no user code.
-    pub(crate) fn never_ran(self, snapshot: &Snapshot, done: &mut Vec<Done>) -> Vec<Retry> {
+    /// The deliveries in lane `lane` of published events that never ran, each as a first
+    /// attempt to bury: one per event and subscription of the lane it matched that `snapshot`
+    /// still has. Its other deliveries (to subscriptions since removed) are settled as left in
+    /// its tracker, which may complete (its callback goes to `done`). Moves the events; runs no
+    /// user code.
+    pub(crate) fn never_ran(
+        self,
+        lane: u8,
+        snapshot: &Snapshot,
+        done: &mut Vec<Done>,
+    ) -> Vec<Retry> {
         match &self {
-            Work::Task(task) => (task.ops.never_ran)(self, snapshot, done),
-            Work::Batch(batch) => (batch.ops.never_ran)(self, snapshot, done),
+            Work::Task(task) => (task.ops.never_ran)(self, lane, snapshot, done),
+            Work::Batch(batch) => (batch.ops.never_ran)(self, lane, snapshot, done),
+            Work::Fanout(fanout) => (fanout.ops.never_ran)(self, lane, snapshot, done),
             Work::Retry(_) => Vec::new(),
         }
     }
@@ -54,6 +69,7 @@ impl Work {
         match self {
             Work::Task(task) => task.ops.needs_drop,
             Work::Batch(batch) => batch.ops.needs_drop,
+            Work::Fanout(fanout) => fanout.ops.needs_drop,
             Work::Retry(retry) => retry.ops.needs_drop,
         }
     }
@@ -64,6 +80,10 @@ impl Work {
         match self {
             Work::Task(task) => Some(((task.ops.type_id)(), task.envelope.source_id(), 1)),
             Work::Batch(batch) => Some(((batch.ops.type_id)(), batch.source, batch.len())),
+            Work::Fanout(fanout) => fanout.counts_publish.then(|| {
+                let source = fanout.event.envelope.source_id();
+                ((fanout.ops.type_id)(), source, 1)
+            }),
             Work::Retry(_) => None,
         }
     }
@@ -88,6 +108,7 @@ pub(super) type Payload = SmallBox<dyn Any + Send, [usize; 3]>;
 pub(crate) struct TaskOps {
     pub(super) run: fn(&mut Worker<'_>, &Task) -> Flow,
     pub(super) run_batch: fn(&mut Worker<'_>, Batch) -> Flow,
+    pub(super) run_fanout: fn(&mut Worker<'_>, &Fanout) -> Flow,
     pub(super) share: fn(Task) -> Arc<SharedEvent>,
     pub(super) retry: fn(&mut Worker<'_>, &Retry) -> Flow,
     pub(super) bury: fn(Retry, DeadLetterReason, u64, &mut dyn Runner) -> DeadLetter,
@@ -95,7 +116,7 @@ pub(crate) struct TaskOps {
     pub(super) meta: fn(&Arc<dyn Any + Send + Sync>) -> &SubMeta,
     pub(super) type_id: fn() -> TypeId,
     pub(super) needs_drop: bool,
-    pub(super) never_ran: fn(Work, &Snapshot, &mut Vec<Done>) -> Vec<Retry>,
+    pub(super) never_ran: fn(Work, u8, &Snapshot, &mut Vec<Done>) -> Vec<Retry>,
 }
 
 pub(super) struct OpsOf<E>(PhantomData<E>);
@@ -104,6 +125,7 @@ impl<E: Event> OpsOf<E> {
     const OPS: TaskOps = TaskOps {
         run: run_task::<E>,
         run_batch: run_batch::<E>,
+        run_fanout: run_fanout::<E>,
         share: share_task::<E>,
         retry: run_retry::<E>,
         bury: bury::<E>,
@@ -157,6 +179,76 @@ impl Task {
     }
 }
 
+/// A published event whose deliveries go to several lanes: each lane's message shares it.
+pub(crate) struct Fanout {
+    pub(super) ops: &'static TaskOps,
+    pub(crate) event: Arc<SharedEvent>,
+    pub(crate) generation: u32,
+    /// Its deliveries in the lane this message goes to.
+    pub(super) deliveries: u32,
+    /// Whether this message carries the event's publish count (one of its messages does).
+    pub(super) counts_publish: bool,
+}
+
+impl Fanout {
+    /// The event shared for its lanes, before it is sent to any.
+    pub(crate) fn share<E: Event>(envelope: Envelope, event: E) -> Arc<SharedEvent> {
+        Arc::new(SharedEvent {
+            envelope,
+            event: Box::new(event),
+        })
+    }
+
+    /// The message for one lane: `deliveries` of the event's deliveries.
+    pub(crate) fn new<E: Event>(
+        event: Arc<SharedEvent>,
+        generation: u32,
+        deliveries: usize,
+        counts_publish: bool,
+    ) -> Fanout {
+        Fanout {
+            ops: &OpsOf::<E>::OPS,
+            event,
+            generation,
+            deliveries: u32::try_from(deliveries).expect("fewer than 2^32 subscriptions"),
+            counts_publish,
+        }
+    }
+
+    /// Its deliveries in its lane.
+    #[inline]
+    pub(crate) fn deliveries(&self) -> usize {
+        self.deliveries as usize
+    }
+}
+
+impl SharedEvent {
+    /// Takes the event back out, once no lane holds it (`Err`: one still does).
+    pub(crate) fn into_event<E: Event>(this: Arc<SharedEvent>) -> Result<E, Arc<SharedEvent>> {
+        let shared = Arc::try_unwrap(this)?;
+        match shared.event.downcast::<E>() {
+            Ok(event) => Ok(*event),
+            Err(_) => unreachable!("a shared event holds the publisher's type"),
+        }
+    }
+}
+
+/// Runs the deliveries in this worker's lane of a shared event of type `E`.
+pub(super) fn run_fanout<E: Event>(worker: &mut Worker<'_>, fanout: &Fanout) -> Flow {
+    let Some(event) = fanout.event.event.downcast_ref::<E>() else {
+        unreachable!("a fanout's functions match its event")
+    };
+    run_event(
+        worker,
+        &fanout.event.envelope,
+        event,
+        fanout.generation,
+        fanout.deliveries(),
+        // The taps see the event once, with the lane that counts its publish.
+        fanout.counts_publish,
+    )
+}
+
 /// Runs the deliveries of an event of type `E`.
 pub(super) fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
     let Some(event) = task.payload.downcast_ref::<E>() else {
@@ -168,21 +260,23 @@ pub(super) fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
         event,
         task.generation,
         task.deliveries(),
+        true,
     )
 }
 
 /// Runs the `deliveries` deliveries of a published event of type `E`, matched in generation
-/// `generation`.
-#[inline]
+/// `generation`, first showing it to the taps if `tap`.
+#[inline(always)]
 pub(super) fn run_event<E: Event>(
     worker: &mut Worker<'_>,
     envelope: &Envelope,
     event: &E,
     generation: u32,
     deliveries: usize,
+    tap: bool,
 ) -> Flow {
     worker.shared.start_event(envelope.id());
-    if worker.core.taps.on() {
+    if tap && worker.core.taps.on() {
         let core = worker.core;
         core.show_taps(envelope, event, worker);
         if worker.detached {
@@ -213,13 +307,14 @@ pub(super) fn deliver_all<E: Event>(
     deliveries: usize,
 ) -> Flow {
     let source = envelope.source_id();
+    let lane = worker.lane;
     let mut flow = Flow::Continue;
     let mut remaining = deliveries;
     if let Some(table) = table {
         for sub in table
             .subs
             .iter()
-            .filter(|s| s.meta.matched(generation, source))
+            .filter(|s| s.meta.matched(lane, generation, source))
         {
             debug_assert!(remaining > 0, "more subscriptions than were matched");
             remaining -= 1;
@@ -231,7 +326,9 @@ pub(super) fn deliver_all<E: Event>(
         if flow == Flow::Continue && remaining > 0 {
             // Subscriptions removed since the event was published.
             for tomb in table.removed.iter() {
-                if before(generation, tomb.removed_gen) && tomb.meta.matched(generation, source) {
+                if before(generation, tomb.removed_gen)
+                    && tomb.meta.matched(lane, generation, source)
+                {
                     tomb.meta.outcomes.cancelled.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -557,11 +654,50 @@ pub(crate) fn to_json<E: Event>(event: &E, runner: &mut dyn Runner) -> String {
 /// See [`Work::never_ran`]: the deliveries of a task or a batch of events of type `E`.
 pub(super) fn never_ran<E: Event>(
     work: Work,
+    lane: u8,
     snapshot: &Snapshot,
     done: &mut Vec<Done>,
 ) -> Vec<Retry> {
     let deliveries = work.deliveries();
+    let subs_of = |generation: u32, source: NameId| -> Vec<&Arc<Sub<E>>> {
+        snapshot.table::<Sub<E>>().map_or_else(Vec::new, |table| {
+            table
+                .subs
+                .iter()
+                .filter(|s| s.meta.matched(lane, generation, source))
+                .collect()
+        })
+    };
+    let first_attempt = |event: &Arc<SharedEvent>, sub: &Arc<Sub<E>>, now| Retry {
+        ops: &OpsOf::<E>::OPS,
+        event: event.clone(),
+        sub: Arc::clone(sub) as Arc<dyn Any + Send + Sync>,
+        attempt: 1,
+        history: History {
+            errors: Vec::new(),
+            first_failure: now,
+        },
+        tracked: true,
+    };
     let (events, generation, source): (Vec<(Envelope, E)>, u32, NameId) = match work {
+        Work::Fanout(fanout) => {
+            let subs = subs_of(fanout.generation, fanout.event.envelope.source_id());
+            let gone = deliveries.saturating_sub(subs.len());
+            if gone > 0
+                && let Some(d) = fanout
+                    .event
+                    .envelope
+                    .tracker()
+                    .and_then(|t| t.settle(Settled::Left, gone))
+            {
+                done.push(d);
+            }
+            let now = SystemTime::now();
+            return subs
+                .iter()
+                .map(|sub| first_attempt(&fanout.event, sub, now))
+                .collect();
+        }
         Work::Task(task) => {
             let (generation, source) = (task.generation, task.envelope.source_id());
             let Ok(event) = task.payload.downcast::<E>() else {
@@ -582,13 +718,7 @@ pub(super) fn never_ran<E: Event>(
         }
         Work::Retry(_) => return Vec::new(),
     };
-    let subs: Vec<&Arc<Sub<E>>> = snapshot.table::<Sub<E>>().map_or_else(Vec::new, |table| {
-        table
-            .subs
-            .iter()
-            .filter(|s| s.meta.matched(generation, source))
-            .collect()
-    });
+    let subs = subs_of(generation, source);
     let now = SystemTime::now();
     let mut retries = Vec::with_capacity(events.len() * subs.len());
     let gone = (deliveries / events.len().max(1)).saturating_sub(subs.len());
@@ -605,17 +735,7 @@ pub(super) fn never_ran<E: Event>(
             event: Box::new(event),
         });
         for sub in &subs {
-            retries.push(Retry {
-                ops: &OpsOf::<E>::OPS,
-                event: event.clone(),
-                sub: Arc::clone(sub) as Arc<dyn Any + Send + Sync>,
-                attempt: 1,
-                history: History {
-                    errors: Vec::new(),
-                    first_failure: now,
-                },
-                tracked: true,
-            });
+            retries.push(first_attempt(&event, sub, now));
         }
     }
     retries

@@ -6,6 +6,8 @@ use super::*;
 pub(crate) struct Worker<'a> {
     pub(super) core: &'a Arc<Core>,
     pub(super) index: usize,
+    /// The lane of its shard: it runs that lane's deliveries only.
+    pub(super) lane: u8,
     pub(super) shared: &'a WorkerShared,
     pub(super) scratch: Vec<(Routed, Option<Duration>)>,
     /// Whether a batch is open, and how many events it has handled.
@@ -111,6 +113,7 @@ impl Worker<'_> {
         self.open_batch();
         let flow = match work {
             Work::Task(task) => (task.ops.run)(self, task),
+            Work::Fanout(fanout) => (fanout.ops.run_fanout)(self, fanout),
             Work::Retry(retry) => (retry.ops.retry)(self, retry),
             Work::Batch(_) => unreachable!("batch messages are run by `handle`"),
         };
@@ -159,11 +162,11 @@ impl Worker<'_> {
         if self.pending.is_empty() && self.deferred.is_empty() {
             return self.dispose(work);
         }
-        let Work::Task(task) = work else {
-            unreachable!("retries and batches handle their own failures")
+        let (ops, event) = match work {
+            Work::Task(task) => (task.ops, (task.ops.share)(task)),
+            Work::Fanout(fanout) => (fanout.ops, fanout.event),
+            _ => unreachable!("retries and batches handle their own failures"),
         };
-        let ops = task.ops;
-        let event = (ops.share)(task);
         self.arm_deferred(ops, &event, None, true);
         self.retry_failed(ops, event);
     }
@@ -485,10 +488,13 @@ impl Worker<'_> {
     }
 
     /// Drops `work` (the event in it: its `Drop` may be user code, run in a window).
-    #[inline]
+    #[inline(always)]
     pub(super) fn dispose(&mut self, work: Work) {
         if work.needs_drop() {
             self.dispose_slow(work);
+        } else if let Work::Task(task) = work {
+            // A task's drop, inline: the enum's whole drop is a call.
+            drop(task);
         }
     }
 
@@ -655,7 +661,8 @@ impl Worker<'_> {
                 }
                 self.core.notify_idle();
                 self.refresh_snapshot();
-                if let WaitStrategy::SpinThenPark(spin) = self.core.config.wait_strategy {
+                let lane = &self.core.lanes[self.lane as usize];
+                if let WaitStrategy::SpinThenPark(spin) = lane.wait_strategy {
                     received = spin_for(rx, spin);
                 }
             }
@@ -740,6 +747,7 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
     let mut worker = Worker {
         core: &core,
         index,
+        lane: shard.lane,
         shared: &shard.worker,
         scratch: Vec::new(),
         in_batch: false,

@@ -225,6 +225,7 @@ mod loom_models {
             tx,
             rx,
             worker: CachePadded::new(WorkerShared::default()),
+            lane: 0,
         }]);
         let runner = {
             let (timer, shards) = (timer.clone(), shards.clone());

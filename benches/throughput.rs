@@ -15,6 +15,10 @@
 //! - `batch`: events in batches of 64: microbus `publish_batch`, disruptor `batch_publish`,
 //!   crossbeam carrying 64 events per message; microbus single publish for reference.
 //! - `failures`: microbus with 1% of deliveries failing once (retried) against none.
+//! - `lanes`: fan-out to 3 subscriptions on one lane of 3 workers against 3 lanes of 1 worker
+//!   (deliveries/s); and the head-of-line case, a fast subscription beside a slow one (2 µs a
+//!   delivery): the fast one's throughput with both on the bus's 2 workers, and with the slow
+//!   one on a lane of its own that sheds when full.
 
 mod common;
 
@@ -30,7 +34,8 @@ use criterion::{
 };
 use disruptor::{BusySpin, Producer};
 use microbus::{
-    Bus, BusBuilder, Context, HandlerError, HandlerResult, Publish, RetryPolicy, WaitStrategy,
+    Backpressure, Bus, BusBuilder, Context, HandlerError, HandlerResult, Lane, Publish,
+    RetryPolicy, SubscribeOptions, WaitStrategy,
 };
 
 const BATCH: u64 = 64;
@@ -455,7 +460,82 @@ fn failures(c: &mut Criterion) {
     g.finish();
 }
 
+fn lanes(c: &mut Criterion) {
+    let mut g = group(c, "lanes");
+    let params = format!("cap{CAPACITY}");
+    g.throughput(Throughput::Elements(3));
+    for (id, lanes) in [("fanout3_one_lane", false), ("fanout3_three_lanes", true)] {
+        let mut builder = builder(if lanes { 1 } else { 3 });
+        if lanes {
+            builder = builder
+                .lane("b", Lane::new(1).channel_capacity(CAPACITY))
+                .lane("c", Lane::new(1).channel_capacity(CAPACITY));
+        }
+        let bus = builder.build().unwrap();
+        let handled = Arc::new(AtomicU64::new(0));
+        for lane in [None, Some("b"), Some("c")] {
+            let handled = handled.clone();
+            let options = match (lanes, lane) {
+                (true, Some(lane)) => SubscribeOptions::new().lane(lane),
+                _ => SubscribeOptions::new(),
+            };
+            bus.subscribe_with(options, move |tick: &Tick, _: &Context| -> HandlerResult {
+                black_box(tick);
+                handled.fetch_add(1, Ordering::Release);
+                Ok(())
+            })
+            .unwrap();
+        }
+        g.bench_function(BenchmarkId::new(id, &params), |b| {
+            b.iter_custom(|iters| timed(iters, &handled, 3, |n| publish_each(&bus, n)))
+        });
+        bus.shutdown().unwrap();
+    }
+    g.throughput(Throughput::Elements(1));
+    for (id, own_lane) in [
+        ("fast_beside_slow_one_lane", false),
+        ("fast_beside_slow_own_lane", true),
+    ] {
+        let mut builder = builder(2);
+        if own_lane {
+            builder = builder.lane(
+                "slow",
+                Lane::new(1)
+                    .channel_capacity(CAPACITY)
+                    .backpressure(Backpressure::Shed),
+            );
+        }
+        let bus = builder.build().unwrap();
+        let fast = Arc::new(AtomicU64::new(0));
+        let counter = fast.clone();
+        bus.subscribe(move |tick: &Tick, _: &Context| -> HandlerResult {
+            black_box(tick);
+            counter.fetch_add(1, Ordering::Release);
+            Ok(())
+        })
+        .unwrap();
+        let slow = if own_lane {
+            SubscribeOptions::new().lane("slow")
+        } else {
+            SubscribeOptions::new()
+        };
+        bus.subscribe_with(slow, |tick: &Tick, _: &Context| -> HandlerResult {
+            let until = std::time::Instant::now() + Duration::from_micros(2);
+            while std::time::Instant::now() < until {
+                black_box(tick);
+            }
+            Ok(())
+        })
+        .unwrap();
+        g.bench_function(BenchmarkId::new(id, &params), |b| {
+            b.iter_custom(|iters| timed(iters, &fast, 1, |n| publish_each(&bus, n)))
+        });
+        bus.shutdown_timeout(Duration::from_secs(60)).unwrap();
+    }
+    g.finish();
+}
+
 criterion_group!(
-    benches, one_to_one, two_to_one, fan_out, keyed, workers, batch, failures
+    benches, one_to_one, two_to_one, fan_out, keyed, workers, batch, failures, lanes
 );
 criterion_main!(benches);

@@ -526,10 +526,11 @@ mod tests {
     use crate::event::NameId;
     use proptest::prelude::*;
 
-    const REASONS: [DeadLetterReason; 3] = [
+    const REASONS: [DeadLetterReason; 4] = [
         DeadLetterReason::RetriesExhausted,
         DeadLetterReason::Permanent,
         DeadLetterReason::Shutdown,
+        DeadLetterReason::Shed,
     ];
 
     fn letter(id: u64, reason: DeadLetterReason) -> DeadLetter {
@@ -567,9 +568,9 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            6 => (0..3usize).prop_map(Op::Push),
+            6 => (0..REASONS.len()).prop_map(Op::Push),
             1 => any::<usize>().prop_map(Op::TakeAt),
-            1 => (0..3usize).prop_map(Op::TakeReason),
+            1 => (0..REASONS.len()).prop_map(Op::TakeReason),
             1 => Just(Op::PutBack),
         ]
     }

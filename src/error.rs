@@ -314,6 +314,21 @@ pub struct Pending {
     pub next_due_in: Option<Duration>,
     /// Deferred deliveries ([`Context::defer`](crate::Context::defer)) not yet completed.
     pub deferred: usize,
+    /// Per lane (the default one first): its name, the events waiting in its channels and
+    /// spill queues, and its handlers running.
+    pub lanes: Vec<LanePending>,
+}
+
+/// What one lane still held when a `flush` gave up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LanePending {
+    /// The lane's name.
+    pub lane: String,
+    /// Events waiting in its shards' channels and spill queues.
+    pub queued: usize,
+    /// Its handlers running.
+    pub running: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -374,6 +389,15 @@ impl fmt::Display for FlushError {
                 }
                 if p.deferred > 0 {
                     write!(f, "; {} deferred deliveries not completed", p.deferred)?;
+                }
+                if p.lanes.len() > 1 {
+                    let lanes: Vec<String> = p
+                        .lanes
+                        .iter()
+                        .filter(|l| l.queued + l.running > 0)
+                        .map(|l| format!("{}: {} queued, {} running", l.lane, l.queued, l.running))
+                        .collect();
+                    write!(f, "; by lane: {}", lanes.join("; "))?;
                 }
                 Ok(())
             }

@@ -337,8 +337,8 @@ pub use crate::dead_letter::{
 };
 pub use crate::defer::Deferred;
 pub use crate::error::{
-    ConfigError, FlushError, Pending, PublishBatchError, PublishError, PublishTimeoutError,
-    ShutdownError, SubscribeError, TryPublishError,
+    ConfigError, FlushError, LanePending, Pending, PublishBatchError, PublishError,
+    PublishTimeoutError, ShutdownError, SubscribeError, TryPublishError,
 };
 pub use crate::event::{
     Envelope, Event, EventId, Headers, ParseEventIdError, PartitionKey, Publish, Track, Tracked,
@@ -353,7 +353,7 @@ pub use crate::metrics::{
 pub use crate::retry::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_DELAY, DEFAULT_RETRY_DELAY, MAX_ATTEMPTS, RetryPolicy,
 };
-pub use crate::stats::{AbandonedDelivery, BusStats, SHUTDOWN_GRACE, ShutdownReport};
+pub use crate::stats::{AbandonedDelivery, BusStats, LaneReport, SHUTDOWN_GRACE, ShutdownReport};
 pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStats};
 pub use crate::tap::Tapped;
 pub use crate::trace::{Trace, TraceEntry, TraceOutcome};

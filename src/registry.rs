@@ -366,21 +366,19 @@ impl Registry {
         })
     }
 
-    /// The current generation and how many deliveries an event of type `E` from `source` has
-    /// in each lane (for an event that goes to several; counts nothing).
+    /// How many deliveries an event of type `E` from `source` has in each lane in generation
+    /// `generation`, which [`route`](Self::route) just gave on this thread (for an event that
+    /// goes to several lanes; counts nothing).
     #[cold]
-    pub(crate) fn route_lanes<E: Event>(&self, source: NameId) -> (Route, LaneCounts) {
-        let routes = self.snapshot.load().routes.clone();
-        let counts = routes.matching(TypeId::of::<E>(), source);
-        let route = Route {
-            generation: routes.generation,
-            deliveries: counts.iter().sum::<u32>() as usize,
-            lanes: counts
+    pub(crate) fn lane_counts<E: Event>(&self, source: NameId, generation: u32) -> LaneCounts {
+        let type_id = TypeId::of::<E>();
+        let cached = ROUTES.with_borrow(|cache| {
+            cache
                 .iter()
-                .enumerate()
-                .fold(0, |mask, (lane, n)| mask | (u8::from(*n > 0) << lane)),
-        };
-        (route, LaneCounts(counts))
+                .find(|c| c.bus == self.bus && c.routes.generation == generation)
+                .map(|c| c.routes.matching(type_id, source))
+        });
+        LaneCounts(cached.expect("routed on this thread just before"))
     }
 
     /// Counts `n` events of type `E` from `source` as published (after [`route`](Self::route)

@@ -335,6 +335,24 @@ pub struct ShutdownReport {
     pub cut_off: u64,
     /// How long the shutdown took.
     pub elapsed: Duration,
+    /// Per lane (the default one first): what shutdown found unfinished there.
+    pub lanes: Vec<LaneReport>,
+}
+
+/// What one lane left unfinished at shutdown, and what it shed while the bus ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LaneReport {
+    /// The lane's name.
+    pub lane: String,
+    /// Deliveries it shed because a shard was full (see
+    /// [`Backpressure::Shed`](crate::Backpressure::Shed)).
+    pub shed: u64,
+    /// Deliveries shutdown found waiting in its channels and spill queues, or due for it on
+    /// the timer, and settled (left, or dead-lettered).
+    pub swept: u64,
+    /// Deliveries held by its workers that shutdown detached at the deadline.
+    pub abandoned: u64,
 }
 
 impl ShutdownReport {
@@ -369,6 +387,15 @@ impl fmt::Display for ShutdownReport {
                     "  detached: {} in {seam} code after {id}, holding {} deliveries",
                     a.worker, a.deliveries
                 )?,
+            }
+        }
+        if self.lanes.len() > 1 {
+            for l in &self.lanes {
+                writeln!(
+                    f,
+                    "  lane {}: {} shed, {} swept, {} abandoned",
+                    l.lane, l.shed, l.swept, l.abandoned
+                )?;
             }
         }
         Ok(())

@@ -14,6 +14,9 @@
 //!   first attempts only;
 //! - the `ShutdownReport` agrees with the handlers' own counts and with the dead letters.
 //!
+//! Shipping, audit and notifications run in lanes of their own (small channels), so events
+//! fan out to several lanes and every check holds across them.
+//!
 //! 200,000 events by default; `MICROBUS_CHAOS_EVENTS` sets another number (run it in release:
 //! `MICROBUS_CHAOS_EVENTS=5000000 cargo test --release --test chaos`).
 
@@ -26,7 +29,7 @@ use std::time::Duration;
 
 use common::quiet_worker_panics;
 use microbus::{
-    Bus, Context, DeadLetterReason, Event, HandlerError, HandlerResult, Publish, RetryPolicy,
+    Bus, Context, DeadLetterReason, Event, HandlerError, HandlerResult, Lane, Publish, RetryPolicy,
     SubscribeOptions, Subscription,
 };
 use serde::{Deserialize, Serialize};
@@ -183,7 +186,10 @@ struct Sub {
 fn subscribe_orders(bus: &Bus, sub: usize, seen: &Arc<Seen>, handler: &str) -> Subscription {
     let seen = seen.clone();
     bus.subscribe_with(
-        SubscribeOptions::default().named(handler).from("orders"),
+        in_lane(
+            SubscribeOptions::default().named(handler).from("orders"),
+            bus,
+        ),
         move |e: &Order, ctx: &Context| -> HandlerResult {
             if ctx.attempt() == 1 {
                 seen.first_attempt_order(e);
@@ -199,6 +205,15 @@ fn subscribe_orders(bus: &Bus, sub: usize, seen: &Arc<Seen>, handler: &str) -> S
     .unwrap()
 }
 
+/// Each service but payments in a lane of its own: shipping on 2 workers, audit and
+/// notifications on 1, with small channels.
+fn in_lane(options: SubscribeOptions, service: &Bus) -> SubscribeOptions {
+    match service.service_name() {
+        "payments" | "orders" => options,
+        lane => options.lane(lane),
+    }
+}
+
 #[test]
 fn chaos_accounts_for_every_delivery() {
     quiet_worker_panics();
@@ -210,6 +225,9 @@ fn chaos_accounts_for_every_delivery() {
         .channel_capacity(64)
         .retry(RetryPolicy::fixed(Duration::from_millis(1)).max_attempts(MAX_ATTEMPTS))
         .dead_letter_capacity(1 << 22)
+        .lane("shipping", Lane::new(2).channel_capacity(16))
+        .lane("audit", Lane::new(1).channel_capacity(8))
+        .lane("notifications", Lane::new(1).channel_capacity(32))
         .build()
         .unwrap();
     let payments = bus.service("payments").unwrap();
@@ -244,7 +262,7 @@ fn chaos_accounts_for_every_delivery() {
         let seen = subs[4].seen.clone();
         audit
             .subscribe_with(
-                SubscribeOptions::default().named("ping-log"),
+                in_lane(SubscribeOptions::default().named("ping-log"), &audit),
                 move |e: &Ping, ctx: &Context| seen.run(4, e.id, ctx.attempt()),
             )
             .unwrap();
@@ -253,9 +271,12 @@ fn chaos_accounts_for_every_delivery() {
         let seen = subs[sub].seen.clone();
         service
             .subscribe_with(
-                SubscribeOptions::default()
-                    .named(subs[sub].handler)
-                    .from("payments"),
+                in_lane(
+                    SubscribeOptions::default()
+                        .named(subs[sub].handler)
+                        .from("payments"),
+                    service,
+                ),
                 move |e: &Shipped, ctx: &Context| seen.run(sub, e.id, ctx.attempt()),
             )
             .unwrap();

@@ -82,6 +82,23 @@ fn a_blocked_shed_lane_holds_back_neither_the_publisher_nor_the_default_lane() {
     all_fast.recv_timeout(WAIT).unwrap();
     entered.recv_timeout(WAIT).unwrap();
     assert_eq!((count(&fast), count(&slow)), (EVENTS, 0));
+    // A flush that gives up says which lane holds what.
+    let err = bus.flush(Duration::from_millis(20)).unwrap_err();
+    let pending = err.pending().unwrap();
+    let lanes: Vec<_> = pending
+        .lanes
+        .iter()
+        .map(|l| (l.lane.as_str(), l.queued, l.running))
+        .collect();
+    assert_eq!(
+        (lanes.len(), lanes[0].0, lanes[1]),
+        (2, "default", ("slow", 16, 1))
+    );
+    assert!(
+        err.to_string()
+            .contains("by lane: slow: 16 queued, 1 running"),
+        "{err}"
+    );
     release.send(()).unwrap();
     bus.flush(WAIT).unwrap();
     let lane = bus.metrics().lanes[1].clone();
@@ -315,6 +332,13 @@ fn a_shutdown_racing_publishers_into_three_lanes_hands_back_or_settles_everywher
         assert!(tally.not_once().iter().all(|&(_, c)| c == 0), "run twice");
     }
     assert_eq!(accepted + returned.len() as u64, 3 * PER_PUBLISHER);
+    let lanes: Vec<&str> = report.lanes.iter().map(|l| l.lane.as_str()).collect();
+    assert_eq!(lanes, ["default", "a", "b"]);
+    let swept: u64 = report.lanes.iter().map(|l| l.swept).sum();
+    assert!(
+        swept <= report.stats.left + report.stats.dead_lettered,
+        "{report}"
+    );
     assert_eq!(report.stats.delivered, 3 * accepted, "{report}");
     // Publishers go on being refused after the report.
     assert_eq!(bus.stats().refused, returned.len() as u64);

@@ -53,6 +53,9 @@ pub(crate) enum Mode {
     Block,
     Try,
     Until(Instant),
+    /// Waits for room even while the bus shuts down: the event is accepted already (another
+    /// lane has it), and the workers drain the channel until the deadline, then shutdown.
+    Accepted,
 }
 
 /// Why an event was handed back.
@@ -199,6 +202,11 @@ impl Core {
     #[inline]
     pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
+    }
+
+    /// Whether shutdown has finished: nothing takes from the channels any more.
+    pub(super) fn is_done(&self) -> bool {
+        matches!(*self.lifecycle.lock(), Lifecycle::Done(_))
     }
 
     /// Whether shutdown has passed its deadline: no delivery starts any more.

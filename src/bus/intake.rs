@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How often a publisher waiting for room for an event another lane has taken checks whether
+/// the bus has stopped.
+const ACCEPTED_RETRY: Duration = Duration::from_millis(10);
+
 /// How long a publisher on a rayon worker thread waits for a full shard whose worker makes no
 /// progress before it uses the shard's overflow queue.
 #[cfg(feature = "rayon")]
@@ -68,48 +72,28 @@ impl Counted {
     }
 }
 
-/// Deliveries let in at a shard's gate, with the publishes counted for them: what a refusal
-/// after this point gives back ([`Core::refund`]).
-#[must_use = "an admission is either sent or refunded"]
-pub(super) struct Admitted {
-    index: usize,
-    deliveries: usize,
-    counted: Counted,
-}
-
 impl Core {
     /// The first half of the accept/refund protocol, the same for every publish path: lets
-    /// `deliveries` in at shard `index`'s gate for the publishes `counted` (which the registry
-    /// counted already). A closed gate lets nothing in and takes the publishes back: the bus
-    /// is shutting down.
+    /// `deliveries` in at shard `index`'s gate. `false` when the gate is closed (the bus is
+    /// shutting down): nothing was let in, and the caller takes back the publishes it counted
+    /// with [`uncount`](Self::uncount).
     #[inline]
-    pub(super) fn admit(
-        &self,
-        index: usize,
-        deliveries: usize,
-        counted: Counted,
-    ) -> Result<Admitted, Refusal> {
-        if self.shards[index].gate.enter(deliveries) {
-            Ok(Admitted {
-                index,
-                deliveries,
-                counted,
-            })
-        } else {
-            self.uncount(counted);
-            Err(Refusal::Shutdown)
-        }
+    #[must_use = "an admission is either sent or refunded"]
+    pub(super) fn admit(&self, index: usize, deliveries: usize) -> bool {
+        self.shards[index].gate.enter(deliveries)
     }
 
     /// The second half: gives back an admission whose work was not sent (no room, or the bus
-    /// is shutting down): its deliveries at the gate, and its publishes.
+    /// is shutting down): its deliveries at the gate, and the publishes `counted`.
     #[cold]
-    pub(super) fn refund(&self, admitted: Admitted) {
-        self.shards[admitted.index].gate.refund(admitted.deliveries);
-        self.uncount(admitted.counted);
+    pub(super) fn refund(&self, index: usize, deliveries: usize, counted: Counted) {
+        self.shards[index].gate.refund(deliveries);
+        self.uncount(counted);
     }
 
-    fn uncount(&self, counted: Counted) {
+    /// Takes back publishes counted for events that were not accepted after all.
+    #[cold]
+    pub(super) fn uncount(&self, counted: Counted) {
         if counted.events > 0 {
             self.registry
                 .uncount(counted.type_id, counted.source, counted.events, false);
@@ -212,28 +196,25 @@ impl Core {
             self.count_unmatched(&event, envelope);
             return Ok(id);
         }
-        let counted = Counted::of::<E>(source, 1);
         match route.single() {
             Some(lane) => {
                 let (generation, deliveries) = (route.generation, route.deliveries);
-                self.submit(
-                    lane, counted, envelope, generation, deliveries, event, delay, mode,
-                )?;
+                self.submit(lane, envelope, generation, deliveries, event, delay, mode)?;
             }
-            None => self.fan_out(counted, envelope, event, delay, mode)?,
+            None => self.fan_out(&route, envelope, event, delay, mode)?,
         }
         Ok(id)
     }
 
-    /// Admits one routed, stamped event (its publish counted as `counted`) at its shard of
-    /// lane `lane` and sends it there — or, with a delay, to the timer; a refusal refunds the
-    /// admission and hands the event back. A full shard of a `Shed` lane sheds it.
+    /// Admits one routed, stamped event (its publish counted already) at its shard of lane
+    /// `lane` and sends it there — or, with a delay, to the timer; a refusal refunds the
+    /// admission, takes back the publish and hands the event back. A full shard of a `Shed`
+    /// lane sheds it.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn submit<E: Event>(
         &self,
         lane: usize,
-        counted: Counted,
         envelope: Envelope,
         generation: u32,
         deliveries: usize,
@@ -247,10 +228,12 @@ impl Core {
         }
         let lane = &self.lanes[lane];
         let index = lane.shard_for(&envelope);
-        let admitted = match self.admit(index, deliveries, counted) {
-            Ok(admitted) => admitted,
-            Err(why) => return Err((why, event)),
-        };
+        let counted = || Counted::of::<E>(envelope.source_id(), 1);
+        if !self.admit(index, deliveries) {
+            self.uncount(counted());
+            return Err((Refusal::Shutdown, event));
+        }
+        let source = envelope.source_id();
         // The message is made where it is sent: a task is moved once.
         let task = || Task::new(envelope, generation, deliveries, event);
         let sent = match delay {
@@ -276,7 +259,7 @@ impl Core {
                 .map_err(|routed| (Refusal::Shutdown, routed.work)),
         };
         sent.map_err(|(why, work)| {
-            self.refund(admitted);
+            self.refund(index, deliveries, Counted::of::<E>(source, 1));
             let Work::Task(task) = work else {
                 unreachable!("a single publish sends a task")
             };
@@ -306,10 +289,8 @@ impl Core {
                 |index, group| self.send_group(index, group, source, generation, deliveries),
                 |envelope, event, delay| {
                     self.registry.count::<E>(source, 1, false);
-                    let counted = Counted::of::<E>(source, 1);
                     self.submit(
                         lane,
-                        counted,
                         envelope,
                         generation,
                         deliveries,
@@ -491,11 +472,11 @@ impl Core {
         let events = group.len();
         let batch = Batch::new(group, source, generation, per_event);
         self.registry.count::<E>(source, events as u64, false);
-        let admitted = match self.admit(index, events * per_event, Counted::of::<E>(source, events))
-        {
-            Ok(admitted) => admitted,
-            Err(why) => return Err((why, batch.into_events().collect())),
-        };
+        let deliveries = events * per_event;
+        if !self.admit(index, deliveries) {
+            self.uncount(Counted::of::<E>(source, events));
+            return Err((Refusal::Shutdown, batch.into_events().collect()));
+        }
         let work = Work::Batch(batch);
         let sent = if self.lane_of(index).backpressure == Backpressure::Shed {
             self.send_or_shed(index, work)
@@ -504,7 +485,7 @@ impl Core {
                 .map_err(|(why, msg)| (why, msg.into_work()))
         };
         sent.map_err(|(why, work)| {
-            self.refund(admitted);
+            self.refund(index, deliveries, Counted::of::<E>(source, events));
             let Work::Batch(batch) = work else {
                 unreachable!("a batch was sent")
             };
@@ -567,7 +548,7 @@ impl Core {
             } else {
                 std::thread::yield_now();
             }
-            if self.is_closing() {
+            if self.is_closing() && !matches!(mode, Mode::Accepted) {
                 return Err((Refusal::Shutdown, msg));
             }
             if let Mode::Until(deadline) = mode
@@ -580,6 +561,19 @@ impl Core {
                 Err(TrySendError::Full(msg)) => msg,
                 Err(TrySendError::Disconnected(msg)) => return Err((Refusal::Shutdown, msg)),
             };
+        }
+        if let Mode::Accepted = mode {
+            // Waits for the workers, or for shutdown's sweep once they stopped; gives up only
+            // once the bus has stopped taking anything from its channels.
+            loop {
+                msg = match tx.send_timeout(msg, ACCEPTED_RETRY) {
+                    Ok(()) => return Ok(()),
+                    Err(SendTimeoutError::Timeout(msg)) if !self.is_done() => msg,
+                    Err(SendTimeoutError::Timeout(msg) | SendTimeoutError::Disconnected(msg)) => {
+                        return Err((Refusal::Shutdown, msg));
+                    }
+                };
+            }
         }
         let mut select = Select::new();
         let send = select.send(tx);
@@ -618,7 +612,7 @@ impl Core {
     ) -> Result<(), (Refusal, Msg)> {
         let shard = &self.shards[index];
         loop {
-            if self.is_closing() {
+            if self.is_closing() && !matches!(mode, Mode::Accepted) {
                 return Err((Refusal::Shutdown, msg));
             }
             if let Mode::Until(deadline) = mode
@@ -684,7 +678,7 @@ impl Core {
                 });
             }
             None => {
-                let (route, counts) = self.registry.route_lanes::<E>(source);
+                let counts = self.registry.lane_counts::<E>(source, route.generation);
                 let shared = Fanout::share(envelope, event);
                 for (i, (lane, deliveries)) in counts.iter().enumerate() {
                     let shard = self.lanes[lane].shard_for(&shared.envelope);

@@ -11,6 +11,7 @@
 //! down is settled as left.
 
 use super::*;
+use crate::registry::Route;
 use crate::shard::{Fanout, SharedEvent};
 
 impl Core {
@@ -19,19 +20,14 @@ impl Core {
     #[inline(never)]
     pub(super) fn fan_out<E: Event>(
         &self,
-        counted: Counted,
+        route: &Route,
         envelope: Envelope,
         event: E,
         delay: Option<Duration>,
         mode: Mode,
     ) -> Result<(), (Refusal, E)> {
-        // Matched again, with the count of each lane: the same generation or a later one.
-        let (route, counts) = self.registry.route_lanes::<E>(envelope.source_id());
-        if route.deliveries == 0 {
-            // Every subscription it matched has gone since.
-            self.count_unmatched(&event, envelope);
-            return Ok(());
-        }
+        let source = envelope.source_id();
+        let counts = self.registry.lane_counts::<E>(source, route.generation);
         if let Some(t) = envelope.tracker() {
             // With deliveries to come, arming completes nothing.
             let _none = t.arm(envelope.id(), route.deliveries);
@@ -42,28 +38,23 @@ impl Core {
             .iter()
             .map(|&(lane, _)| self.lanes[lane].shard_for(&envelope))
             .collect();
-        let source = envelope.source_id();
         let shared = Fanout::share(envelope, event);
         // Every gate first: the publish is counted with the first lane's admission.
-        let mut admitted = Vec::with_capacity(lanes.len());
+        let counted = |i: usize| {
+            let events = usize::from(i == 0);
+            Counted::of::<E>(source, events)
+        };
         for (i, &(_, deliveries)) in lanes.iter().enumerate() {
-            let counted = if i == 0 {
-                counted
-            } else {
-                Counted::redrive(source)
-            };
-            match self.admit(indexes[i], deliveries, counted) {
-                Ok(admission) => admitted.push(admission),
-                Err(why) => {
-                    admitted.into_iter().for_each(|a| self.refund(a));
-                    return Err((why, take_back(shared)));
+            if !self.admit(indexes[i], deliveries) {
+                for (j, &(_, deliveries)) in lanes[..i].iter().enumerate() {
+                    self.refund(indexes[j], deliveries, counted(j));
                 }
+                self.uncount(counted(i));
+                return Err((Refusal::Shutdown, take_back(shared)));
             }
         }
         let mut sent_any = false;
-        let mut admitted = admitted.into_iter();
         for (i, &(lane, deliveries)) in lanes.iter().enumerate() {
-            let admission = admitted.next().expect("one admission per lane");
             let index = indexes[i];
             let work = Work::Fanout(Fanout::new::<E>(
                 shared.clone(),
@@ -80,7 +71,7 @@ impl Core {
                     self.send_or_shed(index, work)
                 }
                 None => {
-                    let mode = if sent_any { Mode::Block } else { mode };
+                    let mode = if sent_any { Mode::Accepted } else { mode };
                     self.send(index, Msg::Work(work), mode)
                         .map_err(|(why, msg)| (why, msg.into_work()))
                 }
@@ -90,8 +81,9 @@ impl Core {
                 Err((why, work)) if !sent_any => {
                     // No lane has it: hand it back.
                     drop(work);
-                    self.refund(admission);
-                    admitted.for_each(|a| self.refund(a));
+                    for (j, &(_, deliveries)) in lanes.iter().enumerate().skip(i) {
+                        self.refund(indexes[j], deliveries, counted(j));
+                    }
                     return Err((why, take_back(shared)));
                 }
                 Err((Refusal::Full, work)) => {

@@ -7,6 +7,8 @@ use super::*;
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Swept {
     pub(super) outcomes: Outcomes,
+    /// Deliveries it settled in each lane.
+    pub(super) by_lane: [u64; crate::config::MAX_LANES],
 }
 
 impl Swept {
@@ -15,6 +17,7 @@ impl Swept {
     /// with dead letters off. It only counts: the user code that follows (trackers' callbacks,
     /// the event's `Serialize` and `Drop`, the hook and the sink) goes to `leftovers`.
     fn add(&mut self, core: &Arc<Core>, shard: usize, work: Work, leftovers: &mut Leftovers) {
+        self.by_lane[core.shards[shard].lane as usize] += work.deliveries() as u64;
         let kept = core.dead_letters.enabled();
         if kept && core.config.dead_letter_left && !matches!(work, Work::Retry(_)) {
             // Kept as dead letters, to be redriven (after a restart, from a file).
@@ -206,6 +209,21 @@ impl Core {
                 .earliest()
                 .map(|due| due.saturating_duration_since(now)),
             deferred: self.deferrals.outstanding(),
+            lanes: self
+                .lanes
+                .iter()
+                .map(|lane| {
+                    let shards = &self.shards[lane.start..lane.start + lane.workers];
+                    LanePending {
+                        lane: lane.name.clone(),
+                        queued: shards
+                            .iter()
+                            .map(|s| s.rx.len() + s.worker.spill_len.load(Ordering::Relaxed))
+                            .sum(),
+                        running: shards.iter().filter(|s| s.worker.running()).count(),
+                    }
+                })
+                .collect(),
         }
     }
 
@@ -389,6 +407,7 @@ impl Core {
                     abandoned: Vec::new(),
                     cut_off: 0,
                     elapsed: started.elapsed(),
+                    lanes: Vec::new(),
                 }
             },
         );
@@ -488,7 +507,9 @@ impl Core {
             &mut leftovers,
         );
         let mut given_up = detached.len() as u64;
+        let mut abandoned_by_lane = [0u64; crate::config::MAX_LANES];
         for &(index, state) in &abandoned {
+            let before = detached.len();
             let worker: &WorkerShared = &self.shards[index].worker;
             let name = format!("microbus-worker-{index}");
             let event_id = worker.current_event();
@@ -526,6 +547,8 @@ impl Core {
                     });
                 }
             }
+            let lane = self.shards[index].lane as usize;
+            abandoned_by_lane[lane] += detached[before..].iter().map(|a| a.deliveries).sum::<u64>();
         }
         // What is left in the channels and spill queues never ran. A publisher that counted
         // its event in before the gates closed may still be sending it, or giving it back:
@@ -570,12 +593,24 @@ impl Core {
         let core = self.clone();
         leftovers.push(move |runner| drop_with(runner, core.dead_letters.strip_redrives()));
         let cut_off = self.clean_up(leftovers, last);
+        let lanes = self
+            .lanes
+            .iter()
+            .enumerate()
+            .map(|(i, lane)| LaneReport {
+                lane: lane.name.clone(),
+                shed: lane.shed.load(Ordering::Relaxed),
+                swept: swept.by_lane[i],
+                abandoned: abandoned_by_lane[i],
+            })
+            .collect();
         ShutdownReport {
             stats: self.stats_with(given_up, swept, Some(net), &frozen),
             deadline_passed: !quiet || !detached.is_empty(),
             abandoned: detached,
             cut_off,
             elapsed: started.elapsed(),
+            lanes,
         }
     }
 

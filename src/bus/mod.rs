@@ -14,7 +14,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, Select, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Select, SendTimeoutError, Sender, TrySendError};
 use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
 
@@ -23,8 +23,8 @@ use crate::context::{Context, Handler, HandlerFn, Sub};
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink, RedriveError, Ring};
 use crate::defer::Deferrals;
 use crate::error::{
-    ConfigError, FlushError, Pending, PublishBatchError, PublishError, PublishTimeoutError,
-    ShutdownError, SubscribeError, TryPublishError,
+    ConfigError, FlushError, LanePending, Pending, PublishBatchError, PublishError,
+    PublishTimeoutError, ShutdownError, SubscribeError, TryPublishError,
 };
 use crate::event::{Envelope, Event, EventId, NameId, Publish, Stamp, Track};
 use crate::guard::{Leftovers, Panics, Runner, drop_with};
@@ -40,7 +40,9 @@ use crate::shard::{
     ABANDONED, Batch, Burial, Fanout, IDLE, MAX_GROUP, Msg, Retry, Routed, Shard, Task, Work,
     WorkerCounts, WorkerShared, offer_due, run_worker, seam_of, wait_for_batches,
 };
-use crate::stats::{AbandonedDelivery, BusStats, Outcomes, SHUTDOWN_GRACE, ShutdownReport};
+use crate::stats::{
+    AbandonedDelivery, BusStats, LaneReport, Outcomes, SHUTDOWN_GRACE, ShutdownReport,
+};
 use crate::subscription::{SubscribeOptions, Subscription};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::tap::{Tapped, Taps};

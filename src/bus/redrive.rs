@@ -32,9 +32,9 @@ impl Core {
         let index = self.lanes[meta.lane as usize].shard_for(&retry.event.envelope);
         // Counted in before it can be settled; given back if the timer has stopped.
         let counted = Counted::redrive(retry.event.envelope.source_id());
-        let Ok(admitted) = self.admit(index, 1, counted) else {
+        if !self.admit(index, 1) {
             return Err((letter, RedriveError::Shutdown(id)));
-        };
+        }
         let routed = Routed {
             shard: index,
             work: Work::Retry(retry.clone()),
@@ -42,7 +42,7 @@ impl Core {
         match self.timer.schedule(routed, Duration::ZERO) {
             Ok(()) => Ok(()),
             Err(_) => {
-                self.refund(admitted);
+                self.refund(index, 1, counted);
                 Err((letter, RedriveError::Shutdown(id)))
             }
         }

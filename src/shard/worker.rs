@@ -160,7 +160,11 @@ impl Worker<'_> {
     #[inline]
     pub(super) fn after(&mut self, work: Work) {
         if self.pending.is_empty() && self.deferred.is_empty() {
-            return self.dispose(work);
+            if work.needs_drop() {
+                self.dispose_slow(work);
+            }
+            // Else dropped here, in place.
+            return;
         }
         let (ops, event) = match work {
             Work::Task(task) => (task.ops, (task.ops.share)(task)),
@@ -492,9 +496,6 @@ impl Worker<'_> {
     pub(super) fn dispose(&mut self, work: Work) {
         if work.needs_drop() {
             self.dispose_slow(work);
-        } else if let Work::Task(task) = work {
-            // A task's drop, inline: the enum's whole drop is a call.
-            drop(task);
         }
     }
 

@@ -16,9 +16,9 @@
 //!   crossbeam carrying 64 events per message; microbus single publish for reference.
 //! - `failures`: microbus with 1% of deliveries failing once (retried) against none.
 //! - `lanes`: fan-out to 3 subscriptions on one lane of 3 workers against 3 lanes of 1 worker
-//!   (deliveries/s); and the head-of-line case, a fast subscription beside a slow one (2 µs a
-//!   delivery): the fast one's throughput with both on the bus's 2 workers, and with the slow
-//!   one on a lane of its own that sheds when full.
+//!   (deliveries/s); and the head-of-line case: a fast subscription while another service
+//!   keeps a slow one (20 µs a delivery) busy, the fast one's throughput with both on the bus's
+//!   2 workers and with the slow one on a lane of its own.
 
 mod common;
 
@@ -34,8 +34,8 @@ use criterion::{
 };
 use disruptor::{BusySpin, Producer};
 use microbus::{
-    Backpressure, Bus, BusBuilder, Context, HandlerError, HandlerResult, Lane, Publish,
-    RetryPolicy, SubscribeOptions, WaitStrategy,
+    Bus, BusBuilder, Context, HandlerError, HandlerResult, Lane, Publish, RetryPolicy,
+    SubscribeOptions, WaitStrategy,
 };
 
 const BATCH: u64 = 64;
@@ -460,6 +460,14 @@ fn failures(c: &mut Criterion) {
     g.finish();
 }
 
+/// A job that takes a slow subscription 20 µs.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SlowJob(u64);
+
+impl microbus::Event for SlowJob {
+    const NAME: &'static str = "SlowJob";
+}
+
 fn lanes(c: &mut Criterion) {
     let mut g = group(c, "lanes");
     let params = format!("cap{CAPACITY}");
@@ -498,12 +506,7 @@ fn lanes(c: &mut Criterion) {
     ] {
         let mut builder = builder(2);
         if own_lane {
-            builder = builder.lane(
-                "slow",
-                Lane::new(1)
-                    .channel_capacity(CAPACITY)
-                    .backpressure(Backpressure::Shed),
-            );
+            builder = builder.lane("slow", Lane::new(1).channel_capacity(CAPACITY));
         }
         let bus = builder.build().unwrap();
         let fast = Arc::new(AtomicU64::new(0));
@@ -519,17 +522,35 @@ fn lanes(c: &mut Criterion) {
         } else {
             SubscribeOptions::new()
         };
-        bus.subscribe_with(slow, |tick: &Tick, _: &Context| -> HandlerResult {
-            let until = std::time::Instant::now() + Duration::from_micros(2);
+        bus.subscribe_with(slow, |job: &SlowJob, _: &Context| -> HandlerResult {
+            let until = std::time::Instant::now() + Duration::from_micros(20);
             while std::time::Instant::now() < until {
-                black_box(tick);
+                black_box(job);
             }
             Ok(())
         })
         .unwrap();
+        // Another service keeps the slow subscription busy all along.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let feeder = {
+            let (bus, stop) = (bus.service("reports").unwrap(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    if bus
+                        .publish_timeout(SlowJob(i), Duration::from_millis(10))
+                        .is_ok()
+                    {
+                        i += 1;
+                    }
+                }
+            })
+        };
         g.bench_function(BenchmarkId::new(id, &params), |b| {
             b.iter_custom(|iters| timed(iters, &fast, 1, |n| publish_each(&bus, n)))
         });
+        stop.store(true, Ordering::Relaxed);
+        feeder.join().unwrap();
         bus.shutdown_timeout(Duration::from_secs(60)).unwrap();
     }
     g.finish();

@@ -103,11 +103,11 @@ impl Deferrals {
 
     /// Shutdown, past its deadline, with the workers stopped or detached: takes over every
     /// deferred delivery still outstanding, reporting each as abandoned. `handler` names a
-    /// subscription. What it took over goes to `leftovers`: tracker callbacks to run and
+    /// subscription and its lane. What it took over goes to `leftovers`: tracker callbacks to run and
     /// events to drop (user code the shutdown thread does not run itself).
     pub(crate) fn abandon_all(
         &self,
-        handler: impl Fn(u64) -> String,
+        handler: impl Fn(u64) -> (String, String),
         leftovers: &mut Leftovers,
     ) -> Vec<AbandonedDelivery> {
         let slots: Vec<Arc<Slot>> = self.outstanding.lock().drain().map(|(_, s)| s).collect();
@@ -126,11 +126,13 @@ impl Deferrals {
                 // (its tracker, if any, does not complete).
                 State::Open(result) => leftovers.drop(result),
             }
+            let (handler, lane) = handler(slot.subscription);
             abandoned.push(AbandonedDelivery {
                 worker: DEFERRED.to_owned(),
+                lane,
                 event: slot.event,
                 event_id: Some(slot.event_id),
-                handler: handler(slot.subscription),
+                handler,
                 seam: None,
                 deliveries: 1,
             });

@@ -300,6 +300,8 @@ impl BusStats {
 pub struct AbandonedDelivery {
     /// The detached worker thread's name, or `deferred` for a deferred delivery.
     pub worker: String,
+    /// The lane of the worker, or of the deferred delivery's subscription.
+    pub lane: String,
     /// The [`Event::NAME`](crate::Event::NAME) of the event (`?` when the worker was outside a handler).
     pub event: &'static str,
     /// The event's id (outside a handler: the event the worker ran last).
@@ -339,20 +341,33 @@ pub struct ShutdownReport {
     pub lanes: Vec<LaneReport>,
 }
 
-/// What one lane left unfinished at shutdown, and what it shed while the bus ran.
+/// One lane's books at shutdown — what it accepted against what it settled — and what it shed
+/// and left unfinished.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LaneReport {
     /// The lane's name.
     pub lane: String,
+    /// Deliveries its gates let in.
+    pub accepted: u64,
+    /// Deliveries settled in it, under any outcome.
+    pub settled: u64,
     /// Deliveries it shed because a shard was full (see
     /// [`Backpressure::Shed`](crate::Backpressure::Shed)).
     pub shed: u64,
     /// Deliveries shutdown found waiting in its channels and spill queues, or due for it on
     /// the timer, and settled (left, or dead-lettered).
     pub swept: u64,
-    /// Deliveries held by its workers that shutdown detached at the deadline.
+    /// Deliveries held by its workers that shutdown detached at the deadline, and its
+    /// deferred deliveries not completed by then.
     pub abandoned: u64,
+}
+
+impl LaneReport {
+    /// Whether the lane settled every delivery it accepted.
+    pub fn is_balanced(&self) -> bool {
+        self.accepted == self.settled
+    }
 }
 
 impl ShutdownReport {
@@ -393,8 +408,8 @@ impl fmt::Display for ShutdownReport {
             for l in &self.lanes {
                 writeln!(
                     f,
-                    "  lane {}: {} shed, {} swept, {} abandoned",
-                    l.lane, l.shed, l.swept, l.abandoned
+                    "  lane {}: {} accepted, {} settled; {} shed, {} swept, {} abandoned",
+                    l.lane, l.accepted, l.settled, l.shed, l.swept, l.abandoned
                 )?;
             }
         }

@@ -456,6 +456,7 @@ fn chaos_accounts_for_every_delivery() {
         "deliveries duplicated or tried beyond their failures"
     );
     assert!(report.is_balanced(), "{report}");
+    assert!(report.lanes.iter().all(|l| l.is_balanced()), "{report}");
     // The deadline is generous: everything accepted ran, and every retry fell due before it.
     assert_eq!((stats.left, stats.abandoned), (0, 0), "{report}");
     assert_eq!(

@@ -121,6 +121,18 @@ fn a_blocked_shed_lane_holds_back_neither_the_publisher_nor_the_default_lane() {
     assert_eq!(stats.dead_lettered, lane.shed);
     let report = bus.shutdown().unwrap();
     assert!(report.is_balanced(), "{report}");
+    let books: Vec<_> = report
+        .lanes
+        .iter()
+        .map(|l| (l.lane.as_str(), l.accepted, l.settled, l.shed))
+        .collect();
+    assert_eq!(
+        books,
+        [
+            ("default", EVENTS, EVENTS, 0),
+            ("slow", EVENTS, EVENTS, lane.shed)
+        ]
+    );
 }
 
 #[test]

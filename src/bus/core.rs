@@ -138,6 +138,9 @@ pub(crate) struct LaneState {
     pub(crate) shed: AtomicU64,
     /// Nanoseconds publishers waited for room in its shards.
     pub(crate) waited_nanos: AtomicU64,
+    /// Its deliveries settled on other threads than its workers: shed, left by a publisher
+    /// at shutdown, or deferred and completed.
+    pub(crate) settled_elsewhere: AtomicU64,
 }
 
 impl LaneState {
@@ -150,6 +153,7 @@ impl LaneState {
             backpressure: lane.backpressure,
             shed: AtomicU64::new(0),
             waited_nanos: AtomicU64::new(0),
+            settled_elsewhere: AtomicU64::new(0),
         }
     }
 
@@ -214,6 +218,14 @@ impl Core {
     #[inline]
     pub(crate) fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Counts a delivery of shard `index` settled on another thread than its worker, in its
+    /// lane's books (before the ledger's count of it).
+    pub(crate) fn settled_in_lane(&self, index: usize) {
+        self.lane_of(index)
+            .settled_elsewhere
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// The lane of shard `index`.

@@ -196,12 +196,16 @@ impl Core {
             self.count_unmatched(&event, envelope);
             return Ok(id);
         }
-        match route.single() {
-            Some(lane) => {
-                let (generation, deliveries) = (route.generation, route.deliveries);
-                self.submit(lane, envelope, generation, deliveries, event, delay, mode)?;
-            }
-            None => self.fan_out(&route, envelope, event, delay, mode)?,
+        let (generation, deliveries) = (route.generation, route.deliveries);
+        match (route.lanes, delay) {
+            // The common case, made on its own: the default lane only (which blocks), now.
+            (1, None) => self.submit(0, envelope, generation, deliveries, event, None, mode)?,
+            _ => match route.single() {
+                Some(lane) => {
+                    self.submit(lane, envelope, generation, deliveries, event, delay, mode)?
+                }
+                None => self.fan_out(&route, envelope, event, delay, mode)?,
+            },
         }
         Ok(id)
     }
@@ -226,6 +230,7 @@ impl Core {
             // With deliveries to come, arming completes nothing.
             let _none = t.arm(envelope.id(), deliveries);
         }
+        let lane_index = lane;
         let lane = &self.lanes[lane];
         let index = lane.shard_for(&envelope);
         let counted = || Counted::of::<E>(envelope.source_id(), 1);
@@ -237,15 +242,18 @@ impl Core {
         // The message is made where it is sent: a task is moved once.
         let task = || Task::new(envelope, generation, deliveries, event);
         let sent = match delay {
-            None if lane.backpressure == Backpressure::Block => match self.shards[index]
-                .tx
-                .try_send(Msg::Work(Work::Task(task())))
-            {
-                Ok(()) => return Ok(()),
-                Err(TrySendError::Full(msg)) => self.send_full_timed(index, msg, mode),
-                Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
+            // The default lane always blocks.
+            None if lane_index == 0 || lane.backpressure == Backpressure::Block => {
+                match self.shards[index]
+                    .tx
+                    .try_send(Msg::Work(Work::Task(task())))
+                {
+                    Ok(()) => return Ok(()),
+                    Err(TrySendError::Full(msg)) => self.send_full_timed(index, msg, mode),
+                    Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
+                }
+                .map_err(|(why, msg)| (why, msg.into_work()))
             }
-            .map_err(|(why, msg)| (why, msg.into_work())),
             None => self.send_or_shed(index, Work::Task(task())),
             Some(delay) => self
                 .timer

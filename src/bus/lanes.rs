@@ -90,10 +90,10 @@ impl Core {
                     // A rayon publisher whose shard stayed full: the timer offers it again.
                     let routed = Routed { shard: index, work };
                     if let Err(routed) = self.timer.schedule(routed, REOFFER_DELAY) {
-                        self.settle_left(routed.work);
+                        self.settle_left(index, routed.work);
                     }
                 }
-                Err((_, work)) => self.settle_left(work),
+                Err((_, work)) => self.settle_left(index, work),
             }
         }
         Ok(())
@@ -122,8 +122,10 @@ impl Core {
     pub(super) fn shed(&self, index: usize, work: Work) {
         let lane = self.shards[index].lane;
         let deliveries = work.deliveries();
-        self.lanes[lane as usize]
-            .shed
+        let state = &self.lanes[lane as usize];
+        state.shed.fetch_add(deliveries as u64, Ordering::Relaxed);
+        state
+            .settled_elsewhere
             .fetch_add(deliveries as u64, Ordering::Relaxed);
         let mut done = Vec::new();
         let retries = work.never_ran(lane, &self.registry.load_full(), &mut done);
@@ -161,8 +163,11 @@ impl Core {
     /// Settles accepted work that a lane could not take because the bus is shutting down
     /// (another lane has the event): its deliveries are left.
     #[cold]
-    pub(super) fn settle_left(&self, work: Work) {
+    pub(super) fn settle_left(&self, index: usize, work: Work) {
         let deliveries = work.deliveries();
+        self.lane_of(index)
+            .settled_elsewhere
+            .fetch_add(deliveries as u64, Ordering::Relaxed);
         let done = work.track(Settled::Left);
         let books = &self.shed_books;
         books

@@ -499,19 +499,20 @@ impl Core {
 
         // Deferred deliveries not completed by now never will be, as far as the report goes.
         let mut detached = self.deferrals.abandon_all(
-            |sub| {
-                self.registry
-                    .lookup(sub)
-                    .map_or_else(|| "?".to_owned(), |m| m.name.to_string())
+            |sub| match self.registry.lookup(sub) {
+                Some(meta) => (
+                    meta.name.to_string(),
+                    self.lanes[meta.lane as usize].name.clone(),
+                ),
+                None => ("?".to_owned(), "?".to_owned()),
             },
             &mut leftovers,
         );
         let mut given_up = detached.len() as u64;
-        let mut abandoned_by_lane = [0u64; crate::config::MAX_LANES];
         for &(index, state) in &abandoned {
-            let before = detached.len();
             let worker: &WorkerShared = &self.shards[index].worker;
             let name = format!("microbus-worker-{index}");
+            let lane = self.lane_of(index).name.clone();
             let event_id = worker.current_event();
             let in_handler = state != IDLE && state != ABANDONED && seam_of(state).is_none();
             match in_handler {
@@ -521,6 +522,7 @@ impl Core {
                     given_up += held;
                     detached.push(AbandonedDelivery {
                         worker: name,
+                        lane,
                         event: "?",
                         event_id,
                         handler: String::new(),
@@ -539,6 +541,7 @@ impl Core {
                     let meta = self.registry.lookup(state);
                     detached.push(AbandonedDelivery {
                         worker: name,
+                        lane,
                         event: meta.as_ref().map_or("?", |m| m.event_name),
                         event_id,
                         handler: meta.map_or_else(|| "?".to_owned(), |m| m.name.to_string()),
@@ -547,8 +550,6 @@ impl Core {
                     });
                 }
             }
-            let lane = self.shards[index].lane as usize;
-            abandoned_by_lane[lane] += detached[before..].iter().map(|a| a.deliveries).sum::<u64>();
         }
         // What is left in the channels and spill queues never ran. A publisher that counted
         // its event in before the gates closed may still be sending it, or giving it back:
@@ -593,15 +594,33 @@ impl Core {
         let core = self.clone();
         leftovers.push(move |runner| drop_with(runner, core.dead_letters.strip_redrives()));
         let cut_off = self.clean_up(leftovers, last);
+        let workers: Vec<WorkerCounts> = self.worker_counts(&frozen).collect();
         let lanes = self
             .lanes
             .iter()
             .enumerate()
-            .map(|(i, lane)| LaneReport {
-                lane: lane.name.clone(),
-                shed: lane.shed.load(Ordering::Relaxed),
-                swept: swept.by_lane[i],
-                abandoned: abandoned_by_lane[i],
+            .map(|(i, lane)| {
+                let shards = lane.start..lane.start + lane.workers;
+                let abandoned = detached
+                    .iter()
+                    .filter(|a| a.lane == lane.name)
+                    .map(|a| a.deliveries)
+                    .sum();
+                let settled = workers[shards.clone()]
+                    .iter()
+                    .map(|w| w.settled)
+                    .sum::<u64>()
+                    + lane.settled_elsewhere.load(Ordering::Acquire)
+                    + swept.by_lane[i]
+                    + abandoned;
+                LaneReport {
+                    lane: lane.name.clone(),
+                    accepted: net_sum(self.shards[shards].iter().map(|s| &*s.gate)),
+                    settled,
+                    shed: lane.shed.load(Ordering::Relaxed),
+                    swept: swept.by_lane[i],
+                    abandoned,
+                }
             })
             .collect();
         ShutdownReport {

@@ -23,6 +23,7 @@ pub(crate) fn settle_deferred(
             // Trackers first: once the ledger says settled (`flush`), trackers have completed.
             // Their callbacks run once it is settled.
             let done = retry.track(Settled::Succeeded);
+            core.settled_in_lane(shard);
             counts.settle(1);
             if let Some(done) = done {
                 done.run(runner);
@@ -74,6 +75,7 @@ pub(crate) fn settle_deferred(
             .fetch_add(1, Ordering::Relaxed),
         _ => counts.outcomes.discarded.fetch_add(1, Ordering::Relaxed),
     };
+    core.settled_in_lane(shard);
     counts.settle(1);
     burial.finish(core, runner);
 }

@@ -459,3 +459,121 @@ fn lanes_are_checked_when_the_bus_is_built_and_when_subscribing() {
     assert!(err.to_string().contains("\"sms\""));
     assert_eq!(bus.workers(), 2);
 }
+
+#[test]
+fn retries_dead_letters_redrives_and_unsubscribes_stay_in_their_lane() {
+    let bus = Bus::builder()
+        .workers(1)
+        .lane("retrying", Lane::new(1))
+        .retry(microbus::RetryPolicy::fixed(Duration::from_millis(1)).max_attempts(2))
+        .build()
+        .unwrap();
+    // The lane's one worker is the bus's second thread.
+    let threads = Arc::new(Mutex::new(Vec::new()));
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (seen, failing) = (threads.clone(), fail.clone());
+    bus.subscribe_with(
+        SubscribeOptions::new().named("flaky").lane("retrying"),
+        move |e: &Numbered, ctx: &Context| -> HandlerResult {
+            let thread = std::thread::current().name().unwrap_or("?").to_owned();
+            seen.lock().unwrap().push((e.seq, ctx.attempt(), thread));
+            if failing.load(Ordering::SeqCst) {
+                return Err(microbus::HandlerError::msg("down"));
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    bus.publish(Numbered {
+        publisher: 0,
+        seq: 1,
+    })
+    .unwrap();
+    bus.flush(WAIT).unwrap();
+    let letters = bus.dead_letters().list();
+    assert_eq!(letters.len(), 1);
+    fail.store(false, Ordering::SeqCst);
+    bus.dead_letters().redrive(letters[0].id()).unwrap();
+    bus.flush(WAIT).unwrap();
+    let threads = threads.lock().unwrap().clone();
+    assert_eq!(
+        threads,
+        [1, 2, 1].map(|attempt| (1, attempt, "microbus-worker-1".to_owned()))
+    );
+
+    // An unsubscribe cancels what waits for it in its lane.
+    let (held, release, entered) = blocked_on(&bus, "retrying");
+    let gone = bus
+        .subscribe_with(
+            SubscribeOptions::new().named("gone").lane("retrying"),
+            |_: &Numbered, _: &Context| -> HandlerResult { Ok(()) },
+        )
+        .unwrap();
+    for seq in 10..20 {
+        bus.publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    entered.recv_timeout(WAIT).unwrap();
+    // Unsubscribing waits for the lane's open batch (its worker is held); once `gone` is no
+    // longer active, the held worker goes on and cancels what was queued for it.
+    let unsubscribing = std::thread::spawn(move || gone.unsubscribe());
+    let deadline = std::time::Instant::now() + WAIT;
+    while bus
+        .metrics()
+        .handlers
+        .iter()
+        .any(|h| h.handler == "gone" && h.active)
+    {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::yield_now();
+    }
+    release.send(()).unwrap();
+    unsubscribing.join().unwrap();
+    bus.flush(WAIT).unwrap();
+    assert_eq!(count(&held), 10);
+    let stats = bus.stats();
+    assert_eq!(stats.cancelled, 10, "{stats:?}");
+    let report = bus.shutdown().unwrap();
+    assert!(
+        report.is_balanced() && report.lanes.iter().all(|l| l.is_balanced()),
+        "{report}"
+    );
+}
+
+#[cfg(feature = "rayon")]
+#[test]
+fn a_parallel_iterator_publishes_into_every_lane() {
+    use rayon::prelude::*;
+    let bus = Bus::builder()
+        .workers(2)
+        .lane("a", Lane::new(1).channel_capacity(8))
+        .build()
+        .unwrap();
+    let tallies: Vec<Arc<Tally>> = (0..2).map(|_| Arc::new(Tally::new(20_000))).collect();
+    for (tally, lane) in tallies.iter().zip([microbus::DEFAULT_LANE, "a"]) {
+        let tally = tally.clone();
+        bus.subscribe_with(
+            SubscribeOptions::new().lane(lane),
+            move |e: &Numbered, _: &Context| -> HandlerResult {
+                tally.mark(e.seq as usize);
+                Ok(())
+            },
+        )
+        .unwrap();
+    }
+    bus.publish_par_iter(
+        (0..20_000u64)
+            .into_par_iter()
+            .map(|seq| Numbered { publisher: 0, seq }),
+    )
+    .unwrap();
+    bus.flush(WAIT).unwrap();
+    for tally in &tallies {
+        assert_eq!(tally.not_once(), vec![]);
+    }
+    let prometheus = bus.metrics().to_prometheus();
+    assert!(
+        prometheus.contains("microbus_lane_queue_depth{lane=\"a\"} 0"),
+        "{prometheus}"
+    );
+    assert!(prometheus.contains("microbus_lane_shed_total{lane=\"default\"} 0"));
+}

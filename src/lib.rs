@@ -281,8 +281,9 @@
 //! | `dead_letter.rs` | the ring, its entries and their file format |
 //! | `guard.rs`, `track.rs`, `tap.rs`, `trace.rs`, `metrics/` | the guard for user code, trackers, taps, traces, metrics |
 //!
-//! The engine, above them: `bus/core.rs` (the state one bus shares), `bus/intake.rs` (every
-//! publish path), `bus/lifecycle.rs` (flush, statistics, shutdown), `bus/redrive.rs` and
+//! The engine, above them: `bus/core.rs` (the state one bus shares, its lanes), `bus/intake.rs`
+//! (every publish path), `bus/lanes.rs` (an event for several lanes, shedding),
+//! `bus/lifecycle.rs` (flush, statistics, shutdown), `bus/redrive.rs` and
 //! `bus/rebuild.rs` (dead letters back to their subscriptions), `shard/` (the work
 //! vocabulary, the worker, deferred settlement), `context.rs` ([`Context`], [`Handler`]),
 //! `defer.rs` ([`Deferred`]). The public handles on top: `bus/mod.rs` ([`Bus`]),

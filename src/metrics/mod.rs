@@ -26,6 +26,7 @@
 //! it returns.
 
 mod snapshot;
+mod table;
 
 pub use snapshot::{
     BridgeCounters, EventCounts, EventLatency, HandlerMetrics, ImportStatus, LaneMetrics, Latency,

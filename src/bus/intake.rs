@@ -2,6 +2,7 @@
 //! the timer), and on refusal refund and hand the event back.
 
 use super::*;
+use crate::registry::Route;
 
 /// How often a publisher waiting for room for an event another lane has taken checks whether
 /// the bus has stopped.
@@ -189,25 +190,50 @@ impl Core {
         let envelope = stamp.envelope(source);
         let id = envelope.id();
         if route.deliveries == 0 {
-            if self.is_closing() {
-                self.registry.uncount(TypeId::of::<E>(), source, 1, true);
-                return Err((Refusal::Shutdown, event));
-            }
-            self.count_unmatched(&event, envelope);
-            return Ok(id);
+            return self.publish_unmatched(source, event, envelope);
         }
         let (generation, deliveries) = (route.generation, route.deliveries);
         match (route.lanes, delay) {
             // The common case, made on its own: the default lane only (which blocks), now.
             (1, None) => self.submit(0, envelope, generation, deliveries, event, None, mode)?,
-            _ => match route.single() {
-                Some(lane) => {
-                    self.submit(lane, envelope, generation, deliveries, event, delay, mode)?
-                }
-                None => self.fan_out(&route, envelope, event, delay, mode)?,
-            },
+            _ => self.publish_elsewhere(&route, envelope, event, delay, mode)?,
         }
         Ok(id)
+    }
+
+    /// An event that matched no subscription: counted, or refused once the bus is closing.
+    #[cold]
+    #[inline(never)]
+    fn publish_unmatched<E: Event>(
+        &self,
+        source: NameId,
+        event: E,
+        envelope: Envelope,
+    ) -> Result<EventId, (Refusal, E)> {
+        if self.is_closing() {
+            self.registry.uncount(TypeId::of::<E>(), source, 1, true);
+            return Err((Refusal::Shutdown, event));
+        }
+        let id = envelope.id();
+        self.count_unmatched(&event, envelope);
+        Ok(id)
+    }
+
+    /// A publish to another lane than the default one, to several, or with a delay.
+    #[inline(never)]
+    fn publish_elsewhere<E: Event>(
+        &self,
+        route: &Route,
+        envelope: Envelope,
+        event: E,
+        delay: Option<Duration>,
+        mode: Mode,
+    ) -> Result<(), (Refusal, E)> {
+        let (generation, deliveries) = (route.generation, route.deliveries);
+        match route.single() {
+            Some(lane) => self.submit(lane, envelope, generation, deliveries, event, delay, mode),
+            None => self.fan_out(route, envelope, event, delay, mode),
+        }
     }
 
     /// Admits one routed, stamped event (its publish counted already) at its shard of lane

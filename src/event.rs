@@ -791,6 +791,33 @@ mod tests {
     }
 
     #[test]
+    fn options_set_after_an_envelope_change_its_fields_and_keep_the_rest() {
+        let given = Envelope::stamp(NameId::intern("event-tests-origin"), Options::default());
+        let cause = EventId::new();
+        let options = Publish::envelope(given.clone())
+            .key(7u64)
+            .correlation(cause)
+            .causation(cause)
+            .header("tenant", "acme")
+            .delay(Duration::from_secs(1));
+        let (stamp, delay) = options.clone().into_parts();
+        assert_eq!(delay, Some(Duration::from_secs(1)));
+        let envelope = stamp.envelope(NameId::intern("event-tests-other"));
+        assert_eq!(envelope.id(), given.id());
+        assert_eq!(envelope.source(), "event-tests-origin");
+        assert_eq!(envelope.key().map(PartitionKey::get), Some(7));
+        assert_eq!(
+            (envelope.correlation_id(), envelope.causation_id()),
+            (cause, Some(cause))
+        );
+        assert_eq!(envelope.headers().get("tenant"), Some("acme"));
+        // A tracked publish's clone carries no tracker: the bus attaches one per call.
+        let tracked = options.tracked();
+        let (stamp, _) = tracked.clone().into_parts();
+        assert!(stamp.envelope(NameId::intern("x")).tracker().is_none());
+    }
+
+    #[test]
     fn envelope_is_small() {
         assert!(std::mem::size_of::<Envelope>() <= 72);
     }

@@ -542,6 +542,7 @@ impl PartialEq for Envelope {
 impl Eq for Envelope {}
 
 impl Envelope {
+    #[inline(always)]
     pub(crate) fn stamp(source: NameId, options: Options) -> Envelope {
         Envelope::stamp_at(unix_nanos(), source, options)
     }

@@ -250,6 +250,7 @@ impl BusBuilder {
             republishers: Mutex::default(),
             jitter_seed,
             spill_capacity: config.spill_capacity(),
+            default_workers: config.workers,
             config,
             registry: Registry::new(id, metrics_on),
             rebuilders: super::rebuild::Rebuilders::default(),

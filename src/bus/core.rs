@@ -105,6 +105,9 @@ pub(crate) struct Core {
     pub(crate) rebuilders: super::rebuild::Rebuilders,
     /// Every lane's shards, lane after lane (see [`LaneState::start`]).
     pub(crate) shards: Box<[Shard]>,
+    /// The default lane's worker count, kept here (its shards are the first ones) so that
+    /// a publish to the default lane reads nothing of [`lanes`](Self::lanes).
+    pub(crate) default_workers: usize,
     /// The lanes, the default one first.
     pub(crate) lanes: Box<[LaneState]>,
     /// Deliveries settled by publishers: shed by a full `Shed` lane, or left when shutdown
@@ -160,12 +163,17 @@ impl LaneState {
     /// Its shard for `envelope`: by key, or the next in turn on this thread.
     #[inline]
     pub(crate) fn shard_for(&self, envelope: &Envelope) -> usize {
-        self.start
-            + match envelope.key() {
-                Some(key) => key.shard(self.workers),
-                None if self.workers == 1 => 0,
-                None => next_in_turn(self.workers),
-            }
+        self.start + shard_among(self.workers, envelope)
+    }
+}
+
+/// Which of `workers` shards takes `envelope`: by key, or the next in turn on this thread.
+#[inline]
+pub(crate) fn shard_among(workers: usize, envelope: &Envelope) -> usize {
+    match envelope.key() {
+        Some(key) => key.shard(workers),
+        None if workers == 1 => 0,
+        None => next_in_turn(workers),
     }
 }
 

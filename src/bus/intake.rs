@@ -256,37 +256,42 @@ impl Core {
             // With deliveries to come, arming completes nothing.
             let _none = t.arm(envelope.id(), deliveries);
         }
-        let lane_index = lane;
-        let lane = &self.lanes[lane];
-        let index = lane.shard_for(&envelope);
+        let index = match lane {
+            // The default lane's shards come first.
+            0 => super::core::shard_among(self.default_workers, &envelope),
+            _ => self.lanes[lane].shard_for(&envelope),
+        };
         let counted = || Counted::of::<E>(envelope.source_id(), 1);
         if !self.admit(index, deliveries) {
             self.uncount(counted());
             return Err((Refusal::Shutdown, event));
         }
         let source = envelope.source_id();
-        // The message is made where it is sent: a task is moved once.
-        let task = || Task::new(envelope, generation, deliveries, event);
+        // The message is made where it is sent, so that a task is moved once (a closure
+        // called in three arms is not inlined).
         let sent = match delay {
             // The default lane always blocks.
-            None if lane_index == 0 || lane.backpressure == Backpressure::Block => {
-                match self.shards[index]
-                    .tx
-                    .try_send(Msg::Work(Work::Task(task())))
-                {
-                    Ok(()) => return Ok(()),
-                    Err(TrySendError::Full(msg)) => self.send_full_timed(index, msg, mode),
-                    Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
-                }
-                .map_err(|(why, msg)| (why, msg.into_work()))
+            None if lane == 0 || self.lanes[lane].backpressure == Backpressure::Block => match self
+                .shards[index]
+                .tx
+                .try_send(Msg::Work(Work::Task(Task::new(
+                    envelope, generation, deliveries, event,
+                )))) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(msg)) => self.send_full_timed(index, msg, mode),
+                Err(TrySendError::Disconnected(msg)) => Err((Refusal::Shutdown, msg)),
             }
-            None => self.send_or_shed(index, Work::Task(task())),
+            .map_err(|(why, msg)| (why, msg.into_work())),
+            None => {
+                let task = Task::new(envelope, generation, deliveries, event);
+                self.send_or_shed(index, Work::Task(task))
+            }
             Some(delay) => self
                 .timer
                 .schedule(
                     Routed {
                         shard: index,
-                        work: Work::Task(task()),
+                        work: Work::Task(Task::new(envelope, generation, deliveries, event)),
                     },
                     delay,
                 )

@@ -577,3 +577,74 @@ fn a_parallel_iterator_publishes_into_every_lane() {
     );
     assert!(prometheus.contains("microbus_lane_shed_total{lane=\"default\"} 0"));
 }
+
+#[test]
+fn a_handlers_staged_events_wait_for_a_full_shed_lane_and_are_never_shed() {
+    const STAGED: u64 = 500;
+    let bus = Bus::builder()
+        .workers(1)
+        .lane(
+            "slow",
+            Lane::new(1)
+                .channel_capacity(4)
+                .backpressure(Backpressure::Shed),
+        )
+        .build()
+        .unwrap();
+    let (slow, release, entered) = blocked_on(&bus, "slow");
+    // A default-lane handler that publishes one `Numbered` into the slow lane per `Keyed`.
+    let staging = Arc::new(AtomicU64::new(0));
+    let (all_staged_tx, all_staged) = crossbeam_channel::bounded::<()>(1);
+    let counter = staging.clone();
+    bus.subscribe(move |k: &Keyed, ctx: &Context| -> HandlerResult {
+        ctx.publish(Numbered {
+            publisher: 1,
+            seq: k.seq,
+        })?;
+        if counter.fetch_add(1, Ordering::SeqCst) + 1 == STAGED {
+            all_staged_tx.send(()).unwrap();
+        }
+        Ok(())
+    })
+    .unwrap();
+    for seq in 0..STAGED {
+        bus.publish(Keyed { key: seq % 8, seq }).unwrap();
+    }
+    all_staged.recv_timeout(WAIT).unwrap();
+    entered.recv_timeout(WAIT).unwrap();
+    // The slow lane is full and its handler blocked: what the handler staged waits.
+    assert_eq!(bus.metrics().lanes[1].shed, 0);
+    // The staged events keep the lane's 4 slots full (they are offered again from the spill
+    // queue until they fit), so an outside publish into it is shed at once.
+    let start = std::time::Instant::now();
+    while bus.metrics().lanes[1].queue_depth < 4 {
+        assert!(
+            start.elapsed() < WAIT,
+            "the staged events never filled the lane"
+        );
+        std::thread::yield_now();
+    }
+    for seq in 0..10 {
+        bus.publish(Numbered { publisher: 2, seq }).unwrap();
+    }
+    let shed = bus.metrics().lanes[1].shed;
+    assert_eq!(shed, 10);
+    release.send(()).unwrap();
+    bus.flush(WAIT).unwrap();
+    assert_eq!(count(&slow), STAGED);
+    assert_eq!(bus.metrics().lanes[1].shed, 10);
+    let shed_letters: Vec<bool> = bus
+        .dead_letters()
+        .list()
+        .iter()
+        .filter(|l| l.reason() == DeadLetterReason::Shed)
+        .map(|l| l.payload_json().contains(r#""publisher":2"#))
+        .collect();
+    assert_eq!(
+        shed_letters,
+        vec![true; 10],
+        "only outside publishes were shed"
+    );
+    let report = bus.shutdown().unwrap();
+    assert!(report.is_balanced(), "{report}");
+}

@@ -29,10 +29,12 @@ pub(crate) enum Seam {
     Serde,
     /// An event's `Drop`, and other user values the bus drops (handlers, callbacks).
     Drop,
+    /// [`SubscribeOptions::retry_if`](crate::SubscribeOptions::retry_if).
+    Classifier,
 }
 
 /// How many seams there are.
-pub(crate) const SEAMS: usize = 6;
+pub(crate) const SEAMS: usize = 7;
 
 impl Seam {
     /// Every seam, in the order of [`CallbackPanics`]' fields.
@@ -43,6 +45,7 @@ impl Seam {
         Seam::Tap,
         Seam::Serde,
         Seam::Drop,
+        Seam::Classifier,
     ];
 
     /// The seam's name, as in [`CallbackPanics`] and the metrics.
@@ -54,6 +57,7 @@ impl Seam {
             Seam::Tap => "tap",
             Seam::Serde => "serde",
             Seam::Drop => "drop",
+            Seam::Classifier => "classifier",
         }
     }
 }
@@ -99,7 +103,7 @@ impl Panics {
 
     /// The counts so far.
     pub(crate) fn counts(&self) -> CallbackPanics {
-        let [hook, sink, tracker, tap, serde, drop] =
+        let [hook, sink, tracker, tap, serde, drop, classifier] =
             Seam::ALL.map(|seam| self.counts[seam as usize].load(Ordering::Relaxed));
         CallbackPanics {
             hook,
@@ -108,6 +112,7 @@ impl Panics {
             tap,
             serde,
             drop,
+            classifier,
         }
     }
 }
@@ -174,6 +179,7 @@ pub(crate) fn drop_payload(payload: Box<dyn Any + Send>) {
 /// counted and the bus went on: the delivery concerned was settled as if the code had returned.
 /// Handler panics are failed attempts, counted in [`BusStats::panicked`](crate::BusStats).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 #[non_exhaustive]
 pub struct CallbackPanics {
     /// In the [`on_dead_letter`](crate::BusBuilder::on_dead_letter) hook.
@@ -189,6 +195,9 @@ pub struct CallbackPanics {
     pub serde: u64,
     /// In an event's `Drop`, or another user value's the bus dropped.
     pub drop: u64,
+    /// In a subscription's [`retry_if`](crate::SubscribeOptions::retry_if) classifier (the
+    /// retry policy then decided).
+    pub classifier: u64,
 }
 
 impl CallbackPanics {
@@ -206,6 +215,7 @@ impl CallbackPanics {
             self.tap,
             self.serde,
             self.drop,
+            self.classifier,
         ];
         std::array::from_fn(|i| (Seam::ALL[i].name(), values[i]))
     }
@@ -244,7 +254,15 @@ mod tests {
         assert_eq!(counts.total(), 4);
         assert_eq!(
             counts.fields().map(|(name, _)| name),
-            ["hook", "sink", "tracker", "tap", "serde", "drop"]
+            [
+                "hook",
+                "sink",
+                "tracker",
+                "tap",
+                "serde",
+                "drop",
+                "classifier"
+            ]
         );
     }
 }

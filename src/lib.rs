@@ -346,7 +346,7 @@ pub use crate::event::{
     Untracked,
 };
 pub use crate::guard::CallbackPanics;
-pub use crate::handler::{HandlerError, HandlerResult};
+pub use crate::handler::{HandlerError, HandlerResult, Verdict};
 pub use crate::metrics::{
     BridgeCounters, EventCounts, EventLatency, HandlerMetrics, ImportStatus, LaneMetrics, Latency,
     MetricsSnapshot,

@@ -11,9 +11,29 @@ use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 use crate::event::NameId;
+use crate::handler::Classifier;
 use crate::retry::RetryPolicy;
 use crate::stats::OutcomeCounters;
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+/// How a subscription runs, as its options and the bus's configuration settled it.
+pub(crate) struct SubSettings {
+    pub(crate) retry: RetryPolicy,
+    pub(crate) classify: Option<Classifier>,
+    /// Its lane's index.
+    pub(crate) lane: u8,
+}
+
+impl SubSettings {
+    /// Retried by `retry` in lane `lane`, nothing else set.
+    pub(crate) fn new(retry: RetryPolicy, lane: u8) -> SubSettings {
+        SubSettings {
+            retry,
+            classify: None,
+            lane,
+        }
+    }
+}
 
 /// What a subscription is, apart from its handler.
 pub(crate) struct SubMeta {
@@ -26,6 +46,8 @@ pub(crate) struct SubMeta {
     /// The generation of the first snapshot that holds the subscription.
     pub(crate) since_gen: AtomicU32,
     pub(crate) retry: RetryPolicy,
+    /// What decides its failures that the handler left to the policy.
+    pub(crate) classify: Option<Classifier>,
     /// The lane whose workers run it.
     pub(crate) lane: u8,
     pub(crate) active: AtomicBool,
@@ -40,15 +62,13 @@ pub(crate) struct SubMeta {
 
 impl SubMeta {
     /// A new subscription `id` of event type `E`, named `name`, for service `service` (and only
-    /// events from `filter`, if given), retried by `retry`, run in lane `lane`, with `cells` for
-    /// its hot counters.
+    /// events from `filter`, if given), run by `settings`, with `cells` for its hot counters.
     pub(crate) fn new<E: crate::event::Event>(
         id: u64,
         name: Box<str>,
         service: NameId,
         filter: Option<NameId>,
-        retry: RetryPolicy,
-        lane: u8,
+        settings: SubSettings,
         cells: CellsByWorker,
     ) -> SubMeta {
         SubMeta {
@@ -59,8 +79,9 @@ impl SubMeta {
             event_name: E::NAME,
             type_id: TypeId::of::<E>(),
             since_gen: AtomicU32::new(0),
-            retry,
-            lane,
+            retry: settings.retry,
+            classify: settings.classify,
+            lane: settings.lane,
             active: AtomicBool::new(true),
             outcomes: OutcomeCounters::default(),
             last_error: Mutex::new(None),

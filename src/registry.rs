@@ -525,8 +525,7 @@ mod loom_models {
             "probe".into(),
             NameId::intern("loom"),
             from,
-            RetryPolicy::none(),
-            0,
+            crate::meta::SubSettings::new(RetryPolicy::none(), 0),
             Box::new([]),
         ));
         Sub {

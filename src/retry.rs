@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::error::ConfigError;
+use crate::handler::Verdict;
 
 /// The default delay before the first retry of [`RetryPolicy::default`].
 pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(5);
@@ -144,20 +145,24 @@ impl RetryPolicy {
         self.max_attempts
     }
 
-    /// What becomes of failed attempt `attempt`: tried again after the delay (`Ok`), or
-    /// given up (`Err`, and why): at once when the error is `permanent`, or when
-    /// the attempts are spent. `draw` gives the jitter's random number; it is called only for a
-    /// delay. The one place where a failure is decided, for handlers and deferred deliveries.
+    /// What becomes of failed attempt `attempt` given `verdict`: tried again after a delay
+    /// (`Ok`), or given up (`Err`, and why): at once when the verdict is `Permanent` or
+    /// `Discard`, or when the attempts are spent. `draw` gives the jitter's random number; it
+    /// is called only for the policy's delay. The one place where a failure is decided, for
+    /// handlers and deferred deliveries.
     pub(crate) fn decide(
         &self,
-        permanent: bool,
+        verdict: Verdict,
         attempt: u32,
         draw: impl FnOnce() -> u64,
     ) -> Result<Duration, GiveUp> {
-        if permanent {
-            return Err(GiveUp::Permanent);
+        match verdict {
+            Verdict::Permanent => Err(GiveUp::Permanent),
+            Verdict::Discard => Err(GiveUp::Discard),
+            Verdict::RetryAfter(delay) if attempt < self.max_attempts => Ok(delay),
+            Verdict::RetryAfter(_) => Err(GiveUp::Exhausted),
+            _ => self.delay_after(attempt, draw()).ok_or(GiveUp::Exhausted),
         }
-        self.delay_after(attempt, draw()).ok_or(GiveUp::Exhausted)
     }
 
     /// The delay before the attempt that follows failed attempt `attempt` (counting from 1),
@@ -288,6 +293,8 @@ pub(crate) enum GiveUp {
     Permanent,
     /// Every attempt the policy allows failed.
     Exhausted,
+    /// The failure said to drop the event ([`Verdict::Discard`]).
+    Discard,
 }
 
 #[cfg(test)]

@@ -18,8 +18,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
 
 /// Counts of what the bus did with its deliveries (one event × one subscription it matched).
 ///
-/// The terms add up: `delivered = succeeded + dead_lettered + discarded + cancelled +
-/// abandoned + left + in_flight`, which [`is_balanced`](Self::is_balanced) checks.
+/// The terms add up: `delivered = succeeded + dead_lettered + discarded + dropped +
+/// cancelled + abandoned + left + in_flight`, which [`is_balanced`](Self::is_balanced)
+/// checks.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct BusStats {
@@ -33,6 +34,12 @@ pub struct BusStats {
     pub panicked: u64,
     /// Failed deliveries that will not be tried again, dropped because dead letters are off.
     pub discarded: u64,
+    /// Failed deliveries whose failure said to drop the event
+    /// ([`HandlerError::discard`](crate::HandlerError::discard), or a
+    /// [`retry_if`](crate::SubscribeOptions::retry_if) classifier's
+    /// [`Verdict::Discard`](crate::Verdict::Discard)): never retried, never dead-lettered.
+    #[serde(default)]
+    pub dropped: u64,
     /// Retries scheduled: failed attempts that are tried again.
     pub retried: u64,
     /// Failed deliveries kept in the dead-letter ring (those evicted since included).
@@ -106,6 +113,7 @@ outcomes!(
     retried,
     dead_lettered,
     discarded,
+    dropped,
     cancelled,
     left,
 );
@@ -113,7 +121,12 @@ outcomes!(
 impl Outcomes {
     /// The deliveries these outcomes settled: failures and retries are steps on the way.
     pub(crate) fn settled(&self) -> u64 {
-        self.succeeded + self.dead_lettered + self.discarded + self.cancelled + self.left
+        self.succeeded
+            + self.dead_lettered
+            + self.discarded
+            + self.dropped
+            + self.cancelled
+            + self.left
     }
 }
 
@@ -146,7 +159,7 @@ impl BusStats {
     /// Every counter, once: the accepted deliveries, the outcomes that sum to them, then what
     /// is counted beside the ledger. The shutdown report, the metrics table and Prometheus
     /// print from this list.
-    pub(crate) fn terms(&self) -> [Term; 14] {
+    pub(crate) fn terms(&self) -> [Term; 15] {
         let term = |name, label, help, role, value| Term {
             name,
             label,
@@ -183,6 +196,13 @@ impl BusStats {
                 "Failed deliveries dropped with dead letters off.",
                 Outcome,
                 self.discarded,
+            ),
+            term(
+                "dropped",
+                "dropped",
+                "Failed deliveries whose failure said to drop the event.",
+                Outcome,
+                self.dropped,
             ),
             term(
                 "cancelled",

@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::bus::Core;
+use crate::handler::{Classifier, HandlerError, Verdict};
 use crate::meta::SubMeta;
 use crate::retry::RetryPolicy;
 use crate::sync::Ordering;
@@ -25,6 +26,7 @@ pub struct SubscribeOptions {
     pub(crate) from: Option<String>,
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) lane: Option<String>,
+    pub(crate) classify: Option<Classifier>,
 }
 
 impl SubscribeOptions {
@@ -59,6 +61,58 @@ impl SubscribeOptions {
         self.lane = Some(name.into());
         self
     }
+
+    /// Decides what becomes of each failure the handler left to the policy (an error it did
+    /// not mark with a [`Verdict`], or a panic): `classify` sees the [`HandlerError`] — its
+    /// [`downcast_ref`](HandlerError::downcast_ref) reaches the handler's own error type —
+    /// and returns retry, retry after a delay, permanent (dead-lettered at once) or discard
+    /// (settled as dropped). It runs on the worker, after the attempt, under the guard: a
+    /// classifier that panics is counted (`callback_panics.classifier`) and the policy
+    /// decides, as if it had returned [`Verdict::Retry`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Event, HandlerError, HandlerResult, SubscribeOptions, Verdict};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug)]
+    /// enum GatewayError { Declined, Busy }
+    /// impl std::fmt::Display for GatewayError {
+    ///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    ///         write!(f, "{self:?}")
+    ///     }
+    /// }
+    /// impl std::error::Error for GatewayError {}
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct Charge { cents: u64 }
+    /// impl Event for Charge { const NAME: &'static str = "Charge"; }
+    ///
+    /// let bus = Bus::builder().build()?;
+    /// let options = SubscribeOptions::new().retry_if(|err: &HandlerError| {
+    ///     match err.downcast_ref::<GatewayError>() {
+    ///         Some(GatewayError::Declined) => Verdict::Permanent,
+    ///         _ => Verdict::Retry,
+    ///     }
+    /// });
+    /// bus.subscribe_with(options, |_: &Charge, _: &Context| -> HandlerResult {
+    ///     Err(GatewayError::Declined.into())
+    /// })?;
+    /// bus.publish(Charge { cents: 500 })?;
+    /// bus.flush(Duration::from_secs(5))?;
+    /// // Declined is permanent: dead-lettered on the first attempt, never retried.
+    /// assert_eq!((bus.stats().dead_lettered, bus.stats().retried), (1, 0));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn retry_if(
+        mut self,
+        classify: impl Fn(&HandlerError) -> Verdict + Send + Sync + 'static,
+    ) -> SubscribeOptions {
+        self.classify = Some(Arc::new(classify));
+        self
+    }
 }
 
 impl fmt::Debug for SubscribeOptions {
@@ -68,6 +122,7 @@ impl fmt::Debug for SubscribeOptions {
             .field("from", &self.from)
             .field("retry", &self.retry)
             .field("lane", &self.lane)
+            .field("retry_if", &self.classify.is_some())
             .finish()
     }
 }

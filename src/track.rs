@@ -31,6 +31,9 @@ pub struct Completion {
     pub dead_lettered: u32,
     /// Deliveries that failed for good with dead letters off.
     pub discarded: u32,
+    /// Deliveries whose failure said to drop the event
+    /// ([`HandlerError::discard`](crate::HandlerError::discard)).
+    pub dropped: u32,
     /// Deliveries whose subscription ended before they ran.
     pub cancelled: u32,
     /// Deliveries that never ran because the shutdown deadline passed.
@@ -55,6 +58,7 @@ pub(crate) enum Settled {
     Cancelled,
     Left,
     Abandoned,
+    Dropped,
 }
 
 type Callback = Box<dyn FnOnce(Completion) + Send>;
@@ -64,7 +68,7 @@ pub(crate) struct Tracking {
     event_id: Mutex<Option<EventId>>,
     /// Deliveries not settled yet; `u32::MAX` until the event is accepted.
     remaining: AtomicU32,
-    counts: [AtomicU32; 6],
+    counts: [AtomicU32; 7],
     deliveries: AtomicU32,
     done: Mutex<Option<Completion>>,
     completed: Condvar,
@@ -121,6 +125,7 @@ impl Tracking {
             succeeded: count(Settled::Succeeded),
             dead_lettered: count(Settled::DeadLettered),
             discarded: count(Settled::Discarded),
+            dropped: count(Settled::Dropped),
             cancelled: count(Settled::Cancelled),
             left: count(Settled::Left),
             abandoned: count(Settled::Abandoned),

@@ -34,6 +34,7 @@ use crate::metrics::{BridgeCounters, Collect, Metrics, MetricsSnapshot};
 
 /// Reads one bridge's counters for a metrics snapshot; `None` once the bridge is gone.
 pub(crate) type BridgeReport = Box<dyn Fn() -> Option<BridgeCounters> + Send + Sync>;
+use crate::meta::SubSettings;
 use crate::registry::{Registry, SubMeta};
 use crate::retry::RetryPolicy;
 use crate::shard::{
@@ -434,8 +435,10 @@ impl Bus {
             options.name.as_deref().unwrap_or(default_name).into(),
             self.source,
             filter,
-            retry,
-            lane as u8,
+            SubSettings {
+                classify: options.classify.clone(),
+                ..SubSettings::new(retry, lane as u8)
+            },
             crate::metrics::cells(core.metrics.enabled, core.shards.len()),
         ));
         core.metrics.subscribed(&meta);

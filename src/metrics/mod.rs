@@ -528,6 +528,7 @@ impl Metrics {
                     retried: outcomes.retried,
                     dead_lettered: outcomes.dead_lettered,
                     cancelled: outcomes.cancelled,
+                    dropped: outcomes.dropped,
                     queue_wait: latencies.queue_wait.summary(&mut scratch),
                     handler_time: latencies.handler.summary(&mut scratch),
                     end_to_end: latencies.end_to_end.summary(&mut scratch),

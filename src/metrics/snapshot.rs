@@ -85,6 +85,10 @@ pub struct HandlerMetrics {
     pub dead_lettered: u64,
     /// Deliveries cancelled because the subscription ended before they ran.
     pub cancelled: u64,
+    /// Deliveries whose failure said to drop the event (see
+    /// [`BusStats::dropped`](crate::BusStats::dropped)).
+    #[serde(default)]
+    pub dropped: u64,
     /// From publish to the start of the first attempt.
     pub queue_wait: Latency,
     /// How long the handler ran, every attempt.
@@ -450,6 +454,11 @@ impl MetricsSnapshot {
                     "cancelled",
                     "Deliveries cancelled by the unsubscribe.",
                     h.cancelled,
+                ),
+                (
+                    "dropped",
+                    "Deliveries dropped on their failure's word.",
+                    h.dropped,
                 ),
             ] {
                 out.counter(

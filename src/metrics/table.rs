@@ -194,6 +194,7 @@ impl fmt::Display for MetricsSnapshot {
                     "retried",
                     "dead",
                     "cancelled",
+                    "dropped",
                 ],
                 3,
             );
@@ -213,6 +214,7 @@ impl fmt::Display for MetricsSnapshot {
                     h.retried.to_string(),
                     h.dead_lettered.to_string(),
                     h.cancelled.to_string(),
+                    h.dropped.to_string(),
                 ]);
             }
             table.write(f)?;

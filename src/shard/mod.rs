@@ -43,7 +43,7 @@ use crate::dead_letter::{Aftermath, DeadLetter, DeadLetterReason};
 use crate::defer::Slot;
 use crate::event::{Envelope, Event, EventId, NameId, unix_nanos};
 use crate::guard::{Runner, Seam, drop_with};
-use crate::handler::{HandlerError, HandlerResult};
+use crate::handler::{HandlerError, HandlerResult, Verdict};
 use crate::ledger::Gate;
 use crate::meta::{SubMeta, before};
 use crate::metrics::{Collect, Recorder, Span};

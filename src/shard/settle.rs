@@ -39,7 +39,8 @@ pub(crate) fn settle_deferred(
         retry.history.first_failure = SystemTime::now();
     }
     retry.history.errors.push(error.to_string());
-    let then = Then::from(meta.retry.decide(error.is_permanent(), retry.attempt, || {
+    let verdict = verdict(meta, &error, runner);
+    let then = Then::from(meta.retry.decide(verdict, retry.attempt, || {
         Jitter::new(core.worker_seed(core.shards.len()) ^ seed).draw()
     }));
     let reason = match then {
@@ -62,6 +63,18 @@ pub(crate) fn settle_deferred(
                 }
                 Err(_) => unreachable!("a retry was scheduled"),
             }
+        }
+        Then::Drop => {
+            meta.outcomes.dropped.fetch_add(1, Ordering::Relaxed);
+            counts.outcomes.dropped.fetch_add(1, Ordering::Relaxed);
+            let done = retry.track(Settled::Dropped);
+            core.settled_in_lane(shard);
+            counts.settle(1);
+            if let Some(done) = done {
+                done.run(runner);
+            }
+            drop_with(runner, retry);
+            return;
         }
         Then::Bury(reason) => reason,
     };
@@ -153,6 +166,23 @@ pub(super) enum Then {
     Retry(Duration),
     /// Kept in the dead-letter ring.
     Bury(DeadLetterReason),
+    /// Settled as dropped: the failure said to drop the event.
+    Drop,
+}
+
+/// What becomes of a failed attempt whose error is `error`: what the handler said on it, or
+/// else the subscription's classifier's word (run under `runner`'s guard: a panic is counted
+/// and the policy decides), or else the policy's.
+pub(crate) fn verdict(meta: &SubMeta, error: &HandlerError, runner: &mut dyn Runner) -> Verdict {
+    if let Some(said) = error.verdict() {
+        return said;
+    }
+    let Some(classify) = &meta.classify else {
+        return Verdict::Retry;
+    };
+    let mut verdict = Verdict::Retry;
+    runner.run(Seam::Classifier, &mut || verdict = classify(error));
+    verdict
 }
 
 impl From<Result<Duration, crate::retry::GiveUp>> for Then {
@@ -161,6 +191,7 @@ impl From<Result<Duration, crate::retry::GiveUp>> for Then {
             Ok(delay) => Then::Retry(delay),
             Err(crate::retry::GiveUp::Permanent) => Then::Bury(DeadLetterReason::Permanent),
             Err(crate::retry::GiveUp::Exhausted) => Then::Bury(DeadLetterReason::RetriesExhausted),
+            Err(crate::retry::GiveUp::Discard) => Then::Drop,
         }
     }
 }

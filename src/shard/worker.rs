@@ -249,6 +249,7 @@ impl Worker<'_> {
                 }
             }
             Then::Bury(reason) => reason,
+            Then::Drop => unreachable!("a dropped delivery settles when its attempt fails"),
         };
         self.bury(retry, reason);
     }
@@ -438,12 +439,10 @@ impl Worker<'_> {
                 bump(&stats.outcomes.cancelled, 1);
                 Settled::Cancelled
             }
-            Outcome::Failed(error, panicked) => {
-                if self.failed(sub, attempt, error, panicked) {
-                    return Flow::Continue;
-                }
-                Settled::Discarded
-            }
+            Outcome::Failed(error, panicked) => match self.failed(sub, attempt, error, panicked) {
+                Some(settled) => settled,
+                None => return Flow::Continue,
+            },
         };
         self.track(envelope, settled, 1);
         shared.settle(1);
@@ -537,8 +536,9 @@ impl Worker<'_> {
         });
     }
 
-    /// Counts a failed attempt and decides what becomes of it: `true` when it is retried or
-    /// dead-lettered later (still outstanding), `false` when it is discarded now.
+    /// Counts a failed attempt and decides what becomes of it: `None` when it is retried or
+    /// dead-lettered later (still outstanding), or how it settled now (discarded with dead
+    /// letters off, or dropped on the failure's word).
     #[cold]
     #[inline(never)]
     pub(super) fn failed<E: Event>(
@@ -547,7 +547,7 @@ impl Worker<'_> {
         attempt: u32,
         error: HandlerError,
         panicked: bool,
-    ) -> bool {
+    ) -> Option<Settled> {
         let shared = self.shared;
         let stats = &shared.stats;
         if shared.staged.load(Ordering::Relaxed) {
@@ -559,12 +559,14 @@ impl Worker<'_> {
         if panicked {
             bump(&stats.outcomes.panicked, 1);
         }
+        let verdict = verdict(&sub.meta, &error, self);
         let jitter = &mut self.jitter;
-        let then = Then::from(
-            sub.meta
-                .retry
-                .decide(error.is_permanent(), attempt, || jitter.draw()),
-        );
+        let then = Then::from(sub.meta.retry.decide(verdict, attempt, || jitter.draw()));
+        if let Then::Drop = then {
+            sub.meta.outcomes.dropped.fetch_add(1, Ordering::Relaxed);
+            bump(&stats.outcomes.dropped, 1);
+            return Some(Settled::Dropped);
+        }
         if matches!(then, Then::Retry(_)) || self.core.dead_letters.enabled() {
             // Still outstanding: settled by the attempt that succeeds, or in the ring.
             if let Then::Retry(_) = then {
@@ -580,10 +582,10 @@ impl Worker<'_> {
             shared
                 .held_retries
                 .store(self.pending.len() as u64, Ordering::Relaxed);
-            return true;
+            return None;
         }
         bump(&stats.outcomes.discarded, 1);
-        false
+        Some(Settled::Discarded)
     }
 
     /// Sends what the handler staged: it is accepted before its parent delivery is settled.

@@ -19,6 +19,11 @@ pub(crate) const CHANNEL_SLOT_BYTES: usize = 136;
 pub const MAX_WORKERS: usize = 1024;
 /// The default time `shutdown` gives handlers to finish what was accepted.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a delivery may run before the bus reports it as stalled, by default (see
+/// [`BusBuilder::stall_after`](crate::BusBuilder::stall_after)): a minute, long past what an
+/// in-process handler should take, so that only a stuck one is reported.
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(60);
 /// The default name stamped as the source of events published through the bus itself.
 pub const DEFAULT_SERVICE_NAME: &str = "app";
 /// The default number of dead letters kept.
@@ -153,6 +158,7 @@ pub(crate) struct Config {
     pub(crate) wait_strategy: WaitStrategy,
     /// The lanes declared besides the default one, in order.
     pub(crate) lanes: Vec<(String, Lane)>,
+    pub(crate) stall_after: Duration,
 }
 
 impl Default for Config {
@@ -172,6 +178,7 @@ impl Default for Config {
             metrics_sample_every: 1,
             wait_strategy: WaitStrategy::Block,
             lanes: Vec::new(),
+            stall_after: DEFAULT_STALL_AFTER,
         }
     }
 }
@@ -206,6 +213,7 @@ pub(crate) fn check_name(field: &'static str, name: &str) -> Result<(), ConfigEr
 impl Config {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         check_name("service_name", &self.service_name)?;
+        check_positive("stall_after", self.stall_after)?;
         if self.workers == 0 {
             return Err(ConfigError::new("workers", "must be at least 1 (got 0)"));
         }
@@ -373,4 +381,12 @@ impl Config {
     pub(crate) fn spill_capacity(&self) -> usize {
         self.spill_capacity.unwrap_or(self.channel_capacity)
     }
+}
+
+/// Refuses a zero duration for setting `field`.
+pub(crate) fn check_positive(field: &'static str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::new(field, "must be longer than zero"));
+    }
+    Ok(())
 }

@@ -6,6 +6,7 @@
 //! place, and count as a failed attempt.
 
 use std::fmt;
+use std::time::Instant;
 
 use crate::bus::Core;
 use crate::defer::Deferred;
@@ -89,6 +90,8 @@ pub struct Context<'a> {
     pub(crate) attempt: u32,
     pub(crate) core: &'a Arc<Core>,
     pub(crate) worker: &'a WorkerShared,
+    /// When the call must end, with a [`timeout`](crate::SubscribeOptions::timeout).
+    pub(crate) deadline: Option<Instant>,
 }
 
 impl Context<'_> {
@@ -136,6 +139,47 @@ impl Context<'_> {
     /// Which attempt this is, counting from 1.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// When this call of the handler should have returned by: its start plus the
+    /// subscription's [`timeout`](crate::SubscribeOptions::timeout); `None` without one. The
+    /// bus never interrupts a handler: a long one checks [`is_expired`](Self::is_expired) and
+    /// stops itself (an error it then returns is retried as usual).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Event, HandlerError, HandlerResult, SubscribeOptions};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct Report { rows: u32 }
+    /// impl Event for Report { const NAME: &'static str = "Report"; }
+    ///
+    /// let bus = Bus::builder().build()?;
+    /// let options = SubscribeOptions::new().timeout(Duration::from_secs(2));
+    /// bus.subscribe_with(options, |r: &Report, ctx: &Context| -> HandlerResult {
+    ///     assert!(ctx.deadline().is_some());
+    ///     for _row in 0..r.rows {
+    ///         if ctx.is_expired() {
+    ///             return Err(HandlerError::msg("out of time; try again"));
+    ///         }
+    ///         // ... one row's work ...
+    ///     }
+    ///     Ok(())
+    /// })?;
+    /// bus.publish(Report { rows: 1_000 })?;
+    /// bus.flush(Duration::from_secs(5))?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Whether this call has passed its [`deadline`](Self::deadline) (never, without one).
+    pub fn is_expired(&self) -> bool {
+        self.deadline.is_some_and(|at| Instant::now() >= at)
     }
 
     /// Defers this delivery's outcome: the handler returns, the worker moves on, and the

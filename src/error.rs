@@ -280,6 +280,14 @@ pub enum SubscribeError {
     /// [`SubscribeOptions::lane`](crate::SubscribeOptions::lane) names a lane the bus was not
     /// built with.
     UnknownLane(&'static str),
+    /// An option is out of bounds.
+    Invalid {
+        /// The option, as the [`SubscribeOptions`](crate::SubscribeOptions) method that sets
+        /// it.
+        option: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 impl fmt::Display for SubscribeError {
@@ -287,13 +295,16 @@ impl fmt::Display for SubscribeError {
         if let Self::UnknownLane(lane) = self {
             return write!(f, "no lane named {lane:?} was declared on this bus");
         }
+        if let Self::Invalid { option, reason } = self {
+            return write!(f, "invalid subscription option `{option}`: {reason}");
+        }
         f.write_str(match self {
             Self::Shutdown => "subscribing on a bus that is shut down",
             Self::InvalidSource => {
                 "the source service name is empty, padded, too long or has control characters"
             }
             Self::InvalidRetry => "the retry policy is out of bounds",
-            Self::UnknownLane(_) => unreachable!("written above"),
+            Self::UnknownLane(_) | Self::Invalid { .. } => unreachable!("written above"),
         })
     }
 }

@@ -31,10 +31,12 @@ pub(crate) enum Seam {
     Drop,
     /// [`SubscribeOptions::retry_if`](crate::SubscribeOptions::retry_if).
     Classifier,
+    /// [`BusBuilder::on_stall`](crate::BusBuilder::on_stall).
+    Stall,
 }
 
 /// How many seams there are.
-pub(crate) const SEAMS: usize = 7;
+pub(crate) const SEAMS: usize = 8;
 
 impl Seam {
     /// Every seam, in the order of [`CallbackPanics`]' fields.
@@ -46,6 +48,7 @@ impl Seam {
         Seam::Serde,
         Seam::Drop,
         Seam::Classifier,
+        Seam::Stall,
     ];
 
     /// The seam's name, as in [`CallbackPanics`] and the metrics.
@@ -58,6 +61,7 @@ impl Seam {
             Seam::Serde => "serde",
             Seam::Drop => "drop",
             Seam::Classifier => "classifier",
+            Seam::Stall => "stall",
         }
     }
 }
@@ -101,9 +105,14 @@ impl Panics {
         }
     }
 
+    /// Counts a panic caught at `seam` elsewhere.
+    pub(crate) fn count(&self, seam: Seam) {
+        self.counts[seam as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The counts so far.
     pub(crate) fn counts(&self) -> CallbackPanics {
-        let [hook, sink, tracker, tap, serde, drop, classifier] =
+        let [hook, sink, tracker, tap, serde, drop, classifier, stall] =
             Seam::ALL.map(|seam| self.counts[seam as usize].load(Ordering::Relaxed));
         CallbackPanics {
             hook,
@@ -113,6 +122,7 @@ impl Panics {
             serde,
             drop,
             classifier,
+            stall,
         }
     }
 }
@@ -198,6 +208,8 @@ pub struct CallbackPanics {
     /// In a subscription's [`retry_if`](crate::SubscribeOptions::retry_if) classifier (the
     /// retry policy then decided).
     pub classifier: u64,
+    /// In the [`on_stall`](crate::BusBuilder::on_stall) callback.
+    pub stall: u64,
 }
 
 impl CallbackPanics {
@@ -216,6 +228,7 @@ impl CallbackPanics {
             self.serde,
             self.drop,
             self.classifier,
+            self.stall,
         ];
         std::array::from_fn(|i| (Seam::ALL[i].name(), values[i]))
     }
@@ -261,7 +274,8 @@ mod tests {
                 "tap",
                 "serde",
                 "drop",
-                "classifier"
+                "classifier",
+                "stall"
             ]
         );
     }

@@ -329,8 +329,8 @@ mod track;
 pub use crate::bus::{Bus, BusBuilder, DeadLetters, LoadSummary, RedriveCutShort};
 pub use crate::config::{
     Backpressure, DEFAULT_CHANNEL_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_LANE,
-    DEFAULT_SERVICE_NAME, DEFAULT_SHUTDOWN_TIMEOUT, Lane, MAX_CHANNEL_CAPACITY, MAX_CHANNEL_MEMORY,
-    MAX_LANES, MAX_NAME_LEN, MAX_WORKERS, WaitStrategy,
+    DEFAULT_SERVICE_NAME, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STALL_AFTER, Lane,
+    MAX_CHANNEL_CAPACITY, MAX_CHANNEL_MEMORY, MAX_LANES, MAX_NAME_LEN, MAX_WORKERS, WaitStrategy,
 };
 pub use crate::context::{Context, Handler};
 pub use crate::dead_letter::{
@@ -354,7 +354,9 @@ pub use crate::metrics::{
 pub use crate::retry::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_DELAY, DEFAULT_RETRY_DELAY, MAX_ATTEMPTS, RetryPolicy,
 };
-pub use crate::stats::{AbandonedDelivery, BusStats, LaneReport, SHUTDOWN_GRACE, ShutdownReport};
+pub use crate::stats::{
+    AbandonedDelivery, BusStats, LaneReport, SHUTDOWN_GRACE, ShutdownReport, Stall,
+};
 pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStats};
 pub use crate::tap::Tapped;
 pub use crate::trace::{Trace, TraceEntry, TraceOutcome};

@@ -6,6 +6,7 @@
 
 use std::any::TypeId;
 use std::fmt;
+use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
@@ -20,6 +21,10 @@ use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 pub(crate) struct SubSettings {
     pub(crate) retry: RetryPolicy,
     pub(crate) classify: Option<Classifier>,
+    /// Its own `stall_after`, if it has one.
+    pub(crate) stall_after: Option<Duration>,
+    /// How long each call of its handler has ([`Context::deadline`](crate::Context::deadline)).
+    pub(crate) timeout: Option<Duration>,
     /// Its lane's index.
     pub(crate) lane: u8,
 }
@@ -30,6 +35,8 @@ impl SubSettings {
         SubSettings {
             retry,
             classify: None,
+            stall_after: None,
+            timeout: None,
             lane,
         }
     }
@@ -48,6 +55,10 @@ pub(crate) struct SubMeta {
     pub(crate) retry: RetryPolicy,
     /// What decides its failures that the handler left to the policy.
     pub(crate) classify: Option<Classifier>,
+    /// Its own `stall_after`, if it has one (else the bus's).
+    pub(crate) stall_after: Option<Duration>,
+    /// How long each call of its handler has.
+    pub(crate) timeout: Option<Duration>,
     /// The lane whose workers run it.
     pub(crate) lane: u8,
     pub(crate) active: AtomicBool,
@@ -81,6 +92,8 @@ impl SubMeta {
             since_gen: AtomicU32::new(0),
             retry: settings.retry,
             classify: settings.classify,
+            stall_after: settings.stall_after,
+            timeout: settings.timeout,
             lane: settings.lane,
             active: AtomicBool::new(true),
             outcomes: OutcomeCounters::default(),

@@ -59,6 +59,11 @@ pub struct BusStats {
     pub unmatched: u64,
     /// Events handed back to their publisher because the bus was shutting down.
     pub refused: u64,
+    /// Deliveries reported as stalled: still running past their `stall_after` (see
+    /// [`BusBuilder::stall_after`](crate::BusBuilder::stall_after)). Each is counted once,
+    /// and settles as any other.
+    #[serde(default)]
+    pub stalled: u64,
     /// Panics caught in user code outside handlers, by where they happened (not terms of
     /// the ledger: each delivery concerned is settled as if the code had returned).
     pub callback_panics: CallbackPanics,
@@ -159,7 +164,7 @@ impl BusStats {
     /// Every counter, once: the accepted deliveries, the outcomes that sum to them, then what
     /// is counted beside the ledger. The shutdown report, the metrics table and Prometheus
     /// print from this list.
-    pub(crate) fn terms(&self) -> [Term; 15] {
+    pub(crate) fn terms(&self) -> [Term; 16] {
         let term = |name, label, help, role, value| Term {
             name,
             label,
@@ -274,6 +279,13 @@ impl BusStats {
                 Beside,
                 self.refused,
             ),
+            term(
+                "stalled",
+                "stalled deliveries",
+                "Deliveries that ran past their stall_after.",
+                Beside,
+                self.stalled,
+            ),
         ]
     }
 
@@ -308,6 +320,31 @@ impl BusStats {
             .collect();
         format!("{} = {}", accepted.join(""), outcomes.join(" + "))
     }
+}
+
+/// A delivery still running past its `stall_after`
+/// ([`BusBuilder::stall_after`](crate::BusBuilder::stall_after),
+/// [`SubscribeOptions::stall_after`](crate::SubscribeOptions::stall_after)): what
+/// [`BusBuilder::on_stall`](crate::BusBuilder::on_stall) is given, and what
+/// [`MetricsSnapshot::stalls`](crate::MetricsSnapshot::stalls) lists while it runs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct Stall {
+    /// The worker running it (its index among all lanes' workers).
+    pub worker: usize,
+    /// The worker's lane.
+    pub lane: String,
+    /// The subscribing service.
+    pub service: String,
+    /// The handler's name.
+    pub handler: String,
+    /// The event's [`Event::NAME`](crate::Event::NAME).
+    pub event: String,
+    /// The event's id.
+    pub event_id: EventId,
+    /// How long it had been running when it was seen (at least its `stall_after`; the bus
+    /// looks a few times per `stall_after`).
+    pub running_for: Duration,
 }
 
 /// What shutdown gave up on at its deadline: a worker still running a handler, or user code

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::bus::Core;
 use crate::handler::{Classifier, HandlerError, Verdict};
@@ -27,6 +28,8 @@ pub struct SubscribeOptions {
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) lane: Option<String>,
     pub(crate) classify: Option<Classifier>,
+    pub(crate) stall_after: Option<Duration>,
+    pub(crate) timeout: Option<Duration>,
 }
 
 impl SubscribeOptions {
@@ -59,6 +62,25 @@ impl SubscribeOptions {
     /// nothing outside its lane.
     pub fn lane(mut self, name: impl Into<String>) -> SubscribeOptions {
         self.lane = Some(name.into());
+        self
+    }
+
+    /// Reports a call of this handler still running after `stall_after`, instead of the bus's
+    /// [`stall_after`](crate::BusBuilder::stall_after). `Duration::MAX` never reports it;
+    /// zero is [`SubscribeError::Invalid`](crate::SubscribeError::Invalid).
+    pub fn stall_after(mut self, stall_after: Duration) -> SubscribeOptions {
+        self.stall_after = Some(stall_after);
+        self
+    }
+
+    /// Gives each call of the handler a deadline `timeout` after it starts, which it reads
+    /// with [`Context::deadline`](crate::Context::deadline) and
+    /// [`Context::is_expired`](crate::Context::is_expired) to stop itself: the bus never
+    /// interrupts a handler. A handler that returns an error after its deadline is retried as
+    /// usual. `Duration::MAX` is no deadline; zero is
+    /// [`SubscribeError::Invalid`](crate::SubscribeError::Invalid).
+    pub fn timeout(mut self, timeout: Duration) -> SubscribeOptions {
+        self.timeout = Some(timeout);
         self
     }
 
@@ -123,6 +145,8 @@ impl fmt::Debug for SubscribeOptions {
             .field("retry", &self.retry)
             .field("lane", &self.lane)
             .field("retry_if", &self.classify.is_some())
+            .field("stall_after", &self.stall_after)
+            .field("timeout", &self.timeout)
             .finish()
     }
 }

@@ -1,6 +1,8 @@
 //! [`BusBuilder`]: every setting, checked when the bus is built.
 
+use super::stalls::StallHook;
 use super::*;
+use crate::stats::Stall;
 
 /// Builds a [`Bus`]: `Bus::builder().workers(4).build()?`.
 ///
@@ -11,6 +13,7 @@ pub struct BusBuilder {
     dead_letter_sink: Option<DeadLetterSink>,
     dead_letter_file: Option<std::path::PathBuf>,
     on_dead_letter: Option<DeadLetterSink>,
+    on_stall: Option<StallHook>,
 }
 
 impl fmt::Debug for BusBuilder {
@@ -20,6 +23,7 @@ impl fmt::Debug for BusBuilder {
             .field("dead_letter_sink", &self.dead_letter_sink.is_some())
             .field("dead_letter_file", &self.dead_letter_file)
             .field("on_dead_letter", &self.on_dead_letter.is_some())
+            .field("on_stall", &self.on_stall.is_some())
             .finish()
     }
 }
@@ -121,6 +125,29 @@ impl BusBuilder {
         self
     }
 
+    /// Reports a delivery still running after `stall_after` (default
+    /// [`DEFAULT_STALL_AFTER`](crate::DEFAULT_STALL_AFTER), a minute; a subscription may set
+    /// its own with [`SubscribeOptions::stall_after`](crate::SubscribeOptions::stall_after)):
+    /// the timer thread notices it — a stall is observed, never pre-empted — counts it once
+    /// in [`BusStats::stalled`](crate::BusStats::stalled), lists it in
+    /// [`MetricsSnapshot::stalls`](crate::MetricsSnapshot::stalls) while it runs, and hands it
+    /// to [`on_stall`](Self::on_stall). Checking costs a worker one counter per delivery and
+    /// the timer thread a look at each worker a few times per `stall_after`.
+    /// `Duration::MAX` turns it off; zero is a [`ConfigError`].
+    pub fn stall_after(mut self, stall_after: Duration) -> Self {
+        self.config.stall_after = stall_after;
+        self
+    }
+
+    /// Called once with each stalled delivery (see [`stall_after`](Self::stall_after)), on a
+    /// thread of its own — never a worker or the timer — so that a callback that blocks holds
+    /// back nothing; a panic is caught and counted in
+    /// [`CallbackPanics::stall`](crate::CallbackPanics::stall).
+    pub fn on_stall(mut self, callback: impl Fn(&Stall) + Send + Sync + 'static) -> Self {
+        self.on_stall = Some(Arc::new(callback));
+        self
+    }
+
     /// Keeps the last `capacity` deliveries (event ids, names, sources, correlation and
     /// causation, handler, outcome, timing) for [`Bus::trace`] (default 0: off, and a
     /// delivery pays nothing for it).
@@ -178,7 +205,7 @@ impl BusBuilder {
         config.validate()?;
         let lanes = config.lanes()?;
         let (signal_tx, signal_rx) = crossbeam_channel::bounded(0);
-        let shards = lanes
+        let shards: Box<[Shard]> = lanes
             .iter()
             .enumerate()
             .flat_map(|(index, lane)| (0..lane.workers).map(move |_| (index, lane)))
@@ -194,6 +221,8 @@ impl BusBuilder {
             })
             .collect();
         let lanes = lanes.into_iter().map(LaneState::new).collect();
+        let stalls =
+            super::stalls::Stalls::new(config.stall_after, self.on_stall.clone(), shards.len());
         let source = NameId::intern(&config.service_name);
         let id = NEXT_BUS_ID.fetch_add(1, Ordering::Relaxed);
         let jitter_seed = config.retry_seed.unwrap_or_else(|| {
@@ -257,6 +286,7 @@ impl BusBuilder {
             shards,
             lanes,
             shed_books: ShedBooks::default(),
+            stalls,
             timer: Timer::new(),
             signal_tx: Mutex::new(Some(signal_tx)),
             signal_rx,
@@ -294,9 +324,10 @@ impl BusBuilder {
             .name("microbus-timer".to_owned())
             .spawn(move || {
                 let _own = OwnThread::enter(timer_core.id, None);
-                timer_core
-                    .timer
-                    .run(|routed| offer_due(&timer_core.shards, routed));
+                timer_core.timer.run(
+                    |routed| offer_due(&timer_core.shards, routed),
+                    || super::stalls::watch_stalls(&timer_core),
+                );
             })
             .map_err(spawn_error)?;
         *core.timer_thread.lock() = Some(thread);

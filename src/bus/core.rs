@@ -113,6 +113,8 @@ pub(crate) struct Core {
     /// Deliveries settled by publishers: shed by a full `Shed` lane, or left when shutdown
     /// closed a lane while the event waited for room in it after another lane had taken it.
     pub(crate) shed_books: ShedBooks,
+    /// Stalled deliveries.
+    pub(crate) stalls: super::stalls::Stalls,
     pub(super) timer: Timer<Routed>,
     pub(super) signal_tx: Mutex<Option<Sender<()>>>,
     pub(super) signal_rx: Receiver<()>,

@@ -266,6 +266,7 @@ impl Core {
             evicted: self.dead_letters.evicted(),
             unmatched: self.unmatched.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
+            stalled: self.stalls.total(),
             callback_panics: self.panics.counts(),
             ..BusStats::default()
         };
@@ -294,6 +295,7 @@ impl Core {
             return BusStats {
                 refused: self.refused.load(Ordering::Relaxed),
                 callback_panics: self.panics.counts(),
+                stalled: self.stalls.total(),
                 ..report.stats.clone()
             };
         }
@@ -321,6 +323,7 @@ impl Core {
             workers_behind: Vec::new(),
             bridges: Vec::new(),
             lanes: Vec::new(),
+            stalls: self.stalls_now(),
         };
         if metrics.enabled {
             let asked: Vec<(&Collect, u64)> = self

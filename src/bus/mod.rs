@@ -59,6 +59,7 @@ mod lanes;
 mod lifecycle;
 mod rebuild;
 mod redrive;
+mod stalls;
 
 use self::core::*;
 pub(crate) use self::core::{Core, LaneState, Mode, OwnThread};
@@ -415,6 +416,17 @@ impl Bus {
         retry
             .validate("retry")
             .map_err(|_| SubscribeError::InvalidRetry)?;
+        for (field, value) in [
+            ("stall_after", options.stall_after),
+            ("timeout", options.timeout),
+        ] {
+            if value.is_some_and(|d| d.is_zero()) {
+                return Err(SubscribeError::Invalid {
+                    option: field,
+                    reason: "must be longer than zero",
+                });
+            }
+        }
         let filter = match &options.from {
             Some(name) => {
                 check_name("source", name).map_err(|_| SubscribeError::InvalidSource)?;
@@ -437,11 +449,19 @@ impl Bus {
             filter,
             SubSettings {
                 classify: options.classify.clone(),
+                stall_after: options.stall_after,
+                timeout: options.timeout,
                 ..SubSettings::new(retry, lane as u8)
             },
             crate::metrics::cells(core.metrics.enabled, core.shards.len()),
         ));
         core.metrics.subscribed(&meta);
+        if let Some(after) = meta.stall_after
+            && core.stalls.subscribed(after)
+        {
+            // The timer thread looks more often from now on.
+            core.timer.nudge();
+        }
         core.rebuilders.add_decoder::<E>();
         let meta = core.registry.insert(Sub { meta, handler });
         Ok(Subscription {

@@ -5,7 +5,7 @@ use std::fmt::{self, Write as _};
 
 use serde::{Deserialize, Serialize};
 
-use crate::stats::BusStats;
+use crate::stats::{BusStats, Stall};
 
 /// A latency distribution, summarised from an HdrHistogram (two significant digits: each
 /// percentile is within 1% of the true value). All times are in nanoseconds.
@@ -152,6 +152,11 @@ pub struct MetricsSnapshot {
     /// Each lane, the default one first.
     #[serde(default)]
     pub lanes: Vec<LaneMetrics>,
+    /// Deliveries running past their `stall_after` now (see
+    /// [`BusBuilder::stall_after`](crate::BusBuilder::stall_after)), with how long each has
+    /// run.
+    #[serde(default)]
+    pub stalls: Vec<Stall>,
 }
 
 /// One lane's workers, queues and overload (see [`Lane`](crate::Lane)).
@@ -398,6 +403,12 @@ impl MetricsSnapshot {
                 lane.publisher_wait_nanos,
             );
         }
+        out.gauge(
+            "microbus_stalled_deliveries",
+            "Deliveries running past their stall_after now.",
+            &[],
+            self.stalls.len() as u64,
+        );
         out.gauge(
             "microbus_timer_pending",
             "Retries and delayed events waiting on the timer.",

@@ -165,6 +165,27 @@ impl fmt::Display for MetricsSnapshot {
             }
             table.write(f)?;
         }
+        if !self.stalls.is_empty() {
+            writeln!(f, "\nstalled deliveries")?;
+            let mut table = Table::new(
+                &[
+                    "lane", "service", "handler", "event", "event id", "worker", "running",
+                ],
+                5,
+            );
+            for s in &self.stalls {
+                table.row(vec![
+                    s.lane.clone(),
+                    s.service.clone(),
+                    s.handler.clone(),
+                    s.event.clone(),
+                    s.event_id.to_string(),
+                    s.worker.to_string(),
+                    format!("{:?}", s.running_for),
+                ]);
+            }
+            table.write(f)?;
+        }
         if !self.enabled {
             return writeln!(f, "metrics are off: no per-event or per-handler figures");
         }

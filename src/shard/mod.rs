@@ -165,6 +165,9 @@ fn bump(counter: &AtomicU64, n: u64) {
 #[derive(Default)]
 pub(crate) struct WorkerShared {
     pub(crate) state: AtomicU64,
+    /// Deliveries begun: with `state`, how the timer thread tells one delivery running long
+    /// from several in a row (see [`begin`](Self::begin)).
+    pub(crate) begun: AtomicU64,
     /// Odd while a batch is open; each batch moves it on by one.
     pub(crate) batch: AtomicU64,
     /// Set by shutdown: the worker starts no more deliveries.
@@ -241,6 +244,9 @@ impl WorkerShared {
     /// deliveries remaining).
     #[inline]
     pub(crate) fn begin(&self, id: u64) {
+        // One writer: a plain increment.
+        self.begun
+            .store(self.begun.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         self.state.store(id, Ordering::Release);
     }
 

@@ -342,6 +342,10 @@ impl Worker<'_> {
                 attempt,
                 core: self.core,
                 worker: shared,
+                deadline: match sub.meta.timeout {
+                    None => None,
+                    Some(timeout) => Instant::now().checked_add(timeout),
+                },
             };
             #[cfg(feature = "tracing")]
             let span = tracing::info_span!(

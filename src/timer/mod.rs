@@ -132,11 +132,21 @@ impl<T: Delayed> Timer<T> {
         state.wheel.drain()
     }
 
+    /// Wakes the thread to ask `watch` again when it next looks (see [`run`](Self::run)).
+    pub(crate) fn nudge(&self) {
+        let _state = self.state.lock();
+        self.wake.notify_all();
+    }
+
     /// The body of the timer thread: fires each item that falls due into `fire`, outside the
-    /// lock, until the timer stops.
-    pub(crate) fn run(&self, mut fire: impl FnMut(T)) {
+    /// lock, until the timer stops. Between items it calls `watch` when the time it last
+    /// returned has come (and once at the start, and after a [`nudge`](Self::nudge)): `None`
+    /// means not again until nudged.
+    pub(crate) fn run(&self, mut fire: impl FnMut(T), mut watch: impl FnMut() -> Option<Instant>) {
         let mut due = Vec::new();
+        let mut next_watch = watch();
         loop {
+            let mut nudged = false;
             {
                 let mut state = self.state.lock();
                 loop {
@@ -148,20 +158,33 @@ impl<T: Delayed> Timer<T> {
                     let taken: usize = due.iter().map(T::deliveries).sum();
                     state.deliveries -= taken;
                     self.len.store(state.wheel.len(), Ordering::Relaxed);
-                    if !due.is_empty() {
+                    if !due.is_empty() || nudged {
                         break;
                     }
-                    match state.wheel.next_tick() {
-                        Some(tick) => {
-                            let until = self.instant_of(tick);
-                            self.wake.wait_until(&mut state, until);
-                        }
-                        None => self.wake.wait(&mut state),
+                    if next_watch.is_some_and(|at| Instant::now() >= at) {
+                        break;
                     }
+                    let next_item = state.wheel.next_tick().map(|tick| self.instant_of(tick));
+                    let until = match (next_item, next_watch) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    let timed_out = match until {
+                        Some(until) => self.wake.wait_until(&mut state, until).timed_out(),
+                        None => {
+                            self.wake.wait(&mut state);
+                            false
+                        }
+                    };
+                    // Woken early: by a schedule, a stop, or a nudge; look at the watch too.
+                    nudged = !timed_out;
                 }
             }
             for item in due.drain(..) {
                 fire(item);
+            }
+            if nudged || next_watch.is_some_and(|at| Instant::now() >= at) {
+                next_watch = watch();
             }
         }
     }

@@ -328,6 +328,25 @@ pub struct Pending {
     /// Per lane (the default one first): its name, the events waiting in its channels and
     /// spill queues, and its handlers running.
     pub lanes: Vec<LanePending>,
+    /// Each subscription with deliveries parked (see
+    /// [`Subscription::pause`](crate::Subscription::pause)), in subscription order.
+    pub parked: Vec<ParkedPending>,
+}
+
+/// The deliveries one subscription had parked when a `flush` gave up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParkedPending {
+    /// The subscribing service.
+    pub service: String,
+    /// The handler's name.
+    pub handler: String,
+    /// Its lane.
+    pub lane: String,
+    /// Its deliveries parked, on all its lane's shards.
+    pub parked: u64,
+    /// Whether it is paused.
+    pub paused: bool,
 }
 
 /// What one lane still held when a `flush` gave up.
@@ -409,6 +428,23 @@ impl fmt::Display for FlushError {
                         .map(|l| format!("{}: {} queued, {} running", l.lane, l.queued, l.running))
                         .collect();
                     write!(f, "; by lane: {}", lanes.join("; "))?;
+                }
+                if !p.parked.is_empty() {
+                    let parked: Vec<String> = p
+                        .parked
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "{} parked for {} of {} in lane {}{}",
+                                s.parked,
+                                s.handler,
+                                s.service,
+                                s.lane,
+                                if s.paused { " (paused)" } else { "" }
+                            )
+                        })
+                        .collect();
+                    write!(f, "; {}", parked.join("; "))?;
                 }
                 Ok(())
             }

@@ -338,7 +338,7 @@ pub use crate::dead_letter::{
 };
 pub use crate::defer::Deferred;
 pub use crate::error::{
-    ConfigError, FlushError, LanePending, Pending, PublishBatchError, PublishError,
+    ConfigError, FlushError, LanePending, ParkedPending, Pending, PublishBatchError, PublishError,
     PublishTimeoutError, ShutdownError, SubscribeError, TryPublishError,
 };
 pub use crate::event::{
@@ -347,6 +347,7 @@ pub use crate::event::{
 };
 pub use crate::guard::CallbackPanics;
 pub use crate::handler::{HandlerError, HandlerResult, Verdict};
+pub use crate::meta::DEFAULT_PARK_CAPACITY;
 pub use crate::metrics::{
     BridgeCounters, EventCounts, EventLatency, HandlerMetrics, ImportStatus, LaneMetrics, Latency,
     MetricsSnapshot,

@@ -17,6 +17,11 @@ use crate::retry::RetryPolicy;
 use crate::stats::OutcomeCounters;
 use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+/// How many deliveries of a subscription may park (paused, or behind an open breaker) by
+/// default before its publishers wait: see
+/// [`SubscribeOptions::park_capacity`](crate::SubscribeOptions::park_capacity).
+pub const DEFAULT_PARK_CAPACITY: u64 = 10_000;
+
 /// How a subscription runs, as its options and the bus's configuration settled it.
 pub(crate) struct SubSettings {
     pub(crate) retry: RetryPolicy,
@@ -25,6 +30,8 @@ pub(crate) struct SubSettings {
     pub(crate) stall_after: Option<Duration>,
     /// How long each call of its handler has ([`Context::deadline`](crate::Context::deadline)).
     pub(crate) timeout: Option<Duration>,
+    /// How many of its deliveries may park before publishers wait (or a `Shed` lane sheds).
+    pub(crate) park_capacity: u64,
     /// Its lane's index.
     pub(crate) lane: u8,
 }
@@ -37,6 +44,7 @@ impl SubSettings {
             classify: None,
             stall_after: None,
             timeout: None,
+            park_capacity: DEFAULT_PARK_CAPACITY,
             lane,
         }
     }
@@ -59,6 +67,12 @@ pub(crate) struct SubMeta {
     pub(crate) stall_after: Option<Duration>,
     /// How long each call of its handler has.
     pub(crate) timeout: Option<Duration>,
+    /// Set while it is paused ([`Subscription::pause`](crate::Subscription::pause)): its
+    /// deliveries park instead of running.
+    pub(crate) paused: AtomicBool,
+    /// Its deliveries parked now, on all shards.
+    pub(crate) parked: AtomicU64,
+    pub(crate) park_capacity: u64,
     /// The lane whose workers run it.
     pub(crate) lane: u8,
     pub(crate) active: AtomicBool,
@@ -94,12 +108,27 @@ impl SubMeta {
             classify: settings.classify,
             stall_after: settings.stall_after,
             timeout: settings.timeout,
+            paused: AtomicBool::new(false),
+            parked: AtomicU64::new(0),
+            park_capacity: settings.park_capacity,
             lane: settings.lane,
             active: AtomicBool::new(true),
             outcomes: OutcomeCounters::default(),
             last_error: Mutex::new(None),
             cells,
         }
+    }
+
+    /// Whether its deliveries park instead of running now.
+    #[inline]
+    pub(crate) fn holds(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// Whether as many of its deliveries are parked as it may have.
+    #[inline]
+    pub(crate) fn park_full(&self) -> bool {
+        self.parked.load(Ordering::Relaxed) >= self.park_capacity
     }
 
     pub(crate) fn matches(&self, source: NameId) -> bool {

@@ -497,6 +497,13 @@ impl Registry {
     pub(crate) fn lookup(&self, id: u64) -> Option<Arc<SubMeta>> {
         self.live.lock().get(&id).cloned()
     }
+
+    /// The subscriptions now, in subscription order.
+    pub(crate) fn live(&self) -> Vec<Arc<SubMeta>> {
+        let mut live: Vec<Arc<SubMeta>> = self.live.lock().values().cloned().collect();
+        live.sort_by_key(|meta| meta.id);
+        live
+    }
 }
 
 /// Loom models of the handler tables: `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_`.

@@ -30,6 +30,7 @@ pub struct SubscribeOptions {
     pub(crate) classify: Option<Classifier>,
     pub(crate) stall_after: Option<Duration>,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) park_capacity: Option<u64>,
 }
 
 impl SubscribeOptions {
@@ -81,6 +82,19 @@ impl SubscribeOptions {
     /// [`SubscribeError::Invalid`](crate::SubscribeError::Invalid).
     pub fn timeout(mut self, timeout: Duration) -> SubscribeOptions {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// How many of its deliveries may wait parked — while it is [paused](Subscription::pause)
+    /// — before publishers are held back (default
+    /// [`DEFAULT_PARK_CAPACITY`](crate::DEFAULT_PARK_CAPACITY)). Past it, a publish of an event
+    /// it matches waits in a `Block` lane (`try_publish` and `publish_timeout` get `Full`),
+    /// and in a `Shed` lane its delivery is shed. Work already accepted — retries, delayed
+    /// events, events handlers published — parks all the same and may go past it; so may
+    /// publishers that checked at the same moment, by one event each. Zero is
+    /// [`SubscribeError::Invalid`](crate::SubscribeError::Invalid).
+    pub fn park_capacity(mut self, capacity: u64) -> SubscribeOptions {
+        self.park_capacity = Some(capacity);
         self
     }
 
@@ -147,6 +161,7 @@ impl fmt::Debug for SubscribeOptions {
             .field("retry_if", &self.classify.is_some())
             .field("stall_after", &self.stall_after)
             .field("timeout", &self.timeout)
+            .field("park_capacity", &self.park_capacity)
             .finish()
     }
 }
@@ -211,6 +226,67 @@ impl Subscription {
         }
     }
 
+    /// Pauses the subscription: its handler runs no more, and its deliveries park on their
+    /// shards in the order they came (per key too), spending no attempt — retries that fall
+    /// due park as well — until [`resume`](Self::resume). Other subscriptions, on the same
+    /// shards too, keep running. Returns once no call of the handler is running (called from
+    /// the handler itself, it does not wait for that call). At most
+    /// [`park_capacity`](SubscribeOptions::park_capacity) deliveries park before publishers
+    /// are held back. Parked deliveries are outstanding: [`flush`](crate::Bus::flush) waits for
+    /// them (its timeout error counts them per handler), and shutdown dead-letters them at its
+    /// deadline with reason `Shutdown`, in order. Pausing an ended subscription, or a paused
+    /// one, does nothing.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Event, HandlerResult};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug, Serialize, Deserialize)]
+    /// struct Mail { to: String }
+    /// impl Event for Mail { const NAME: &'static str = "Mail"; }
+    ///
+    /// let bus = Bus::builder().workers(1).build()?;
+    /// let sent = Arc::new(AtomicU64::new(0));
+    /// let counter = sent.clone();
+    /// let mailer = bus.subscribe(move |_: &Mail, _: &Context| -> HandlerResult {
+    ///     counter.fetch_add(1, Ordering::SeqCst);
+    ///     Ok(())
+    /// })?;
+    /// mailer.pause();
+    /// bus.publish(Mail { to: "ada@example.com".into() })?;
+    /// // Parked, not lost: a flush waits for it.
+    /// assert!(bus.flush(Duration::from_millis(50)).is_err());
+    /// assert_eq!(sent.load(Ordering::SeqCst), 0);
+    /// mailer.resume();
+    /// bus.flush(Duration::from_secs(5))?;
+    /// assert_eq!(sent.load(Ordering::SeqCst), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn pause(&self) {
+        if !self.is_active() || self.meta.paused.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.core.wait_for_open_batches();
+    }
+
+    /// Resumes a paused subscription: on each shard, its parked deliveries run first, oldest
+    /// first, before any newer delivery of it. Resuming one that is not paused does nothing.
+    pub fn resume(&self) {
+        if self.meta.paused.swap(false, Ordering::SeqCst) {
+            self.core.release_parked(self.meta.lane);
+        }
+    }
+
+    /// Whether it is paused.
+    pub fn is_paused(&self) -> bool {
+        self.meta.paused.load(Ordering::SeqCst)
+    }
+
     /// Ends the subscription and waits until no call of its handler is running.
     ///
     /// After it returns, no call of the handler starts. Deliveries still queued for it are
@@ -223,6 +299,10 @@ impl Subscription {
         if self.meta.active.swap(false, Ordering::SeqCst) {
             self.core.registry.remove(&self.meta);
             self.core.metrics.unsubscribed(self.meta.id);
+            // What it parked is cancelled when its shards run it.
+            if self.meta.paused.swap(false, Ordering::SeqCst) {
+                self.core.release_parked(self.meta.lane);
+            }
         }
         self.core.wait_for_open_batches();
     }

@@ -287,6 +287,7 @@ impl BusBuilder {
             lanes,
             shed_books: ShedBooks::default(),
             stalls,
+            parks_full: AtomicUsize::new(0),
             timer: Timer::new(),
             signal_tx: Mutex::new(Some(signal_tx)),
             signal_rx,

@@ -115,6 +115,9 @@ pub(crate) struct Core {
     pub(crate) shed_books: ShedBooks,
     /// Stalled deliveries.
     pub(crate) stalls: super::stalls::Stalls,
+    /// Subscriptions with as many deliveries parked as they may have: while any, a publish
+    /// checks whether it matches one.
+    pub(crate) parks_full: AtomicUsize,
     pub(super) timer: Timer<Routed>,
     pub(super) signal_tx: Mutex<Option<Sender<()>>>,
     pub(super) signal_rx: Receiver<()>,
@@ -236,6 +239,17 @@ impl Core {
         self.lane_of(index)
             .settled_elsewhere
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Asks each worker of lane `lane` to run what it parked for subscriptions that no longer
+    /// hold it.
+    pub(crate) fn release_parked(&self, lane: u8) {
+        let lane = &self.lanes[lane as usize];
+        for shard in &self.shards[lane.start..lane.start + lane.workers] {
+            shard.worker.release.store(true, Ordering::SeqCst);
+            // A full channel: the worker is busy, and looks before its next message.
+            let _ = shard.tx.try_send(Msg::Wake);
+        }
     }
 
     /// The lane of shard `index`.

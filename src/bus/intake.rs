@@ -187,6 +187,12 @@ impl Core {
         mode: Mode,
     ) -> Result<EventId, (Refusal, E)> {
         let route = self.registry.route::<E>(source, 1);
+        if self.parks_full.load(Ordering::Relaxed) > 0
+            && let Err(why) = self.wait_for_park_room::<E>(source, mode)
+        {
+            self.uncount(Counted::of::<E>(source, 1));
+            return Err((why, event));
+        }
         let envelope = stamp.envelope(source);
         let id = envelope.id();
         if route.deliveries == 0 {
@@ -199,6 +205,48 @@ impl Core {
             _ => self.publish_elsewhere(&route, envelope, event, delay, mode)?,
         }
         Ok(id)
+    }
+
+    /// Holds a publish of an event of type `E` from `source` back while a subscription it
+    /// matches in a `Block` lane has as many deliveries parked as it may have: waits (a
+    /// blocking publish), or refuses (`Full`, or `Timeout` at the deadline). A handler's
+    /// thread and a rayon thread never wait here: what they publish is accepted work, which
+    /// may park past the bound.
+    #[cold]
+    #[inline(never)]
+    fn wait_for_park_room<E: Event>(&self, source: NameId, mode: Mode) -> Result<(), Refusal> {
+        if OwnThread::worker_of(self.id).is_some() || matches!(mode, Mode::Accepted) {
+            return Ok(());
+        }
+        #[cfg(feature = "rayon")]
+        if rayon::current_thread_index().is_some() {
+            return Ok(());
+        }
+        let mut step = 0;
+        loop {
+            let snapshot = self.registry.load_full();
+            let full = snapshot.table::<Sub<E>>().is_some_and(|table| {
+                table.subs.iter().any(|sub| {
+                    let meta = &sub.meta;
+                    meta.matches(source)
+                        && meta.park_full()
+                        && self.lanes[meta.lane as usize].backpressure == Backpressure::Block
+                })
+            });
+            if !full {
+                return Ok(());
+            }
+            if self.is_closing() {
+                return Err(Refusal::Shutdown);
+            }
+            match mode {
+                Mode::Try => return Err(Refusal::Full),
+                Mode::Until(deadline) if Instant::now() >= deadline => {
+                    return Err(Refusal::Timeout);
+                }
+                _ => backoff(&mut step),
+            }
+        }
     }
 
     /// An event that matched no subscription: counted, or refused once the bus is closing.
@@ -316,7 +364,13 @@ impl Core {
     ) -> Result<(), (Refusal, Vec<E>)> {
         let route = self.registry.route::<E>(source, 0);
         let (generation, deliveries) = (route.generation, route.deliveries);
-        let result = if deliveries == 0 && self.is_closing() {
+        let held = match self.parks_full.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            _ => self.wait_for_park_room::<E>(source, Mode::Block),
+        };
+        let result = if let Err(why) = held {
+            Err((why, items.into_iter().map(|(event, ..)| event).collect()))
+        } else if deliveries == 0 && self.is_closing() {
             let back = items.into_iter().map(|(event, ..)| event).collect();
             Err((Refusal::Shutdown, back))
         } else if let Some(lane) = route.single().or((deliveries == 0).then_some(0)) {

@@ -119,16 +119,18 @@ impl Core {
         )
     }
 
-    /// Whether everything outstanding waits on the timer, none of it due before `deadline`:
-    /// read twice around the timer, so that nothing moved in between.
+    /// Whether everything outstanding waits on the timer, none of it due before `deadline`, or
+    /// is parked by a paused subscription: read twice around them, so that nothing moved in
+    /// between.
     pub(super) fn parked_past(&self, deadline: Instant) -> bool {
         let before = self.outstanding_now();
         if before <= 0 {
             return false;
         }
         let (waiting, next_due) = self.timer.parked();
-        before == waiting as i64
-            && next_due.is_some_and(|due| due > deadline)
+        let paused: usize = self.shards.iter().map(|s| s.worker.parked_paused()).sum();
+        before == (waiting + paused) as i64
+            && (waiting == 0 || next_due.is_some_and(|due| due > deadline))
             && self.outstanding_now() == before
     }
 
@@ -222,6 +224,19 @@ impl Core {
                             .sum(),
                         running: shards.iter().filter(|s| s.worker.running()).count(),
                     }
+                })
+                .collect(),
+            parked: self
+                .registry
+                .live()
+                .iter()
+                .filter(|meta| meta.parked.load(Ordering::Relaxed) > 0)
+                .map(|meta| ParkedPending {
+                    service: meta.service.as_str().to_owned(),
+                    handler: meta.name.to_string(),
+                    lane: self.lanes[meta.lane as usize].name.clone(),
+                    parked: meta.parked.load(Ordering::Relaxed),
+                    paused: meta.paused.load(Ordering::Relaxed),
                 })
                 .collect(),
         }
@@ -568,6 +583,10 @@ impl Core {
                 }
                 for routed in shard.worker.take_spill() {
                     swept.add(self, routed.shard, routed.work, &mut leftovers);
+                }
+                // Parked deliveries, like retries not yet due, are dead letters now.
+                for retry in shard.worker.take_parked(self) {
+                    swept.add(self, index, Work::Retry(retry), &mut leftovers);
                 }
             }
             let settled = self

@@ -23,7 +23,7 @@ use crate::context::{Context, Handler, HandlerFn, Sub};
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink, RedriveError, Ring};
 use crate::defer::Deferrals;
 use crate::error::{
-    ConfigError, FlushError, LanePending, Pending, PublishBatchError, PublishError,
+    ConfigError, FlushError, LanePending, ParkedPending, Pending, PublishBatchError, PublishError,
     PublishTimeoutError, ShutdownError, SubscribeError, TryPublishError,
 };
 use crate::event::{Envelope, Event, EventId, NameId, Publish, Stamp, Track};
@@ -427,6 +427,12 @@ impl Bus {
                 });
             }
         }
+        if options.park_capacity == Some(0) {
+            return Err(SubscribeError::Invalid {
+                option: "park_capacity",
+                reason: "must be at least 1",
+            });
+        }
         let filter = match &options.from {
             Some(name) => {
                 check_name("source", name).map_err(|_| SubscribeError::InvalidSource)?;
@@ -451,6 +457,9 @@ impl Bus {
                 classify: options.classify.clone(),
                 stall_after: options.stall_after,
                 timeout: options.timeout,
+                park_capacity: options
+                    .park_capacity
+                    .unwrap_or(crate::meta::DEFAULT_PARK_CAPACITY),
                 ..SubSettings::new(retry, lane as u8)
             },
             crate::metrics::cells(core.metrics.enabled, core.shards.len()),

@@ -529,6 +529,8 @@ impl Metrics {
                     dead_lettered: outcomes.dead_lettered,
                     cancelled: outcomes.cancelled,
                     dropped: outcomes.dropped,
+                    paused: meta.paused.load(Ordering::Relaxed),
+                    parked: meta.parked.load(Ordering::Relaxed),
                     queue_wait: latencies.queue_wait.summary(&mut scratch),
                     handler_time: latencies.handler.summary(&mut scratch),
                     end_to_end: latencies.end_to_end.summary(&mut scratch),

@@ -89,6 +89,12 @@ pub struct HandlerMetrics {
     /// [`BusStats::dropped`](crate::BusStats::dropped)).
     #[serde(default)]
     pub dropped: u64,
+    /// Whether it is paused ([`Subscription::pause`](crate::Subscription::pause)).
+    #[serde(default)]
+    pub paused: bool,
+    /// Its deliveries parked now, waiting for it to be resumed.
+    #[serde(default)]
+    pub parked: u64,
     /// From publish to the start of the first attempt.
     pub queue_wait: Latency,
     /// How long the handler ran, every attempt.
@@ -479,6 +485,18 @@ impl MetricsSnapshot {
                     value,
                 );
             }
+            out.gauge(
+                "microbus_handler_parked",
+                "Deliveries parked, waiting for the handler to be resumed.",
+                &labels,
+                h.parked,
+            );
+            out.gauge(
+                "microbus_handler_paused",
+                "1 while the handler is paused.",
+                &labels,
+                u64::from(h.paused),
+            );
             out.latencies(
                 "microbus_handler",
                 &labels,

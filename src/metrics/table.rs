@@ -216,14 +216,15 @@ impl fmt::Display for MetricsSnapshot {
                     "dead",
                     "cancelled",
                     "dropped",
+                    "parked",
                 ],
                 3,
             );
             for h in &self.handlers {
-                let name = if h.active {
-                    h.handler.clone()
-                } else {
-                    format!("{} (ended)", h.handler)
+                let name = match (h.active, h.paused) {
+                    (false, _) => format!("{} (ended)", h.handler),
+                    (true, true) => format!("{} (paused)", h.handler),
+                    (true, false) => h.handler.clone(),
                 };
                 table.row(vec![
                     h.service.clone(),
@@ -236,6 +237,7 @@ impl fmt::Display for MetricsSnapshot {
                     h.dead_lettered.to_string(),
                     h.cancelled.to_string(),
                     h.dropped.to_string(),
+                    h.parked.to_string(),
                 ]);
             }
             table.write(f)?;

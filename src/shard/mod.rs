@@ -54,10 +54,12 @@ use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::trace::{TraceEntry, TraceOutcome};
 use crate::track::{Done, Settled};
 
+mod park;
 mod settle;
 mod work;
 mod worker;
 
+pub(crate) use self::park::*;
 pub(crate) use self::settle::*;
 pub(crate) use self::work::*;
 pub(crate) use self::worker::*;
@@ -183,6 +185,10 @@ pub(crate) struct WorkerShared {
     pub(crate) stats: WorkerStats,
     pub(crate) spill: Mutex<VecDeque<Routed>>,
     pub(crate) spill_len: AtomicUsize,
+    /// Deliveries parked on this shard (see `park`).
+    pub(crate) parked: Mutex<Parked>,
+    /// Set by a resume: the worker runs what it parked before its next message.
+    pub(crate) release: AtomicBool,
     /// Events the running handler published, with their delay if any.
     pub(crate) outbox: Mutex<Vec<(Routed, Option<Duration>)>>,
     /// Set when the running handler staged events or deferred its outcome.

@@ -77,6 +77,7 @@ pub(crate) fn settle_deferred(
             return;
         }
         Then::Bury(reason) => reason,
+        Then::Park => unreachable!("a failure is decided, never parked"),
     };
     let Some(burial) = Burial::make(core, retry, reason, runner) else {
         unreachable!("only a worker is detached")
@@ -168,6 +169,8 @@ pub(super) enum Then {
     Bury(DeadLetterReason),
     /// Settled as dropped: the failure said to drop the event.
     Drop,
+    /// Not run: parked until its subscription is resumed (at the same attempt).
+    Park,
 }
 
 /// What becomes of a failed attempt whose error is `error`: what the handler said on it, or

@@ -567,14 +567,17 @@ pub(super) fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flo
     }
     let failed = std::mem::take(&mut worker.pending);
     for failure in failed {
+        let parks = matches!(failure.then, Then::Park);
         let mut history = retry.history.clone();
-        history.errors.push(failure.error);
+        if !parks {
+            history.errors.push(failure.error);
+        }
         worker.follow_up(
             Retry {
                 ops: retry.ops,
                 event: retry.event.clone(),
                 sub: failure.sub,
-                attempt: failure.attempt + 1,
+                attempt: failure.attempt + u32::from(!parks),
                 history,
                 tracked: retry.tracked,
             },

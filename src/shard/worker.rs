@@ -32,6 +32,10 @@ pub(crate) struct Worker<'a> {
     /// Set once shutdown detached the worker (past its deadline, in a handler or a callback):
     /// it settles nothing more and exits.
     pub(super) detached: bool,
+    /// The subscriptions with deliveries parked on this shard.
+    pub(super) parking: Vec<u64>,
+    /// The subscription whose parked deliveries are being run.
+    pub(super) releasing: Option<u64>,
 }
 
 /// User code a worker runs once what it concerns is settled.
@@ -207,14 +211,19 @@ impl Worker<'_> {
         let failed = std::mem::take(&mut self.pending);
         let now = SystemTime::now();
         for failure in failed {
+            let parks = matches!(failure.then, Then::Park);
             self.follow_up(
                 Retry {
                     ops,
                     event: event.clone(),
                     sub: failure.sub,
-                    attempt: failure.attempt + 1,
+                    attempt: failure.attempt + u32::from(!parks),
                     history: History {
-                        errors: vec![failure.error],
+                        errors: if parks {
+                            Vec::new()
+                        } else {
+                            vec![failure.error]
+                        },
                         first_failure: now,
                     },
                     tracked: true,
@@ -249,6 +258,7 @@ impl Worker<'_> {
                 }
             }
             Then::Bury(reason) => reason,
+            Then::Park => return self.park(retry),
             Then::Drop => unreachable!("a dropped delivery settles when its attempt fails"),
         };
         self.bury(retry, reason);
@@ -330,6 +340,19 @@ impl Worker<'_> {
             return Flow::Stop;
         }
         debug_assert!(self.in_batch, "deliveries run inside a batch");
+        if self.must_park(&sub.meta) && sub.meta.active.load(Ordering::Relaxed) {
+            // Run later, at this same attempt, after those parked before it.
+            self.pending.push(Failed {
+                sub: sub.clone(),
+                attempt,
+                error: String::new(),
+                then: Then::Park,
+            });
+            shared
+                .held_retries
+                .store(self.pending.len() as u64, Ordering::Relaxed);
+            return Flow::Continue;
+        }
         let outcome = if sub.meta.active.load(Ordering::Relaxed) {
             shared
                 .remaining
@@ -651,6 +674,12 @@ impl Worker<'_> {
 
     pub(super) fn run_loop(&mut self, rx: &Receiver<Msg>) -> Flow {
         loop {
+            if self.shared.release.load(Ordering::Relaxed) {
+                let flow = self.release_parked();
+                if flow != Flow::Continue {
+                    return flow;
+                }
+            }
             // `SeqCst`, paired with the fences in the channel: an event handed over while this
             // worker emptied its channel is seen here, or its wake-up finds room.
             if self.shared.spill_len.load(Ordering::SeqCst) > 0 {
@@ -771,6 +800,8 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
         untracked: false,
         later: Vec::new(),
         detached: false,
+        parking: Vec::new(),
+        releasing: None,
     };
     worker.run_loop(&shard.rx);
     worker.close_batch();

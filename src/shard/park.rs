@@ -1,0 +1,136 @@
+//! Parking: the deliveries of a paused subscription wait on their shard, in the order they
+//! came, holding no worker and spending no attempt, until the subscription is resumed.
+//!
+//! A worker parks a delivery instead of running it while its subscription
+//! [`holds`](SubMeta::holds), or while that subscription already has deliveries parked on
+//! this shard (so that a newer one never overtakes them). `resume` sets the shard's `release`
+//! flag; the worker, before it takes its next message, runs what it parked, oldest first.
+//! Parked deliveries are outstanding: shutdown takes them at its deadline, once the worker has
+//! stopped, and dead-letters them like retries not yet due.
+
+use super::*;
+
+/// The deliveries parked on one shard: per subscription, in arrival order.
+#[derive(Default)]
+pub(crate) struct Parked {
+    queues: Vec<(u64, VecDeque<Retry>)>,
+}
+
+impl Parked {
+    fn queue(&mut self, sub: u64) -> &mut VecDeque<Retry> {
+        let at = match self.queues.iter().position(|(id, _)| *id == sub) {
+            Some(at) => at,
+            None => {
+                self.queues.push((sub, VecDeque::new()));
+                self.queues.len() - 1
+            }
+        };
+        &mut self.queues[at].1
+    }
+
+    /// The oldest delivery parked for `sub`, unless its subscription holds them still.
+    fn next(&mut self, sub: u64) -> Option<Retry> {
+        let at = self.queues.iter().position(|(id, _)| *id == sub)?;
+        let queue = &mut self.queues[at].1;
+        if queue.front().is_some_and(|r| (r.ops.meta)(&r.sub).holds()) {
+            return None;
+        }
+        let next = queue.pop_front();
+        if queue.is_empty() {
+            self.queues.swap_remove(at);
+        }
+        next
+    }
+}
+
+impl WorkerShared {
+    /// How many deliveries are parked on the shard by paused subscriptions.
+    pub(crate) fn parked_paused(&self) -> usize {
+        let parked = self.parked.lock();
+        parked
+            .queues
+            .iter()
+            .filter(|(_, q)| q.front().is_some_and(|r| (r.ops.meta)(&r.sub).holds()))
+            .map(|(_, q)| q.len())
+            .sum()
+    }
+
+    /// Takes every delivery parked on the shard, each subscription's in order (shutdown, once
+    /// the worker has stopped).
+    pub(crate) fn take_parked(&self, core: &Core) -> Vec<Retry> {
+        let queues = std::mem::take(&mut self.parked.lock().queues);
+        let taken: Vec<Retry> = queues.into_iter().flat_map(|(_, q)| q).collect();
+        for retry in &taken {
+            unparked(core, (retry.ops.meta)(&retry.sub));
+        }
+        taken
+    }
+}
+
+/// Counts a delivery of `meta` parked; the count reaching its capacity holds back publishers.
+fn parked(core: &Core, meta: &SubMeta) {
+    if meta.parked.fetch_add(1, Ordering::Relaxed) + 1 == meta.park_capacity {
+        core.parks_full.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts a delivery of `meta` no longer parked.
+fn unparked(core: &Core, meta: &SubMeta) {
+    if meta.parked.fetch_sub(1, Ordering::Relaxed) == meta.park_capacity {
+        core.parks_full.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Worker<'_> {
+    /// Whether a delivery to `meta`'s subscription parks instead of running: one load and one
+    /// comparison while nothing is paused or parked.
+    #[inline]
+    pub(super) fn must_park(&self, meta: &SubMeta) -> bool {
+        (meta.holds() || !self.parking.is_empty()) && self.must_park_slow(meta)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn must_park_slow(&self, meta: &SubMeta) -> bool {
+        meta.holds() || (self.releasing != Some(meta.id) && self.parking.contains(&meta.id))
+    }
+
+    /// Parks `retry` (a delivery not run, at the attempt it is due to run) behind the others
+    /// of its subscription on this shard.
+    pub(super) fn park(&mut self, retry: Retry) {
+        let sub = retry.subscription();
+        parked(self.core, (retry.ops.meta)(&retry.sub));
+        self.shared.parked.lock().queue(sub).push_back(retry);
+        if !self.parking.contains(&sub) {
+            self.parking.push(sub);
+        }
+        self.shared.hand_off(1);
+    }
+
+    /// Runs what is parked on this shard for subscriptions that no longer hold it, each
+    /// subscription's oldest first, before any newer delivery of theirs.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn release_parked(&mut self) -> Flow {
+        self.shared.release.store(false, Ordering::SeqCst);
+        for sub in self.parking.clone() {
+            loop {
+                let next = self.shared.parked.lock().next(sub);
+                let Some(retry) = next else {
+                    break;
+                };
+                unparked(self.core, (retry.ops.meta)(&retry.sub));
+                self.releasing = Some(sub);
+                let flow = self.handle(Work::Retry(retry));
+                self.releasing = None;
+                if flow != Flow::Continue {
+                    return flow;
+                }
+            }
+        }
+        let parked = self.shared.parked.lock();
+        self.parking
+            .retain(|sub| parked.queues.iter().any(|(id, _)| id == sub));
+        Flow::Continue
+    }
+}

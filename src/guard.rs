@@ -33,10 +33,12 @@ pub(crate) enum Seam {
     Classifier,
     /// [`BusBuilder::on_stall`](crate::BusBuilder::on_stall).
     Stall,
+    /// [`CircuitBreaker::on_change`](crate::CircuitBreaker::on_change).
+    Breaker,
 }
 
 /// How many seams there are.
-pub(crate) const SEAMS: usize = 8;
+pub(crate) const SEAMS: usize = 9;
 
 impl Seam {
     /// Every seam, in the order of [`CallbackPanics`]' fields.
@@ -49,6 +51,7 @@ impl Seam {
         Seam::Drop,
         Seam::Classifier,
         Seam::Stall,
+        Seam::Breaker,
     ];
 
     /// The seam's name, as in [`CallbackPanics`] and the metrics.
@@ -62,6 +65,7 @@ impl Seam {
             Seam::Drop => "drop",
             Seam::Classifier => "classifier",
             Seam::Stall => "stall",
+            Seam::Breaker => "breaker",
         }
     }
 }
@@ -112,8 +116,17 @@ impl Panics {
 
     /// The counts so far.
     pub(crate) fn counts(&self) -> CallbackPanics {
-        let [hook, sink, tracker, tap, serde, drop, classifier, stall] =
-            Seam::ALL.map(|seam| self.counts[seam as usize].load(Ordering::Relaxed));
+        let [
+            hook,
+            sink,
+            tracker,
+            tap,
+            serde,
+            drop,
+            classifier,
+            stall,
+            breaker,
+        ] = Seam::ALL.map(|seam| self.counts[seam as usize].load(Ordering::Relaxed));
         CallbackPanics {
             hook,
             sink,
@@ -123,6 +136,7 @@ impl Panics {
             drop,
             classifier,
             stall,
+            breaker,
         }
     }
 }
@@ -210,6 +224,8 @@ pub struct CallbackPanics {
     pub classifier: u64,
     /// In the [`on_stall`](crate::BusBuilder::on_stall) callback.
     pub stall: u64,
+    /// In a circuit breaker's [`on_change`](crate::CircuitBreaker::on_change) callback.
+    pub breaker: u64,
 }
 
 impl CallbackPanics {
@@ -229,6 +245,7 @@ impl CallbackPanics {
             self.drop,
             self.classifier,
             self.stall,
+            self.breaker,
         ];
         std::array::from_fn(|i| (Seam::ALL[i].name(), values[i]))
     }
@@ -275,7 +292,8 @@ mod tests {
                 "serde",
                 "drop",
                 "classifier",
-                "stall"
+                "stall",
+                "breaker"
             ]
         );
     }

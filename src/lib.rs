@@ -298,6 +298,7 @@
     rust_2018_idioms
 )]
 
+mod breaker;
 #[cfg(feature = "redis")]
 pub mod bridge;
 mod bus;
@@ -326,6 +327,7 @@ mod timer;
 mod trace;
 mod track;
 
+pub use crate::breaker::{BreakerChange, BreakerState, CircuitBreaker};
 pub use crate::bus::{Bus, BusBuilder, DeadLetters, LoadSummary, RedriveCutShort};
 pub use crate::config::{
     Backpressure, DEFAULT_CHANNEL_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_LANE,

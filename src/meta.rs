@@ -11,11 +11,17 @@ use std::time::Duration;
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
+use crate::breaker::{Breaker, CircuitBreaker};
 use crate::event::NameId;
 use crate::handler::Classifier;
 use crate::retry::RetryPolicy;
 use crate::stats::OutcomeCounters;
-use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+
+/// [`SubMeta::hold`]: paused by the user.
+pub(crate) const PAUSED: u8 = 1;
+/// [`SubMeta::hold`]: its circuit breaker is open or half-open.
+pub(crate) const BREAKER: u8 = 2;
 
 /// How many deliveries of a subscription may park (paused, or behind an open breaker) by
 /// default before its publishers wait: see
@@ -32,6 +38,7 @@ pub(crate) struct SubSettings {
     pub(crate) timeout: Option<Duration>,
     /// How many of its deliveries may park before publishers wait (or a `Shed` lane sheds).
     pub(crate) park_capacity: u64,
+    pub(crate) breaker: Option<CircuitBreaker>,
     /// Its lane's index.
     pub(crate) lane: u8,
 }
@@ -45,6 +52,7 @@ impl SubSettings {
             stall_after: None,
             timeout: None,
             park_capacity: DEFAULT_PARK_CAPACITY,
+            breaker: None,
             lane,
         }
     }
@@ -67,9 +75,11 @@ pub(crate) struct SubMeta {
     pub(crate) stall_after: Option<Duration>,
     /// How long each call of its handler has.
     pub(crate) timeout: Option<Duration>,
-    /// Set while it is paused ([`Subscription::pause`](crate::Subscription::pause)): its
-    /// deliveries park instead of running.
-    pub(crate) paused: AtomicBool,
+    /// What holds its deliveries back ([`PAUSED`], [`BREAKER`]): while any, they park
+    /// instead of running.
+    pub(crate) hold: AtomicU8,
+    /// Its circuit breaker, if it has one.
+    pub(crate) breaker: Option<Breaker>,
     /// Its deliveries parked now, on all shards.
     pub(crate) parked: AtomicU64,
     pub(crate) park_capacity: u64,
@@ -108,7 +118,8 @@ impl SubMeta {
             classify: settings.classify,
             stall_after: settings.stall_after,
             timeout: settings.timeout,
-            paused: AtomicBool::new(false),
+            hold: AtomicU8::new(0),
+            breaker: settings.breaker.map(Breaker::new),
             parked: AtomicU64::new(0),
             park_capacity: settings.park_capacity,
             lane: settings.lane,
@@ -122,7 +133,12 @@ impl SubMeta {
     /// Whether its deliveries park instead of running now.
     #[inline]
     pub(crate) fn holds(&self) -> bool {
-        self.paused.load(Ordering::Relaxed)
+        self.hold.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether it is paused.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.hold.load(Ordering::SeqCst) & PAUSED != 0
     }
 
     /// Whether as many of its deliveries are parked as it may have.

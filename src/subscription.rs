@@ -5,9 +5,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::breaker::CircuitBreaker;
 use crate::bus::Core;
 use crate::handler::{Classifier, HandlerError, Verdict};
-use crate::meta::SubMeta;
+use crate::meta::{PAUSED, SubMeta};
 use crate::retry::RetryPolicy;
 use crate::sync::Ordering;
 
@@ -31,6 +32,7 @@ pub struct SubscribeOptions {
     pub(crate) stall_after: Option<Duration>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) park_capacity: Option<u64>,
+    pub(crate) breaker: Option<CircuitBreaker>,
 }
 
 impl SubscribeOptions {
@@ -98,6 +100,16 @@ impl SubscribeOptions {
         self
     }
 
+    /// Gives the subscription a [`CircuitBreaker`]: after its `failures` failed attempts in a
+    /// row, its deliveries park (as for a [pause](Subscription::pause), bounded by
+    /// [`park_capacity`](Self::park_capacity)) for a cool-down; then one delivery probes, and
+    /// its success releases the rest, in order. Bad settings are
+    /// [`SubscribeError::Invalid`](crate::SubscribeError::Invalid) (`circuit_breaker`).
+    pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> SubscribeOptions {
+        self.breaker = Some(breaker);
+        self
+    }
+
     /// Decides what becomes of each failure the handler left to the policy (an error it did
     /// not mark with a [`Verdict`], or a panic): `classify` sees the [`HandlerError`] — its
     /// [`downcast_ref`](HandlerError::downcast_ref) reaches the handler's own error type —
@@ -162,6 +174,7 @@ impl fmt::Debug for SubscribeOptions {
             .field("stall_after", &self.stall_after)
             .field("timeout", &self.timeout)
             .field("park_capacity", &self.park_capacity)
+            .field("circuit_breaker", &self.breaker)
             .finish()
     }
 }
@@ -268,7 +281,7 @@ impl Subscription {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn pause(&self) {
-        if !self.is_active() || self.meta.paused.swap(true, Ordering::SeqCst) {
+        if !self.is_active() || self.meta.hold.fetch_or(PAUSED, Ordering::SeqCst) & PAUSED != 0 {
             return;
         }
         self.core.wait_for_open_batches();
@@ -277,14 +290,14 @@ impl Subscription {
     /// Resumes a paused subscription: on each shard, its parked deliveries run first, oldest
     /// first, before any newer delivery of it. Resuming one that is not paused does nothing.
     pub fn resume(&self) {
-        if self.meta.paused.swap(false, Ordering::SeqCst) {
+        if self.meta.hold.fetch_and(!PAUSED, Ordering::SeqCst) & PAUSED != 0 {
             self.core.release_parked(self.meta.lane);
         }
     }
 
     /// Whether it is paused.
     pub fn is_paused(&self) -> bool {
-        self.meta.paused.load(Ordering::SeqCst)
+        self.meta.is_paused()
     }
 
     /// Ends the subscription and waits until no call of its handler is running.
@@ -300,7 +313,7 @@ impl Subscription {
             self.core.registry.remove(&self.meta);
             self.core.metrics.unsubscribed(self.meta.id);
             // What it parked is cancelled when its shards run it.
-            if self.meta.paused.swap(false, Ordering::SeqCst) {
+            if self.meta.hold.swap(0, Ordering::SeqCst) != 0 {
                 self.core.release_parked(self.meta.lane);
             }
         }

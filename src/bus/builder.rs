@@ -267,7 +267,8 @@ impl BusBuilder {
             sink_failures,
         );
         let metrics_on = config.metrics;
-        let core = Arc::new(Core {
+        let core = Arc::new_cyclic(|this| Core {
+            this: this.clone(),
             id,
             panics: Panics::default(),
             dead_letters,
@@ -288,6 +289,7 @@ impl BusBuilder {
             shed_books: ShedBooks::default(),
             stalls,
             parks_full: AtomicUsize::new(0),
+            breakers: Mutex::new(Vec::new()),
             timer: Timer::new(),
             signal_tx: Mutex::new(Some(signal_tx)),
             signal_rx,
@@ -327,7 +329,14 @@ impl BusBuilder {
                 let _own = OwnThread::enter(timer_core.id, None);
                 timer_core.timer.run(
                     |routed| offer_due(&timer_core.shards, routed),
-                    || super::stalls::watch_stalls(&timer_core),
+                    || {
+                        let stalls = super::stalls::watch_stalls(&timer_core);
+                        let breakers = super::breakers::watch_breakers(&timer_core);
+                        match (stalls, breakers) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        }
+                    },
                 );
             })
             .map_err(spawn_error)?;

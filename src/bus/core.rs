@@ -82,6 +82,8 @@ pub(super) enum Lifecycle {
 
 /// The state shared by every handle, subscription and thread of one bus.
 pub(crate) struct Core {
+    /// Itself, for threads that must not keep it alive (user callbacks run off the workers).
+    pub(crate) this: std::sync::Weak<Core>,
     pub(crate) id: u64,
     /// Panics caught in user code outside handlers, by seam.
     pub(crate) panics: Panics,
@@ -118,6 +120,8 @@ pub(crate) struct Core {
     /// Subscriptions with as many deliveries parked as they may have: while any, a publish
     /// checks whether it matches one.
     pub(crate) parks_full: AtomicUsize,
+    /// The subscriptions with circuit breakers, for the timer thread to watch.
+    pub(crate) breakers: Mutex<Vec<Arc<SubMeta>>>,
     pub(super) timer: Timer<Routed>,
     pub(super) signal_tx: Mutex<Option<Sender<()>>>,
     pub(super) signal_rx: Receiver<()>,

@@ -120,15 +120,19 @@ impl Core {
     }
 
     /// Whether everything outstanding waits on the timer, none of it due before `deadline`, or
-    /// is parked by a paused subscription: read twice around them, so that nothing moved in
-    /// between.
+    /// is parked by a paused subscription or a breaker open past it: read twice around them,
+    /// so that nothing moved in between.
     pub(super) fn parked_past(&self, deadline: Instant) -> bool {
         let before = self.outstanding_now();
         if before <= 0 {
             return false;
         }
         let (waiting, next_due) = self.timer.parked();
-        let paused: usize = self.shards.iter().map(|s| s.worker.parked_paused()).sum();
+        let paused: usize = self
+            .shards
+            .iter()
+            .map(|s| s.worker.parked_past(deadline))
+            .sum();
         before == (waiting + paused) as i64
             && (waiting == 0 || next_due.is_some_and(|due| due > deadline))
             && self.outstanding_now() == before
@@ -236,7 +240,7 @@ impl Core {
                     handler: meta.name.to_string(),
                     lane: self.lanes[meta.lane as usize].name.clone(),
                     parked: meta.parked.load(Ordering::Relaxed),
-                    paused: meta.paused.load(Ordering::Relaxed),
+                    paused: meta.is_paused(),
                 })
                 .collect(),
         }

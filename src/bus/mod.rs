@@ -51,6 +51,7 @@ use crate::timer::{REOFFER_DELAY, Timer};
 use crate::trace::{Trace, TraceRing};
 use crate::track::{Settled, Tracker, Tracking};
 
+mod breakers;
 mod builder;
 mod core;
 mod dead_letters;
@@ -427,6 +428,12 @@ impl Bus {
                 });
             }
         }
+        if let Some(Err(reason)) = options.breaker.as_ref().map(|b| b.check()) {
+            return Err(SubscribeError::Invalid {
+                option: "circuit_breaker",
+                reason,
+            });
+        }
         if options.park_capacity == Some(0) {
             return Err(SubscribeError::Invalid {
                 option: "park_capacity",
@@ -460,11 +467,15 @@ impl Bus {
                 park_capacity: options
                     .park_capacity
                     .unwrap_or(crate::meta::DEFAULT_PARK_CAPACITY),
+                breaker: options.breaker.clone(),
                 ..SubSettings::new(retry, lane as u8)
             },
             crate::metrics::cells(core.metrics.enabled, core.shards.len()),
         ));
         core.metrics.subscribed(&meta);
+        if meta.breaker.is_some() {
+            core.breakers.lock().push(meta.clone());
+        }
         if let Some(after) = meta.stall_after
             && core.stalls.subscribed(after)
         {

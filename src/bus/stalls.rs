@@ -149,7 +149,8 @@ pub(crate) fn watch_stalls(core: &Arc<Core>) -> Option<Instant> {
     for report in reports {
         stalls.total.fetch_add(1, Ordering::Relaxed);
         if let Some(hook) = &stalls.hook {
-            call_back(Arc::downgrade(core), hook.clone(), report.stall.clone());
+            let (hook, stall) = (hook.clone(), report.stall.clone());
+            call_off_thread(core, Seam::Stall, "microbus-on-stall", move || hook(&stall));
         }
         current.push(report);
     }
@@ -162,21 +163,28 @@ fn still_running(core: &Core, c: &Current) -> bool {
         && worker.begun.load(Ordering::Relaxed) == c.begun
 }
 
-/// Runs the stall callback on a thread of its own: a callback that blocks holds back no
-/// worker and not the timer. It keeps no bus alive; a panic is counted if the bus still is.
-fn call_back(core: Weak<Core>, hook: StallHook, stall: Stall) {
+/// Runs a user callback on a thread of its own (`name`): a callback that blocks holds back no
+/// worker and not the timer. It keeps no bus alive; a panic is counted at `seam` if the bus
+/// still is.
+pub(crate) fn call_off_thread(
+    core: &Core,
+    seam: Seam,
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) {
+    let core: Weak<Core> = core.this.clone();
     let spawned = std::thread::Builder::new()
-        .name("microbus-on-stall".to_owned())
+        .name(name.to_owned())
         .spawn(move || {
-            let panicked = std::panic::catch_unwind(AssertUnwindSafe(|| hook(&stall))).err();
+            let panicked = std::panic::catch_unwind(AssertUnwindSafe(f)).err();
             if let Some(payload) = panicked {
                 crate::guard::drop_payload(payload);
                 if let Some(core) = core.upgrade() {
-                    core.panics.count(Seam::Stall);
+                    core.panics.count(seam);
                 }
             }
         });
-    // No thread to be had: the stall is counted and listed all the same.
+    // No thread to be had: what it reports is counted and listed all the same.
     drop(spawned);
 }
 

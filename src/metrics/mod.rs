@@ -529,8 +529,13 @@ impl Metrics {
                     dead_lettered: outcomes.dead_lettered,
                     cancelled: outcomes.cancelled,
                     dropped: outcomes.dropped,
-                    paused: meta.paused.load(Ordering::Relaxed),
+                    paused: meta.is_paused(),
                     parked: meta.parked.load(Ordering::Relaxed),
+                    breaker: meta.breaker.as_ref().map(|b| b.state()),
+                    breaker_opened: meta
+                        .breaker
+                        .as_ref()
+                        .map_or(0, |b| b.opened.load(Ordering::Relaxed)),
                     queue_wait: latencies.queue_wait.summary(&mut scratch),
                     handler_time: latencies.handler.summary(&mut scratch),
                     end_to_end: latencies.end_to_end.summary(&mut scratch),

@@ -5,6 +5,7 @@ use std::fmt::{self, Write as _};
 
 use serde::{Deserialize, Serialize};
 
+use crate::breaker::BreakerState;
 use crate::stats::{BusStats, Stall};
 
 /// A latency distribution, summarised from an HdrHistogram (two significant digits: each
@@ -92,9 +93,15 @@ pub struct HandlerMetrics {
     /// Whether it is paused ([`Subscription::pause`](crate::Subscription::pause)).
     #[serde(default)]
     pub paused: bool,
-    /// Its deliveries parked now, waiting for it to be resumed.
+    /// Its deliveries parked now, waiting for it to be resumed or its breaker to close.
     #[serde(default)]
     pub parked: u64,
+    /// Where its circuit breaker is, if it has one.
+    #[serde(default)]
+    pub breaker: Option<BreakerState>,
+    /// How many times its circuit breaker opened.
+    #[serde(default)]
+    pub breaker_opened: u64,
     /// From publish to the start of the first attempt.
     pub queue_wait: Latency,
     /// How long the handler ran, every attempt.
@@ -497,6 +504,24 @@ impl MetricsSnapshot {
                 &labels,
                 u64::from(h.paused),
             );
+            if let Some(state) = h.breaker {
+                out.gauge(
+                    "microbus_handler_breaker_state",
+                    "The handler's circuit breaker: 0 closed, 1 open, 2 half-open.",
+                    &labels,
+                    match state {
+                        BreakerState::Closed => 0,
+                        BreakerState::Open => 1,
+                        BreakerState::HalfOpen => 2,
+                    },
+                );
+                out.counter(
+                    "microbus_handler_breaker_opened_total",
+                    "Times the handler's circuit breaker opened.",
+                    &labels,
+                    h.breaker_opened,
+                );
+            }
             out.latencies(
                 "microbus_handler",
                 &labels,

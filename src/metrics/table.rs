@@ -217,6 +217,7 @@ impl fmt::Display for MetricsSnapshot {
                     "cancelled",
                     "dropped",
                     "parked",
+                    "breaker",
                 ],
                 3,
             );
@@ -238,6 +239,7 @@ impl fmt::Display for MetricsSnapshot {
                     h.cancelled.to_string(),
                     h.dropped.to_string(),
                     h.parked.to_string(),
+                    h.breaker.map_or("-", |b| b.as_str()).to_owned(),
                 ]);
             }
             table.write(f)?;

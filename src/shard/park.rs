@@ -9,6 +9,7 @@
 //! stopped, and dead-letters them like retries not yet due.
 
 use super::*;
+use crate::meta::{BREAKER, PAUSED};
 
 /// The deliveries parked on one shard: per subscription, in arrival order.
 #[derive(Default)]
@@ -28,29 +29,45 @@ impl Parked {
         &mut self.queues[at].1
     }
 
-    /// The oldest delivery parked for `sub`, unless its subscription holds them still.
-    fn next(&mut self, sub: u64) -> Option<Retry> {
+    /// The oldest delivery parked for `sub`, unless its subscription holds them still — but
+    /// for a half-open breaker's probe (then `true`, the probe taken).
+    fn next(&mut self, sub: u64) -> Option<(Retry, bool)> {
         let at = self.queues.iter().position(|(id, _)| *id == sub)?;
         let queue = &mut self.queues[at].1;
-        if queue.front().is_some_and(|r| (r.ops.meta)(&r.sub).holds()) {
+        let front = queue.front()?;
+        let meta = (front.ops.meta)(&front.sub);
+        let hold = meta.hold.load(Ordering::SeqCst);
+        let probe = hold & BREAKER != 0;
+        if hold & PAUSED != 0 || (probe && !meta.breaker.as_ref().is_some_and(|b| b.take_probe())) {
             return None;
         }
-        let next = queue.pop_front();
+        let next = queue.pop_front()?;
         if queue.is_empty() {
             self.queues.swap_remove(at);
         }
-        next
+        Some((next, probe))
     }
 }
 
 impl WorkerShared {
-    /// How many deliveries are parked on the shard by paused subscriptions.
-    pub(crate) fn parked_paused(&self) -> usize {
+    /// How many deliveries are parked on the shard that cannot run before `deadline`: those
+    /// of paused subscriptions, and of breakers open past it.
+    pub(crate) fn parked_past(&self, deadline: Instant) -> usize {
         let parked = self.parked.lock();
         parked
             .queues
             .iter()
-            .filter(|(_, q)| q.front().is_some_and(|r| (r.ops.meta)(&r.sub).holds()))
+            .filter(|(_, q)| {
+                q.front().is_some_and(|r| {
+                    let meta = (r.ops.meta)(&r.sub);
+                    meta.is_paused()
+                        || meta
+                            .breaker
+                            .as_ref()
+                            .and_then(|b| b.due())
+                            .is_some_and(|due| due > deadline)
+                })
+            })
             .map(|(_, q)| q.len())
             .sum()
     }
@@ -85,22 +102,44 @@ impl Worker<'_> {
     /// Whether a delivery to `meta`'s subscription parks instead of running: one load and one
     /// comparison while nothing is paused or parked.
     #[inline]
-    pub(super) fn must_park(&self, meta: &SubMeta) -> bool {
+    pub(super) fn must_park(&mut self, meta: &SubMeta) -> bool {
         (meta.holds() || !self.parking.is_empty()) && self.must_park_slow(meta)
     }
 
     #[cold]
     #[inline(never)]
-    fn must_park_slow(&self, meta: &SubMeta) -> bool {
-        meta.holds() || (self.releasing != Some(meta.id) && self.parking.contains(&meta.id))
+    fn must_park_slow(&mut self, meta: &SubMeta) -> bool {
+        if self.probing == Some(meta.id) {
+            return false;
+        }
+        let hold = meta.hold.load(Ordering::SeqCst);
+        let queued = self.releasing != Some(meta.id) && self.parking.contains(&meta.id);
+        if hold & PAUSED != 0 || (queued && hold != 0) {
+            return true;
+        }
+        if hold & BREAKER != 0 {
+            // Half-open: the first delivery a worker reaches is the probe (on a shard where
+            // older ones are parked, the oldest is, on release).
+            if !queued && meta.breaker.as_ref().is_some_and(|b| b.take_probe()) {
+                self.probing = Some(meta.id);
+                return false;
+            }
+            return true;
+        }
+        queued
     }
 
     /// Parks `retry` (a delivery not run, at the attempt it is due to run) behind the others
-    /// of its subscription on this shard.
-    pub(super) fn park(&mut self, retry: Retry) {
+    /// of its subscription on this shard — or ahead of them: a failed probe, the oldest.
+    pub(super) fn park(&mut self, retry: Retry, first_in_line: bool) {
         let sub = retry.subscription();
         parked(self.core, (retry.ops.meta)(&retry.sub));
-        self.shared.parked.lock().queue(sub).push_back(retry);
+        let mut queues = self.shared.parked.lock();
+        match first_in_line {
+            true => queues.queue(sub).push_front(retry),
+            false => queues.queue(sub).push_back(retry),
+        }
+        drop(queues);
         if !self.parking.contains(&sub) {
             self.parking.push(sub);
         }
@@ -116,13 +155,17 @@ impl Worker<'_> {
         for sub in self.parking.clone() {
             loop {
                 let next = self.shared.parked.lock().next(sub);
-                let Some(retry) = next else {
+                let Some((retry, probe)) = next else {
                     break;
                 };
                 unparked(self.core, (retry.ops.meta)(&retry.sub));
                 self.releasing = Some(sub);
+                if probe {
+                    self.probing = Some(sub);
+                }
                 let flow = self.handle(Work::Retry(retry));
                 self.releasing = None;
+                self.probing = None;
                 if flow != Flow::Continue {
                     return flow;
                 }

@@ -16,6 +16,15 @@ pub(crate) fn settle_deferred(
 ) {
     let counts = &core.deferrals;
     let meta = (retry.ops.meta)(&retry.sub);
+    if let Some(breaker) = &meta.breaker {
+        let change = match &result {
+            Ok(()) => breaker.success(),
+            Err(_) => breaker.failure(Instant::now()),
+        };
+        if let Some(change) = change {
+            core.breaker_moved(meta, change);
+        }
+    }
     let error = match result {
         Ok(()) => {
             meta.outcomes.succeeded.fetch_add(1, Ordering::Relaxed);
@@ -77,7 +86,7 @@ pub(crate) fn settle_deferred(
             return;
         }
         Then::Bury(reason) => reason,
-        Then::Park => unreachable!("a failure is decided, never parked"),
+        Then::Park | Then::Repark => unreachable!("a failure is decided, never parked"),
     };
     let Some(burial) = Burial::make(core, retry, reason, runner) else {
         unreachable!("only a worker is detached")
@@ -171,6 +180,9 @@ pub(super) enum Then {
     Drop,
     /// Not run: parked until its subscription is resumed (at the same attempt).
     Park,
+    /// A failed probe of a half-open breaker: parked again, first in line, spending no
+    /// attempt.
+    Repark,
 }
 
 /// What becomes of a failed attempt whose error is `error`: what the handler said on it, or

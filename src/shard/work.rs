@@ -567,7 +567,7 @@ pub(super) fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flo
     }
     let failed = std::mem::take(&mut worker.pending);
     for failure in failed {
-        let parks = matches!(failure.then, Then::Park);
+        let parks = matches!(failure.then, Then::Park | Then::Repark);
         let mut history = retry.history.clone();
         if !parks {
             history.errors.push(failure.error);

@@ -36,6 +36,8 @@ pub(crate) struct Worker<'a> {
     pub(super) parking: Vec<u64>,
     /// The subscription whose parked deliveries are being run.
     pub(super) releasing: Option<u64>,
+    /// The subscription whose half-open breaker's probe is running.
+    pub(super) probing: Option<u64>,
 }
 
 /// User code a worker runs once what it concerns is settled.
@@ -211,7 +213,7 @@ impl Worker<'_> {
         let failed = std::mem::take(&mut self.pending);
         let now = SystemTime::now();
         for failure in failed {
-            let parks = matches!(failure.then, Then::Park);
+            let parks = matches!(failure.then, Then::Park | Then::Repark);
             self.follow_up(
                 Retry {
                     ops,
@@ -258,7 +260,8 @@ impl Worker<'_> {
                 }
             }
             Then::Bury(reason) => reason,
-            Then::Park => return self.park(retry),
+            Then::Park => return self.park(retry, false),
+            Then::Repark => return self.park(retry, true),
             Then::Drop => unreachable!("a dropped delivery settles when its attempt fails"),
         };
         self.bury(retry, reason);
@@ -447,9 +450,17 @@ impl Worker<'_> {
             Outcome::Succeeded => {
                 self.flush_outbox();
                 bump(&stats.outcomes.succeeded, 1);
+                if let Some(breaker) = &sub.meta.breaker {
+                    self.probing = None;
+                    if let Some(change) = breaker.success() {
+                        self.core.breaker_moved(&sub.meta, change);
+                    }
+                }
                 Settled::Succeeded
             }
             Outcome::Deferred(slot) => {
+                // A deferred probe's outcome moves the breaker when it completes.
+                self.probing = None;
                 // Outstanding until the deferral completes (or shutdown takes it over).
                 self.flush_outbox();
                 self.core.deferrals.register(&slot);
@@ -585,6 +596,25 @@ impl Worker<'_> {
         bump(&stats.outcomes.failed, 1);
         if panicked {
             bump(&stats.outcomes.panicked, 1);
+        }
+        if let Some(breaker) = &sub.meta.breaker {
+            let probed = self.probing.take() == Some(sub.meta.id);
+            if let Some(change) = breaker.failure(Instant::now()) {
+                self.core.breaker_moved(&sub.meta, change);
+            }
+            if probed {
+                // A failed probe spends no attempt: it waits again, first in line.
+                self.pending.push(Failed {
+                    sub: sub.clone(),
+                    attempt,
+                    error: error.to_string(),
+                    then: Then::Repark,
+                });
+                shared
+                    .held_retries
+                    .store(self.pending.len() as u64, Ordering::Relaxed);
+                return None;
+            }
         }
         let verdict = verdict(&sub.meta, &error, self);
         let jitter = &mut self.jitter;
@@ -802,6 +832,7 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
         detached: false,
         parking: Vec::new(),
         releasing: None,
+        probing: None,
     };
     worker.run_loop(&shard.rx);
     worker.close_batch();

@@ -372,3 +372,84 @@ fn pause_returns_once_no_call_of_the_handler_runs() {
     bus.flush(WAIT).unwrap();
     assert_eq!(bus.stats().succeeded, 2);
 }
+
+#[test]
+fn a_full_park_sheds_publishes_in_a_shed_lane_but_keeps_what_handlers_publish() {
+    use microbus::{Backpressure, Lane};
+    let bus = Bus::builder()
+        .workers(1)
+        .lane("mail", Lane::new(1).backpressure(Backpressure::Shed))
+        .build()
+        .unwrap();
+    let mailed = Arc::new(Mutex::new(Vec::new()));
+    let mailer = {
+        let mailed = mailed.clone();
+        bus.subscribe_with(
+            SubscribeOptions::new()
+                .named("mailer")
+                .lane("mail")
+                .park_capacity(50),
+            move |n: &Numbered, _: &Context| -> HandlerResult {
+                mailed.lock().unwrap().push((n.publisher, n.seq));
+                Ok(())
+            },
+        )
+        .unwrap()
+    };
+    // A handler on the default lane that publishes into the mailer's lane.
+    bus.subscribe(|k: &Keyed, ctx: &Context| -> HandlerResult {
+        ctx.publish(Numbered {
+            publisher: 9,
+            seq: k.seq,
+        })?;
+        Ok(())
+    })
+    .unwrap();
+    mailer.pause();
+    for seq in 0..200 {
+        // Never waits: the lane sheds.
+        bus.try_publish(Numbered { publisher: 0, seq }).unwrap();
+    }
+    let settled = |bus: &Bus| {
+        let m = bus.metrics();
+        m.handlers[0].parked + m.lanes[1].shed
+    };
+    let start = Instant::now();
+    while settled(&bus) < 200 {
+        assert!(start.elapsed() < WAIT);
+        std::thread::yield_now();
+    }
+    assert_eq!(
+        (
+            bus.metrics().handlers[0].parked,
+            bus.metrics().lanes[1].shed
+        ),
+        (50, 150)
+    );
+    // What a handler publishes is accepted work: it parks past the capacity.
+    for seq in 0..20 {
+        bus.publish(Keyed { key: 0, seq }).unwrap();
+    }
+    while bus.metrics().handlers[0].parked < 70 {
+        assert!(start.elapsed() < WAIT);
+        std::thread::yield_now();
+    }
+    mailer.resume();
+    bus.flush(WAIT).unwrap();
+    let mailed = mailed.lock().unwrap().clone();
+    let expected: Vec<(u32, u64)> = (0..50)
+        .map(|seq| (0, seq))
+        .chain((0..20).map(|seq| (9, seq)))
+        .collect();
+    assert_eq!(mailed, expected);
+    let letters = bus.dead_letters().list();
+    assert_eq!(letters.len(), 150);
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.reason() == DeadLetterReason::Shed && l.handler() == "mailer")
+    );
+    let report = bus.shutdown().unwrap();
+    assert!(report.is_balanced(), "{report}");
+    assert_eq!(report.lanes[1].shed, 150);
+}

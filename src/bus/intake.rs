@@ -332,7 +332,7 @@ impl Core {
             .map_err(|(why, msg)| (why, msg.into_work())),
             None => {
                 let task = Task::new(envelope, generation, deliveries, event);
-                self.send_or_shed(index, Work::Task(task))
+                self.send_or_shed(index, Work::Task(task.admitted_to_shed_lane()))
             }
             Some(delay) => self
                 .timer
@@ -570,8 +570,11 @@ impl Core {
             self.uncount(Counted::of::<E>(source, events));
             return Err((Refusal::Shutdown, batch.into_events().collect()));
         }
+        let shed_lane = self.lane_of(index).backpressure == Backpressure::Shed;
+        let mut batch = batch;
+        batch.admitted = shed_lane;
         let work = Work::Batch(batch);
-        let sent = if self.lane_of(index).backpressure == Backpressure::Shed {
+        let sent = if shed_lane {
             self.send_or_shed(index, work)
         } else {
             self.send(index, Msg::Work(work), Mode::Block)

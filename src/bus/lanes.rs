@@ -56,12 +56,10 @@ impl Core {
         let mut sent_any = false;
         for (i, &(lane, deliveries)) in lanes.iter().enumerate() {
             let index = indexes[i];
-            let work = Work::Fanout(Fanout::new::<E>(
-                shared.clone(),
-                route.generation,
-                deliveries,
-                i == 0,
-            ));
+            let mut fanout = Fanout::new::<E>(shared.clone(), route.generation, deliveries, i == 0);
+            fanout.admitted =
+                delay.is_none() && self.lanes[lane].backpressure == Backpressure::Shed;
+            let work = Work::Fanout(fanout);
             let sent = match delay {
                 Some(delay) => self
                     .timer

@@ -86,7 +86,9 @@ pub(crate) fn settle_deferred(
             return;
         }
         Then::Bury(reason) => reason,
-        Then::Park | Then::Repark => unreachable!("a failure is decided, never parked"),
+        Then::Park | Then::Repark | Then::Shed => {
+            unreachable!("a failure is decided, never parked")
+        }
     };
     let Some(burial) = Burial::make(core, retry, reason, runner) else {
         unreachable!("only a worker is detached")
@@ -183,6 +185,9 @@ pub(super) enum Then {
     /// A failed probe of a half-open breaker: parked again, first in line, spending no
     /// attempt.
     Repark,
+    /// Not run: a publish admitted into a `Shed` lane that would park past its
+    /// subscription's park capacity, dead-lettered with reason `Shed`.
+    Shed,
 }
 
 /// What becomes of a failed attempt whose error is `error`: what the handler said on it, or

@@ -137,6 +137,10 @@ impl<E: Event> OpsOf<E> {
     };
 }
 
+/// The top bit of [`Task::deliveries`]: see [`Task::admitted`] (a task is 128 bytes, with no
+/// room for a field more).
+const ADMITTED: u32 = 1 << 31;
+
 /// A published event on its way to a worker: the envelope, the event, the generation of the
 /// handler tables it was matched against and how many subscriptions it matched. `ops` are the
 /// event type's functions.
@@ -167,7 +171,21 @@ impl Task {
     /// How many subscriptions the event matched.
     #[inline]
     pub(crate) fn deliveries(&self) -> usize {
-        self.deliveries as usize
+        (self.deliveries & !ADMITTED) as usize
+    }
+
+    /// Marks the task as a publish admitted into a `Shed` lane: a delivery of it that would
+    /// park past its subscription's park capacity is shed (see [`admitted`](Self::admitted)).
+    /// Retries, delayed events and a handler's events are never marked: they may go past it.
+    pub(crate) fn admitted_to_shed_lane(mut self) -> Task {
+        self.deliveries |= ADMITTED;
+        self
+    }
+
+    /// Whether it was [marked](Self::admitted_to_shed_lane).
+    #[inline]
+    pub(crate) fn admitted(&self) -> bool {
+        self.deliveries & ADMITTED != 0
     }
 
     /// Takes the event back out of a task that was not accepted.
@@ -188,6 +206,8 @@ pub(crate) struct Fanout {
     pub(super) deliveries: u32,
     /// Whether this message carries the event's publish count (one of its messages does).
     pub(super) counts_publish: bool,
+    /// A publish admitted into a `Shed` lane (see [`Task::admitted`]).
+    pub(crate) admitted: bool,
 }
 
 impl Fanout {
@@ -212,6 +232,7 @@ impl Fanout {
             generation,
             deliveries: u32::try_from(deliveries).expect("fewer than 2^32 subscriptions"),
             counts_publish,
+            admitted: false,
         }
     }
 
@@ -238,7 +259,8 @@ pub(super) fn run_fanout<E: Event>(worker: &mut Worker<'_>, fanout: &Fanout) -> 
     let Some(event) = fanout.event.event.downcast_ref::<E>() else {
         unreachable!("a fanout's functions match its event")
     };
-    run_event(
+    worker.admitted = fanout.admitted;
+    let flow = run_event(
         worker,
         &fanout.event.envelope,
         event,
@@ -246,7 +268,9 @@ pub(super) fn run_fanout<E: Event>(worker: &mut Worker<'_>, fanout: &Fanout) -> 
         fanout.deliveries(),
         // The taps see the event once, with the lane that counts its publish.
         fanout.counts_publish,
-    )
+    );
+    worker.admitted = false;
+    flow
 }
 
 /// Runs the deliveries of an event of type `E`.
@@ -254,14 +278,17 @@ pub(super) fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
     let Some(event) = task.payload.downcast_ref::<E>() else {
         unreachable!("a task's dispatch function matches its payload")
     };
-    run_event(
+    worker.admitted = task.admitted();
+    let flow = run_event(
         worker,
         &task.envelope,
         event,
         task.generation,
         task.deliveries(),
         true,
-    )
+    );
+    worker.admitted = false;
+    flow
 }
 
 /// Runs the `deliveries` deliveries of a published event of type `E`, matched in generation
@@ -358,6 +385,8 @@ pub(crate) struct Batch {
     /// A `Vec<(Envelope, E)>`, inline (a `Vec` is three words).
     pub(super) items: Payload,
     pub(super) len: u32,
+    /// A publish admitted into a `Shed` lane (see [`Task::admitted`]).
+    pub(crate) admitted: bool,
 }
 
 /// The most events one batch message carries.
@@ -377,6 +406,7 @@ impl Batch {
             source,
             len: u32::try_from(items.len()).expect("a batch message holds a few events"),
             items: smallbox!(items),
+            admitted: false,
         }
     }
 
@@ -411,6 +441,7 @@ pub(super) fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow
     // One snapshot, table and tap check for the whole message: its events share their type,
     // source and generation.
     worker.shared.hold(rest);
+    worker.admitted = batch.admitted;
     let snapshot = worker.snapshot_for(batch.generation);
     let table = snapshot.table::<Sub<E>>();
     let tapped = worker.core.taps.on();
@@ -452,6 +483,7 @@ pub(super) fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow
         }
         if flow != Flow::Continue {
             worker.rest = 0;
+            worker.admitted = false;
             if flow == Flow::Stop {
                 worker.shared.settle_left(rest);
             }
@@ -462,6 +494,7 @@ pub(super) fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow
         }
     }
     worker.rest = 0;
+    worker.admitted = false;
     worker.snapshot = Some(snapshot);
     Flow::Continue
 }
@@ -567,7 +600,7 @@ pub(super) fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flo
     }
     let failed = std::mem::take(&mut worker.pending);
     for failure in failed {
-        let parks = matches!(failure.then, Then::Park | Then::Repark);
+        let parks = matches!(failure.then, Then::Park | Then::Repark | Then::Shed);
         let mut history = retry.history.clone();
         if !parks {
             history.errors.push(failure.error);

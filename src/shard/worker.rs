@@ -38,6 +38,9 @@ pub(crate) struct Worker<'a> {
     pub(super) releasing: Option<u64>,
     /// The subscription whose half-open breaker's probe is running.
     pub(super) probing: Option<u64>,
+    /// Set while the message run is a publish admitted into a `Shed` lane
+    /// ([`Task::admitted`]).
+    pub(super) admitted: bool,
 }
 
 /// User code a worker runs once what it concerns is settled.
@@ -213,7 +216,7 @@ impl Worker<'_> {
         let failed = std::mem::take(&mut self.pending);
         let now = SystemTime::now();
         for failure in failed {
-            let parks = matches!(failure.then, Then::Park | Then::Repark);
+            let parks = matches!(failure.then, Then::Park | Then::Repark | Then::Shed);
             self.follow_up(
                 Retry {
                     ops,
@@ -262,6 +265,13 @@ impl Worker<'_> {
             Then::Bury(reason) => reason,
             Then::Park => return self.park(retry, false),
             Then::Repark => return self.park(retry, true),
+            Then::Shed => {
+                self.core
+                    .lane_of(self.index)
+                    .shed
+                    .fetch_add(1, Ordering::Relaxed);
+                DeadLetterReason::Shed
+            }
             Then::Drop => unreachable!("a dropped delivery settles when its attempt fails"),
         };
         self.bury(retry, reason);
@@ -344,12 +354,14 @@ impl Worker<'_> {
         }
         debug_assert!(self.in_batch, "deliveries run inside a batch");
         if self.must_park(&sub.meta) && sub.meta.active.load(Ordering::Relaxed) {
-            // Run later, at this same attempt, after those parked before it.
+            // Run later, at this same attempt, after those parked before it; or, a publish
+            // admitted into a `Shed` lane past the subscription's park capacity, shed.
+            let shed = self.admitted && first && sub.meta.park_full();
             self.pending.push(Failed {
                 sub: sub.clone(),
                 attempt,
                 error: String::new(),
-                then: Then::Park,
+                then: if shed { Then::Shed } else { Then::Park },
             });
             shared
                 .held_retries
@@ -833,6 +845,7 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
         parking: Vec::new(),
         releasing: None,
         probing: None,
+        admitted: false,
     };
     worker.run_loop(&shard.rx);
     worker.close_batch();

@@ -310,6 +310,7 @@ mod error;
 mod event;
 mod guard;
 mod handler;
+mod health;
 mod id;
 mod ledger;
 mod meta;
@@ -349,6 +350,7 @@ pub use crate::event::{
 };
 pub use crate::guard::CallbackPanics;
 pub use crate::handler::{HandlerError, HandlerResult, Verdict};
+pub use crate::health::{HandlerHealth, Health, ImportLag, LaneHealth};
 pub use crate::meta::DEFAULT_PARK_CAPACITY;
 pub use crate::metrics::{
     BridgeCounters, EventCounts, EventLatency, HandlerMetrics, ImportStatus, LaneMetrics, Latency,

@@ -202,6 +202,18 @@ fn an_open_breaker_shows_in_the_metrics_and_a_panicking_callback_is_counted() {
     let metrics = bus.metrics();
     assert_eq!(metrics.handlers[0].breaker, Some(BreakerState::Open));
     assert!(metrics.to_string().contains("open"));
+    let health = bus.health();
+    assert!(!health.is_ready());
+    assert_eq!(
+        (health.open_breakers.len(), health.open_breakers[0].parked),
+        (1, 8)
+    );
+    assert!(
+        health
+            .to_string()
+            .starts_with("not ready: breaker open for"),
+        "{health}"
+    );
     let stats = bus.stats();
     assert_eq!((stats.failed, stats.dead_lettered), (2, 2));
     while bus.stats().callback_panics.breaker == 0 {

@@ -82,6 +82,16 @@ fn a_blocked_shed_lane_holds_back_neither_the_publisher_nor_the_default_lane() {
     all_fast.recv_timeout(WAIT).unwrap();
     entered.recv_timeout(WAIT).unwrap();
     assert_eq!((count(&fast), count(&slow)), (EVENTS, 0));
+    let health = bus.health();
+    assert_eq!(health.full_lanes.len(), 1, "{health}");
+    assert_eq!(
+        (
+            health.full_lanes[0].lane.as_str(),
+            health.full_lanes[0].full_shards
+        ),
+        ("slow", 1)
+    );
+    assert!(health.to_string().contains("lane slow full"), "{health}");
     // A flush that gives up says which lane holds what.
     let err = bus.flush(Duration::from_millis(20)).unwrap_err();
     let pending = err.pending().unwrap();

@@ -103,6 +103,11 @@ fn a_pause_with_events_in_flight_parks_them_in_order_until_resume() {
         .unwrap();
     assert_eq!((row.paused, row.parked), (true, parked));
     assert!(metrics.to_string().contains("paused (paused)"));
+    // A pause is someone's choice: reported, and the bus still ready.
+    let health = bus.health();
+    assert!(health.is_ready(), "{health}");
+    assert_eq!((health.paused.len(), health.paused[0].parked), (1, parked));
+    assert!(health.to_string().contains("paused ("), "{health}");
     paused.resume();
     bus.flush(WAIT).unwrap();
     assert_eq!(count(&handled), EVENTS);

@@ -85,6 +85,9 @@ fn a_stalled_handler_is_reported_once_with_its_ids_and_listed_while_it_runs() {
     let metrics = bus.metrics();
     assert_eq!(metrics.stats.stalled, 1);
     assert!(metrics.to_string().contains("stalled deliveries"));
+    let health = bus.health();
+    assert!(!health.is_ready());
+    assert_eq!(health.stalls[0].event_id, stuck);
     assert!(
         metrics
             .to_prometheus()

@@ -379,6 +379,67 @@ impl Core {
         snapshot
     }
 
+    pub(super) fn health(&self) -> crate::health::Health {
+        use crate::health::{HandlerHealth, Health, ImportLag, LaneHealth};
+        let handler = |meta: &SubMeta| HandlerHealth {
+            service: meta.service.as_str().to_owned(),
+            handler: meta.name.to_string(),
+            lane: self.lanes[meta.lane as usize].name.clone(),
+            breaker: meta.breaker.as_ref().map(|b| b.state()),
+            paused: meta.is_paused(),
+            parked: meta.parked.load(Ordering::Relaxed),
+        };
+        let live = self.registry.live();
+        let open = |h: &HandlerHealth| {
+            h.breaker
+                .is_some_and(|b| b != crate::breaker::BreakerState::Closed)
+        };
+        Health {
+            open_breakers: live.iter().map(|m| handler(m)).filter(open).collect(),
+            paused: live
+                .iter()
+                .map(|m| handler(m))
+                .filter(|h| h.paused)
+                .collect(),
+            stalls: self.stalls_now(),
+            full_lanes: self
+                .lanes
+                .iter()
+                .filter_map(|lane| {
+                    let shards = &self.shards[lane.start..lane.start + lane.workers];
+                    let full = shards.iter().filter(|s| s.tx.is_full()).count();
+                    (full > 0).then(|| LaneHealth {
+                        lane: lane.name.clone(),
+                        backpressure: match lane.backpressure {
+                            Backpressure::Shed => "shed",
+                            _ => "block",
+                        }
+                        .to_owned(),
+                        full_shards: full,
+                        shards: shards.len(),
+                        shed: lane.shed.load(Ordering::Relaxed),
+                    })
+                })
+                .collect(),
+            imports: self
+                .bridges
+                .lock()
+                .iter()
+                .filter_map(|b| b())
+                .flat_map(|b| {
+                    let prefix = b.prefix.clone();
+                    b.imports.into_iter().map(move |i| ImportLag {
+                        bridge: prefix.clone(),
+                        stream: i.stream,
+                        lag: i.lag,
+                        pending: i.pending,
+                    })
+                })
+                .filter(|i| i.lag != Some(0) || i.pending > 0)
+                .collect(),
+        }
+    }
+
     fn lane_metrics(&self, lane: &LaneState) -> crate::metrics::LaneMetrics {
         let shards = &self.shards[lane.start..lane.start + lane.workers];
         let sum = |f: &dyn Fn(&Shard) -> u64| shards.iter().map(f).sum::<u64>();

@@ -620,6 +620,25 @@ impl Bus {
         self.core().stats()
     }
 
+    /// The bus at a glance: open circuit breakers, paused subscriptions, stalled deliveries,
+    /// full lanes and lagging bridge imports — one call for an operator or a readiness probe
+    /// (see [`Health::is_ready`](crate::Health::is_ready)). Cheap: it reads counters and asks no worker anything.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::Bus;
+    ///
+    /// let bus = Bus::builder().build()?;
+    /// let health = bus.health();
+    /// assert!(health.is_ready());
+    /// assert_eq!(health.to_string(), "ready");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn health(&self) -> crate::health::Health {
+        self.core().health()
+    }
+
     /// A snapshot of the metrics: counters per event type and source service and per handler,
     /// latency percentiles per handler and per event type, queue depths. See
     /// [`MetricsSnapshot`] for what each figure means and how to render it.

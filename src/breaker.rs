@@ -24,8 +24,9 @@ pub(crate) type OnChange = Arc<dyn Fn(&BreakerChange) + Send + Sync>;
 /// after `failures` failed attempts in a row, parks the subscription's deliveries for a
 /// cool-down, then lets one delivery through to probe; its success closes the breaker and
 /// releases the parked deliveries in order, its failure opens it again for twice the
-/// cool-down (up to [`max_cool_down`](Self::max_cool_down)). A failed probe spends no
-/// attempt: it parks again, first in line.
+/// cool-down (up to [`max_cool_down`](Self::max_cool_down)). A probe that fails spends no
+/// attempt: it parks again, first in line — unless it failed for good (permanent, or
+/// discarded), when it goes its way and the next delivery probes.
 ///
 /// # Examples
 ///

@@ -15,7 +15,9 @@
 //! - the `ShutdownReport` agrees with the handlers' own counts and with the dead letters.
 //!
 //! Shipping, audit and notifications run in lanes of their own (small channels), so events
-//! fan out to several lanes and every check holds across them.
+//! fan out to several lanes and every check holds across them. While events flow, the
+//! fraud check is paused and resumed at random, and a gateway behind a circuit breaker goes
+//! down and comes back at random: its deliveries each succeed once or are dead-lettered.
 //!
 //! 200,000 events by default; `MICROBUS_CHAOS_EVENTS` sets another number (run it in release:
 //! `MICROBUS_CHAOS_EVENTS=5000000 cargo test --release --test chaos`).
@@ -29,8 +31,8 @@ use std::time::Duration;
 
 use common::quiet_worker_panics;
 use microbus::{
-    Bus, Context, DeadLetterReason, Event, HandlerError, HandlerResult, Lane, Publish, RetryPolicy,
-    SubscribeOptions, Subscription,
+    Bus, CircuitBreaker, Context, DeadLetterReason, Event, HandlerError, HandlerResult, Lane,
+    Publish, RetryPolicy, SubscribeOptions, Subscription,
 };
 use serde::{Deserialize, Serialize};
 
@@ -235,7 +237,7 @@ fn chaos_accounts_for_every_delivery() {
     let audit = bus.service("audit").unwrap();
     let notifications = bus.service("notifications").unwrap();
 
-    let names: [(&'static str, &'static str, bool); 8] = [
+    let names: [(&'static str, &'static str, bool); 9] = [
         ("payments", "charge", true),
         ("payments", "fraud-check", true),
         ("shipping", "label", true),
@@ -244,6 +246,7 @@ fn chaos_accounts_for_every_delivery() {
         ("shipping", "ship", true),
         ("notifications", "notify", true),
         ("notifications", "late", false),
+        ("payments", "gateway", true),
     ];
     let subs: Vec<Sub> = names
         .iter()
@@ -255,7 +258,7 @@ fn chaos_accounts_for_every_delivery() {
         })
         .collect();
     subscribe_orders(&payments, 0, &subs[0].seen, "charge");
-    subscribe_orders(&payments, 1, &subs[1].seen, "fraud-check");
+    let fraud_check = subscribe_orders(&payments, 1, &subs[1].seen, "fraud-check");
     subscribe_orders(&shipping, 2, &subs[2].seen, "label");
     subscribe_orders(&audit, 3, &subs[3].seen, "log");
     {
@@ -278,6 +281,33 @@ fn chaos_accounts_for_every_delivery() {
                     service,
                 ),
                 move |e: &Shipped, ctx: &Context| seen.run(sub, e.id, ctx.attempt()),
+            )
+            .unwrap();
+    }
+
+    // A gateway that goes down and comes back, behind a circuit breaker.
+    const GATEWAY: usize = 8;
+    let gateway_down = Arc::new(AtomicBool::new(false));
+    {
+        let (seen, down) = (subs[GATEWAY].seen.clone(), gateway_down.clone());
+        payments
+            .subscribe_with(
+                SubscribeOptions::default()
+                    .named("gateway")
+                    .from("orders")
+                    .circuit_breaker(
+                        CircuitBreaker::new(3, Duration::from_millis(1))
+                            .max_cool_down(Duration::from_millis(8)),
+                    ),
+                move |e: &Order, _: &Context| -> HandlerResult {
+                    seen.attempts[e.id as usize].fetch_add(1, Ordering::SeqCst);
+                    if down.load(Ordering::SeqCst) {
+                        seen.failed_attempts.fetch_add(1, Ordering::SeqCst);
+                        return Err(HandlerError::msg("gateway down"));
+                    }
+                    seen.successes[e.id as usize].fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                },
             )
             .unwrap();
     }
@@ -341,6 +371,35 @@ fn chaos_accounts_for_every_delivery() {
                 std::thread::yield_now();
             }
         };
+        let reached =
+            |fraction: f64| next_id.load(Ordering::SeqCst) as f64 >= total as f64 * fraction;
+        // From 10% to 80% of the stream: pauses of the fraud check and gateway outages of a
+        // few hundred microseconds to a few milliseconds, at random.
+        let (fraud_check, gateway_down) = (&fraud_check, &gateway_down);
+        s.spawn(move || {
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            let mut random = move |n: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % n
+            };
+            while !reached(0.1) {
+                std::thread::yield_now();
+            }
+            while !reached(0.8) {
+                let pause = random(2) == 0;
+                let outage = random(2) == 0;
+                if pause {
+                    fraud_check.pause();
+                }
+                gateway_down.store(outage, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(200 + random(3_000)));
+                fraud_check.resume();
+                gateway_down.store(false, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(200 + random(2_000)));
+            }
+        });
         at(0.4);
         *late.lock().unwrap() = Some(subscribe_orders(&notifications, 7, &subs[7].seen, "late"));
         at(0.6);
@@ -392,16 +451,18 @@ fn chaos_accounts_for_every_delivery() {
             let successes = u64::from(seen.successes[id as usize].load(Ordering::SeqCst));
             handler_successes += successes;
             let plan = Plan::of(id, index);
+            let gateway = index == GATEWAY;
             if successes > 1
-                || attempts > plan.attempts()
-                || (successes == 1 && attempts != plan.attempts())
+                || (!gateway
+                    && (attempts > plan.attempts()
+                        || (successes == 1 && attempts != plan.attempts())))
             {
                 excess += 1;
             }
             // Was this delivery accepted? Orders and pings by their publisher; shipments by
             // the charge that published them.
             let delivered = match index {
-                0..=3 | 7 => accepted[id as usize].load(Ordering::SeqCst) == 1,
+                0..=3 | 7 | GATEWAY => accepted[id as usize].load(Ordering::SeqCst) == 1,
                 4 => accepted[id as usize].load(Ordering::SeqCst) == 2,
                 _ => subs[0].seen.successes[id as usize].load(Ordering::SeqCst) == 1,
             };
@@ -417,6 +478,11 @@ fn chaos_accounts_for_every_delivery() {
             let settled = successes == 1 || dead.contains_key(&(index, id));
             if let Some(reason) = dead.get(&(index, id)) {
                 let expected = match plan {
+                    // Down too long for its attempts, or parked by the breaker at shutdown.
+                    _ if gateway => matches!(
+                        reason,
+                        DeadLetterReason::RetriesExhausted | DeadLetterReason::Shutdown
+                    ),
                     Plan::Permanent => *reason == DeadLetterReason::Permanent,
                     _ => *reason == DeadLetterReason::Shutdown && attempts < plan.attempts(),
                 };
@@ -467,4 +533,9 @@ fn chaos_accounts_for_every_delivery() {
     assert_eq!(stats.failed, handler_failures);
     assert_eq!(stats.dead_lettered, dead.len() as u64);
     assert!(shipped_accepted > 0);
+    // The outages happened, and the breaker opened.
+    assert!(subs[GATEWAY].seen.failed_attempts.load(Ordering::SeqCst) > 0);
+    let metrics = bus.metrics();
+    let gateway = metrics.handlers.iter().find(|h| h.handler == "gateway");
+    assert!(gateway.is_some_and(|g| g.breaker_opened > 0), "{metrics}");
 }

@@ -609,13 +609,15 @@ impl Worker<'_> {
         if panicked {
             bump(&stats.outcomes.panicked, 1);
         }
+        let verdict = verdict(&sub.meta, &error, self);
         if let Some(breaker) = &sub.meta.breaker {
             let probed = self.probing.take() == Some(sub.meta.id);
             if let Some(change) = breaker.failure(Instant::now()) {
                 self.core.breaker_moved(&sub.meta, change);
             }
-            if probed {
-                // A failed probe spends no attempt: it waits again, first in line.
+            if probed && matches!(verdict, Verdict::Retry | Verdict::RetryAfter(_)) {
+                // A failed probe spends no attempt: it waits again, first in line. (One that
+                // failed for good goes its way, and the next one probes.)
                 self.pending.push(Failed {
                     sub: sub.clone(),
                     attempt,
@@ -628,7 +630,6 @@ impl Worker<'_> {
                 return None;
             }
         }
-        let verdict = verdict(&sub.meta, &error, self);
         let jitter = &mut self.jitter;
         let then = Then::from(sub.meta.retry.decide(verdict, attempt, || jitter.draw()));
         if let Then::Drop = then {

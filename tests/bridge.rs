@@ -1668,3 +1668,77 @@ fn an_ordered_export_goes_on_past_a_dead_lettered_event() {
         );
     }
 }
+
+#[test]
+fn a_paused_subscription_holds_its_import_back_and_its_entries_stay_pending() {
+    const EVENTS: u64 = 400;
+    let exported = exported_orders("paused-import", EVENTS);
+    let payments = Bus::builder()
+        .service_name("payments")
+        .workers(2)
+        .build()
+        .unwrap();
+    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let subscription = {
+        let handled = handled.clone();
+        payments
+            .subscribe_with(
+                microbus::SubscribeOptions::new().park_capacity(50),
+                move |e: &OrderCreated, _: &Context| -> HandlerResult {
+                    handled.lock().unwrap().push(e.order_id);
+                    Ok(())
+                },
+            )
+            .unwrap()
+    };
+    subscription.pause();
+    let bridge = Bridge::connect(&payments, &exported.url, &exported.prefix).unwrap();
+    bridge.import::<OrderCreated>("payments").unwrap();
+    let parked = || payments.metrics().handlers[0].parked;
+    let deadline = Instant::now() + WAIT;
+    while parked() < 50 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(parked() >= 50);
+    // The import waits for room: it stops publishing, and so reading, while the park is
+    // full; what it read stays pending, since nothing of it settled.
+    let imported = bridge.stats().imported;
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(bridge.stats().imported, imported, "the import went on");
+    assert!(imported < EVENTS, "{imported}");
+    let mut redis = redis_connection(&exported.url);
+    let pending = |redis: &mut redis::Connection| -> u64 {
+        let summary: redis::Value = redis::cmd("XPENDING")
+            .arg(&exported.stream)
+            .arg("payments")
+            .query(redis)
+            .unwrap();
+        match summary {
+            redis::Value::Array(fields) => match fields.first() {
+                Some(redis::Value::Int(n)) => *n as u64,
+                _ => panic!("{fields:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(pending(&mut redis) >= 50);
+    assert_eq!(bridge.stats().acked, 0);
+    assert!(handled.lock().unwrap().is_empty());
+    subscription.resume();
+    assert_eq!(
+        wait_for_orders(&handled, EVENTS as usize, WAIT),
+        EVENTS as usize
+    );
+    let deadline = Instant::now() + WAIT;
+    while (bridge.stats().acked < EVENTS || pending(&mut redis) > 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        pending(&mut redis),
+        0,
+        "every entry was acknowledged once settled"
+    );
+    assert_eq!(handled.lock().unwrap().len() as u64, EVENTS);
+    bridge.stop();
+    assert!(payments.shutdown().unwrap().is_balanced());
+}

@@ -66,8 +66,9 @@ impl CircuitBreaker {
         self
     }
 
-    /// Called with each change of state, on a thread of its own (never a worker or the
-    /// timer), under the bus's guard: a panic is counted in
+    /// Called with each change of state, in order, on the bus's report thread (never a worker
+    /// or the timer: one that blocks holds back only the reports after it), under the bus's
+    /// guard: a panic is counted in
     /// [`CallbackPanics::breaker`](crate::CallbackPanics::breaker).
     pub fn on_change(
         mut self,
@@ -175,6 +176,9 @@ const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
 const HALF_OPEN: u8 = 2;
 
+/// Told of a change while the breaker can make no other.
+pub(crate) type Report<'a> = &'a mut dyn FnMut(Transition);
+
 /// A change the engine reports, and acts on (park, release).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Transition {
@@ -215,55 +219,67 @@ impl Breaker {
     }
 
     /// A failed attempt: opens a closed breaker at the `failures`th in a row, and a half-open
-    /// one at once (its probe failed), for twice the cool-down.
-    pub(crate) fn failure(&self, now: Instant) -> Option<Transition> {
+    /// one at once (its probe failed), for twice the cool-down. `report` is told of the
+    /// change while no other change can happen, so that reports keep the changes' order.
+    pub(crate) fn failure(&self, now: Instant, report: Report<'_>) -> Option<Transition> {
         let n = self
             .consecutive
             .fetch_add(1, Ordering::AcqRel)
             .saturating_add(1);
         if self.state.load(Ordering::Acquire) == HALF_OPEN {
-            return self.open_from(HALF_OPEN, now, true);
+            return self.open_from(HALF_OPEN, now, true, report);
         }
         if n < self.config.failures {
             return None;
         }
-        self.open_from(CLOSED, now, false)
+        self.open_from(CLOSED, now, false, report)
     }
 
     /// A successful attempt: closes a half-open breaker.
-    pub(crate) fn success(&self) -> Option<Transition> {
+    pub(crate) fn success(&self, report: Report<'_>) -> Option<Transition> {
         self.consecutive.store(0, Ordering::Release);
         if self.state.load(Ordering::Acquire) == CLOSED {
             return None;
         }
+        let mut timing = self.timing.lock();
         self.state
             .compare_exchange(HALF_OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire)
             .ok()?;
-        self.timing.lock().0 = self.config.cool_down;
-        Some(Transition {
+        timing.0 = self.config.cool_down;
+        let change = Transition {
             from: BreakerState::HalfOpen,
             to: BreakerState::Closed,
             cool_down: None,
-        })
+        };
+        report(change);
+        Some(change)
     }
 
-    fn open_from(&self, from: u8, now: Instant, backoff: bool) -> Option<Transition> {
+    fn open_from(
+        &self,
+        from: u8,
+        now: Instant,
+        backoff: bool,
+        report: Report<'_>,
+    ) -> Option<Transition> {
+        let mut timing = self.timing.lock();
         self.state
             .compare_exchange(from, OPEN, Ordering::AcqRel, Ordering::Acquire)
             .ok()?;
         self.opened.fetch_add(1, Ordering::Relaxed);
-        let mut timing = self.timing.lock();
         if backoff {
             timing.0 = timing.0.saturating_mul(2).min(self.config.max_cool_down);
         }
         let cool_down = timing.0;
         // A cool-down too long for the clock never ends.
         timing.1 = now.checked_add(cool_down);
-        Some(Transition {
+        let change = Transition {
             from: BreakerState::from_u8(from),
             to: BreakerState::Open,
             cool_down: Some(cool_down),
-        })
+        };
+        report(change);
+        Some(change)
     }
 
     /// When the open breaker turns half-open, if it is open.
@@ -275,19 +291,23 @@ impl Breaker {
     }
 
     /// Turns an open breaker whose cool-down has ended half-open, with a probe to take.
-    pub(crate) fn half_open(&self, now: Instant) -> Option<Transition> {
+    pub(crate) fn half_open(&self, now: Instant, report: Report<'_>) -> Option<Transition> {
         if self.due().is_none_or(|due| due > now) {
             return None;
         }
-        self.probe.store(true, Ordering::Release);
+        let _timing = self.timing.lock();
         self.state
             .compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire)
             .ok()?;
-        Some(Transition {
+        let change = Transition {
             from: BreakerState::Open,
             to: BreakerState::HalfOpen,
             cool_down: None,
-        })
+        };
+        // Reported before a probe can be taken (and fail, and report).
+        report(change);
+        self.probe.store(true, Ordering::Release);
+        Some(change)
     }
 
     /// Takes the half-open breaker's one probe: `true` for one caller.
@@ -309,40 +329,45 @@ mod tests {
     #[test]
     fn it_opens_at_the_nth_failure_in_a_row_and_backs_off_after_a_failed_probe() {
         let breaker = Breaker::new(CircuitBreaker::new(3, SECOND).max_cool_down(3 * SECOND));
+        let mut reported = Vec::new();
+        let mut log = |t: Transition| reported.push(t.to);
         let now = Instant::now();
-        assert_eq!(breaker.failure(now), None);
-        assert_eq!(breaker.success(), None);
-        assert_eq!(breaker.failure(now), None);
-        assert_eq!(breaker.failure(now), None);
-        let opened = breaker.failure(now).unwrap();
+        assert_eq!(breaker.failure(now, &mut log), None);
+        assert_eq!(breaker.success(&mut log), None);
+        assert_eq!(breaker.failure(now, &mut log), None);
+        assert_eq!(breaker.failure(now, &mut log), None);
+        let opened = breaker.failure(now, &mut log).unwrap();
         assert_eq!(
             (opened.from, opened.to, opened.cool_down),
             (BreakerState::Closed, BreakerState::Open, Some(SECOND))
         );
         // Further failures while open change nothing.
-        assert_eq!(breaker.failure(now), None);
+        assert_eq!(breaker.failure(now, &mut log), None);
         assert_eq!(
-            breaker.half_open(now),
+            breaker.half_open(now, &mut log),
             None,
             "not before the cool-down ends"
         );
         assert!(!breaker.take_probe());
-        let half = breaker.half_open(now + SECOND).unwrap();
+        let half = breaker.half_open(now + SECOND, &mut log).unwrap();
         assert_eq!(half.to, BreakerState::HalfOpen);
         assert!(breaker.take_probe());
         assert!(!breaker.take_probe(), "one probe");
-        let reopened = breaker.failure(now + SECOND).unwrap();
+        let reopened = breaker.failure(now + SECOND, &mut log).unwrap();
         assert_eq!(reopened.cool_down, Some(2 * SECOND));
-        breaker.half_open(now + 3 * SECOND).unwrap();
+        breaker.half_open(now + 3 * SECOND, &mut log).unwrap();
         assert!(breaker.take_probe());
         assert_eq!(
-            breaker.failure(now + 3 * SECOND).unwrap().cool_down,
+            breaker
+                .failure(now + 3 * SECOND, &mut log)
+                .unwrap()
+                .cool_down,
             Some(3 * SECOND),
             "capped"
         );
-        breaker.half_open(now + 6 * SECOND).unwrap();
+        breaker.half_open(now + 6 * SECOND, &mut log).unwrap();
         assert!(breaker.take_probe());
-        let closed = breaker.success().unwrap();
+        let closed = breaker.success(&mut log).unwrap();
         assert_eq!(
             (closed.from, closed.to),
             (BreakerState::HalfOpen, BreakerState::Closed)
@@ -350,9 +375,14 @@ mod tests {
         assert_eq!(breaker.opened.load(Ordering::Relaxed), 3);
         // The cool-down starts over.
         for _ in 0..3 {
-            breaker.failure(now);
+            breaker.failure(now, &mut log);
         }
         assert_eq!(breaker.due(), now.checked_add(SECOND));
+        use BreakerState::{Closed, HalfOpen, Open};
+        assert_eq!(
+            reported,
+            [Open, HalfOpen, Open, HalfOpen, Open, HalfOpen, Closed, Open]
+        );
     }
 
     #[test]

@@ -147,6 +147,11 @@ fn with_a_breaker_a_gateway_outage_loses_nothing_and_spends_no_attempt_while_ope
             Some(Duration::from_millis(5))
         )
     );
+    // Reported in the order they happened: each change starts where the one before ended.
+    assert!(
+        changes.windows(2).all(|w| w[0].to == w[1].from),
+        "{changes:?}"
+    );
     let last = changes.last().unwrap();
     assert_eq!(
         (last.from, last.to),

@@ -4,15 +4,27 @@
 
 use super::stalls::call_off_thread;
 use super::*;
-use crate::breaker::{BreakerChange, BreakerState, Transition};
+use crate::breaker::{Breaker, BreakerChange, BreakerState, Report, Transition};
 use crate::guard::Seam;
 use crate::meta::BREAKER;
 
 impl Core {
-    /// Acts on a change of `meta`'s breaker: open, its deliveries park (and the timer thread
-    /// learns when to look again); half-open, its shards look for the probe; closed, what it
-    /// parked runs, in order. Then the change is reported off the worker.
-    pub(crate) fn breaker_moved(&self, meta: &SubMeta, change: Transition) {
+    /// Moves `meta`'s breaker on by `step` (given the report of a change to make while the
+    /// breaker can make no other), then acts on the change: open, its deliveries park (and
+    /// the timer thread learns when to look again); half-open, its shards look for the probe;
+    /// closed, what it parked runs, in order.
+    pub(crate) fn move_breaker(
+        &self,
+        meta: &SubMeta,
+        step: impl FnOnce(&Breaker, Report<'_>) -> Option<Transition>,
+    ) {
+        let Some(breaker) = &meta.breaker else {
+            return;
+        };
+        let mut report = |change: Transition| self.report_breaker(meta, change);
+        let Some(change) = step(breaker, &mut report) else {
+            return;
+        };
         match change.to {
             BreakerState::Open => {
                 meta.hold.fetch_or(BREAKER, Ordering::SeqCst);
@@ -24,6 +36,10 @@ impl Core {
                 self.release_parked(meta.lane);
             }
         }
+    }
+
+    /// Hands a change of `meta`'s breaker to its callback, on the report thread.
+    fn report_breaker(&self, meta: &SubMeta, change: Transition) {
         let Some(callback) = meta
             .breaker
             .as_ref()
@@ -38,9 +54,7 @@ impl Core {
             to: change.to,
             cool_down: change.cool_down,
         };
-        call_off_thread(self, Seam::Breaker, "microbus-on-breaker", move || {
-            callback(&report)
-        });
+        call_off_thread(self, Seam::Breaker, move || callback(&report));
     }
 }
 
@@ -54,9 +68,7 @@ pub(crate) fn watch_breakers(core: &Arc<Core>) -> Option<Instant> {
         let Some(breaker) = &meta.breaker else {
             continue;
         };
-        if let Some(change) = breaker.half_open(now) {
-            core.breaker_moved(meta, change);
-        }
+        core.move_breaker(meta, |b, report| b.half_open(now, report));
         if let Some(due) = breaker.due() {
             next = Some(next.map_or(due, |n| n.min(due)));
         }

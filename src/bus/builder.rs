@@ -139,9 +139,9 @@ impl BusBuilder {
         self
     }
 
-    /// Called once with each stalled delivery (see [`stall_after`](Self::stall_after)), on a
-    /// thread of its own — never a worker or the timer — so that a callback that blocks holds
-    /// back nothing; a panic is caught and counted in
+    /// Called once with each stalled delivery (see [`stall_after`](Self::stall_after)), on the
+    /// bus's report thread — never a worker or the timer — so that a callback that blocks holds
+    /// back nothing but the reports after it; a panic is caught and counted in
     /// [`CallbackPanics::stall`](crate::CallbackPanics::stall).
     pub fn on_stall(mut self, callback: impl Fn(&Stall) + Send + Sync + 'static) -> Self {
         self.on_stall = Some(Arc::new(callback));
@@ -290,6 +290,7 @@ impl BusBuilder {
             stalls,
             parks_full: AtomicUsize::new(0),
             breakers: Mutex::new(Vec::new()),
+            reports: super::stalls::Reports::default(),
             timer: Timer::new(),
             signal_tx: Mutex::new(Some(signal_tx)),
             signal_rx,

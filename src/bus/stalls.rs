@@ -4,7 +4,7 @@
 //! Observed, never pre-empted: a worker only counts the deliveries it begins
 //! ([`WorkerShared::begin`]); the timer thread remembers what it last saw of each worker, and
 //! when. The same delivery seen running for `stall_after` or longer is a stall: counted, listed
-//! while it runs, and handed to the `on_stall` callback on a thread of its own.
+//! while it runs, and handed to the `on_stall` callback on the bus's report thread.
 
 use std::sync::Weak;
 
@@ -150,7 +150,7 @@ pub(crate) fn watch_stalls(core: &Arc<Core>) -> Option<Instant> {
         stalls.total.fetch_add(1, Ordering::Relaxed);
         if let Some(hook) = &stalls.hook {
             let (hook, stall) = (hook.clone(), report.stall.clone());
-            call_off_thread(core, Seam::Stall, "microbus-on-stall", move || hook(&stall));
+            call_off_thread(core, Seam::Stall, move || hook(&stall));
         }
         current.push(report);
     }
@@ -163,29 +163,45 @@ fn still_running(core: &Core, c: &Current) -> bool {
         && worker.begun.load(Ordering::Relaxed) == c.begun
 }
 
-/// Runs a user callback on a thread of its own (`name`): a callback that blocks holds back no
-/// worker and not the timer. It keeps no bus alive; a panic is counted at `seam` if the bus
-/// still is.
-pub(crate) fn call_off_thread(
-    core: &Core,
-    seam: Seam,
-    name: &str,
-    f: impl FnOnce() + Send + 'static,
-) {
-    let core: Weak<Core> = core.this.clone();
-    let spawned = std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || {
-            let panicked = std::panic::catch_unwind(AssertUnwindSafe(f)).err();
-            if let Some(payload) = panicked {
-                crate::guard::drop_payload(payload);
-                if let Some(core) = core.upgrade() {
-                    core.panics.count(seam);
+/// A user callback to run off the workers and the timer.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The thread that runs the bus's reports to user code (stalls, breaker changes) in the order
+/// they were made, started on the first one: a callback that blocks holds back no worker and
+/// not the timer, only the reports after it. It keeps no bus alive, and ends with it.
+#[derive(Default)]
+pub(crate) struct Reports {
+    queue: Mutex<Option<crossbeam_channel::Sender<(Seam, Job)>>>,
+}
+
+/// Runs `f` on the bus's report thread; a panic is counted at `seam` if the bus is still
+/// there.
+pub(crate) fn call_off_thread(core: &Core, seam: Seam, f: impl FnOnce() + Send + 'static) {
+    let mut queue = core.reports.queue.lock();
+    if queue.is_none() {
+        let (tx, rx) = crossbeam_channel::unbounded::<(Seam, Job)>();
+        let bus: Weak<Core> = core.this.clone();
+        let spawned = std::thread::Builder::new()
+            .name("microbus-reports".to_owned())
+            .spawn(move || {
+                for (seam, job) in rx {
+                    if let Err(payload) = std::panic::catch_unwind(AssertUnwindSafe(job)) {
+                        crate::guard::drop_payload(payload);
+                        if let Some(core) = bus.upgrade() {
+                            core.panics.count(seam);
+                        }
+                    }
                 }
-            }
-        });
-    // No thread to be had: what it reports is counted and listed all the same.
-    drop(spawned);
+            });
+        if spawned.is_err() {
+            // No thread to be had: the report is counted and listed all the same.
+            return;
+        }
+        *queue = Some(tx);
+    }
+    if let Some(tx) = queue.as_ref() {
+        let _ = tx.send((seam, Box::new(f)));
+    }
 }
 
 impl Core {

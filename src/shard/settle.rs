@@ -16,15 +16,11 @@ pub(crate) fn settle_deferred(
 ) {
     let counts = &core.deferrals;
     let meta = (retry.ops.meta)(&retry.sub);
-    if let Some(breaker) = &meta.breaker {
-        let change = match &result {
-            Ok(()) => breaker.success(),
-            Err(_) => breaker.failure(Instant::now()),
-        };
-        if let Some(change) = change {
-            core.breaker_moved(meta, change);
-        }
-    }
+    let now = Instant::now();
+    core.move_breaker(meta, |b, report| match &result {
+        Ok(()) => b.success(report),
+        Err(_) => b.failure(now, report),
+    });
     let error = match result {
         Ok(()) => {
             meta.outcomes.succeeded.fetch_add(1, Ordering::Relaxed);

@@ -462,11 +462,10 @@ impl Worker<'_> {
             Outcome::Succeeded => {
                 self.flush_outbox();
                 bump(&stats.outcomes.succeeded, 1);
-                if let Some(breaker) = &sub.meta.breaker {
+                if sub.meta.breaker.is_some() {
                     self.probing = None;
-                    if let Some(change) = breaker.success() {
-                        self.core.breaker_moved(&sub.meta, change);
-                    }
+                    self.core
+                        .move_breaker(&sub.meta, |b, report| b.success(report));
                 }
                 Settled::Succeeded
             }
@@ -610,11 +609,11 @@ impl Worker<'_> {
             bump(&stats.outcomes.panicked, 1);
         }
         let verdict = verdict(&sub.meta, &error, self);
-        if let Some(breaker) = &sub.meta.breaker {
+        if sub.meta.breaker.is_some() {
             let probed = self.probing.take() == Some(sub.meta.id);
-            if let Some(change) = breaker.failure(Instant::now()) {
-                self.core.breaker_moved(&sub.meta, change);
-            }
+            let now = Instant::now();
+            self.core
+                .move_breaker(&sub.meta, |b, report| b.failure(now, report));
             if probed && matches!(verdict, Verdict::Retry | Verdict::RetryAfter(_)) {
                 // A failed probe spends no attempt: it waits again, first in line. (One that
                 // failed for good goes its way, and the next one probes.)

@@ -278,15 +278,31 @@ pub(super) fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
     let Some(event) = task.payload.downcast_ref::<E>() else {
         unreachable!("a task's dispatch function matches its payload")
     };
-    worker.admitted = task.admitted();
-    let flow = run_event(
+    if task.admitted() {
+        return run_admitted(worker, &task.envelope, event, task.generation, task.deliveries());
+    }
+    run_event(
         worker,
         &task.envelope,
         event,
         task.generation,
         task.deliveries(),
         true,
-    );
+    )
+}
+
+/// [`run_event`] for a publish admitted into a `Shed` lane ([`Task::admitted`]).
+#[cold]
+#[inline(never)]
+fn run_admitted<E: Event>(
+    worker: &mut Worker<'_>,
+    envelope: &Envelope,
+    event: &E,
+    generation: u32,
+    deliveries: usize,
+) -> Flow {
+    worker.admitted = true;
+    let flow = run_event(worker, envelope, event, generation, deliveries, true);
     worker.admitted = false;
     flow
 }

@@ -123,6 +123,58 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! # Control
+//!
+//! A service whose downstream is down, or whose handler is stuck, can be held back without
+//! losing anything: [`Subscription::pause`] parks its deliveries in order (spending no
+//! attempt) until [`Subscription::resume`]; a [`CircuitBreaker`]
+//! ([`SubscribeOptions::circuit_breaker`]) does so by itself after consecutive failures, then
+//! probes with one delivery; the timer thread reports deliveries running past
+//! [`BusBuilder::stall_after`]; [`SubscribeOptions::timeout`] gives a handler
+//! [`Context::deadline`]; a [`HandlerError`] can say what to do ([`Verdict`]:
+//! [`HandlerError::retry_after`], [`HandlerError::discard`]) and
+//! [`SubscribeOptions::retry_if`] classifies the rest; [`Bus::health`] sums it up.
+//!
+//! ```
+//! use microbus::{
+//!     Bus, CircuitBreaker, Context, Event, HandlerError, HandlerResult, RetryPolicy,
+//!     SubscribeOptions,
+//! };
+//! use serde::{Deserialize, Serialize};
+//! use std::sync::atomic::{AtomicBool, Ordering};
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! #[derive(Debug, Serialize, Deserialize)]
+//! struct Charge { cents: u64 }
+//! impl Event for Charge { const NAME: &'static str = "Charge"; }
+//!
+//! let retry = RetryPolicy::fixed(Duration::from_millis(5));
+//! let bus = Bus::builder().workers(1).retry(retry).build()?;
+//! let down = Arc::new(AtomicBool::new(true));
+//! let gateway = down.clone();
+//! let breaker = CircuitBreaker::new(2, Duration::from_millis(10));
+//! bus.subscribe_with(
+//!     SubscribeOptions::new().circuit_breaker(breaker),
+//!     move |_: &Charge, _: &Context| -> HandlerResult {
+//!         if gateway.load(Ordering::SeqCst) {
+//!             return Err(HandlerError::msg("gateway down"));
+//!         }
+//!         Ok(())
+//!     },
+//! )?;
+//! for cents in 0..10 {
+//!     bus.publish(Charge { cents })?;
+//! }
+//! while bus.health().is_ready() {
+//!     std::thread::yield_now(); // until the breaker opens
+//! }
+//! down.store(false, Ordering::SeqCst); // the gateway is back
+//! bus.flush(Duration::from_secs(5))?;
+//! assert_eq!((bus.stats().succeeded, bus.stats().dead_lettered), (10, 0));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # rayon
 //!
 //! With the `rayon` cargo feature (on by default), `Bus::publish_par_iter` and

@@ -279,7 +279,13 @@ pub(super) fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
         unreachable!("a task's dispatch function matches its payload")
     };
     if task.admitted() {
-        return run_admitted(worker, &task.envelope, event, task.generation, task.deliveries());
+        return run_admitted(
+            worker,
+            &task.envelope,
+            event,
+            task.generation,
+            task.deliveries(),
+        );
     }
     run_event(
         worker,

@@ -116,27 +116,18 @@ impl Panics {
 
     /// The counts so far.
     pub(crate) fn counts(&self) -> CallbackPanics {
-        let [
-            hook,
-            sink,
-            tracker,
-            tap,
-            serde,
-            drop,
-            classifier,
-            stall,
-            breaker,
-        ] = Seam::ALL.map(|seam| self.counts[seam as usize].load(Ordering::Relaxed));
+        let n = Seam::ALL.map(|seam| self.counts[seam as usize].load(Ordering::Relaxed));
+        // In the order of `Seam::ALL`.
         CallbackPanics {
-            hook,
-            sink,
-            tracker,
-            tap,
-            serde,
-            drop,
-            classifier,
-            stall,
-            breaker,
+            hook: n[0],
+            sink: n[1],
+            tracker: n[2],
+            tap: n[3],
+            serde: n[4],
+            drop: n[5],
+            classifier: n[6],
+            stall: n[7],
+            breaker: n[8],
         }
     }
 }

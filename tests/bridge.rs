@@ -303,20 +303,7 @@ fn take_over(test: &str, events: u64, options: microbus::bridge::ImportOptions) 
         .unwrap()
         .get_connection()
         .unwrap();
-    let pending = |redis: &mut redis::Connection| -> u64 {
-        let summary: redis::Value = redis::cmd("XPENDING")
-            .arg(&stream)
-            .arg("payments")
-            .query(redis)
-            .unwrap();
-        match summary {
-            redis::Value::Array(fields) => match fields.first() {
-                Some(redis::Value::Int(n)) => *n as u64,
-                _ => panic!("{fields:?}"),
-            },
-            other => panic!("{other:?}"),
-        }
-    };
+    let pending = |redis: &mut redis::Connection| pending_entries(redis, &stream, "payments");
     let left_pending = pending(&mut redis);
     assert!(left_pending > 0, "the dead consumer left entries pending");
 
@@ -734,6 +721,22 @@ fn exported(url: &str, prefix: &str, from: u64, events: u64) -> (Bus, Bridge) {
     }
     orders.flush(WAIT).unwrap();
     (orders, bridge)
+}
+
+/// How many entries of `stream` group `group` has read and not acknowledged.
+fn pending_entries(redis: &mut redis::Connection, stream: &str, group: &str) -> u64 {
+    let summary: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query(redis)
+        .unwrap();
+    match summary {
+        redis::Value::Array(fields) => match fields.first() {
+            Some(redis::Value::Int(n)) => *n as u64,
+            _ => panic!("{fields:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
 }
 
 fn redis_connection(url: &str) -> redis::Connection {
@@ -1707,20 +1710,8 @@ fn a_paused_subscription_holds_its_import_back_and_its_entries_stay_pending() {
     assert_eq!(bridge.stats().imported, imported, "the import went on");
     assert!(imported < EVENTS, "{imported}");
     let mut redis = redis_connection(&exported.url);
-    let pending = |redis: &mut redis::Connection| -> u64 {
-        let summary: redis::Value = redis::cmd("XPENDING")
-            .arg(&exported.stream)
-            .arg("payments")
-            .query(redis)
-            .unwrap();
-        match summary {
-            redis::Value::Array(fields) => match fields.first() {
-                Some(redis::Value::Int(n)) => *n as u64,
-                _ => panic!("{fields:?}"),
-            },
-            other => panic!("{other:?}"),
-        }
-    };
+    let pending =
+        |redis: &mut redis::Connection| pending_entries(redis, &exported.stream, "payments");
     assert!(pending(&mut redis) >= 50);
     assert_eq!(bridge.stats().acked, 0);
     assert!(handled.lock().unwrap().is_empty());

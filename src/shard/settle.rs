@@ -22,20 +22,7 @@ pub(crate) fn settle_deferred(
         Err(_) => b.failure(now, report),
     });
     let error = match result {
-        Ok(()) => {
-            meta.outcomes.succeeded.fetch_add(1, Ordering::Relaxed);
-            counts.outcomes.succeeded.fetch_add(1, Ordering::Relaxed);
-            // Trackers first: once the ledger says settled (`flush`), trackers have completed.
-            // Their callbacks run once it is settled.
-            let done = retry.track(Settled::Succeeded);
-            core.settled_in_lane(shard);
-            counts.settle(1);
-            if let Some(done) = done {
-                done.run(runner);
-            }
-            drop_with(runner, retry);
-            return;
-        }
+        Ok(()) => return settle_now(core, retry, shard, Settled::Succeeded, runner),
         Err(error) => error,
     };
     meta.record_failure(&error, false);
@@ -69,18 +56,7 @@ pub(crate) fn settle_deferred(
                 Err(_) => unreachable!("a retry was scheduled"),
             }
         }
-        Then::Drop => {
-            meta.outcomes.dropped.fetch_add(1, Ordering::Relaxed);
-            counts.outcomes.dropped.fetch_add(1, Ordering::Relaxed);
-            let done = retry.track(Settled::Dropped);
-            core.settled_in_lane(shard);
-            counts.settle(1);
-            if let Some(done) = done {
-                done.run(runner);
-            }
-            drop_with(runner, retry);
-            return;
-        }
+        Then::Drop => return settle_now(core, retry, shard, Settled::Dropped, runner),
         Then::Bury(reason) => reason,
         Then::Park | Then::Repark | Then::Shed => {
             unreachable!("a failure is decided, never parked")
@@ -99,6 +75,28 @@ pub(crate) fn settle_deferred(
     core.settled_in_lane(shard);
     counts.settle(1);
     burial.finish(core, runner);
+}
+
+/// Settles a deferred delivery at once as `how` (succeeded, or dropped on its failure's
+/// word): counted for its subscription and in the deferrals' books, its tracker first — once
+/// the ledger says settled (`flush`), trackers have completed — then the tracker's callback
+/// and the event's drop, under `runner`.
+fn settle_now(core: &Core, retry: Retry, shard: usize, how: Settled, runner: &mut dyn Runner) {
+    let meta = (retry.ops.meta)(&retry.sub);
+    let counts = &core.deferrals;
+    let (mine, all) = match how {
+        Settled::Succeeded => (&meta.outcomes.succeeded, &counts.outcomes.succeeded),
+        _ => (&meta.outcomes.dropped, &counts.outcomes.dropped),
+    };
+    mine.fetch_add(1, Ordering::Relaxed);
+    all.fetch_add(1, Ordering::Relaxed);
+    let done = retry.track(how);
+    core.settled_in_lane(shard);
+    counts.settle(1);
+    if let Some(done) = done {
+        done.run(runner);
+    }
+    drop_with(runner, retry);
 }
 
 /// A delivery that failed for good, on its way out: kept as a dead letter, or discarded

@@ -38,6 +38,8 @@ struct State<T> {
     /// The deliveries of the work on the wheel.
     deliveries: usize,
     stopped: bool,
+    /// Set by [`Timer::nudge`]: the thread asks its watch again.
+    nudged: bool,
 }
 
 pub(crate) struct Timer<T> {
@@ -55,6 +57,7 @@ impl<T: Delayed> Timer<T> {
                 wheel: Wheel::new(0),
                 deliveries: 0,
                 stopped: false,
+                nudged: false,
             }),
             wake: Condvar::new(),
             len: AtomicUsize::new(0),
@@ -134,7 +137,7 @@ impl<T: Delayed> Timer<T> {
 
     /// Wakes the thread to ask `watch` again when it next looks (see [`run`](Self::run)).
     pub(crate) fn nudge(&self) {
-        let _state = self.state.lock();
+        self.state.lock().nudged = true;
         self.wake.notify_all();
     }
 
@@ -146,7 +149,7 @@ impl<T: Delayed> Timer<T> {
         let mut due = Vec::new();
         let mut next_watch = watch();
         loop {
-            let mut nudged = false;
+            let nudged;
             {
                 let mut state = self.state.lock();
                 loop {
@@ -158,7 +161,7 @@ impl<T: Delayed> Timer<T> {
                     let taken: usize = due.iter().map(T::deliveries).sum();
                     state.deliveries -= taken;
                     self.len.store(state.wheel.len(), Ordering::Relaxed);
-                    if !due.is_empty() || nudged {
+                    if !due.is_empty() || state.nudged {
                         break;
                     }
                     if next_watch.is_some_and(|at| Instant::now() >= at) {
@@ -169,16 +172,14 @@ impl<T: Delayed> Timer<T> {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
                     };
-                    let timed_out = match until {
-                        Some(until) => self.wake.wait_until(&mut state, until).timed_out(),
-                        None => {
-                            self.wake.wait(&mut state);
-                            false
+                    match until {
+                        Some(until) => {
+                            self.wake.wait_until(&mut state, until);
                         }
-                    };
-                    // Woken early: by a schedule, a stop, or a nudge; look at the watch too.
-                    nudged = !timed_out;
+                        None => self.wake.wait(&mut state),
+                    }
                 }
+                nudged = std::mem::take(&mut state.nudged);
             }
             for item in due.drain(..) {
                 fire(item);
@@ -252,7 +253,7 @@ mod loom_models {
         }]);
         let runner = {
             let (timer, shards) = (timer.clone(), shards.clone());
-            thread::spawn(move || timer.run(|routed| offer_due(&shards, routed)))
+            thread::spawn(move || timer.run(|routed| offer_due(&shards, routed), || None))
         };
         (timer, shards, runner)
     }

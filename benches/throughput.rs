@@ -10,7 +10,8 @@
 //! - `2p1s`: two producers, one subscription.
 //! - `fanout`: one producer, 1, 3 and 8 subscriptions (disruptor: 1 and 3 consumers,
 //!   multicast).
-//! - `keyed`: keyed against unkeyed events over 2 workers.
+//! - `keyed`: keyed against unkeyed events over 2 workers, and keyed events to an ordered
+//!   subscription (one delivery per key in progress) that never fails.
 //! - `workers`: unkeyed events over 1, 2 and 4 workers.
 //! - `batch`: events in batches of 64: microbus `publish_batch`, disruptor `batch_publish`,
 //!   crossbeam carrying 64 events per message; microbus single publish for reference.
@@ -27,7 +28,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{CAPACITY, NaiveBus, RawChannel, StdChannel, Tick, counting_bus, timed};
+use common::{
+    CAPACITY, NaiveBus, RawChannel, StdChannel, Tick, counting_bus, counting_bus_with, timed,
+};
 use criterion::measurement::WallTime;
 use criterion::{
     BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
@@ -321,18 +324,26 @@ fn keyed(c: &mut Criterion) {
         1,
         publish_each,
     );
+    let keyed = |bus: &Bus, n: u64| {
+        for i in 0..n {
+            bus.publish_with(Tick(black_box(i)), Publish::keyed(i % 64))
+                .unwrap();
+        }
+    };
     bench_bus(
         &mut g,
         BenchmarkId::new("microbus_keyed", "2workers"),
         builder(2),
         1,
-        |bus, n| {
-            for i in 0..n {
-                bus.publish_with(Tick(black_box(i)), Publish::keyed(i % 64))
-                    .unwrap();
-            }
-        },
+        keyed,
     );
+    // The same, to an ordered subscription that never fails.
+    let (bus, handled) = counting_bus_with(builder(2), SubscribeOptions::new().ordered());
+    g.bench_function(
+        BenchmarkId::new("microbus_keyed_ordered", "2workers"),
+        |b| b.iter_custom(|iters| timed(iters, &handled, 1, |n| keyed(&bus, n))),
+    );
+    bus.shutdown().unwrap();
     g.finish();
 }
 

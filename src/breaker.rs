@@ -310,6 +310,13 @@ impl Breaker {
         Some(change)
     }
 
+    /// Gives back a probe taken by a delivery that could not run (it waits behind its key).
+    pub(crate) fn give_back_probe(&self) {
+        if self.state.load(Ordering::Acquire) == HALF_OPEN {
+            self.probe.store(true, Ordering::Release);
+        }
+    }
+
     /// Takes the half-open breaker's one probe: `true` for one caller.
     pub(crate) fn take_probe(&self) -> bool {
         self.state.load(Ordering::Acquire) == HALF_OPEN

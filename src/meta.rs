@@ -39,6 +39,8 @@ pub(crate) struct SubSettings {
     /// How many of its deliveries may park before publishers wait (or a `Shed` lane sheds).
     pub(crate) park_capacity: u64,
     pub(crate) breaker: Option<CircuitBreaker>,
+    /// At most one delivery per key in progress.
+    pub(crate) ordered: bool,
     /// Its lane's index.
     pub(crate) lane: u8,
 }
@@ -53,6 +55,7 @@ impl SubSettings {
             timeout: None,
             park_capacity: DEFAULT_PARK_CAPACITY,
             breaker: None,
+            ordered: false,
             lane,
         }
     }
@@ -80,6 +83,10 @@ pub(crate) struct SubMeta {
     pub(crate) hold: AtomicU8,
     /// Its circuit breaker, if it has one.
     pub(crate) breaker: Option<Breaker>,
+    /// At most one delivery per key in progress ([`SubscribeOptions::ordered`]).
+    ///
+    /// [`SubscribeOptions::ordered`]: crate::SubscribeOptions::ordered
+    pub(crate) ordered: bool,
     /// Its deliveries parked now, on all shards.
     pub(crate) parked: AtomicU64,
     pub(crate) park_capacity: u64,
@@ -120,6 +127,7 @@ impl SubMeta {
             timeout: settings.timeout,
             hold: AtomicU8::new(0),
             breaker: settings.breaker.map(Breaker::new),
+            ordered: settings.ordered,
             parked: AtomicU64::new(0),
             park_capacity: settings.park_capacity,
             lane: settings.lane,

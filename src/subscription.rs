@@ -33,6 +33,7 @@ pub struct SubscribeOptions {
     pub(crate) timeout: Option<Duration>,
     pub(crate) park_capacity: Option<u64>,
     pub(crate) breaker: Option<CircuitBreaker>,
+    pub(crate) ordered: bool,
 }
 
 impl SubscribeOptions {
@@ -97,6 +98,22 @@ impl SubscribeOptions {
     /// [`SubscribeError::Invalid`](crate::SubscribeError::Invalid).
     pub fn park_capacity(mut self, capacity: u64) -> SubscribeOptions {
         self.park_capacity = Some(capacity);
+        self
+    }
+
+    /// Makes the subscription *ordered*: at most one delivery per key is in progress at a
+    /// time — running, deferred, or failed and waiting for its retry — and the key's later
+    /// deliveries wait, in the order they came, until it settles; then the next one runs. So
+    /// each publisher's events of a key reach the handler in publish order *with every
+    /// attempt*: a retry never falls behind a later event of its key. Other keys, unkeyed
+    /// events and other subscriptions are not held back, and a waiting delivery holds no
+    /// worker. When a key's head is dead-lettered, its later deliveries run. Waiting
+    /// deliveries count against [`park_capacity`](Self::park_capacity), and at the shutdown
+    /// deadline they are dead-lettered with reason `Shutdown`, in order. A delayed event takes
+    /// its place in its key's order when it falls due. An ordered subscription that never
+    /// fails costs one check per delivery that no key is in progress.
+    pub fn ordered(mut self) -> SubscribeOptions {
+        self.ordered = true;
         self
     }
 
@@ -175,6 +192,7 @@ impl fmt::Debug for SubscribeOptions {
             .field("timeout", &self.timeout)
             .field("park_capacity", &self.park_capacity)
             .field("circuit_breaker", &self.breaker)
+            .field("ordered", &self.ordered)
             .finish()
     }
 }

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use microbus::{Bus, BusBuilder, Context, Event, HandlerResult};
+use microbus::{Bus, BusBuilder, Context, Event, HandlerResult, SubscribeOptions};
 use serde::{Deserialize, Serialize};
 
 pub const CAPACITY: usize = 1024;
@@ -227,15 +227,28 @@ pub fn counting_bus(builder: BusBuilder, subscriptions: usize) -> (Bus, Arc<Atom
     let bus = builder.build().unwrap();
     let handled = Arc::new(AtomicU64::new(0));
     for _ in 0..subscriptions {
-        let handled = handled.clone();
-        bus.subscribe(move |tick: &Tick, _: &Context| -> HandlerResult {
-            black_box(tick);
-            handled.fetch_add(1, Ordering::Release);
-            Ok(())
-        })
-        .unwrap();
+        subscribe_counting(&bus, &handled, SubscribeOptions::new());
     }
     (bus, handled)
+}
+
+/// A bus with one counting subscription made with `options`.
+#[allow(dead_code)]
+pub fn counting_bus_with(builder: BusBuilder, options: SubscribeOptions) -> (Bus, Arc<AtomicU64>) {
+    let bus = builder.build().unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    subscribe_counting(&bus, &handled, options);
+    (bus, handled)
+}
+
+fn subscribe_counting(bus: &Bus, handled: &Arc<AtomicU64>, options: SubscribeOptions) {
+    let handled = handled.clone();
+    bus.subscribe_with(options, move |tick: &Tick, _: &Context| -> HandlerResult {
+        black_box(tick);
+        handled.fetch_add(1, Ordering::Release);
+        Ok(())
+    })
+    .unwrap();
 }
 
 /// Times `publish` of `iters` events until `handled` has grown by `per_event` per event.

@@ -600,9 +600,11 @@ impl Core {
             let in_handler = state != IDLE && state != ABANDONED && seam_of(state).is_none();
             match in_handler {
                 false => {
-                    // In a callback (or the bus's own code): what it held is abandoned.
+                    // In a callback (or the bus's own code): what it held is abandoned, and
+                    // what waited for its key there never runs.
                     let held = worker.holding.load(Ordering::Relaxed);
-                    given_up += held;
+                    let waiting = worker.key_waiting.load(Ordering::Relaxed);
+                    given_up += held + waiting;
                     detached.push(AbandonedDelivery {
                         worker: name,
                         lane,
@@ -610,13 +612,15 @@ impl Core {
                         event_id,
                         handler: String::new(),
                         seam: Some(seam_of(state).map_or("bus", |seam| seam.name())),
-                        deliveries: held,
+                        deliveries: held + waiting,
                     });
                 }
                 true => {
                     // In a handler: that delivery is abandoned, the event's later deliveries
                     // are left, and its failed ones held for retry are discarded.
-                    let left = worker.remaining.load(Ordering::Relaxed);
+                    // What waited for its key on that worker is left too.
+                    let left = worker.remaining.load(Ordering::Relaxed)
+                        + worker.key_waiting.load(Ordering::Relaxed);
                     let held = worker.held_retries.load(Ordering::Relaxed);
                     given_up += 1;
                     swept.outcomes.left += left;
@@ -641,17 +645,28 @@ impl Core {
         let mut step = 0;
         let net = loop {
             for (index, shard) in self.shards.iter().enumerate() {
+                // Parked deliveries, and those waiting for their key, are dead letters now,
+                // like retries not yet due; oldest first (by id: each publisher's in publish
+                // order), so that a redrive replays each key in order. Then the channel.
+                let mut retries = shard.worker.take_parked(self);
+                let mut spilled = Vec::new();
+                for routed in shard.worker.take_spill() {
+                    match routed.work {
+                        Work::Retry(retry) if routed.shard == index => retries.push(retry),
+                        work => spilled.push((routed.shard, work)),
+                    }
+                }
+                retries.sort_by_key(|retry| retry.event.envelope.id());
+                for retry in retries {
+                    swept.add(self, index, Work::Retry(retry), &mut leftovers);
+                }
                 while let Ok(msg) = shard.rx.try_recv() {
                     if let Msg::Work(work) = msg {
                         swept.add(self, index, work, &mut leftovers);
                     }
                 }
-                for routed in shard.worker.take_spill() {
-                    swept.add(self, routed.shard, routed.work, &mut leftovers);
-                }
-                // Parked deliveries, like retries not yet due, are dead letters now.
-                for retry in shard.worker.take_parked(self) {
-                    swept.add(self, index, Work::Retry(retry), &mut leftovers);
+                for (shard, work) in spilled {
+                    swept.add(self, shard, work, &mut leftovers);
                 }
             }
             let settled = self

@@ -468,6 +468,7 @@ impl Bus {
                     .park_capacity
                     .unwrap_or(crate::meta::DEFAULT_PARK_CAPACITY),
                 breaker: options.breaker.clone(),
+                ordered: options.ordered,
                 ..SubSettings::new(retry, lane as u8)
             },
             crate::metrics::cells(core.metrics.enabled, core.shards.len()),

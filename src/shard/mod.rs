@@ -54,11 +54,13 @@ use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::trace::{TraceEntry, TraceOutcome};
 use crate::track::{Done, Settled};
 
+mod ordered;
 mod park;
 mod settle;
 mod work;
 mod worker;
 
+pub(crate) use self::ordered::*;
 pub(crate) use self::park::*;
 pub(crate) use self::settle::*;
 pub(crate) use self::work::*;
@@ -189,6 +191,10 @@ pub(crate) struct WorkerShared {
     pub(crate) parked: Mutex<Parked>,
     /// Set by a resume: the worker runs what it parked before its next message.
     pub(crate) release: AtomicBool,
+    /// Deliveries waiting for their key's head (ordered subscriptions).
+    pub(crate) key_waiting: AtomicU64,
+    /// Keys whose head settled on another thread: (subscription, key, head).
+    pub(crate) key_releases: Mutex<Vec<(u64, u64, EventId)>>,
     /// Events the running handler published, with their delay if any.
     pub(crate) outbox: Mutex<Vec<(Routed, Option<Duration>)>>,
     /// Set when the running handler staged events or deferred its outcome.

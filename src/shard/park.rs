@@ -29,6 +29,11 @@ impl Parked {
         &mut self.queues[at].1
     }
 
+    /// Parks `retry` last for `sub`.
+    pub(super) fn push(&mut self, sub: u64, retry: Retry) {
+        self.queue(sub).push_back(retry);
+    }
+
     /// The oldest delivery parked for `sub`, unless its subscription holds them still — but
     /// for a half-open breaker's probe (then `true`, the probe taken).
     fn next(&mut self, sub: u64) -> Option<(Retry, bool)> {
@@ -85,14 +90,14 @@ impl WorkerShared {
 }
 
 /// Counts a delivery of `meta` parked; the count reaching its capacity holds back publishers.
-fn parked(core: &Core, meta: &SubMeta) {
+pub(super) fn parked(core: &Core, meta: &SubMeta) {
     if meta.parked.fetch_add(1, Ordering::Relaxed) + 1 == meta.park_capacity {
         core.parks_full.fetch_add(1, Ordering::SeqCst);
     }
 }
 
 /// Counts a delivery of `meta` no longer parked.
-fn unparked(core: &Core, meta: &SubMeta) {
+pub(super) fn unparked(core: &Core, meta: &SubMeta) {
     if meta.parked.fetch_sub(1, Ordering::Relaxed) == meta.park_capacity {
         core.parks_full.fetch_sub(1, Ordering::SeqCst);
     }
@@ -152,6 +157,7 @@ impl Worker<'_> {
     #[inline(never)]
     pub(super) fn release_parked(&mut self) -> Flow {
         self.shared.release.store(false, Ordering::SeqCst);
+        self.take_key_releases();
         for sub in self.parking.clone() {
             loop {
                 let next = self.shared.parked.lock().next(sub);

@@ -58,10 +58,11 @@ pub(crate) fn settle_deferred(
         }
         Then::Drop => return settle_now(core, retry, shard, Settled::Dropped, runner),
         Then::Bury(reason) => reason,
-        Then::Park | Then::Repark | Then::Shed => {
+        Then::Park | Then::Repark | Then::Shed | Then::Wait => {
             unreachable!("a failure is decided, never parked")
         }
     };
+    core.key_settled_elsewhere(shard, (retry.ops.meta)(&retry.sub), &retry.event.envelope);
     let Some(burial) = Burial::make(core, retry, reason, runner) else {
         unreachable!("only a worker is detached")
     };
@@ -83,6 +84,7 @@ pub(crate) fn settle_deferred(
 /// and the event's drop, under `runner`.
 fn settle_now(core: &Core, retry: Retry, shard: usize, how: Settled, runner: &mut dyn Runner) {
     let meta = (retry.ops.meta)(&retry.sub);
+    core.key_settled_elsewhere(shard, meta, &retry.event.envelope);
     let counts = &core.deferrals;
     let (mine, all) = match how {
         Settled::Succeeded => (&meta.outcomes.succeeded, &counts.outcomes.succeeded),
@@ -182,6 +184,8 @@ pub(super) enum Then {
     /// Not run: a publish admitted into a `Shed` lane that would park past its
     /// subscription's park capacity, dead-lettered with reason `Shed`.
     Shed,
+    /// Not run: waiting behind its key's head (an ordered subscription), at the same attempt.
+    Wait,
 }
 
 /// What becomes of a failed attempt whose error is `error`: what the handler said on it, or

@@ -622,7 +622,10 @@ pub(super) fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flo
     }
     let failed = std::mem::take(&mut worker.pending);
     for failure in failed {
-        let parks = matches!(failure.then, Then::Park | Then::Repark | Then::Shed);
+        let parks = matches!(
+            failure.then,
+            Then::Park | Then::Repark | Then::Shed | Then::Wait
+        );
         let mut history = retry.history.clone();
         if !parks {
             history.errors.push(failure.error);

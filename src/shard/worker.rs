@@ -41,6 +41,8 @@ pub(crate) struct Worker<'a> {
     /// Set while the message run is a publish admitted into a `Shed` lane
     /// ([`Task::admitted`]).
     pub(super) admitted: bool,
+    /// The keys of ordered subscriptions in progress on this shard.
+    pub(super) keys: Keys,
 }
 
 /// User code a worker runs once what it concerns is settled.
@@ -216,7 +218,10 @@ impl Worker<'_> {
         let failed = std::mem::take(&mut self.pending);
         let now = SystemTime::now();
         for failure in failed {
-            let parks = matches!(failure.then, Then::Park | Then::Repark | Then::Shed);
+            let parks = matches!(
+                failure.then,
+                Then::Park | Then::Repark | Then::Shed | Then::Wait
+            );
             self.follow_up(
                 Retry {
                     ops,
@@ -264,6 +269,7 @@ impl Worker<'_> {
             }
             Then::Bury(reason) => reason,
             Then::Park => return self.park(retry, false),
+            Then::Wait => return self.wait_for_key(retry),
             Then::Repark => return self.park(retry, true),
             Then::Shed => {
                 self.core
@@ -281,6 +287,7 @@ impl Worker<'_> {
     /// then runs the user code that follows (the tracker's callback, the hook, the sink).
     pub(super) fn bury(&mut self, retry: Retry, reason: DeadLetterReason) {
         let core = self.core;
+        self.key_settled((retry.ops.meta)(&retry.sub), &retry.event.envelope);
         // The event's `Serialize` runs in a window: `None` when shutdown detached the worker
         // meanwhile and counted the delivery.
         let Some(burial) = Burial::make(core, retry, reason, self) else {
@@ -367,6 +374,9 @@ impl Worker<'_> {
                 .held_retries
                 .store(self.pending.len() as u64, Ordering::Relaxed);
             return Flow::Continue;
+        }
+        if self.must_wait(&sub.meta, envelope) && sub.meta.active.load(Ordering::Relaxed) {
+            return self.wait_behind_head(sub, attempt, first);
         }
         let outcome = if sub.meta.active.load(Ordering::Relaxed) {
             shared
@@ -462,6 +472,7 @@ impl Worker<'_> {
             Outcome::Succeeded => {
                 self.flush_outbox();
                 bump(&stats.outcomes.succeeded, 1);
+                self.key_settled(&sub.meta, envelope);
                 if sub.meta.breaker.is_some() {
                     self.probing = None;
                     self.core
@@ -472,6 +483,7 @@ impl Worker<'_> {
             Outcome::Deferred(slot) => {
                 // A deferred probe's outcome moves the breaker when it completes.
                 self.probing = None;
+                self.key_in_progress(&sub.meta, envelope);
                 // Outstanding until the deferral completes (or shutdown takes it over).
                 self.flush_outbox();
                 self.core.deferrals.register(&slot);
@@ -486,11 +498,18 @@ impl Worker<'_> {
             Outcome::Cancelled => {
                 sub.meta.outcomes.cancelled.fetch_add(1, Ordering::Relaxed);
                 bump(&stats.outcomes.cancelled, 1);
+                self.key_settled(&sub.meta, envelope);
                 Settled::Cancelled
             }
             Outcome::Failed(error, panicked) => match self.failed(sub, attempt, error, panicked) {
-                Some(settled) => settled,
-                None => return Flow::Continue,
+                Some(settled) => {
+                    self.key_settled(&sub.meta, envelope);
+                    settled
+                }
+                None => {
+                    self.key_in_progress(&sub.meta, envelope);
+                    return Flow::Continue;
+                }
             },
         };
         self.track(envelope, settled, 1);
@@ -846,9 +865,13 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
         releasing: None,
         probing: None,
         admitted: false,
+        keys: Keys::default(),
     };
     worker.run_loop(&shard.rx);
     worker.close_batch();
+    if !worker.detached {
+        worker.stash_waiting();
+    }
     if let Some(recorder) = &mut worker.recorder {
         recorder.exit(&core.metrics, &shard.worker.collect);
     } else {

@@ -1,0 +1,193 @@
+//! Ordered subscriptions: at most one delivery per key in progress — running, deferred, or
+//! failed and waiting for its retry — and the key's later deliveries waiting behind it, in
+//! the order they came.
+//!
+//! A key maps to one shard of each lane, so the state is the worker's own: a map from
+//! (subscription, key) to the key's *head* (the event in progress) and the deliveries
+//! waiting. A key enters the map only when its delivery does not settle while it runs (it
+//! failed and waits for a retry, or was deferred); a delivery that succeeds at once costs the
+//! check that the map is empty. When the head settles, the next waiting delivery becomes the
+//! head and goes to the worker's own overflow queue, which it runs before its next message.
+//! A head settled on another thread (a deferral completed) is reported through the shard's
+//! `key_releases`. Waiting deliveries are parked work: counted against the subscription's
+//! park capacity, swept at shutdown (moved to the shard's parking when the worker stops).
+
+use std::collections::HashMap;
+
+use super::*;
+
+/// One key of one ordered subscription on this shard.
+pub(crate) struct KeyState {
+    /// The event whose delivery is in progress.
+    head: EventId,
+    /// The later deliveries, in the order they came.
+    waiting: VecDeque<Retry>,
+}
+
+/// The keys in progress on a worker, by (subscription, key).
+pub(crate) type Keys = HashMap<(u64, u64), KeyState>;
+
+impl Worker<'_> {
+    /// Whether a delivery of `envelope` to `meta`'s ordered subscription must wait behind its
+    /// key's head: one comparison while no key is in progress.
+    #[inline]
+    pub(super) fn must_wait(&self, meta: &SubMeta, envelope: &Envelope) -> bool {
+        meta.ordered && !self.keys.is_empty() && self.must_wait_slow(meta, envelope)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn must_wait_slow(&self, meta: &SubMeta, envelope: &Envelope) -> bool {
+        envelope.key().is_some_and(|key| {
+            self.keys
+                .get(&(meta.id, key.get()))
+                .is_some_and(|state| state.head != envelope.id())
+        })
+    }
+
+    /// The delivery of `envelope` to `meta`'s ordered subscription did not settle as it ran
+    /// (a retry waits, or a deferral): its key stays in progress with it at the head.
+    #[inline]
+    pub(super) fn key_in_progress(&mut self, meta: &SubMeta, envelope: &Envelope) {
+        if meta.ordered
+            && let Some(key) = envelope.key()
+        {
+            self.keys
+                .entry((meta.id, key.get()))
+                .or_insert_with(|| KeyState {
+                    head: envelope.id(),
+                    waiting: VecDeque::new(),
+                });
+        }
+    }
+
+    /// The delivery of `envelope` to `meta`'s ordered subscription settled: if it was its
+    /// key's head, the next waiting delivery becomes the head and runs before the worker's
+    /// next message.
+    #[inline]
+    pub(super) fn key_settled(&mut self, meta: &SubMeta, envelope: &Envelope) {
+        if meta.ordered
+            && !self.keys.is_empty()
+            && let Some(key) = envelope.key()
+        {
+            self.key_done(meta.id, key.get(), Some(envelope.id()));
+        }
+    }
+
+    /// Moves key `key` of subscription `sub` on (if `head` is its head, or in any case when
+    /// `None`).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn key_done(&mut self, sub: u64, key: u64, head: Option<EventId>) {
+        let Some(state) = self.keys.get_mut(&(sub, key)) else {
+            return;
+        };
+        if head.is_some_and(|head| head != state.head) {
+            return;
+        }
+        let Some(next) = state.waiting.pop_front() else {
+            self.keys.remove(&(sub, key));
+            return;
+        };
+        state.head = next.event.envelope.id();
+        self.shared.key_waiting.fetch_sub(1, Ordering::Relaxed);
+        unparked(self.core, (next.ops.meta)(&next.sub));
+        self.shared.hand_over(Routed {
+            shard: self.index,
+            work: Work::Retry(next),
+        });
+    }
+
+    /// A delivery to `sub` whose key's head is in progress: waits behind it, at the same
+    /// attempt (or, a publish admitted into a `Shed` lane past the park capacity, is shed).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn wait_behind_head<E: Event>(
+        &mut self,
+        sub: &Arc<Sub<E>>,
+        attempt: u32,
+        first: bool,
+    ) -> Flow {
+        if self.probing == Some(sub.meta.id) {
+            // A half-open breaker's probe that cannot run yet: the next delivery probes.
+            self.probing = None;
+            if let Some(breaker) = &sub.meta.breaker {
+                breaker.give_back_probe();
+                self.core.release_parked(sub.meta.lane);
+            }
+        }
+        let shed = self.admitted && first && sub.meta.park_full();
+        self.pending.push(Failed {
+            sub: sub.clone(),
+            attempt,
+            error: String::new(),
+            then: if shed { Then::Shed } else { Then::Wait },
+        });
+        self.shared
+            .held_retries
+            .store(self.pending.len() as u64, Ordering::Relaxed);
+        Flow::Continue
+    }
+
+    /// Puts `retry` (not run, at the attempt it is due) behind its key's head.
+    pub(super) fn wait_for_key(&mut self, retry: Retry) {
+        let meta = (retry.ops.meta)(&retry.sub);
+        let Some(key) = retry.event.envelope.key() else {
+            unreachable!("only keyed deliveries wait for their key")
+        };
+        parked(self.core, meta);
+        self.shared.key_waiting.fetch_add(1, Ordering::Relaxed);
+        let id = retry.subscription();
+        self.keys
+            .entry((id, key.get()))
+            .or_insert_with(|| KeyState {
+                head: retry.event.envelope.id(),
+                waiting: VecDeque::new(),
+            })
+            .waiting
+            .push_back(retry);
+        self.shared.hand_off(1);
+    }
+
+    /// Heads settled on other threads (deferrals completed): their keys move on.
+    pub(super) fn take_key_releases(&mut self) {
+        let released = std::mem::take(&mut *self.shared.key_releases.lock());
+        for (sub, key, head) in released {
+            self.key_done(sub, key, Some(head));
+        }
+    }
+
+    /// The worker stops: what waits for its key joins the shard's parking, each key's in
+    /// order, for shutdown to sweep.
+    pub(super) fn stash_waiting(&mut self) {
+        for (_, state) in self.keys.drain() {
+            for retry in state.waiting {
+                unparked(self.core, (retry.ops.meta)(&retry.sub));
+                self.shared.key_waiting.fetch_sub(1, Ordering::Relaxed);
+                parked(self.core, (retry.ops.meta)(&retry.sub));
+                let sub = retry.subscription();
+                self.shared.parked.lock().push(sub, retry);
+            }
+        }
+    }
+}
+
+impl Core {
+    /// The head of a key of `meta`'s ordered subscription settled on another thread than
+    /// its worker (shard `shard`'s): the worker moves the key on before its next message.
+    pub(crate) fn key_settled_elsewhere(&self, shard: usize, meta: &SubMeta, envelope: &Envelope) {
+        if !meta.ordered {
+            return;
+        }
+        let Some(key) = envelope.key() else {
+            return;
+        };
+        let worker = &self.shards[shard].worker;
+        worker
+            .key_releases
+            .lock()
+            .push((meta.id, key.get(), envelope.id()));
+        worker.release.store(true, Ordering::SeqCst);
+        let _ = self.shards[shard].tx.try_send(Msg::Wake);
+    }
+}

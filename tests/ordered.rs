@@ -1,0 +1,324 @@
+//! Ordered subscriptions: a key's events reach the handler in publish order with every
+//! attempt — a retry holds the key's later events back, not other keys — through failures,
+//! pauses and shutdown.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::WAIT;
+use microbus::{
+    Bus, Context, DeadLetterReason, Event, HandlerError, HandlerResult, Publish, RetryPolicy,
+    SubscribeOptions,
+};
+use serde::{Deserialize, Serialize};
+
+const KEYS: u64 = 64;
+const PER_PUBLISHER: u64 = 20_000;
+const MAX_ATTEMPTS: u32 = 4;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Step {
+    publisher: u32,
+    key: u64,
+    seq: u64,
+}
+impl Event for Step {
+    const NAME: &'static str = "Step";
+}
+
+/// Every call of a handler, per (publisher, key): (seq, attempt) in the order it saw them.
+type Calls = HashMap<(u32, u64), Vec<(u64, u32)>>;
+
+/// The same for one publisher, per key.
+type KeyCalls = HashMap<u64, Vec<(u64, u32)>>;
+
+/// Whether attempt `attempt` of `step` fails: one attempt in ten, at random, never the last.
+fn fails(step: &Step, attempt: u32) -> bool {
+    let mut x = (u64::from(step.publisher) << 40 ^ step.key << 24 ^ step.seq)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ u64::from(attempt).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 31;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 29;
+    attempt < MAX_ATTEMPTS && x.is_multiple_of(10)
+}
+
+#[test]
+fn each_key_keeps_its_order_with_every_attempt_through_failures() {
+    let bus = Arc::new(
+        Bus::builder()
+            .workers(2)
+            .retry(RetryPolicy::fixed(Duration::from_millis(1)).max_attempts(MAX_ATTEMPTS))
+            .build()
+            .unwrap(),
+    );
+    // Every call, per (publisher, key), in the order the handler saw them.
+    let calls: Arc<Mutex<Calls>> = Arc::default();
+    let failures = Arc::new(AtomicU64::new(0));
+    {
+        let (calls, failures) = (calls.clone(), failures.clone());
+        bus.subscribe_with(
+            SubscribeOptions::new().ordered(),
+            move |step: &Step, ctx: &Context| -> HandlerResult {
+                calls
+                    .lock()
+                    .unwrap()
+                    .entry((step.publisher, step.key))
+                    .or_default()
+                    .push((step.seq, ctx.attempt()));
+                if fails(step, ctx.attempt()) {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                    return Err(HandlerError::msg("transient"));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    }
+    let publishers: Vec<_> = (0..2u32)
+        .map(|publisher| {
+            let bus = bus.clone();
+            std::thread::spawn(move || {
+                let mut seqs = [0u64; KEYS as usize];
+                for i in 0..PER_PUBLISHER {
+                    let key = (i * 7 + u64::from(publisher)) % KEYS;
+                    let seq = seqs[key as usize];
+                    seqs[key as usize] += 1;
+                    bus.publish_with(
+                        Step {
+                            publisher,
+                            key,
+                            seq,
+                        },
+                        Publish::keyed(key),
+                    )
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.join().unwrap();
+    }
+    bus.flush(WAIT).unwrap();
+    let stats = bus.stats();
+    let failed = failures.load(Ordering::SeqCst);
+    assert!(failed > 2_000, "about one attempt in ten fails: {failed}");
+    assert_eq!(stats.succeeded, 2 * PER_PUBLISHER);
+    assert_eq!((stats.failed, stats.retried), (failed, failed));
+    assert_eq!(stats.dead_lettered, 0);
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.len() as u64, 2 * KEYS);
+    let mut events = 0;
+    for ((publisher, key), seen) in calls.iter() {
+        // Successful seqs are 0, 1, 2, …; each seq's attempts are 1, 2, … in a row, and no
+        // seq runs before its predecessor succeeded.
+        let mut next = 0u64;
+        let mut attempt = 1u32;
+        for &(seq, a) in seen {
+            assert_eq!(
+                (seq, a),
+                (next, attempt),
+                "publisher {publisher}, key {key}: {seen:?}"
+            );
+            let step = Step {
+                publisher: *publisher,
+                key: *key,
+                seq,
+            };
+            if fails(&step, a) {
+                attempt += 1;
+            } else {
+                next += 1;
+                attempt = 1;
+                events += 1;
+            }
+        }
+    }
+    assert_eq!(events, 2 * PER_PUBLISHER);
+    drop(calls);
+    assert!(
+        Arc::try_unwrap(bus)
+            .unwrap()
+            .shutdown()
+            .unwrap()
+            .is_balanced()
+    );
+}
+
+#[test]
+fn a_retry_holds_back_its_key_only() {
+    let bus = Bus::builder()
+        .workers(1)
+        .retry(RetryPolicy::fixed(Duration::from_millis(50)).max_attempts(2))
+        .build()
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    {
+        let seen = seen.clone();
+        bus.subscribe_with(
+            SubscribeOptions::new().ordered(),
+            move |s: &Step, ctx: &Context| -> HandlerResult {
+                seen.lock().unwrap().push((s.key, s.seq, ctx.attempt()));
+                if s.key == 0 && s.seq == 0 && ctx.attempt() == 1 {
+                    return Err(HandlerError::msg("once"));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    }
+    // Key 0's first event fails; key 1's events, and unkeyed ones, do not wait for it.
+    for seq in 0..3 {
+        for key in 0..2 {
+            bus.publish_with(
+                Step {
+                    publisher: 0,
+                    key,
+                    seq,
+                },
+                Publish::keyed(key),
+            )
+            .unwrap();
+        }
+    }
+    bus.publish(Step {
+        publisher: 0,
+        key: 9,
+        seq: 0,
+    })
+    .unwrap();
+    bus.flush(WAIT).unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let key0: Vec<(u64, u32)> = seen
+        .iter()
+        .filter(|s| s.0 == 0)
+        .map(|s| (s.1, s.2))
+        .collect();
+    assert_eq!(key0, [(0, 1), (0, 2), (1, 1), (2, 1)]);
+    // Everything else ran before the retry (50 ms later) did.
+    let retry_at = seen.iter().position(|s| *s == (0, 0, 2)).unwrap();
+    assert_eq!(retry_at, 5, "{seen:?}");
+    assert_eq!(bus.stats().succeeded, 7);
+}
+
+#[test]
+fn ordered_with_pauses_and_a_shutdown_midway_keeps_order_and_balances() {
+    let bus = Arc::new(
+        Bus::builder()
+            .workers(2)
+            .retry(RetryPolicy::fixed(Duration::from_millis(2)).max_attempts(MAX_ATTEMPTS))
+            .shutdown_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap(),
+    );
+    // One publisher: the calls per key.
+    let calls: Arc<Mutex<KeyCalls>> = Arc::default();
+    let subscription = {
+        let calls = calls.clone();
+        bus.subscribe_with(
+            SubscribeOptions::new().ordered(),
+            move |step: &Step, ctx: &Context| -> HandlerResult {
+                calls
+                    .lock()
+                    .unwrap()
+                    .entry(step.key)
+                    .or_default()
+                    .push((step.seq, ctx.attempt()));
+                if fails(step, ctx.attempt()) {
+                    return Err(HandlerError::msg("transient"));
+                }
+                Ok(())
+            },
+        )
+        .unwrap()
+    };
+    let publisher = {
+        let bus = bus.clone();
+        std::thread::spawn(move || {
+            let mut seqs = [0u64; 8];
+            for i in 0..20_000u64 {
+                let key = i % 8;
+                let seq = seqs[key as usize];
+                seqs[key as usize] += 1;
+                if bus
+                    .publish_with(
+                        Step {
+                            publisher: 0,
+                            key,
+                            seq,
+                        },
+                        Publish::keyed(key),
+                    )
+                    .is_err()
+                {
+                    return i;
+                }
+            }
+            20_000
+        })
+    };
+    for _ in 0..5 {
+        subscription.pause();
+        std::thread::sleep(Duration::from_millis(2));
+        subscription.resume();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Paused when shutdown comes: what parked and what waits for its key are dead letters.
+    subscription.pause();
+    let report = bus.shutdown().unwrap();
+    let published = publisher.join().unwrap();
+    assert!(report.is_balanced(), "{report}");
+    assert!(report.lanes.iter().all(|l| l.is_balanced()), "{report}");
+    // Order among everything that ran, per key, every attempt.
+    let calls = calls.lock().unwrap();
+    let mut ran_to = HashMap::new();
+    for (key, seen) in calls.iter() {
+        let (mut next, mut attempt) = (0u64, 1u32);
+        for &(seq, a) in seen {
+            assert_eq!((seq, a), (next, attempt), "key {key}");
+            let step = Step {
+                publisher: 0,
+                key: *key,
+                seq,
+            };
+            if fails(&step, a) {
+                attempt += 1;
+            } else {
+                (next, attempt) = (next + 1, 1);
+            }
+        }
+        ran_to.insert(*key, (next, attempt));
+    }
+    // The dead letters of each key continue where its handler stopped, in order.
+    let mut letters: HashMap<u64, Vec<u64>> = HashMap::new();
+    for letter in bus.dead_letters().list() {
+        assert_eq!(letter.reason(), DeadLetterReason::Shutdown);
+        let step: Step = serde_json::from_str(letter.payload_json()).unwrap();
+        letters.entry(step.key).or_default().push(step.seq);
+    }
+    for (key, seqs) in &letters {
+        let from = ran_to.get(key).map_or(0, |r| r.0);
+        let bad = seqs
+            .windows(2)
+            .position(|w| w[0] >= w[1])
+            .map(|i| &seqs[i.saturating_sub(3)..(i + 4).min(seqs.len())]);
+        assert!(bad.is_none(), "key {key}: out of order around {bad:?}");
+        assert!(
+            seqs[0] >= from,
+            "key {key}: {} ran, {} dead-lettered",
+            from,
+            seqs[0]
+        );
+    }
+    let stats = &report.stats;
+    assert_eq!(
+        stats.delivered,
+        stats.succeeded + stats.dead_lettered + stats.left
+    );
+    assert!(published > 0);
+}

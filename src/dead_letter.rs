@@ -304,6 +304,13 @@ pub(crate) struct Aftermath {
     evicted: Vec<DeadLetter>,
 }
 
+impl Aftermath {
+    /// The letters the push evicted.
+    pub(crate) fn evicted(&self) -> &[DeadLetter] {
+        &self.evicted
+    }
+}
+
 impl Ring {
     pub(crate) fn new(
         capacity: usize,

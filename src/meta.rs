@@ -41,6 +41,8 @@ pub(crate) struct SubSettings {
     pub(crate) breaker: Option<CircuitBreaker>,
     /// At most one delivery per key in progress.
     pub(crate) ordered: bool,
+    /// A dead-lettered head holds its key's later deliveries.
+    pub(crate) hold_dead: bool,
     /// Its lane's index.
     pub(crate) lane: u8,
 }
@@ -56,6 +58,7 @@ impl SubSettings {
             park_capacity: DEFAULT_PARK_CAPACITY,
             breaker: None,
             ordered: false,
+            hold_dead: false,
             lane,
         }
     }
@@ -87,6 +90,9 @@ pub(crate) struct SubMeta {
     ///
     /// [`SubscribeOptions::ordered`]: crate::SubscribeOptions::ordered
     pub(crate) ordered: bool,
+    /// A dead-lettered head holds its key's later deliveries until the dead letter is
+    /// redriven, skipped, purged or evicted.
+    pub(crate) hold_dead: bool,
     /// Its deliveries parked now, on all shards.
     pub(crate) parked: AtomicU64,
     pub(crate) park_capacity: u64,
@@ -128,6 +134,7 @@ impl SubMeta {
             hold: AtomicU8::new(0),
             breaker: settings.breaker.map(Breaker::new),
             ordered: settings.ordered,
+            hold_dead: settings.hold_dead,
             parked: AtomicU64::new(0),
             park_capacity: settings.park_capacity,
             lane: settings.lane,

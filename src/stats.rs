@@ -64,6 +64,11 @@ pub struct BusStats {
     /// and settles as any other.
     #[serde(default)]
     pub stalled: u64,
+    /// Keys of ordered subscriptions held by a dead letter
+    /// ([`hold_on_dead_letter`](crate::SubscribeOptions::hold_on_dead_letter)) that were
+    /// released because the dead letter was evicted from the full ring.
+    #[serde(default)]
+    pub held_keys_evicted: u64,
     /// Panics caught in user code outside handlers, by where they happened (not terms of
     /// the ledger: each delivery concerned is settled as if the code had returned).
     pub callback_panics: CallbackPanics,
@@ -164,7 +169,7 @@ impl BusStats {
     /// Every counter, once: the accepted deliveries, the outcomes that sum to them, then what
     /// is counted beside the ledger. The shutdown report, the metrics table and Prometheus
     /// print from this list.
-    pub(crate) fn terms(&self) -> [Term; 16] {
+    pub(crate) fn terms(&self) -> [Term; 17] {
         let term = |name, label, help, role, value| Term {
             name,
             label,
@@ -285,6 +290,13 @@ impl BusStats {
                 "Deliveries that ran past their stall_after.",
                 Beside,
                 self.stalled,
+            ),
+            term(
+                "held_keys_evicted",
+                "held keys released by eviction",
+                "Keys held by a dead letter, released because it was evicted.",
+                Beside,
+                self.held_keys_evicted,
             ),
         ]
     }

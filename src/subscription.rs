@@ -34,6 +34,7 @@ pub struct SubscribeOptions {
     pub(crate) park_capacity: Option<u64>,
     pub(crate) breaker: Option<CircuitBreaker>,
     pub(crate) ordered: bool,
+    pub(crate) hold_dead: bool,
 }
 
 impl SubscribeOptions {
@@ -117,6 +118,17 @@ impl SubscribeOptions {
         self
     }
 
+    /// With [`ordered`](Self::ordered): when a key's head is dead-lettered, its later
+    /// deliveries stay waiting until the dead letter is redriven and succeeds,
+    /// [skipped](crate::DeadLetters::skip) (the key goes on without it), purged, or evicted
+    /// from the full ring (counted in `BusStats::held_keys_evicted`). Without `ordered`, or
+    /// on a bus with dead letters off, it is
+    /// [`SubscribeError::Invalid`](crate::SubscribeError::Invalid).
+    pub fn hold_on_dead_letter(mut self) -> SubscribeOptions {
+        self.hold_dead = true;
+        self
+    }
+
     /// Gives the subscription a [`CircuitBreaker`]: after its `failures` failed attempts in a
     /// row, its deliveries park (as for a [pause](Subscription::pause), bounded by
     /// [`park_capacity`](Self::park_capacity)) for a cool-down; then one delivery probes, and
@@ -193,6 +205,7 @@ impl fmt::Debug for SubscribeOptions {
             .field("park_capacity", &self.park_capacity)
             .field("circuit_breaker", &self.breaker)
             .field("ordered", &self.ordered)
+            .field("hold_on_dead_letter", &self.hold_dead)
             .finish()
     }
 }

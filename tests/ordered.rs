@@ -322,3 +322,175 @@ fn ordered_with_pauses_and_a_shutdown_midway_keeps_order_and_balances() {
     );
     assert!(published > 0);
 }
+
+/// An ordered subscription that holds a key behind its dead letter; the handler fails
+/// `broken` (key, seq) for good, and records what it handled.
+fn holding_bus(
+    capacity: usize,
+) -> (
+    Bus,
+    Arc<Mutex<Option<(u64, u64)>>>,
+    Arc<Mutex<Vec<(u64, u64)>>>,
+) {
+    let bus = Bus::builder()
+        .workers(2)
+        .dead_letter_capacity(capacity)
+        .build()
+        .unwrap();
+    let broken: Arc<Mutex<Option<(u64, u64)>>> = Arc::default();
+    let handled: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+    {
+        let (broken, handled) = (broken.clone(), handled.clone());
+        bus.subscribe_with(
+            SubscribeOptions::new()
+                .named("ledger")
+                .ordered()
+                .hold_on_dead_letter(),
+            move |s: &Step, _: &Context| -> HandlerResult {
+                if *broken.lock().unwrap() == Some((s.key, s.seq)) {
+                    return Err(HandlerError::permanent(HandlerError::msg("bad entry")));
+                }
+                handled.lock().unwrap().push((s.key, s.seq));
+                Ok(())
+            },
+        )
+        .unwrap();
+    }
+    (bus, broken, handled)
+}
+
+fn publish_steps(bus: &Bus, keys: u64, seqs: std::ops::Range<u64>) {
+    for seq in seqs {
+        for key in 0..keys {
+            bus.publish_with(
+                Step {
+                    publisher: 0,
+                    key,
+                    seq,
+                },
+                Publish::keyed(key),
+            )
+            .unwrap();
+        }
+    }
+}
+
+fn seqs_of(handled: &Mutex<Vec<(u64, u64)>>, key: u64) -> Vec<u64> {
+    handled
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|h| h.0 == key)
+        .map(|h| h.1)
+        .collect()
+}
+
+#[test]
+fn a_dead_letter_holds_its_key_until_redriven_or_skipped() {
+    let (bus, broken, handled) = holding_bus(100);
+    *broken.lock().unwrap() = Some((0, 3));
+    publish_steps(&bus, 4, 0..10);
+    // Key 0 holds exactly its events after the dead letter; the other keys finish.
+    let err = bus.flush(Duration::from_millis(100)).unwrap_err();
+    let pending = err.pending().unwrap();
+    assert_eq!(
+        (pending.parked[0].handler.as_str(), pending.parked[0].parked),
+        ("ledger", 6)
+    );
+    assert_eq!(seqs_of(&handled, 0), [0, 1, 2]);
+    for key in 1..4 {
+        assert_eq!(seqs_of(&handled, key), (0..10).collect::<Vec<_>>());
+    }
+    let held = bus.dead_letters().list();
+    assert_eq!(held.len(), 1);
+    // Fixed, then redriven: the key goes on in order.
+    *broken.lock().unwrap() = None;
+    bus.dead_letters().redrive(held[0].id()).unwrap();
+    bus.flush(WAIT).unwrap();
+    assert_eq!(seqs_of(&handled, 0), (0..10).collect::<Vec<_>>());
+    // Broken again; this time the dead letter is skipped: the key goes on without it.
+    *broken.lock().unwrap() = Some((0, 13));
+    publish_steps(&bus, 1, 10..20);
+    assert!(bus.flush(Duration::from_millis(50)).is_err());
+    let held = bus.dead_letters().list();
+    assert!(bus.dead_letters().skip(held[0].id()));
+    assert!(!bus.dead_letters().skip(held[0].id()), "skipped once");
+    bus.flush(WAIT).unwrap();
+    let expected: Vec<u64> = (0..20).filter(|s| *s != 13).collect();
+    assert_eq!(seqs_of(&handled, 0), expected);
+    let stats = bus.stats();
+    assert_eq!((stats.dead_lettered, stats.succeeded), (2, 4 * 10 + 9));
+    assert!(bus.shutdown().unwrap().is_balanced());
+}
+
+#[test]
+fn a_purged_or_evicted_dead_letter_releases_its_key() {
+    // A ring of one: the second key's dead letter evicts the first's.
+    let (bus, broken, handled) = holding_bus(1);
+    *broken.lock().unwrap() = Some((0, 1));
+    publish_steps(&bus, 1, 0..5);
+    assert!(bus.flush(Duration::from_millis(50)).is_err());
+    assert_eq!(seqs_of(&handled, 0), [0]);
+    *broken.lock().unwrap() = Some((1, 0));
+    bus.publish_with(
+        Step {
+            publisher: 0,
+            key: 1,
+            seq: 0,
+        },
+        Publish::keyed(1u64),
+    )
+    .unwrap();
+    // Key 0 runs on; key 1 holds nothing behind it.
+    bus.flush(WAIT).unwrap();
+    assert_eq!(seqs_of(&handled, 0), [0, 2, 3, 4]);
+    assert_eq!(bus.stats().held_keys_evicted, 1);
+    // A purge releases too: key 2's first event is dead-lettered (evicting key 1's letter,
+    // which held nothing), its second waits until the purge.
+    *broken.lock().unwrap() = Some((2, 0));
+    for seq in 0..2 {
+        bus.publish_with(
+            Step {
+                publisher: 0,
+                key: 2,
+                seq,
+            },
+            Publish::keyed(2u64),
+        )
+        .unwrap();
+    }
+    assert!(bus.flush(Duration::from_millis(50)).is_err());
+    assert_eq!(seqs_of(&handled, 2), Vec::<u64>::new());
+    assert_eq!(bus.dead_letters().purge(), 1);
+    bus.flush(WAIT).unwrap();
+    assert_eq!(seqs_of(&handled, 2), [1]);
+    assert_eq!(bus.stats().held_keys_evicted, 2);
+    assert!(bus.shutdown().unwrap().is_balanced());
+}
+
+#[test]
+fn holding_needs_an_ordered_subscription_and_dead_letters() {
+    let bus = Bus::builder().build().unwrap();
+    let handler = |_: &Step, _: &Context| -> HandlerResult { Ok(()) };
+    let err = bus
+        .subscribe_with(SubscribeOptions::new().hold_on_dead_letter(), handler)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            microbus::SubscribeError::Invalid {
+                option: "hold_on_dead_letter",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let off = Bus::builder().dead_letter_capacity(0).build().unwrap();
+    let err = off
+        .subscribe_with(
+            SubscribeOptions::new().ordered().hold_on_dead_letter(),
+            handler,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("dead letters"), "{err}");
+}

@@ -291,6 +291,7 @@ impl BusBuilder {
             parks_full: AtomicUsize::new(0),
             breakers: Mutex::new(Vec::new()),
             reports: super::stalls::Reports::default(),
+            held_evicted: AtomicU64::new(0),
             timer: Timer::new(),
             signal_tx: Mutex::new(Some(signal_tx)),
             signal_rx,

@@ -120,6 +120,8 @@ pub(crate) struct Core {
     /// Subscriptions with as many deliveries parked as they may have: while any, a publish
     /// checks whether it matches one.
     pub(crate) parks_full: AtomicUsize,
+    /// Keys released because the dead letter that held them was evicted.
+    pub(crate) held_evicted: AtomicU64,
     /// The thread that runs stall and breaker reports to user code.
     pub(crate) reports: super::stalls::Reports,
     /// The subscriptions with circuit breakers, for the timer thread to watch.

@@ -88,6 +88,7 @@ impl DeadLetters {
     /// Puts letters back in the ring, handing any it evicts to the sink.
     fn put_back(&self, letters: Vec<DeadLetter>) {
         let after = self.ring().put_back(letters);
+        self.core.letters_gone(after.evicted(), true);
         self.ring().call_back(after, &mut &self.core.panics);
     }
 
@@ -252,14 +253,30 @@ impl DeadLetters {
         Ok(summary)
     }
 
+    /// Removes dead letter `id` without running it, and releases the key it held (see
+    /// [`hold_on_dead_letter`](crate::SubscribeOptions::hold_on_dead_letter)): the key's later
+    /// deliveries run. `false` when there is no such dead letter.
+    pub fn skip(&self, id: u64) -> bool {
+        let Some(letter) = self.ring().take_id(id) else {
+            return false;
+        };
+        self.core.letters_gone(std::slice::from_ref(&letter), false);
+        // Its event's `Drop` is user code.
+        self.core.panics.drop(letter);
+        true
+    }
+
     /// Removes every dead letter and returns how many there were.
     pub fn purge(&self) -> usize {
         self.purge_where(&DeadLetterFilter::new())
     }
 
-    /// Removes the dead letters that match `filter` and returns how many there were.
+    /// Removes the dead letters that match `filter` and returns how many there were. A purged
+    /// dead letter that held its key
+    /// ([`hold_on_dead_letter`](crate::SubscribeOptions::hold_on_dead_letter)) releases it.
     pub fn purge_where(&self, filter: &DeadLetterFilter) -> usize {
         let purged = self.ring().take(filter);
+        self.core.letters_gone(&purged, false);
         let n = purged.len();
         // Their events' `Drop` is user code.
         self.core.panics.drop(purged);

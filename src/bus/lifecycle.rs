@@ -286,6 +286,7 @@ impl Core {
             unmatched: self.unmatched.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
             stalled: self.stalls.total(),
+            held_keys_evicted: self.held_evicted.load(Ordering::Relaxed),
             callback_panics: self.panics.counts(),
             ..BusStats::default()
         };
@@ -315,6 +316,7 @@ impl Core {
                 refused: self.refused.load(Ordering::Relaxed),
                 callback_panics: self.panics.counts(),
                 stalled: self.stalls.total(),
+                held_keys_evicted: self.held_evicted.load(Ordering::Relaxed),
                 ..report.stats.clone()
             };
         }

@@ -434,6 +434,18 @@ impl Bus {
                 reason,
             });
         }
+        if options.hold_dead && !options.ordered {
+            return Err(SubscribeError::Invalid {
+                option: "hold_on_dead_letter",
+                reason: "needs an ordered subscription",
+            });
+        }
+        if options.hold_dead && !core.dead_letters.enabled() {
+            return Err(SubscribeError::Invalid {
+                option: "hold_on_dead_letter",
+                reason: "needs dead letters, which are off on this bus",
+            });
+        }
         if options.park_capacity == Some(0) {
             return Err(SubscribeError::Invalid {
                 option: "park_capacity",
@@ -469,6 +481,7 @@ impl Bus {
                     .unwrap_or(crate::meta::DEFAULT_PARK_CAPACITY),
                 breaker: options.breaker.clone(),
                 ordered: options.ordered,
+                hold_dead: options.hold_dead,
                 ..SubSettings::new(retry, lane as u8)
             },
             crate::metrics::cells(core.metrics.enabled, core.shards.len()),

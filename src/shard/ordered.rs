@@ -173,6 +173,25 @@ impl Worker<'_> {
 }
 
 impl Core {
+    /// Dead letters that left the ring without being redriven — skipped, purged, or
+    /// `evicted` to make room — no longer hold their keys: the later deliveries run. An
+    /// evicted one that held its key is counted.
+    pub(crate) fn letters_gone(&self, letters: &[DeadLetter], evicted: bool) {
+        for letter in letters {
+            let Some(meta) = self.registry.lookup(letter.subscription) else {
+                continue;
+            };
+            if !holds_key(&meta, letter.reason()) || letter.envelope().key().is_none() {
+                continue;
+            }
+            if evicted {
+                self.held_evicted.fetch_add(1, Ordering::Relaxed);
+            }
+            let shard = self.lanes[meta.lane as usize].shard_for(letter.envelope());
+            self.key_settled_elsewhere(shard, &meta, letter.envelope());
+        }
+    }
+
     /// The head of a key of `meta`'s ordered subscription settled on another thread than
     /// its worker (shard `shard`'s): the worker moves the key on before its next message.
     pub(crate) fn key_settled_elsewhere(&self, shard: usize, meta: &SubMeta, envelope: &Envelope) {

@@ -62,7 +62,10 @@ pub(crate) fn settle_deferred(
             unreachable!("a failure is decided, never parked")
         }
     };
-    core.key_settled_elsewhere(shard, (retry.ops.meta)(&retry.sub), &retry.event.envelope);
+    let meta = (retry.ops.meta)(&retry.sub);
+    if !holds_key(meta, reason) {
+        core.key_settled_elsewhere(shard, meta, &retry.event.envelope);
+    }
     let Some(burial) = Burial::make(core, retry, reason, runner) else {
         unreachable!("only a worker is detached")
     };
@@ -99,6 +102,13 @@ fn settle_now(core: &Core, retry: Retry, shard: usize, how: Settled, runner: &mu
         done.run(runner);
     }
     drop_with(runner, retry);
+}
+
+/// Whether a dead letter for `reason` of `meta`'s subscription keeps holding its key's later
+/// deliveries ([`hold_on_dead_letter`](crate::SubscribeOptions::hold_on_dead_letter)): a
+/// failure's, not one shed or swept at shutdown.
+pub(crate) fn holds_key(meta: &SubMeta, reason: DeadLetterReason) -> bool {
+    meta.hold_dead && !matches!(reason, DeadLetterReason::Shed | DeadLetterReason::Shutdown)
 }
 
 /// A delivery that failed for good, on its way out: kept as a dead letter, or discarded
@@ -144,6 +154,7 @@ impl Burial {
         let tracker = tracked.as_ref().and_then(|event| event.envelope.tracker());
         let done = tracker.and_then(|t| t.settle(Settled::DeadLettered, 1));
         let after = core.dead_letters.push(letter);
+        core.letters_gone(after.evicted(), true);
         Some(Burial {
             how: Settled::DeadLettered,
             done,

@@ -287,7 +287,10 @@ impl Worker<'_> {
     /// then runs the user code that follows (the tracker's callback, the hook, the sink).
     pub(super) fn bury(&mut self, retry: Retry, reason: DeadLetterReason) {
         let core = self.core;
-        self.key_settled((retry.ops.meta)(&retry.sub), &retry.event.envelope);
+        let meta = (retry.ops.meta)(&retry.sub);
+        if !holds_key(meta, reason) {
+            self.key_settled(meta, &retry.event.envelope);
+        }
         // The event's `Serialize` runs in a window: `None` when shutdown detached the worker
         // meanwhile and counted the delivery.
         let Some(burial) = Burial::make(core, retry, reason, self) else {

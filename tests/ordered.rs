@@ -323,22 +323,19 @@ fn ordered_with_pauses_and_a_shutdown_midway_keeps_order_and_balances() {
     assert!(published > 0);
 }
 
+/// What a handler handled: (key, seq).
+type Handled = Vec<(u64, u64)>;
+
 /// An ordered subscription that holds a key behind its dead letter; the handler fails
 /// `broken` (key, seq) for good, and records what it handled.
-fn holding_bus(
-    capacity: usize,
-) -> (
-    Bus,
-    Arc<Mutex<Option<(u64, u64)>>>,
-    Arc<Mutex<Vec<(u64, u64)>>>,
-) {
+fn holding_bus(capacity: usize) -> (Bus, Arc<Mutex<Option<(u64, u64)>>>, Arc<Mutex<Handled>>) {
     let bus = Bus::builder()
         .workers(2)
         .dead_letter_capacity(capacity)
         .build()
         .unwrap();
     let broken: Arc<Mutex<Option<(u64, u64)>>> = Arc::default();
-    let handled: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+    let handled: Arc<Mutex<Handled>> = Arc::default();
     {
         let (broken, handled) = (broken.clone(), handled.clone());
         bus.subscribe_with(
@@ -375,7 +372,7 @@ fn publish_steps(bus: &Bus, keys: u64, seqs: std::ops::Range<u64>) {
     }
 }
 
-fn seqs_of(handled: &Mutex<Vec<(u64, u64)>>, key: u64) -> Vec<u64> {
+fn seqs_of(handled: &Mutex<Handled>, key: u64) -> Vec<u64> {
     handled
         .lock()
         .unwrap()

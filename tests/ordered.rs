@@ -328,13 +328,16 @@ type Handled = Vec<(u64, u64)>;
 
 /// An ordered subscription that holds a key behind its dead letter; the handler fails
 /// `broken` (key, seq) for good, and records what it handled.
-fn holding_bus(capacity: usize) -> (Bus, Arc<Mutex<Option<(u64, u64)>>>, Arc<Mutex<Handled>>) {
+/// A failure to make for good: (key, seq).
+type Broken = Arc<Mutex<Option<(u64, u64)>>>;
+
+fn holding_bus(capacity: usize) -> (Bus, Broken, Arc<Mutex<Handled>>) {
     let bus = Bus::builder()
         .workers(2)
         .dead_letter_capacity(capacity)
         .build()
         .unwrap();
-    let broken: Arc<Mutex<Option<(u64, u64)>>> = Arc::default();
+    let broken: Broken = Arc::default();
     let handled: Arc<Mutex<Handled>> = Arc::default();
     {
         let (broken, handled) = (broken.clone(), handled.clone());

@@ -17,7 +17,9 @@
 //! Shipping, audit and notifications run in lanes of their own (small channels), so events
 //! fan out to several lanes and every check holds across them. While events flow, the
 //! fraud check is paused and resumed at random, and a gateway behind a circuit breaker goes
-//! down and comes back at random: its deliveries each succeed once or are dead-lettered.
+//! down and comes back at random: its deliveries each succeed once or are dead-lettered. An
+//! ordered subscription (the ledger) sees each publisher's events of a key in publish order
+//! with every attempt.
 //!
 //! 200,000 events by default; `MICROBUS_CHAOS_EVENTS` sets another number (run it in release:
 //! `MICROBUS_CHAOS_EVENTS=5000000 cargo test --release --test chaos`).
@@ -72,6 +74,9 @@ struct Shipped {
 impl Event for Shipped {
     const NAME: &'static str = "Shipped";
 }
+
+/// The ordered subscription's calls, per (publisher, key): (seq, attempt, event id).
+type LedgerCalls = HashMap<(u32, u64), Vec<(u64, u32, u64)>>;
 
 /// What a handler does with one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,7 +242,7 @@ fn chaos_accounts_for_every_delivery() {
     let audit = bus.service("audit").unwrap();
     let notifications = bus.service("notifications").unwrap();
 
-    let names: [(&'static str, &'static str, bool); 9] = [
+    let names: [(&'static str, &'static str, bool); 10] = [
         ("payments", "charge", true),
         ("payments", "fraud-check", true),
         ("shipping", "label", true),
@@ -247,6 +252,7 @@ fn chaos_accounts_for_every_delivery() {
         ("notifications", "notify", true),
         ("notifications", "late", false),
         ("payments", "gateway", true),
+        ("audit", "ledger", true),
     ];
     let subs: Vec<Sub> = names
         .iter()
@@ -307,6 +313,36 @@ fn chaos_accounts_for_every_delivery() {
                     }
                     seen.successes[e.id as usize].fetch_add(1, Ordering::SeqCst);
                     Ok(())
+                },
+            )
+            .unwrap();
+    }
+
+    // An ordered subscription: every call, per (publisher, key), as (seq, attempt, id).
+    const LEDGER: usize = 9;
+    let ledger_calls: Arc<Mutex<LedgerCalls>> = Arc::default();
+    {
+        let (seen, calls) = (subs[LEDGER].seen.clone(), ledger_calls.clone());
+        audit
+            .subscribe_with(
+                in_lane(
+                    SubscribeOptions::default()
+                        .named("ledger")
+                        .from("orders")
+                        .ordered(),
+                    &audit,
+                ),
+                move |e: &Order, ctx: &Context| -> HandlerResult {
+                    calls
+                        .lock()
+                        .unwrap()
+                        .entry((e.publisher, e.key))
+                        .or_default()
+                        .push((e.seq, ctx.attempt(), e.id));
+                    if ctx.attempt() == 1 {
+                        seen.first_attempt_order(e);
+                    }
+                    seen.run(LEDGER, e.id, ctx.attempt())
                 },
             )
             .unwrap();
@@ -462,7 +498,7 @@ fn chaos_accounts_for_every_delivery() {
             // Was this delivery accepted? Orders and pings by their publisher; shipments by
             // the charge that published them.
             let delivered = match index {
-                0..=3 | 7 | GATEWAY => accepted[id as usize].load(Ordering::SeqCst) == 1,
+                0..=3 | 7 | GATEWAY | LEDGER => accepted[id as usize].load(Ordering::SeqCst) == 1,
                 4 => accepted[id as usize].load(Ordering::SeqCst) == 2,
                 _ => subs[0].seen.successes[id as usize].load(Ordering::SeqCst) == 1,
             };
@@ -533,6 +569,29 @@ fn chaos_accounts_for_every_delivery() {
     assert_eq!(stats.failed, handler_failures);
     assert_eq!(stats.dead_lettered, dead.len() as u64);
     assert!(shipped_accepted > 0);
+    // The ordered subscription: per publisher and key, every call in publish order — a seq
+    // starts only once the one before it made its last attempt (succeeded, failed for good,
+    // or ran out of attempts).
+    let mut ledger_checked = 0;
+    for ((publisher, key), calls) in ledger_calls.lock().unwrap().iter() {
+        for pair in calls.windows(2) {
+            let ((seq, attempt, id), (next_seq, next_attempt, _)) = (pair[0], pair[1]);
+            let plan = Plan::of(id, LEDGER);
+            let last = attempt >= plan.attempts().min(MAX_ATTEMPTS);
+            let ok = if next_seq == seq {
+                next_attempt == attempt + 1
+            } else {
+                next_seq > seq && next_attempt == 1 && last
+            };
+            assert!(
+                ok,
+                "ledger {publisher}/{key}: {:?} then {:?}",
+                pair[0], pair[1]
+            );
+            ledger_checked += 1;
+        }
+    }
+    assert!(ledger_checked > 1_000, "{ledger_checked}");
     // The outages happened, and the breaker opened.
     assert!(subs[GATEWAY].seen.failed_attempts.load(Ordering::SeqCst) > 0);
     let metrics = bus.metrics();

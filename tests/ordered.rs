@@ -494,3 +494,94 @@ fn holding_needs_an_ordered_subscription_and_dead_letters() {
         .unwrap_err();
     assert!(err.to_string().contains("dead letters"), "{err}");
 }
+
+#[test]
+fn deferred_heads_delayed_events_and_an_unsubscribe_keep_the_order() {
+    let bus = Bus::builder()
+        .workers(2)
+        .retry(RetryPolicy::fixed(Duration::from_millis(1)).max_attempts(3))
+        .build()
+        .unwrap();
+    let seen: Arc<Mutex<Handled>> = Arc::default();
+    // Key 5's head defers until this lets it go.
+    let (release, released) = crossbeam_channel::bounded::<()>(1);
+    let subscription = {
+        let seen = seen.clone();
+        bus.subscribe_with(
+            SubscribeOptions::new().ordered(),
+            move |s: &Step, ctx: &Context| -> HandlerResult {
+                seen.lock().unwrap().push((s.key, s.seq));
+                if s.key == 5 {
+                    let (deferred, released) = (ctx.defer(), released.clone());
+                    std::thread::spawn(move || {
+                        let _ = released.recv();
+                        deferred.succeed();
+                    });
+                } else if s.seq % 3 == 0 {
+                    // Every third event completes on another thread a moment later; key 0's
+                    // first fails there once.
+                    let deferred = ctx.defer();
+                    let fail = s.key == 0 && s.seq == 0 && ctx.attempt() == 1;
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_millis(1));
+                        if fail {
+                            deferred.fail(HandlerError::msg("later"));
+                        } else {
+                            deferred.succeed();
+                        }
+                    });
+                }
+                Ok(())
+            },
+        )
+        .unwrap()
+    };
+    // A delayed event takes its place in its key's order when it falls due: published first,
+    // due after the others, it runs last.
+    bus.publish_with(
+        Step {
+            publisher: 0,
+            key: 0,
+            seq: 100,
+        },
+        Publish::keyed(0u64).delay(Duration::from_millis(300)),
+    )
+    .unwrap();
+    publish_steps(&bus, 2, 0..30);
+    bus.flush(WAIT).unwrap();
+    let mut expected: Vec<u64> = vec![0];
+    expected.extend(0..30);
+    expected.push(100);
+    assert_eq!(
+        seqs_of(&seen, 0),
+        expected,
+        "seq 0 twice (its retry), the rest in order, 100 last"
+    );
+    assert_eq!(seqs_of(&seen, 1), (0..30).collect::<Vec<_>>());
+    let stats = bus.stats();
+    assert_eq!((stats.succeeded, stats.retried), (61, 1));
+    // Waiting deliveries of an ended subscription are cancelled, and counted.
+    for seq in 0..4 {
+        bus.publish_with(
+            Step {
+                publisher: 1,
+                key: 5,
+                seq,
+            },
+            Publish::keyed(5u64),
+        )
+        .unwrap();
+    }
+    let started = std::time::Instant::now();
+    while bus.metrics().handlers[0].parked < 3 {
+        assert!(started.elapsed() < WAIT, "the later events never waited");
+        std::thread::yield_now();
+    }
+    subscription.unsubscribe();
+    release.send(()).unwrap();
+    bus.flush(WAIT).unwrap();
+    assert_eq!(seqs_of(&seen, 5), [0]);
+    let stats = bus.stats();
+    assert_eq!((stats.cancelled, stats.succeeded), (3, 62));
+    assert!(bus.shutdown().unwrap().is_balanced());
+}

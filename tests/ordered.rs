@@ -517,7 +517,7 @@ fn deferred_heads_delayed_events_and_an_unsubscribe_keep_the_order() {
                         let _ = released.recv();
                         deferred.succeed();
                     });
-                } else if s.seq % 3 == 0 {
+                } else if s.seq.is_multiple_of(3) {
                     // Every third event completes on another thread a moment later; key 0's
                     // first fails there once.
                     let deferred = ctx.defer();

@@ -329,8 +329,12 @@ pub struct Pending {
     /// spill queues, and its handlers running.
     pub lanes: Vec<LanePending>,
     /// Each subscription with deliveries parked (see
-    /// [`Subscription::pause`](crate::Subscription::pause)), in subscription order.
+    /// [`Subscription::pause`](crate::Subscription::pause)) or waiting behind their key, in
+    /// subscription order.
     pub parked: Vec<ParkedPending>,
+    /// The keys that dead letters hold (see
+    /// [`hold_on_dead_letter`](crate::SubscribeOptions::hold_on_dead_letter)).
+    pub held: Vec<crate::dead_letter::HeldKey>,
 }
 
 /// The deliveries one subscription had parked when a `flush` gave up.
@@ -445,6 +449,13 @@ impl fmt::Display for FlushError {
                         })
                         .collect();
                     write!(f, "; {}", parked.join("; "))?;
+                }
+                for h in &p.held {
+                    write!(
+                        f,
+                        "; key {} of {} ({}) held by dead letter {} ({} waiting)",
+                        h.key, h.handler, h.service, h.dead_letter, h.waiting
+                    )?;
                 }
                 Ok(())
             }

@@ -389,7 +389,7 @@ pub use crate::config::{
 };
 pub use crate::context::{Context, Handler};
 pub use crate::dead_letter::{
-    DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, RedriveError,
+    DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, HeldKey, RedriveError,
 };
 pub use crate::defer::Deferred;
 pub use crate::error::{

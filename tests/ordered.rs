@@ -403,6 +403,21 @@ fn a_dead_letter_holds_its_key_until_redriven_or_skipped() {
     }
     let held = bus.dead_letters().list();
     assert_eq!(held.len(), 1);
+    // Which key is held, by which dead letter, and how many wait: in the dead letters and in
+    // the flush's error.
+    let keys = bus.dead_letters().held();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(
+        (
+            keys[0].key,
+            keys[0].dead_letter,
+            keys[0].waiting,
+            keys[0].handler.as_str()
+        ),
+        (0, held[0].id(), 6, "ledger")
+    );
+    assert_eq!(pending.held, keys);
+    assert!(err.to_string().contains("key 0 of ledger"), "{err}");
     // Fixed, then redriven: the key goes on in order.
     *broken.lock().unwrap() = None;
     bus.dead_letters().redrive(held[0].id()).unwrap();

@@ -2,7 +2,7 @@
 //! and purge, over the ring and the engine.
 
 use super::*;
-use crate::dead_letter::{DeadLetterFilter, Line};
+use crate::dead_letter::{DeadLetterFilter, HeldKey, Line};
 
 /// What [`DeadLetters::load_json_lines`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -116,6 +116,13 @@ impl DeadLetters {
     /// sink could not write.
     pub fn sink_failures(&self) -> u64 {
         self.ring().sink_failures.load(Ordering::Relaxed)
+    }
+
+    /// The keys of ordered subscriptions that their dead letters hold now
+    /// ([`hold_on_dead_letter`](crate::SubscribeOptions::hold_on_dead_letter)), oldest first,
+    /// with how many deliveries wait behind each.
+    pub fn held(&self) -> Vec<HeldKey> {
+        self.core.held_keys()
     }
 
     /// Every dead letter, oldest first.

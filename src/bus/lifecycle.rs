@@ -243,6 +243,7 @@ impl Core {
                     paused: meta.is_paused(),
                 })
                 .collect(),
+            held: self.held_keys(),
         }
     }
 
@@ -602,11 +603,9 @@ impl Core {
             let in_handler = state != IDLE && state != ABANDONED && seam_of(state).is_none();
             match in_handler {
                 false => {
-                    // In a callback (or the bus's own code): what it held is abandoned, and
-                    // what waited for its key there never runs.
+                    // In a callback (or the bus's own code): what it held is abandoned.
                     let held = worker.holding.load(Ordering::Relaxed);
-                    let waiting = worker.key_waiting.load(Ordering::Relaxed);
-                    given_up += held + waiting;
+                    given_up += held;
                     detached.push(AbandonedDelivery {
                         worker: name,
                         lane,
@@ -614,15 +613,13 @@ impl Core {
                         event_id,
                         handler: String::new(),
                         seam: Some(seam_of(state).map_or("bus", |seam| seam.name())),
-                        deliveries: held + waiting,
+                        deliveries: held,
                     });
                 }
                 true => {
                     // In a handler: that delivery is abandoned, the event's later deliveries
                     // are left, and its failed ones held for retry are discarded.
-                    // What waited for its key on that worker is left too.
-                    let left = worker.remaining.load(Ordering::Relaxed)
-                        + worker.key_waiting.load(Ordering::Relaxed);
+                    let left = worker.remaining.load(Ordering::Relaxed);
                     let held = worker.held_retries.load(Ordering::Relaxed);
                     given_up += 1;
                     swept.outcomes.left += left;

@@ -191,8 +191,8 @@ pub(crate) struct WorkerShared {
     pub(crate) parked: Mutex<Parked>,
     /// Set by a resume: the worker runs what it parked before its next message.
     pub(crate) release: AtomicBool,
-    /// Deliveries waiting for their key's head (ordered subscriptions).
-    pub(crate) key_waiting: AtomicU64,
+    /// Deliveries waiting behind their keys' heads (ordered subscriptions).
+    pub(crate) waiting: Mutex<Waiting>,
     /// Keys whose head settled on another thread: (subscription, key, head).
     pub(crate) key_releases: Mutex<Vec<(u64, u64, EventId)>>,
     /// Events the running handler published, with their delay if any.

@@ -2,30 +2,44 @@
 //! failed and waiting for its retry — and the key's later deliveries waiting behind it, in
 //! the order they came.
 //!
-//! A key maps to one shard of each lane, so the state is the worker's own: a map from
-//! (subscription, key) to the key's *head* (the event in progress) and the deliveries
-//! waiting. A key enters the map only when its delivery does not settle while it runs (it
-//! failed and waits for a retry, or was deferred); a delivery that succeeds at once costs the
-//! check that the map is empty. When the head settles, the next waiting delivery becomes the
-//! head and goes to the worker's own overflow queue, which it runs before its next message.
-//! A head settled on another thread (a deferral completed) is reported through the shard's
-//! `key_releases`. Waiting deliveries are parked work: counted against the subscription's
-//! park capacity, swept at shutdown (moved to the shard's parking when the worker stops).
+//! A key maps to one shard of each lane, so the heads are the worker's own: a map from
+//! (subscription, key) to the key's *head* (the event in progress). A key enters the map only
+//! when its delivery does not settle while it runs (it failed and waits for a retry, or was
+//! deferred); a delivery that succeeds at once costs the check that the map is empty. The
+//! deliveries waiting behind a head are in the shard's `waiting` queues (shared, so that
+//! shutdown sweeps them and reports count them). When the head settles, the next waiting
+//! delivery becomes the head and goes to the worker's own overflow queue, which it runs before
+//! its next message. A head settled on another thread (a deferral completed, a dead letter
+//! skipped) is reported through the shard's `key_releases`. Waiting deliveries are parked
+//! work: counted against the subscription's park capacity, dead-lettered at shutdown.
 
 use std::collections::HashMap;
 
 use super::*;
+use crate::dead_letter::HeldKey;
 
-/// One key of one ordered subscription on this shard.
-pub(crate) struct KeyState {
-    /// The event whose delivery is in progress.
-    head: EventId,
-    /// The later deliveries, in the order they came.
-    waiting: VecDeque<Retry>,
+/// The keys in progress on a worker, by (subscription, key): the event whose delivery is in
+/// progress.
+pub(crate) type Keys = HashMap<(u64, u64), EventId>;
+
+/// The deliveries waiting behind their keys' heads on one shard, by (subscription, key), in
+/// the order they came.
+#[derive(Default)]
+pub(crate) struct Waiting {
+    queues: HashMap<(u64, u64), VecDeque<Retry>>,
 }
 
-/// The keys in progress on a worker, by (subscription, key).
-pub(crate) type Keys = HashMap<(u64, u64), KeyState>;
+impl Waiting {
+    /// How many wait behind key `key` of subscription `sub`.
+    pub(crate) fn len_of(&self, sub: u64, key: u64) -> usize {
+        self.queues.get(&(sub, key)).map_or(0, VecDeque::len)
+    }
+
+    /// Takes them all (shutdown, once the worker has stopped).
+    pub(crate) fn take(&mut self) -> Vec<Retry> {
+        self.queues.drain().flat_map(|(_, q)| q).collect()
+    }
+}
 
 impl Worker<'_> {
     /// Whether a delivery of `envelope` to `meta`'s ordered subscription must wait behind its
@@ -41,7 +55,7 @@ impl Worker<'_> {
         envelope.key().is_some_and(|key| {
             self.keys
                 .get(&(meta.id, key.get()))
-                .is_some_and(|state| state.head != envelope.id())
+                .is_some_and(|head| *head != envelope.id())
         })
     }
 
@@ -54,10 +68,7 @@ impl Worker<'_> {
         {
             self.keys
                 .entry((meta.id, key.get()))
-                .or_insert_with(|| KeyState {
-                    head: envelope.id(),
-                    waiting: VecDeque::new(),
-                });
+                .or_insert_with(|| envelope.id());
         }
     }
 
@@ -79,18 +90,30 @@ impl Worker<'_> {
     #[cold]
     #[inline(never)]
     pub(super) fn key_done(&mut self, sub: u64, key: u64, head: Option<EventId>) {
-        let Some(state) = self.keys.get_mut(&(sub, key)) else {
+        let Some(current) = self.keys.get_mut(&(sub, key)) else {
             return;
         };
-        if head.is_some_and(|head| head != state.head) {
+        if head.is_some_and(|head| head != *current) {
             return;
         }
-        let Some(next) = state.waiting.pop_front() else {
+        let next = {
+            let mut waiting = self.shared.waiting.lock();
+            let queue = waiting.queues.get_mut(&(sub, key));
+            let next = queue.and_then(VecDeque::pop_front);
+            if waiting
+                .queues
+                .get(&(sub, key))
+                .is_some_and(VecDeque::is_empty)
+            {
+                waiting.queues.remove(&(sub, key));
+            }
+            next
+        };
+        let Some(next) = next else {
             self.keys.remove(&(sub, key));
             return;
         };
-        state.head = next.event.envelope.id();
-        self.shared.key_waiting.fetch_sub(1, Ordering::Relaxed);
+        *current = next.event.envelope.id();
         unparked(self.core, (next.ops.meta)(&next.sub));
         self.shared.hand_over(Routed {
             shard: self.index,
@@ -136,15 +159,16 @@ impl Worker<'_> {
             unreachable!("only keyed deliveries wait for their key")
         };
         parked(self.core, meta);
-        self.shared.key_waiting.fetch_add(1, Ordering::Relaxed);
         let id = retry.subscription();
         self.keys
             .entry((id, key.get()))
-            .or_insert_with(|| KeyState {
-                head: retry.event.envelope.id(),
-                waiting: VecDeque::new(),
-            })
+            .or_insert_with(|| retry.event.envelope.id());
+        self.shared
             .waiting
+            .lock()
+            .queues
+            .entry((id, key.get()))
+            .or_default()
             .push_back(retry);
         self.shared.hand_off(1);
     }
@@ -156,23 +180,45 @@ impl Worker<'_> {
             self.key_done(sub, key, Some(head));
         }
     }
-
-    /// The worker stops: what waits for its key joins the shard's parking, each key's in
-    /// order, for shutdown to sweep.
-    pub(super) fn stash_waiting(&mut self) {
-        for (_, state) in self.keys.drain() {
-            for retry in state.waiting {
-                unparked(self.core, (retry.ops.meta)(&retry.sub));
-                self.shared.key_waiting.fetch_sub(1, Ordering::Relaxed);
-                parked(self.core, (retry.ops.meta)(&retry.sub));
-                let sub = retry.subscription();
-                self.shared.parked.lock().push(sub, retry);
-            }
-        }
-    }
 }
 
 impl Core {
+    /// The keys that dead letters in the ring hold now, with how many deliveries wait behind
+    /// each.
+    pub(crate) fn held_keys(&self) -> Vec<HeldKey> {
+        let mut letters = Vec::new();
+        self.dead_letters
+            .each(&crate::dead_letter::DeadLetterFilter::new(), |letter| {
+                if let Some(key) = letter.envelope().key() {
+                    letters.push((letter.id(), letter.subscription, letter.reason(), key, {
+                        letter.envelope().id()
+                    }));
+                }
+            });
+        letters
+            .into_iter()
+            .filter_map(|(id, sub, reason, key, event_id)| {
+                let meta = self.registry.lookup(sub)?;
+                holds_key(&meta, reason).then(|| {
+                    let lane = &self.lanes[meta.lane as usize];
+                    let shard = lane.start + key.shard(lane.workers);
+                    HeldKey {
+                        dead_letter: id,
+                        event_id,
+                        service: meta.service.as_str().to_owned(),
+                        handler: meta.name.to_string(),
+                        key: key.get(),
+                        waiting: self.shards[shard]
+                            .worker
+                            .waiting
+                            .lock()
+                            .len_of(sub, key.get()),
+                    }
+                })
+            })
+            .collect()
+    }
+
     /// Dead letters that left the ring without being redriven — skipped, purged, or
     /// `evicted` to make room — no longer hold their keys: the later deliveries run. An
     /// evicted one that held its key is counted.

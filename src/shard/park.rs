@@ -29,11 +29,6 @@ impl Parked {
         &mut self.queues[at].1
     }
 
-    /// Parks `retry` last for `sub`.
-    pub(super) fn push(&mut self, sub: u64, retry: Retry) {
-        self.queue(sub).push_back(retry);
-    }
-
     /// The oldest delivery parked for `sub`, unless its subscription holds them still — but
     /// for a half-open breaker's probe (then `true`, the probe taken).
     fn next(&mut self, sub: u64) -> Option<(Retry, bool)> {
@@ -77,11 +72,13 @@ impl WorkerShared {
             .sum()
     }
 
-    /// Takes every delivery parked on the shard, each subscription's in order (shutdown, once
-    /// the worker has stopped).
+    /// Takes every delivery parked on the shard or waiting behind its key's head (shutdown,
+    /// once the worker has stopped, or was detached).
     pub(crate) fn take_parked(&self, core: &Core) -> Vec<Retry> {
         let queues = std::mem::take(&mut self.parked.lock().queues);
-        let taken: Vec<Retry> = queues.into_iter().flat_map(|(_, q)| q).collect();
+        let mut taken: Vec<Retry> = queues.into_iter().flat_map(|(_, q)| q).collect();
+        // And those waiting behind their keys' heads.
+        taken.extend(self.waiting.lock().take());
         for retry in &taken {
             unparked(core, (retry.ops.meta)(&retry.sub));
         }

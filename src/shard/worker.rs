@@ -872,9 +872,6 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
     };
     worker.run_loop(&shard.rx);
     worker.close_batch();
-    if !worker.detached {
-        worker.stash_waiting();
-    }
     if let Some(recorder) = &mut worker.recorder {
         recorder.exit(&core.metrics, &shard.worker.collect);
     } else {

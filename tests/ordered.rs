@@ -600,3 +600,67 @@ fn deferred_heads_delayed_events_and_an_unsubscribe_keep_the_order() {
     assert_eq!((stats.cancelled, stats.succeeded), (3, 62));
     assert!(bus.shutdown().unwrap().is_balanced());
 }
+
+#[test]
+fn behind_a_circuit_breaker_each_key_keeps_its_order_with_every_attempt() {
+    use microbus::CircuitBreaker;
+    use std::sync::atomic::AtomicBool;
+    let bus = Bus::builder()
+        .workers(2)
+        .retry(RetryPolicy::fixed(Duration::from_millis(2)).max_attempts(3))
+        .build()
+        .unwrap();
+    let down = Arc::new(AtomicBool::new(true));
+    let calls: Arc<Mutex<KeyCalls>> = Arc::default();
+    {
+        let (down, calls) = (down.clone(), calls.clone());
+        bus.subscribe_with(
+            SubscribeOptions::new().ordered().circuit_breaker(
+                CircuitBreaker::new(3, Duration::from_millis(5))
+                    .max_cool_down(Duration::from_millis(20)),
+            ),
+            move |s: &Step, ctx: &Context| -> HandlerResult {
+                calls
+                    .lock()
+                    .unwrap()
+                    .entry(s.key)
+                    .or_default()
+                    .push((s.seq, ctx.attempt()));
+                if down.load(Ordering::SeqCst) {
+                    return Err(HandlerError::msg("down"));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    }
+    publish_steps(&bus, 8, 0..100);
+    std::thread::sleep(Duration::from_millis(100));
+    down.store(false, Ordering::SeqCst);
+    publish_steps(&bus, 8, 100..200);
+    bus.flush(WAIT).unwrap();
+    let stats = bus.stats();
+    assert_eq!(
+        (stats.succeeded, stats.dead_lettered),
+        (1_600, 0),
+        "{stats:?}"
+    );
+    // Per key: seqs never go back, and a seq starts only after the one before succeeded (the
+    // last call of a seq is its success: nothing was dead-lettered).
+    for (key, seen) in calls.lock().unwrap().iter() {
+        let mut successes = Vec::new();
+        for pair in seen.windows(2) {
+            let ((seq, _), (next, attempt)) = (pair[0], pair[1]);
+            assert!(
+                next == seq || (next > seq && attempt == 1),
+                "key {key}: {seen:?}"
+            );
+            if next != seq {
+                successes.push(seq);
+            }
+        }
+        successes.push(seen.last().unwrap().0);
+        assert_eq!(successes, (0..200).collect::<Vec<_>>(), "key {key}");
+    }
+    assert!(bus.shutdown().unwrap().is_balanced());
+}

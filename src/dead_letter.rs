@@ -538,6 +538,8 @@ pub struct HeldKey {
     pub dead_letter: u64,
     /// Its event's id.
     pub event_id: EventId,
+    /// The subscription's id.
+    pub subscription: u64,
     /// The subscribing service.
     pub service: String,
     /// The handler's name.

@@ -417,6 +417,16 @@ fn a_dead_letter_holds_its_key_until_redriven_or_skipped() {
         (0, held[0].id(), 6, "ledger")
     );
     assert_eq!(pending.held, keys);
+    let metrics = bus.metrics();
+    assert_eq!(
+        (metrics.handlers[0].held_keys, metrics.handlers[0].parked),
+        (1, 6)
+    );
+    assert!(
+        metrics
+            .to_prometheus()
+            .contains("microbus_handler_held_keys{")
+    );
     assert!(err.to_string().contains("key 0 of ledger"), "{err}");
     // Fixed, then redriven: the key goes on in order.
     *broken.lock().unwrap() = None;

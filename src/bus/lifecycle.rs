@@ -364,6 +364,10 @@ impl Core {
             snapshot.workers_behind = Collect::wait_all(asked.iter().copied(), own);
             snapshot.events = self.registry.counters.event_counts();
             (snapshot.handlers, snapshot.event_latency) = metrics.handler_metrics();
+            let held = self.held_keys();
+            for h in snapshot.handlers.iter_mut().filter(|h| h.ordered) {
+                h.held_keys = held.iter().filter(|k| k.subscription == h.id).count() as u64;
+            }
         }
         snapshot.stats = self.stats();
         snapshot.queue_depth = self

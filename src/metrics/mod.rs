@@ -536,6 +536,8 @@ impl Metrics {
                         .breaker
                         .as_ref()
                         .map_or(0, |b| b.opened.load(Ordering::Relaxed)),
+                    ordered: meta.ordered,
+                    held_keys: 0,
                     queue_wait: latencies.queue_wait.summary(&mut scratch),
                     handler_time: latencies.handler.summary(&mut scratch),
                     end_to_end: latencies.end_to_end.summary(&mut scratch),

@@ -102,6 +102,12 @@ pub struct HandlerMetrics {
     /// How many times its circuit breaker opened.
     #[serde(default)]
     pub breaker_opened: u64,
+    /// Whether it is ordered ([`SubscribeOptions::ordered`](crate::SubscribeOptions::ordered)).
+    #[serde(default)]
+    pub ordered: bool,
+    /// Its keys that dead letters hold now (their waiting deliveries are in `parked`).
+    #[serde(default)]
+    pub held_keys: u64,
     /// From publish to the start of the first attempt.
     pub queue_wait: Latency,
     /// How long the handler ran, every attempt.
@@ -504,6 +510,14 @@ impl MetricsSnapshot {
                 &labels,
                 u64::from(h.paused),
             );
+            if h.ordered {
+                out.gauge(
+                    "microbus_handler_held_keys",
+                    "Keys of an ordered handler that dead letters hold.",
+                    &labels,
+                    h.held_keys,
+                );
+            }
             if let Some(state) = h.breaker {
                 out.gauge(
                     "microbus_handler_breaker_state",

@@ -205,6 +205,7 @@ impl Core {
                     HeldKey {
                         dead_letter: id,
                         event_id,
+                        subscription: sub,
                         service: meta.service.as_str().to_owned(),
                         handler: meta.name.to_string(),
                         key: key.get(),

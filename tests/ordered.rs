@@ -674,3 +674,52 @@ fn behind_a_circuit_breaker_each_key_keeps_its_order_with_every_attempt() {
     }
     assert!(bus.shutdown().unwrap().is_balanced());
 }
+
+#[test]
+fn waiting_deliveries_count_against_the_park_capacity() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let (release, released) = crossbeam_channel::bounded::<()>(1);
+    let handled = Arc::new(AtomicU64::new(0));
+    {
+        let handled = handled.clone();
+        bus.subscribe_with(
+            SubscribeOptions::new().ordered().park_capacity(10),
+            move |s: &Step, ctx: &Context| -> HandlerResult {
+                if s.seq == 0 {
+                    // The head defers until released: the key's later events wait.
+                    let (deferred, released) = (ctx.defer(), released.clone());
+                    std::thread::spawn(move || {
+                        let _ = released.recv();
+                        deferred.succeed();
+                    });
+                }
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            },
+        )
+        .unwrap();
+    }
+    publish_steps(&bus, 1, 0..11);
+    let started = std::time::Instant::now();
+    while bus.metrics().handlers[0].parked < 10 {
+        assert!(started.elapsed() < WAIT);
+        std::thread::yield_now();
+    }
+    // Ten wait: the next publish is held back (a try gets it back).
+    let back = bus.try_publish_with(
+        Step {
+            publisher: 0,
+            key: 0,
+            seq: 11,
+        },
+        Publish::keyed(0u64),
+    );
+    assert!(
+        matches!(back, Err(microbus::TryPublishError::Full(_))),
+        "{back:?}"
+    );
+    release.send(()).unwrap();
+    bus.flush(WAIT).unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 11);
+    assert!(bus.shutdown().unwrap().is_balanced());
+}

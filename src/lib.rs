@@ -133,7 +133,9 @@
 //! [`BusBuilder::stall_after`]; [`SubscribeOptions::timeout`] gives a handler
 //! [`Context::deadline`]; a [`HandlerError`] can say what to do ([`Verdict`]:
 //! [`HandlerError::retry_after`], [`HandlerError::discard`]) and
-//! [`SubscribeOptions::retry_if`] classifies the rest; [`Bus::health`] sums it up.
+//! [`SubscribeOptions::retry_if`] classifies the rest; [`Bus::health`] sums it up. An
+//! *ordered* subscription ([`SubscribeOptions::ordered`]) keeps each key's events in order
+//! through all of it, retries included: one delivery per key is in progress at a time.
 //!
 //! ```
 //! use microbus::{

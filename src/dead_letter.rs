@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::Envelope;
 use crate::guard::{Runner, Seam, drop_with};
-use crate::id::EventId;
 use crate::sync::{AtomicU64, Ordering};
 
 /// Why a delivery was dead-lettered.
@@ -526,28 +525,6 @@ impl Clone for DeadLetter {
             blocked: self.blocked.clone(),
         }
     }
-}
-
-/// A key of an ordered subscription that its dead letter holds (see
-/// [`hold_on_dead_letter`](crate::SubscribeOptions::hold_on_dead_letter)): its later
-/// deliveries wait until the dead letter is redriven, skipped, purged or evicted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct HeldKey {
-    /// The dead letter's id.
-    pub dead_letter: u64,
-    /// Its event's id.
-    pub event_id: EventId,
-    /// The subscription's id.
-    pub subscription: u64,
-    /// The subscribing service.
-    pub service: String,
-    /// The handler's name.
-    pub handler: String,
-    /// The key.
-    pub key: u64,
-    /// The deliveries waiting behind it.
-    pub waiting: usize,
 }
 
 #[cfg(test)]

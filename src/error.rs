@@ -334,7 +334,7 @@ pub struct Pending {
     pub parked: Vec<ParkedPending>,
     /// The keys that dead letters hold (see
     /// [`hold_on_dead_letter`](crate::SubscribeOptions::hold_on_dead_letter)).
-    pub held: Vec<crate::dead_letter::HeldKey>,
+    pub held: Vec<crate::stats::HeldKey>,
 }
 
 /// The deliveries one subscription had parked when a `flush` gave up.

@@ -391,7 +391,7 @@ pub use crate::config::{
 };
 pub use crate::context::{Context, Handler};
 pub use crate::dead_letter::{
-    DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, HeldKey, RedriveError,
+    DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, RedriveError,
 };
 pub use crate::defer::Deferred;
 pub use crate::error::{
@@ -414,7 +414,7 @@ pub use crate::retry::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_DELAY, DEFAULT_RETRY_DELAY, MAX_ATTEMPTS, RetryPolicy,
 };
 pub use crate::stats::{
-    AbandonedDelivery, BusStats, LaneReport, SHUTDOWN_GRACE, ShutdownReport, Stall,
+    AbandonedDelivery, BusStats, HeldKey, LaneReport, SHUTDOWN_GRACE, ShutdownReport, Stall,
 };
 pub use crate::subscription::{SubscribeOptions, Subscription, SubscriptionStats};
 pub use crate::tap::Tapped;

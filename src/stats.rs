@@ -334,6 +334,28 @@ impl BusStats {
     }
 }
 
+/// A key of an ordered subscription that its dead letter holds (see
+/// [`hold_on_dead_letter`](crate::SubscribeOptions::hold_on_dead_letter)): its later
+/// deliveries wait until the dead letter is redriven, skipped, purged or evicted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeldKey {
+    /// The dead letter's id.
+    pub dead_letter: u64,
+    /// Its event's id.
+    pub event_id: EventId,
+    /// The subscription's id.
+    pub subscription: u64,
+    /// The subscribing service.
+    pub service: String,
+    /// The handler's name.
+    pub handler: String,
+    /// The key.
+    pub key: u64,
+    /// The deliveries waiting behind it.
+    pub waiting: usize,
+}
+
 /// A delivery still running past its `stall_after`
 /// ([`BusBuilder::stall_after`](crate::BusBuilder::stall_after),
 /// [`SubscribeOptions::stall_after`](crate::SubscribeOptions::stall_after)): what

@@ -173,19 +173,7 @@ fn a_retry_holds_back_its_key_only() {
         .unwrap();
     }
     // Key 0's first event fails; key 1's events, and unkeyed ones, do not wait for it.
-    for seq in 0..3 {
-        for key in 0..2 {
-            bus.publish_with(
-                Step {
-                    publisher: 0,
-                    key,
-                    seq,
-                },
-                Publish::keyed(key),
-            )
-            .unwrap();
-        }
-    }
+    publish_steps(&bus, 2, 0..3);
     bus.publish(Step {
         publisher: 0,
         key: 9,

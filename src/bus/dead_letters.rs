@@ -2,7 +2,8 @@
 //! and purge, over the ring and the engine.
 
 use super::*;
-use crate::dead_letter::{DeadLetterFilter, HeldKey, Line};
+use crate::dead_letter::{DeadLetterFilter, Line};
+use crate::stats::HeldKey;
 
 /// What [`DeadLetters::load_json_lines`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

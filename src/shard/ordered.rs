@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::dead_letter::HeldKey;
+use crate::stats::HeldKey;
 
 /// The keys in progress on a worker, by (subscription, key): the event whose delivery is in
 /// progress.

@@ -458,3 +458,45 @@ fn a_full_park_sheds_publishes_in_a_shed_lane_but_keeps_what_handlers_publish() 
     assert!(report.is_balanced(), "{report}");
     assert_eq!(report.lanes[1].shed, 150);
 }
+
+#[test]
+fn pausing_again_while_parked_deliveries_are_released_keeps_each_key_in_order() {
+    for _round in 0..8 {
+        let bus = Arc::new(Bus::builder().workers(2).build().unwrap());
+        let seen: Arc<Mutex<HashMap<u64, Vec<u64>>>> = Arc::default();
+        let subscription = {
+            let seen = seen.clone();
+            bus.subscribe(move |k: &Keyed, _: &Context| -> HandlerResult {
+                seen.lock().unwrap().entry(k.key).or_default().push(k.seq);
+                Ok(())
+            })
+            .unwrap()
+        };
+        let publisher = {
+            let bus = bus.clone();
+            std::thread::spawn(move || {
+                for seq in 0..EVENTS {
+                    bus.publish_with(
+                        Keyed { key: seq % 8, seq },
+                        microbus::Publish::keyed(seq % 8),
+                    )
+                    .unwrap();
+                }
+            })
+        };
+        // Pauses and resumes back to back: some land while a worker releases what it
+        // parked.
+        while !publisher.is_finished() {
+            subscription.pause();
+            std::thread::yield_now();
+            subscription.resume();
+        }
+        publisher.join().unwrap();
+        subscription.resume();
+        bus.flush(WAIT).unwrap();
+        for (key, seqs) in seen.lock().unwrap().iter() {
+            let expected: Vec<u64> = (0..EVENTS).filter(|s| s % 8 == *key).collect();
+            assert_eq!(seqs, &expected, "key {key}");
+        }
+    }
+}

@@ -365,13 +365,20 @@ impl Worker<'_> {
         debug_assert!(self.in_batch, "deliveries run inside a batch");
         if self.must_park(&sub.meta) && sub.meta.active.load(Ordering::Relaxed) {
             // Run later, at this same attempt, after those parked before it; or, a publish
-            // admitted into a `Shed` lane past the subscription's park capacity, shed.
+            // admitted into a `Shed` lane past the subscription's park capacity, shed. One
+            // being released when the subscription was paused again goes back first in line:
+            // it is the oldest.
             let shed = self.admitted && first && sub.meta.park_full();
+            let then = match () {
+                _ if shed => Then::Shed,
+                _ if self.releasing == Some(sub.meta.id) => Then::Repark,
+                _ => Then::Park,
+            };
             self.pending.push(Failed {
                 sub: sub.clone(),
                 attempt,
                 error: String::new(),
-                then: if shed { Then::Shed } else { Then::Park },
+                then,
             });
             shared
                 .held_retries

@@ -378,6 +378,7 @@ mod stats;
 mod subscription;
 mod sync;
 mod tap;
+pub mod testing;
 mod timer;
 mod trace;
 mod track;

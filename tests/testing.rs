@@ -115,3 +115,50 @@ fn a_dropped_recorder_stops_recording_and_wait_for_times_out() {
     assert_eq!(later.events()[0].seq, 10);
     assert_eq!(later.len(), 1);
 }
+
+#[test]
+fn a_handlers_event_that_nobody_hears_is_published_once_and_only_if_it_succeeds() {
+    use microbus::{HandlerError, RetryPolicy};
+    let bus = Bus::builder()
+        .workers(1)
+        .retry(RetryPolicy::fixed(Duration::from_millis(1)).max_attempts(3))
+        .build()
+        .unwrap();
+    let numbered = bus.record::<Numbered>();
+    // Stages an event no one subscribes to, then fails: twice for seq 0, always for seq 1.
+    bus.subscribe(|k: &Keyed, ctx: &Context| -> HandlerResult {
+        ctx.publish(Numbered {
+            publisher: 3,
+            seq: k.seq,
+        })?;
+        if k.seq == 1 || ctx.attempt() < 3 {
+            return Err(HandlerError::msg("after staging"));
+        }
+        Ok(())
+    })
+    .unwrap();
+    for seq in 0..2 {
+        bus.publish(Keyed { key: 0, seq }).unwrap();
+    }
+    bus.flush(WAIT).unwrap();
+    // Seq 0's third attempt published it; seq 1 never succeeded and published nothing.
+    assert_eq!(
+        numbered.events(),
+        [Numbered {
+            publisher: 3,
+            seq: 0
+        }]
+    );
+    let stats = bus.stats();
+    assert_eq!(
+        (stats.unmatched, stats.failed, stats.dead_lettered),
+        (1, 5, 1)
+    );
+    let metrics = bus.metrics();
+    let counts = metrics
+        .events
+        .iter()
+        .find(|e| e.event == "Numbered")
+        .unwrap();
+    assert_eq!((counts.published, counts.unmatched), (1, 1));
+}

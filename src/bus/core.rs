@@ -131,7 +131,7 @@ pub(crate) struct Core {
     pub(super) signal_rx: Receiver<()>,
     pub(super) closing: AtomicBool,
     pub(super) stopped: AtomicBool,
-    pub(super) unmatched: CachePadded<AtomicU64>,
+    pub(crate) unmatched: CachePadded<AtomicU64>,
     pub(super) refused: AtomicU64,
     pub(super) idle_lock: Mutex<()>,
     pub(super) idle_cv: Condvar,

@@ -761,7 +761,14 @@ impl Core {
         let envelope = stamp.envelope(source);
         let id = envelope.id();
         if route.deliveries == 0 {
-            self.count_unmatched(&event, envelope);
+            // Staged like any other, and sent only if the handler succeeds: the worker that
+            // takes it counts it as unmatched and shows it to the taps.
+            let shard = self.lanes[0].shard_for(&envelope);
+            let task = Task::new(envelope, route.generation, 0, event);
+            stage(Routed {
+                shard,
+                work: Work::Task(task),
+            });
             return Ok(id);
         }
         match route.single() {

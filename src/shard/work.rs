@@ -287,6 +287,10 @@ pub(super) fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
             task.deliveries(),
         );
     }
+    if task.deliveries() == 0 {
+        // A handler's event that matched no subscription, published as the handler succeeded.
+        worker.core.unmatched.fetch_add(1, Ordering::Relaxed);
+    }
     run_event(
         worker,
         &task.envelope,

@@ -500,8 +500,10 @@ impl Worker<'_> {
     pub(super) fn discard_outbox(&mut self) {
         for (routed, _) in self.shared.outbox.lock().drain(..) {
             if let Some((type_id, source, events)) = routed.work.events() {
+                // A single event staged with no subscription was counted as unmatched.
+                let unmatched = matches!(&routed.work, Work::Task(t) if t.deliveries() == 0);
                 let registry = &self.core.registry;
-                registry.uncount(type_id, source, events as u64, false);
+                registry.uncount(type_id, source, events as u64, unmatched);
             }
         }
     }

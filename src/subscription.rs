@@ -95,7 +95,8 @@ impl SubscribeOptions {
     /// it matches waits in a `Block` lane (`try_publish` and `publish_timeout` get `Full`),
     /// and in a `Shed` lane its delivery is shed. Work already accepted — retries, delayed
     /// events, events handlers published — parks all the same and may go past it; so may
-    /// publishers that checked at the same moment, by one event each. Zero is
+    /// publishers that checked at the same moment, by one event each, and a batch, which is
+    /// held back or let in as a whole. Zero is
     /// [`SubscribeError::Invalid`](crate::SubscribeError::Invalid).
     pub fn park_capacity(mut self, capacity: u64) -> SubscribeOptions {
         self.park_capacity = Some(capacity);

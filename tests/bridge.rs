@@ -1714,6 +1714,11 @@ fn a_paused_subscription_holds_its_import_back_and_its_entries_stay_pending() {
         |redis: &mut redis::Connection| pending_entries(redis, &exported.stream, "payments");
     assert!(pending(&mut redis) >= 50);
     assert_eq!(bridge.stats().acked, 0);
+    // The health report shows the paused subscription (a batch is held back as a whole, so
+    // the park may pass its capacity by one read).
+    let health = payments.health();
+    assert_eq!(health.paused.len(), 1);
+    assert!(health.paused[0].parked >= 50, "{health}");
     assert!(handled.lock().unwrap().is_empty());
     subscription.resume();
     assert_eq!(

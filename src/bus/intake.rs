@@ -188,7 +188,7 @@ impl Core {
     ) -> Result<EventId, (Refusal, E)> {
         let route = self.registry.route::<E>(source, 1);
         if self.parks_full.load(Ordering::Relaxed) > 0
-            && let Err(why) = self.wait_for_park_room::<E>(source, mode)
+            && let Err(why) = self.wait_for_park_room::<E>(source, mode, &|| false)
         {
             self.uncount(Counted::of::<E>(source, 1));
             return Err((why, event));
@@ -214,7 +214,12 @@ impl Core {
     /// may park past the bound.
     #[cold]
     #[inline(never)]
-    fn wait_for_park_room<E: Event>(&self, source: NameId, mode: Mode) -> Result<(), Refusal> {
+    fn wait_for_park_room<E: Event>(
+        &self,
+        source: NameId,
+        mode: Mode,
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<(), Refusal> {
         if OwnThread::worker_of(self.id).is_some() || matches!(mode, Mode::Accepted) {
             return Ok(());
         }
@@ -236,7 +241,7 @@ impl Core {
             if !full {
                 return Ok(());
             }
-            if self.is_closing() {
+            if self.is_closing() || give_up() {
                 return Err(Refusal::Shutdown);
             }
             match mode {
@@ -362,11 +367,22 @@ impl Core {
         source: NameId,
         items: impl IntoIterator<Item = (E, Stamp, Option<Duration>)>,
     ) -> Result<(), (Refusal, Vec<E>)> {
+        self.publish_batch_or_give_up(source, items, &|| false)
+    }
+
+    /// [`publish_batch`](Self::publish_batch), giving up (`Shutdown`) while held back by a
+    /// full park once `give_up` says so (a bridge that stops).
+    pub(crate) fn publish_batch_or_give_up<E: Event>(
+        &self,
+        source: NameId,
+        items: impl IntoIterator<Item = (E, Stamp, Option<Duration>)>,
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<(), (Refusal, Vec<E>)> {
         let route = self.registry.route::<E>(source, 0);
         let (generation, deliveries) = (route.generation, route.deliveries);
         let held = match self.parks_full.load(Ordering::Relaxed) {
             0 => Ok(()),
-            _ => self.wait_for_park_room::<E>(source, Mode::Block),
+            _ => self.wait_for_park_room::<E>(source, Mode::Block, give_up),
         };
         let result = if let Err(why) = held {
             Err((why, items.into_iter().map(|(event, ..)| event).collect()))

@@ -69,6 +69,7 @@ impl Bridge {
             counters: self.counters.clone(),
             recent: Recent::default(),
             settle,
+            stop: self.stop.clone(),
         };
         let importer = Importer {
             bus: self.bus.clone(),

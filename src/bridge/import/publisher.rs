@@ -12,6 +12,8 @@ pub(super) struct Publisher {
     pub(super) counters: Arc<Counters>,
     pub(super) recent: Recent,
     pub(super) settle: crossbeam_channel::Sender<Settle>,
+    /// The bridge's stop flag: a publish held back by a full park gives up when it is set.
+    pub(super) stop: Arc<AtomicBool>,
 }
 
 /// What becomes of one entry.
@@ -76,7 +78,12 @@ impl Publisher {
                     (event, stamp, None)
                 })
                 .collect();
-            if core.publish_batch(source, items).is_err() {
+            let stop = &self.stop;
+            let stopping = || stop.load(Ordering::SeqCst);
+            if core
+                .publish_batch_or_give_up(source, items, &stopping)
+                .is_err()
+            {
                 for (id, _, _) in trackers {
                     let _ = self.settle.send(Settle::Leave(id));
                 }

@@ -1703,6 +1703,18 @@ fn a_paused_subscription_holds_its_import_back_and_its_entries_stay_pending() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert!(parked() >= 50);
+    // Should an assertion below fail, resume before the bridge is dropped: a bridge stops
+    // once the entries it holds settle.
+    struct ResumeOnDrop<'a>(&'a microbus::Subscription);
+    impl Drop for ResumeOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.resume();
+        }
+    }
+    let _resume = ResumeOnDrop(&subscription);
+    while bridge.stats().imported == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // The import waits for room: it stops publishing, and so reading, while the park is
     // full; what it read stays pending, since nothing of it settled.
     let imported = bridge.stats().imported;

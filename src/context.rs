@@ -179,7 +179,7 @@ impl Context<'_> {
 
     /// Whether this call has passed its [`deadline`](Self::deadline) (never, without one).
     pub fn is_expired(&self) -> bool {
-        self.deadline.is_some_and(|at| Instant::now() >= at)
+        self.deadline.is_some_and(|at| self.core.clock.now() >= at)
     }
 
     /// Defers this delivery's outcome: the handler returns, the worker moves on, and the

@@ -145,6 +145,17 @@ impl Deferrals {
 pub(crate) const DEFERRED: &str = "deferred";
 
 impl Slot {
+    /// How a slot that was never armed (a [`TestContext`](crate::testing::TestContext)'s)
+    /// was completed: `None` while it was not; the error's text for a failure.
+    pub(crate) fn completed(&self) -> Option<Result<(), String>> {
+        match &*self.state.lock() {
+            State::Open(Some(result)) => {
+                Some(result.as_ref().map(|_| ()).map_err(|e| e.to_string()))
+            }
+            _ => None,
+        }
+    }
+
     /// The worker hands the delivery over; settles it at once if its outcome has arrived
     /// (user code, the hook or a tracker's callback, then runs under `runner`'s guard).
     pub(crate) fn arm(&self, core: &Core, retry: Retry, shard: usize, runner: &mut dyn Runner) {

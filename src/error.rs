@@ -368,10 +368,12 @@ pub struct LanePending {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum FlushErrorKind {
     Timeout(Pending),
+    WaitingOnClock(Box<Pending>),
     InHandler,
 }
 
-/// `flush` failed: it timed out (saying what remains), or it was called from a handler.
+/// `flush` failed: it timed out (saying what remains), all that remains waits for a manual
+/// clock to move, or it was called from a handler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlushError {
     kind: FlushErrorKind,
@@ -381,6 +383,12 @@ impl FlushError {
     pub(crate) fn timeout(pending: Pending) -> FlushError {
         FlushError {
             kind: FlushErrorKind::Timeout(pending),
+        }
+    }
+
+    pub(crate) fn waiting_on_clock(pending: Pending) -> FlushError {
+        FlushError {
+            kind: FlushErrorKind::WaitingOnClock(Box::new(pending)),
         }
     }
 
@@ -400,10 +408,19 @@ impl FlushError {
         matches!(self.kind, FlushErrorKind::InHandler)
     }
 
-    /// What remained when the timeout ran out.
+    /// Whether, on a bus built on a [`ManualClock`](crate::testing::ManualClock), all that
+    /// remained waits for the clock to move (a retry, a delayed publish, an open breaker):
+    /// `flush` says so at once instead of waiting out its timeout. [`pending`](Self::pending)
+    /// tells how long until the next is due (`next_due_in`).
+    pub fn is_waiting_on_clock(&self) -> bool {
+        matches!(self.kind, FlushErrorKind::WaitingOnClock(_))
+    }
+
+    /// What remained when the timeout ran out, or when only the clock could move it.
     pub fn pending(&self) -> Option<&Pending> {
         match &self.kind {
             FlushErrorKind::Timeout(p) => Some(p),
+            FlushErrorKind::WaitingOnClock(p) => Some(p),
             FlushErrorKind::InHandler => None,
         }
     }
@@ -412,57 +429,70 @@ impl FlushError {
 impl fmt::Display for FlushError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            FlushErrorKind::Timeout(p) => {
-                write!(
-                    f,
-                    "flush timed out with {} queued, {} running and {} waiting on the timer",
-                    p.queued, p.running, p.waiting
-                )?;
-                if let Some(due) = p.next_due_in {
-                    write!(f, " (the next due in {due:?})")?;
-                }
-                if p.deferred > 0 {
-                    write!(f, "; {} deferred deliveries not completed", p.deferred)?;
-                }
-                if p.lanes.len() > 1 {
-                    let lanes: Vec<String> = p
-                        .lanes
-                        .iter()
-                        .filter(|l| l.queued + l.running > 0)
-                        .map(|l| format!("{}: {} queued, {} running", l.lane, l.queued, l.running))
-                        .collect();
-                    write!(f, "; by lane: {}", lanes.join("; "))?;
-                }
-                if !p.parked.is_empty() {
-                    let parked: Vec<String> = p
-                        .parked
-                        .iter()
-                        .map(|s| {
-                            format!(
-                                "{} parked for {} of {} in lane {}{}",
-                                s.parked,
-                                s.handler,
-                                s.service,
-                                s.lane,
-                                if s.paused { " (paused)" } else { "" }
-                            )
-                        })
-                        .collect();
-                    write!(f, "; {}", parked.join("; "))?;
-                }
-                for h in &p.held {
-                    write!(
-                        f,
-                        "; key {} of {} ({}) held by dead letter {} ({} waiting)",
-                        h.key, h.handler, h.service, h.dead_letter, h.waiting
-                    )?;
-                }
-                Ok(())
-            }
+            FlushErrorKind::Timeout(p) => self.describe(f, p),
+            FlushErrorKind::WaitingOnClock(p) => self.describe(f, p),
             FlushErrorKind::InHandler => {
                 f.write_str("flush called from a handler of the same bus: it would wait for itself")
             }
         }
+    }
+}
+
+impl FlushError {
+    fn describe(&self, f: &mut fmt::Formatter<'_>, p: &Pending) -> fmt::Result {
+        if matches!(self.kind, FlushErrorKind::WaitingOnClock(_)) {
+            write!(
+                f,
+                "flush cannot finish until the manual clock moves: {} waiting on the timer",
+                p.waiting
+            )?;
+        } else {
+            write!(
+                f,
+                "flush timed out with {} queued, {} running and {} waiting on the timer",
+                p.queued, p.running, p.waiting
+            )?;
+        }
+        if let Some(due) = p.next_due_in {
+            write!(f, " (the next due in {due:?})")?;
+        }
+        if p.deferred > 0 {
+            write!(f, "; {} deferred deliveries not completed", p.deferred)?;
+        }
+        if p.lanes.len() > 1 {
+            let lanes: Vec<String> = p
+                .lanes
+                .iter()
+                .filter(|l| l.queued + l.running > 0)
+                .map(|l| format!("{}: {} queued, {} running", l.lane, l.queued, l.running))
+                .collect();
+            write!(f, "; by lane: {}", lanes.join("; "))?;
+        }
+        if !p.parked.is_empty() {
+            let parked: Vec<String> = p
+                .parked
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} parked for {} of {} in lane {}{}",
+                        s.parked,
+                        s.handler,
+                        s.service,
+                        s.lane,
+                        if s.paused { " (paused)" } else { "" }
+                    )
+                })
+                .collect();
+            write!(f, "; {}", parked.join("; "))?;
+        }
+        for h in &p.held {
+            write!(
+                f,
+                "; key {} of {} ({}) held by dead letter {} ({} waiting)",
+                h.key, h.handler, h.service, h.dead_letter, h.waiting
+            )?;
+        }
+        Ok(())
     }
 }
 

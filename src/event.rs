@@ -542,7 +542,7 @@ impl PartialEq for Envelope {
 impl Eq for Envelope {}
 
 impl Envelope {
-    #[inline(always)]
+    #[cfg(test)]
     pub(crate) fn stamp(source: NameId, options: Options) -> Envelope {
         Envelope::stamp_at(unix_nanos(), source, options)
     }
@@ -732,10 +732,11 @@ impl Stamp {
         }
     }
 
+    /// The envelope: a new one stamped at `nanos` (since the Unix epoch), or the one given.
     #[inline]
-    pub(crate) fn envelope(self, source: NameId) -> Envelope {
+    pub(crate) fn envelope(self, nanos: u64, source: NameId) -> Envelope {
         match self {
-            Stamp::New(options) => Envelope::stamp(source, options),
+            Stamp::New(options) => Envelope::stamp_at(nanos, source, options),
             Stamp::Given(envelope) => envelope,
         }
     }
@@ -803,7 +804,7 @@ mod tests {
             .delay(Duration::from_secs(1));
         let (stamp, delay) = options.clone().into_parts();
         assert_eq!(delay, Some(Duration::from_secs(1)));
-        let envelope = stamp.envelope(NameId::intern("event-tests-other"));
+        let envelope = stamp.envelope(unix_nanos(), NameId::intern("event-tests-other"));
         assert_eq!(envelope.id(), given.id());
         assert_eq!(envelope.source(), "event-tests-origin");
         assert_eq!(envelope.key().map(PartitionKey::get), Some(7));
@@ -815,7 +816,12 @@ mod tests {
         // A tracked publish's clone carries no tracker: the bus attaches one per call.
         let tracked = options.tracked();
         let (stamp, _) = tracked.clone().into_parts();
-        assert!(stamp.envelope(NameId::intern("x")).tracker().is_none());
+        assert!(
+            stamp
+                .envelope(unix_nanos(), NameId::intern("x"))
+                .tracker()
+                .is_none()
+        );
     }
 
     #[test]

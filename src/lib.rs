@@ -356,6 +356,7 @@ mod breaker;
 #[cfg(feature = "redis")]
 pub mod bridge;
 mod bus;
+mod clock;
 mod config;
 mod context;
 mod dead_letter;

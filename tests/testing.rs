@@ -162,3 +162,196 @@ fn a_handlers_event_that_nobody_hears_is_published_once_and_only_if_it_succeeds(
         .unwrap();
     assert_eq!((counts.published, counts.unmatched), (1, 1));
 }
+
+mod test_context {
+    use super::*;
+    use common::FollowUp;
+    use microbus::testing::{Deferral, ManualClock, TestContext};
+    use microbus::{Deferred, EventId, HandlerError};
+    use std::sync::Mutex;
+
+    #[test]
+    fn a_handler_that_stages_two_events_and_defers() {
+        let cause = EventId::new();
+        let correlation = EventId::new();
+        let mut ctx = TestContext::builder()
+            .event_id(cause)
+            .correlation_id(correlation)
+            .source("orders")
+            .key(42)
+            .header("tenant", "acme")
+            .attempt(3)
+            .service("shipping")
+            .handler("ship")
+            .build();
+        let kept: Mutex<Option<Deferred>> = Mutex::new(None);
+        let seen = Mutex::new(None);
+        ctx.call(&Keyed { key: 42, seq: 1 }, |k: &Keyed, c: &Context| {
+            *seen.lock().unwrap() = Some((
+                c.attempt(),
+                c.source().to_owned(),
+                c.service().to_owned(),
+                c.handler_name().to_owned(),
+                c.envelope().key().map(microbus::PartitionKey::get),
+                c.envelope().headers().get("tenant").map(str::to_owned),
+                c.deadline(),
+            ));
+            c.publish(FollowUp {
+                parent: k.seq,
+                index: 0,
+            })?;
+            c.publish_with(
+                FollowUp {
+                    parent: k.seq,
+                    index: 1,
+                },
+                Publish::new().key(k.key).delay(Duration::from_secs(30)),
+            )?;
+            *kept.lock().unwrap() = Some(c.defer());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen.lock().unwrap().take().unwrap(),
+            (
+                3,
+                "orders".to_owned(),
+                "shipping".to_owned(),
+                "ship".to_owned(),
+                Some(42),
+                Some("acme".to_owned()),
+                None
+            )
+        );
+        assert_eq!(
+            ctx.published::<FollowUp>(),
+            [&FollowUp {
+                parent: 1,
+                index: 0
+            }]
+        );
+        assert_eq!(
+            ctx.delayed::<FollowUp>(),
+            [(
+                &FollowUp {
+                    parent: 1,
+                    index: 1
+                },
+                Duration::from_secs(30)
+            )]
+        );
+        assert!(ctx.published::<Numbered>().is_empty());
+        assert_eq!((ctx.published_count(), ctx.dropped()), (2, 0));
+        for (_, envelope, _) in ctx.staged::<FollowUp>() {
+            assert_eq!(envelope.correlation_id(), correlation);
+            assert_eq!(envelope.causation_id(), Some(cause));
+            assert_eq!(envelope.source(), "shipping");
+        }
+        assert_eq!(
+            ctx.staged::<FollowUp>()[1]
+                .1
+                .key()
+                .map(microbus::PartitionKey::get),
+            Some(42)
+        );
+        assert_eq!(ctx.deferral(), Some(Deferral::Pending));
+        kept.lock()
+            .unwrap()
+            .take()
+            .unwrap()
+            .fail(HandlerError::msg("carrier down"));
+        assert_eq!(
+            ctx.deferral(),
+            Some(Deferral::Failed("carrier down".to_owned()))
+        );
+    }
+
+    #[test]
+    fn a_handler_that_fails_after_staging_publishes_nothing_and_its_deferral_does_not_count() {
+        let mut ctx = TestContext::new();
+        let result = ctx.call(
+            &Numbered {
+                publisher: 0,
+                seq: 5,
+            },
+            |n: &Numbered, c: &Context| {
+                c.publish(FollowUp {
+                    parent: n.seq,
+                    index: 0,
+                })?;
+                c.publish_batch((1..3).map(|index| FollowUp {
+                    parent: n.seq,
+                    index,
+                }))?;
+                let _dropped_later = c.defer();
+                Err(HandlerError::msg("declined"))
+            },
+        );
+        assert_eq!(result.unwrap_err().to_string(), "declined");
+        assert!(ctx.published::<FollowUp>().is_empty());
+        assert_eq!((ctx.published_count(), ctx.dropped()), (0, 3));
+        assert_eq!(ctx.deferral(), None);
+        // The next call that succeeds is kept; a deferral dropped uncompleted fails.
+        ctx.call(
+            &Numbered {
+                publisher: 0,
+                seq: 6,
+            },
+            |_: &Numbered, c: &Context| {
+                drop(c.defer());
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            ctx.deferral(),
+            Some(Deferral::Failed(
+                "the deferred delivery was dropped without being completed".to_owned()
+            ))
+        );
+    }
+
+    #[test]
+    fn a_deadline_is_read_from_the_test_clock() {
+        let clock = ManualClock::new();
+        let mut ctx = TestContext::builder()
+            .clock(&clock)
+            .timeout(Duration::from_secs(2))
+            .build();
+        let expired = |ctx: &mut TestContext| {
+            let mut expired = None;
+            ctx.call(
+                &Numbered {
+                    publisher: 0,
+                    seq: 0,
+                },
+                |_: &Numbered, c: &Context| {
+                    clock.advance(Duration::from_secs(1)).unwrap();
+                    expired = Some(c.is_expired());
+                    Ok(())
+                },
+            )
+            .unwrap();
+            expired.unwrap()
+        };
+        assert!(!expired(&mut ctx), "1 s of 2");
+        clock.advance(Duration::from_secs(5)).unwrap();
+        assert!(!expired(&mut ctx), "each call has its own deadline");
+        // Ids of staged events come from the clock too.
+        ctx.call(
+            &Numbered {
+                publisher: 0,
+                seq: 1,
+            },
+            |_: &Numbered, c: &Context| {
+                c.publish(FollowUp {
+                    parent: 1,
+                    index: 0,
+                })?;
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(ctx.staged::<FollowUp>()[0].1.published_at(), clock.now());
+    }
+}

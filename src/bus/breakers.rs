@@ -61,7 +61,7 @@ impl Core {
 /// The timer thread's look at the open breakers: turns half-open those whose cool-down has
 /// ended. Returns when the next one ends.
 pub(crate) fn watch_breakers(core: &Arc<Core>) -> Option<Instant> {
-    let now = Instant::now();
+    let now = core.clock.now();
     let metas: Vec<Arc<SubMeta>> = core.breakers.lock().clone();
     let mut next: Option<Instant> = None;
     for meta in metas.iter().filter(|m| m.active.load(Ordering::Relaxed)) {

@@ -14,6 +14,7 @@ pub struct BusBuilder {
     dead_letter_file: Option<std::path::PathBuf>,
     on_dead_letter: Option<DeadLetterSink>,
     on_stall: Option<StallHook>,
+    clock: crate::clock::Clock,
 }
 
 impl fmt::Debug for BusBuilder {
@@ -24,6 +25,7 @@ impl fmt::Debug for BusBuilder {
             .field("dead_letter_file", &self.dead_letter_file)
             .field("on_dead_letter", &self.on_dead_letter.is_some())
             .field("on_stall", &self.on_stall.is_some())
+            .field("manual_clock", &self.clock.manual().is_some())
             .finish()
     }
 }
@@ -185,6 +187,17 @@ impl BusBuilder {
         self
     }
 
+    /// Builds the bus on a [`ManualClock`](crate::testing::ManualClock) a test moves by hand
+    /// (default: the system's clock). The bus reads every time it keeps from it — ids and
+    /// publish times, retry and publish delays, breaker cool-downs, stall detection,
+    /// dead-letter times, latencies, handler deadlines — and what waits on it runs only when
+    /// [`ManualClock::advance`](crate::testing::ManualClock::advance) moves it there. Timeouts
+    /// a caller passes stay real time. See the README's "Testing your services".
+    pub fn clock(mut self, clock: &crate::clock::ManualClock) -> Self {
+        self.clock = crate::clock::Clock::Manual(clock.inner.clone());
+        self
+    }
+
     /// Seeds the generator that jitters retry delays, for runs that repeat exactly (default: a
     /// random seed).
     pub fn retry_seed(mut self, seed: u64) -> Self {
@@ -292,7 +305,8 @@ impl BusBuilder {
             breakers: Mutex::new(Vec::new()),
             reports: super::stalls::Reports::default(),
             held_evicted: AtomicU64::new(0),
-            timer: Timer::new(),
+            timer: Timer::new(self.clock.clone()),
+            clock: self.clock.clone(),
             signal_tx: Mutex::new(Some(signal_tx)),
             signal_rx,
             closing: AtomicBool::new(false),
@@ -343,6 +357,10 @@ impl BusBuilder {
             })
             .map_err(spawn_error)?;
         *core.timer_thread.lock() = Some(thread);
+        if let Some(manual) = core.clock.manual() {
+            let driver: Arc<dyn crate::clock::Drive> = core.clone();
+            manual.register(Arc::downgrade(&driver));
+        }
         Ok(bus)
     }
 }

@@ -127,6 +127,8 @@ pub(crate) struct Core {
     /// The subscriptions with circuit breakers, for the timer thread to watch.
     pub(crate) breakers: Mutex<Vec<Arc<SubMeta>>>,
     pub(super) timer: Timer<Routed>,
+    /// Where the bus reads the time (see `clock`).
+    pub(crate) clock: crate::clock::Clock,
     pub(super) signal_tx: Mutex<Option<Sender<()>>>,
     pub(super) signal_rx: Receiver<()>,
     pub(super) closing: AtomicBool,

@@ -193,7 +193,7 @@ impl Core {
             self.uncount(Counted::of::<E>(source, 1));
             return Err((why, event));
         }
-        let envelope = stamp.envelope(source);
+        let envelope = stamp.envelope(self.clock.unix_nanos(), source);
         let id = envelope.id();
         if route.deliveries == 0 {
             return self.publish_unmatched(source, event, envelope);
@@ -436,8 +436,9 @@ impl Core {
         }
         let route = self.registry.route::<E>(source, 0);
         let (generation, deliveries) = (route.generation, route.deliveries);
-        let Some(lane) = route.single().or((deliveries == 0).then_some(0)) else {
-            // Subscriptions in several lanes: each event is shared by its lanes.
+        let Some(lane) = route.single().filter(|_| deliveries > 0) else {
+            // Subscriptions in several lanes: each event is shared by its lanes. None: each
+            // is staged to be counted as unmatched if the handler succeeds.
             return one_by_one(items, |event, stamp, delay| {
                 self.prepare(source, event, stamp, |routed| stage(routed, delay))
                     .map(|_| ())
@@ -500,7 +501,7 @@ impl Core {
         if deliveries == 0 {
             for (event, stamp, _) in items {
                 self.registry.count::<E>(source, 1, true);
-                self.count_unmatched(&event, stamp.envelope(source));
+                self.count_unmatched(&event, stamp.envelope(self.clock.unix_nanos(), source));
             }
             return Ok(());
         }
@@ -515,7 +516,7 @@ impl Core {
                     // The clock is read once per message's worth of events: ids stay unique
                     // and ordered by their sequence numbers.
                     if now == 0 || i % MAX_GROUP == 0 {
-                        now = crate::event::unix_nanos();
+                        now = self.clock.unix_nanos();
                     }
                     Envelope::stamp_at(now, source, options)
                 }
@@ -774,7 +775,7 @@ impl Core {
             return Err(event);
         }
         let route = self.registry.route::<E>(source, 1);
-        let envelope = stamp.envelope(source);
+        let envelope = stamp.envelope(self.clock.unix_nanos(), source);
         let id = envelope.id();
         if route.deliveries == 0 {
             // Staged like any other, and sent only if the handler succeeds: the worker that
@@ -827,7 +828,7 @@ impl Core {
         let Err(routed) = self.shards[from].worker.spill(routed, self.spill_capacity) else {
             return 0;
         };
-        match self.timer.schedule(routed, REOFFER_DELAY) {
+        match self.timer.reoffer(routed) {
             Ok(()) => 0,
             Err(routed) => {
                 // The timer has stopped: the bus is shutting down, and the event never runs.

@@ -87,7 +87,7 @@ impl Core {
                 Err((Refusal::Full, work)) => {
                     // A rayon publisher whose shard stayed full: the timer offers it again.
                     let routed = Routed { shard: index, work };
-                    if let Err(routed) = self.timer.schedule(routed, REOFFER_DELAY) {
+                    if let Err(routed) = self.timer.reoffer(routed) {
                         self.settle_left(index, routed.work);
                     }
                 }

@@ -121,8 +121,9 @@ impl Core {
 
     /// Whether everything outstanding waits on the timer, none of it due before `deadline`, or
     /// is parked by a paused subscription or a breaker open past it: read twice around them,
-    /// so that nothing moved in between.
-    pub(super) fn parked_past(&self, deadline: Instant) -> bool {
+    /// so that nothing moved in between. `None`: whether it all waits on the (manual) clock,
+    /// or on a resume.
+    pub(super) fn parked_past(&self, deadline: Option<Instant>) -> bool {
         let before = self.outstanding_now();
         if before <= 0 {
             return false;
@@ -133,29 +134,41 @@ impl Core {
             .iter()
             .map(|s| s.worker.parked_past(deadline))
             .sum();
+        let past = |due: Instant| deadline.is_none_or(|d| due > d);
         before == (waiting + paused) as i64
-            && (waiting == 0 || next_due.is_some_and(|due| due > deadline))
+            && (waiting == 0 || next_due.is_some_and(past))
             && self.outstanding_now() == before
     }
 
-    /// Waits until the bus is quiescent or `deadline` passes (`None`: no deadline). With
-    /// `early`, it also stops waiting when all that is left waits on the timer past the
-    /// deadline. Returns whether the bus was quiescent.
-    pub(super) fn wait_quiescent(&self, deadline: Option<Instant>, early: bool) -> bool {
+    /// Waits until the bus is quiescent or `deadline` passes (`None`: no deadline), or
+    /// `early` says to stop. Returns whether the bus was quiescent.
+    pub(super) fn wait_quiescent(&self, deadline: Option<Instant>, early: Early) -> bool {
+        let manual = self.clock.manual().is_some();
         self.idle_waiters.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.idle_lock.lock();
         let quiet = loop {
             if self.is_quiescent() {
                 break true;
             }
-            if early && deadline.is_some_and(|d| self.parked_past(d)) {
+            let stop = match early {
+                // Under a manual clock, what waits on it will not run before any deadline.
+                Early::Unreachable if manual => self.parked_past(None),
+                Early::Unreachable => deadline.is_some_and(|d| self.parked_past(Some(d))),
+                Early::OnClock => manual && self.waiting_on_clock().is_some(),
+            };
+            if stop {
                 break false;
             }
             let now = Instant::now();
+            let poll = if manual {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_millis(10)
+            };
             let wait = match deadline {
                 Some(d) if d <= now => break false,
-                Some(d) => (d - now).min(Duration::from_millis(10)),
-                None => Duration::from_millis(10),
+                Some(d) => (d - now).min(poll),
+                None => poll,
             };
             self.idle_cv.wait_for(&mut guard, wait);
         };
@@ -201,7 +214,7 @@ impl Core {
     }
 
     pub(super) fn pending(&self) -> Pending {
-        let now = Instant::now();
+        let now = self.clock.now();
         Pending {
             queued: self
                 .shards
@@ -210,10 +223,12 @@ impl Core {
                 .sum(),
             running: self.shards.iter().filter(|s| s.worker.running()).count(),
             waiting: self.timer.len(),
-            next_due_in: self
-                .timer
-                .earliest()
-                .map(|due| due.saturating_duration_since(now)),
+            next_due_in: match self.clock.manual() {
+                // What the clock must reach: a breaker's cool-down as well.
+                Some(_) => self.next_due(),
+                None => self.timer.earliest(),
+            }
+            .map(|due| due.saturating_duration_since(now)),
             deferred: self.deferrals.outstanding(),
             lanes: self
                 .lanes
@@ -251,8 +266,10 @@ impl Core {
         if OwnThread::is_own(self.id) {
             return Err(FlushError::in_handler());
         }
-        if self.wait_quiescent(Instant::now().checked_add(timeout), false) {
+        if self.wait_quiescent(Instant::now().checked_add(timeout), Early::OnClock) {
             Ok(())
+        } else if self.waiting_on_clock().is_some() {
+            Err(FlushError::waiting_on_clock(self.pending()))
         } else {
             Err(FlushError::timeout(self.pending()))
         }
@@ -519,7 +536,7 @@ impl Core {
         }
         drop(self.signal_tx.lock().take());
         // Retries not due before the deadline will not run: no need to wait for it.
-        let quiet = self.wait_quiescent(deadline, true);
+        let quiet = self.wait_quiescent(deadline, Early::Unreachable);
 
         self.timer.stop();
         if let Some(thread) = self.timer_thread.lock().take() {

@@ -47,12 +47,13 @@ use crate::stats::{
 use crate::subscription::{SubscribeOptions, Subscription};
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::tap::{Tapped, Taps};
-use crate::timer::{REOFFER_DELAY, Timer};
+use crate::timer::Timer;
 use crate::trace::{Trace, TraceRing};
 use crate::track::{Settled, Tracker, Tracking};
 
 mod breakers;
 mod builder;
+mod clocked;
 mod core;
 mod dead_letters;
 mod intake;
@@ -62,6 +63,7 @@ mod rebuild;
 mod redrive;
 mod stalls;
 
+use self::clocked::Early;
 use self::core::*;
 pub(crate) use self::core::{Core, LaneState, Mode, OwnThread};
 use self::intake::Counted;

@@ -39,7 +39,7 @@ impl Core {
             shard: index,
             work: Work::Retry(retry.clone()),
         };
-        match self.timer.schedule(routed, Duration::ZERO) {
+        match self.timer.reoffer(routed) {
             Ok(()) => Ok(()),
             Err(_) => {
                 self.refund(index, 1, counted);
@@ -144,9 +144,14 @@ impl Core {
         if !self.dead_letters.enabled() {
             return;
         }
-        let now = SystemTime::now();
-        let envelope = envelope
-            .unwrap_or_else(|| Envelope::stamp(NameId::intern(handler), Default::default()));
+        let now = self.clock.system_time();
+        let envelope = envelope.unwrap_or_else(|| {
+            Envelope::stamp_at(
+                self.clock.unix_nanos(),
+                NameId::intern(handler),
+                Default::default(),
+            )
+        });
         let service = envelope.source();
         let letter = DeadLetter {
             id: self.dead_letters.next_id(),

@@ -94,7 +94,7 @@ impl Stalls {
 pub(crate) fn watch_stalls(core: &Arc<Core>) -> Option<Instant> {
     let stalls = &core.stalls;
     let interval = stalls.interval()?;
-    let now = Instant::now();
+    let now = core.clock.now();
     let mut seen = stalls.seen.lock();
     let mut reports = Vec::new();
     for (index, shard) in core.shards.iter().enumerate() {
@@ -207,7 +207,7 @@ pub(crate) fn call_off_thread(core: &Core, seam: Seam, f: impl FnOnce() + Send +
 impl Core {
     /// The stalls running now, with how long each has run.
     pub(crate) fn stalls_now(&self) -> Vec<Stall> {
-        let now = Instant::now();
+        let now = self.clock.now();
         self.stalls
             .current
             .lock()

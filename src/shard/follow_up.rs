@@ -23,7 +23,7 @@ impl Worker<'_> {
                 attempt: deferral.attempt,
                 history: history.cloned().unwrap_or_else(|| History {
                     errors: Vec::new(),
-                    first_failure: SystemTime::now(),
+                    first_failure: self.core.clock.system_time(),
                 }),
                 tracked,
             };
@@ -35,7 +35,7 @@ impl Worker<'_> {
     /// Retries or dead-letters the failed deliveries of `event`.
     pub(super) fn retry_failed(&mut self, ops: &'static TaskOps, event: Arc<SharedEvent>) {
         let failed = std::mem::take(&mut self.pending);
-        let now = SystemTime::now();
+        let now = self.core.clock.system_time();
         for failure in failed {
             let parks = matches!(
                 failure.then,
@@ -157,7 +157,7 @@ impl Worker<'_> {
         let verdict = verdict(&sub.meta, &error, self);
         if sub.meta.breaker.is_some() {
             let probed = self.probing.take() == Some(sub.meta.id);
-            let now = Instant::now();
+            let now = self.core.clock.now();
             self.core
                 .move_breaker(&sub.meta, |b, report| b.failure(now, report));
             if probed && matches!(verdict, Verdict::Retry | Verdict::RetryAfter(_)) {

@@ -192,6 +192,9 @@ pub(crate) struct WorkerShared {
     pub(crate) parked: Mutex<Parked>,
     /// Set by a resume: the worker runs what it parked before its next message.
     pub(crate) release: AtomicBool,
+    /// Set while the worker runs what it released (before it clears `release`): a manual
+    /// clock's advance waits for it.
+    pub(crate) releasing: AtomicBool,
     /// Deliveries waiting behind their keys' heads (ordered subscriptions).
     pub(crate) waiting: Mutex<Waiting>,
     /// Keys whose head settled on another thread: (subscription, key, head).

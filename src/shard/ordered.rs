@@ -35,6 +35,11 @@ impl Waiting {
         self.queues.get(&(sub, key)).map_or(0, VecDeque::len)
     }
 
+    /// How many wait, behind all keys.
+    pub(crate) fn len(&self) -> usize {
+        self.queues.values().map(VecDeque::len).sum()
+    }
+
     /// Takes them all (shutdown, once the worker has stopped).
     pub(crate) fn take(&mut self) -> Vec<Retry> {
         self.queues.drain().flat_map(|(_, q)| q).collect()

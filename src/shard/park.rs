@@ -50,9 +50,31 @@ impl Parked {
 }
 
 impl WorkerShared {
-    /// How many deliveries are parked on the shard that cannot run before `deadline`: those
-    /// of paused subscriptions, and of breakers open past it.
-    pub(crate) fn parked_past(&self, deadline: Instant) -> usize {
+    /// How many deliveries are held back on the shard: parked (by a paused subscription or an
+    /// open breaker), or waiting behind their keys' heads.
+    pub(crate) fn held_back(&self) -> usize {
+        let parked: usize = self.parked.lock().queues.iter().map(|(_, q)| q.len()).sum();
+        parked + self.waiting.lock().len()
+    }
+
+    /// The earliest time a breaker holding deliveries parked on the shard half-opens.
+    pub(crate) fn breaker_due(&self) -> Option<Instant> {
+        let parked = self.parked.lock();
+        parked
+            .queues
+            .iter()
+            .filter_map(|(_, q)| {
+                let r = q.front()?;
+                let meta = (r.ops.meta)(&r.sub);
+                meta.breaker.as_ref().and_then(|b| b.due())
+            })
+            .min()
+    }
+
+    /// How many deliveries are parked on the shard that cannot run before `deadline` (`None`:
+    /// that wait on the clock at all, under a manual clock): those of paused subscriptions,
+    /// and of breakers open past it.
+    pub(crate) fn parked_past(&self, deadline: Option<Instant>) -> usize {
         let parked = self.parked.lock();
         parked
             .queues
@@ -65,7 +87,7 @@ impl WorkerShared {
                             .breaker
                             .as_ref()
                             .and_then(|b| b.due())
-                            .is_some_and(|due| due > deadline)
+                            .is_some_and(|due| deadline.is_none_or(|d| due > d))
                 })
             })
             .map(|(_, q)| q.len())
@@ -153,6 +175,13 @@ impl Worker<'_> {
     #[cold]
     #[inline(never)]
     pub(super) fn release_parked(&mut self) -> Flow {
+        self.shared.releasing.store(true, Ordering::SeqCst);
+        let flow = self.run_released();
+        self.shared.releasing.store(false, Ordering::SeqCst);
+        flow
+    }
+
+    fn run_released(&mut self) -> Flow {
         self.shared.release.store(false, Ordering::SeqCst);
         self.take_key_releases();
         for sub in self.parking.clone() {

@@ -16,7 +16,7 @@ pub(crate) fn settle_deferred(
 ) {
     let counts = &core.deferrals;
     let meta = (retry.ops.meta)(&retry.sub);
-    let now = Instant::now();
+    let now = core.clock.now();
     core.move_breaker(meta, |b, report| match &result {
         Ok(()) => b.success(report),
         Err(_) => b.failure(now, report),
@@ -28,7 +28,7 @@ pub(crate) fn settle_deferred(
     meta.record_failure(&error, false);
     counts.outcomes.failed.fetch_add(1, Ordering::Relaxed);
     if retry.history.errors.is_empty() {
-        retry.history.first_failure = SystemTime::now();
+        retry.history.first_failure = core.clock.system_time();
     }
     retry.history.errors.push(error.to_string());
     let verdict = verdict(meta, &error, runner);
@@ -146,7 +146,12 @@ impl Burial {
         }
         let id = core.dead_letters.next_id();
         let tracked = retry.tracked.then(|| retry.event.clone());
-        let letter = retry.bury(reason, id, runner);
+        let never_failed = retry.history.errors.is_empty();
+        let mut letter = retry.bury(reason, id, runner);
+        letter.last_failure = core.clock.system_time();
+        if never_failed {
+            letter.first_failure = letter.last_failure;
+        }
         if runner.detached() {
             drop_with(&mut &core.panics, (letter, tracked));
             return None;

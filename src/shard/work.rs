@@ -153,6 +153,11 @@ pub(crate) struct Task {
 }
 
 impl Task {
+    /// Its event, if it is an `E`.
+    pub(crate) fn event<E: Event>(&self) -> Option<&E> {
+        (*self.payload).downcast_ref::<E>()
+    }
+
     pub(crate) fn new<E: Event>(
         envelope: Envelope,
         generation: u32,
@@ -632,6 +637,9 @@ pub(super) fn run_retry<E: Event>(worker: &mut Worker<'_>, retry: &Retry) -> Flo
         );
         let mut history = retry.history.clone();
         if !parks {
+            if history.errors.is_empty() {
+                history.first_failure = worker.core.clock.system_time();
+            }
             history.errors.push(failure.error);
         }
         worker.follow_up(
@@ -692,7 +700,8 @@ pub(super) fn bury<E: Event>(
         service: sub.meta.service.as_str(),
         attempts,
         first_failure: retry.history.first_failure,
-        last_failure: SystemTime::now(),
+        // Set where the letter is made (`Burial::make`), from the bus's clock.
+        last_failure: retry.history.first_failure,
         errors: retry.history.errors,
         reason,
         redrive,

@@ -276,7 +276,7 @@ impl Worker<'_> {
                 worker: shared,
                 deadline: match sub.meta.timeout {
                     None => None,
-                    Some(timeout) => Instant::now().checked_add(timeout),
+                    Some(timeout) => self.core.clock.now().checked_add(timeout),
                 },
             };
             #[cfg(feature = "tracing")]
@@ -295,11 +295,11 @@ impl Worker<'_> {
                 .core
                 .traces
                 .on()
-                .then(|| (SystemTime::now(), Instant::now()));
+                .then(|| (self.core.clock.system_time(), self.core.clock.now()));
             let sampled = match &mut self.recorder {
                 Some(recorder) => {
                     recorder.starts(&sub.meta, attempt == 1);
-                    recorder.sample().then(unix_nanos)
+                    recorder.sample().then(|| self.core.clock.unix_nanos())
                 }
                 None => None,
             };
@@ -319,7 +319,7 @@ impl Worker<'_> {
                 if let Some(start) = sampled {
                     let span = Span {
                         start,
-                        end: unix_nanos(),
+                        end: self.core.clock.unix_nanos(),
                         first,
                         from_publish: first || attempt > 1,
                         succeeded,
@@ -484,7 +484,7 @@ impl Worker<'_> {
                 _ => TraceOutcome::Succeeded,
             },
             started_at,
-            took: start.elapsed(),
+            took: self.core.clock.now().saturating_duration_since(start),
         });
     }
 

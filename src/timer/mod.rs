@@ -13,10 +13,17 @@
 //! handlers published while their shard and the worker's spill queue were both full (the delay
 //! throttles handlers that feed each other through full shards), and redriven dead letters
 //! whose shard was full.
+//!
+//! The wheel reads the bus's [`Clock`]. Under a manual clock the thread leaves the wheel to
+//! [`ManualClock::advance`](crate::testing::ManualClock::advance) (through
+//! [`take_due`](Timer::take_due)) and only re-offers events to full shards, after a real
+//! [`REOFFER_DELAY`]: a full shard drains in real time, whatever the clock says.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::sync::{AtomicUsize, Condvar, Mutex, Ordering, clock_now};
+use crate::clock::Clock;
+use crate::sync::{AtomicUsize, Condvar, Mutex, Ordering};
 
 pub(crate) mod wheel;
 
@@ -40,6 +47,8 @@ struct State<T> {
     stopped: bool,
     /// Set by [`Timer::nudge`]: the thread asks its watch again.
     nudged: bool,
+    /// Under a manual clock, re-offers and when (in real time) they are due, in that order.
+    soon: VecDeque<(Instant, T)>,
 }
 
 pub(crate) struct Timer<T> {
@@ -48,20 +57,23 @@ pub(crate) struct Timer<T> {
     len: AtomicUsize,
     /// Tick 0.
     start: Instant,
+    clock: Clock,
 }
 
 impl<T: Delayed> Timer<T> {
-    pub(crate) fn new() -> Timer<T> {
+    pub(crate) fn new(clock: Clock) -> Timer<T> {
         Timer {
             state: Mutex::new(State {
                 wheel: Wheel::new(0),
                 deliveries: 0,
                 stopped: false,
                 nudged: false,
+                soon: VecDeque::new(),
             }),
             wake: Condvar::new(),
             len: AtomicUsize::new(0),
-            start: clock_now(),
+            start: clock.now(),
+            clock,
         }
     }
 
@@ -76,8 +88,19 @@ impl<T: Delayed> Timer<T> {
         nanos.div_ceil(TICK.as_nanos()) as u64
     }
 
-    fn instant_of(&self, tick: u64) -> Instant {
-        self.start + TICK * u32::try_from(tick).unwrap_or(u32::MAX)
+    /// When `tick` starts (`None`: later than an `Instant` can tell).
+    fn instant_of(&self, tick: u64) -> Option<Instant> {
+        let nanos = u128::from(tick) * TICK.as_nanos();
+        let nanos = u64::try_from(nanos).ok()?;
+        self.start.checked_add(Duration::from_nanos(nanos))
+    }
+
+    /// When `tick` starts, or a century on for a tick later than that.
+    fn instant_or_far(&self, tick: u64) -> Instant {
+        self.instant_of(tick).unwrap_or_else(|| {
+            let far = Duration::from_secs(100 * 365 * 24 * 3600);
+            self.start.checked_add(far).unwrap_or(self.start)
+        })
     }
 
     /// Schedules `item` to be fired after `delay`. `Err` gives it back when the timer has
@@ -86,7 +109,9 @@ impl<T: Delayed> Timer<T> {
     pub(crate) fn schedule(&self, item: T, delay: Duration) -> Result<(), T> {
         // A delay past what an `Instant` can hold never falls due: the wheel's overflow list
         // keeps it until shutdown.
-        let deadline = clock_now()
+        let deadline = self
+            .clock
+            .now()
             .checked_add(delay)
             .map_or(u64::MAX, |at| self.tick_from(at));
         let mut state = self.state.lock();
@@ -103,22 +128,63 @@ impl<T: Delayed> Timer<T> {
         Ok(())
     }
 
-    /// How many events wait.
+    /// Schedules `item` to be offered again to its full shard a moment from now (real time,
+    /// whatever the clock). `Err` gives it back when the timer has stopped.
+    #[allow(clippy::result_large_err)] // The error is the item itself, handed back.
+    pub(crate) fn reoffer(&self, item: T) -> Result<(), T> {
+        if self.clock.manual().is_none() {
+            return self.schedule(item, REOFFER_DELAY);
+        }
+        let mut state = self.state.lock();
+        if state.stopped {
+            return Err(item);
+        }
+        state.soon.push_back((Instant::now() + REOFFER_DELAY, item));
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// How many events wait on the wheel.
     pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
     }
 
-    /// No event waiting is due before this.
-    pub(crate) fn earliest(&self) -> Option<Instant> {
-        let next = self.state.lock().wheel.next_tick()?;
-        Some(self.instant_of(next))
+    /// Whether re-offers wait (under a manual clock): work in motion, not waiting on it.
+    pub(crate) fn reoffering(&self) -> bool {
+        !self.state.lock().soon.is_empty()
     }
 
-    /// The deliveries waiting, and the time before which none of them is due.
+    /// When the earliest event waiting is due (the start of its tick).
+    pub(crate) fn earliest(&self) -> Option<Instant> {
+        let next = self.state.lock().wheel.earliest()?;
+        Some(self.instant_or_far(next))
+    }
+
+    /// The deliveries waiting on the wheel, and when the earliest of them is due.
     pub(crate) fn parked(&self) -> (usize, Option<Instant>) {
         let state = self.state.lock();
-        let next = state.wheel.next_tick().map(|tick| self.instant_of(tick));
+        let next = state.wheel.earliest().map(|tick| self.instant_or_far(tick));
         (state.deliveries, next)
+    }
+
+    /// Takes what is due at the clock's time now (under a manual clock, which the thread
+    /// leaves the wheel to).
+    pub(crate) fn take_due(&self, due: &mut Vec<T>) {
+        let mut state = self.state.lock();
+        let now = self.tick_at(self.clock.now());
+        state.wheel.advance(now, due);
+        let taken: usize = due.iter().map(T::deliveries).sum();
+        state.deliveries -= taken;
+        self.len.store(state.wheel.len(), Ordering::Relaxed);
+    }
+
+    /// When [`take_due`](Self::take_due) next has something to take: the start of a tick
+    /// after the one in progress (`None`: nothing waits, or not within an `Instant`'s reach).
+    pub(crate) fn next_due_after_now(&self) -> Option<Instant> {
+        let state = self.state.lock();
+        let now = self.tick_at(self.clock.now());
+        let next = state.wheel.earliest()?;
+        self.instant_of(next.max(now + 1))
     }
 
     /// Tells the thread to stop; later `schedule` calls fail.
@@ -132,7 +198,9 @@ impl<T: Delayed> Timer<T> {
         let mut state = self.state.lock();
         self.len.store(0, Ordering::Relaxed);
         state.deliveries = 0;
-        state.wheel.drain()
+        let mut taken: Vec<T> = state.soon.drain(..).map(|(_, item)| item).collect();
+        taken.extend(state.wheel.drain());
+        taken
     }
 
     /// Wakes the thread to ask `watch` again when it next looks (see [`run`](Self::run)).
@@ -146,6 +214,9 @@ impl<T: Delayed> Timer<T> {
     /// returned has come (and once at the start, and after a [`nudge`](Self::nudge)): `None`
     /// means not again until nudged.
     pub(crate) fn run(&self, mut fire: impl FnMut(T), mut watch: impl FnMut() -> Option<Instant>) {
+        if self.clock.manual().is_some() {
+            return self.run_reoffers(fire);
+        }
         let mut due = Vec::new();
         let mut next_watch = watch();
         loop {
@@ -156,7 +227,7 @@ impl<T: Delayed> Timer<T> {
                     if state.stopped {
                         return;
                     }
-                    let now = self.tick_at(clock_now());
+                    let now = self.tick_at(self.clock.now());
                     state.wheel.advance(now, &mut due);
                     let taken: usize = due.iter().map(T::deliveries).sum();
                     state.deliveries -= taken;
@@ -167,7 +238,10 @@ impl<T: Delayed> Timer<T> {
                     if next_watch.is_some_and(|at| Instant::now() >= at) {
                         break;
                     }
-                    let next_item = state.wheel.next_tick().map(|tick| self.instant_of(tick));
+                    let next_item = state
+                        .wheel
+                        .next_tick()
+                        .map(|tick| self.instant_or_far(tick));
                     let until = match (next_item, next_watch) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
@@ -189,6 +263,37 @@ impl<T: Delayed> Timer<T> {
             }
         }
     }
+
+    /// The thread's body under a manual clock: re-offers each event when its real time comes.
+    fn run_reoffers(&self, mut fire: impl FnMut(T)) {
+        let mut due = Vec::new();
+        loop {
+            {
+                let mut state = self.state.lock();
+                loop {
+                    if state.stopped {
+                        return;
+                    }
+                    let now = Instant::now();
+                    while state.soon.front().is_some_and(|(at, _)| *at <= now) {
+                        due.extend(state.soon.pop_front().map(|(_, item)| item));
+                    }
+                    if !due.is_empty() {
+                        break;
+                    }
+                    match state.soon.front().map(|(at, _)| *at) {
+                        Some(at) => {
+                            self.wake.wait_until(&mut state, at);
+                        }
+                        None => self.wake.wait(&mut state),
+                    }
+                }
+            }
+            for item in due.drain(..) {
+                fire(item);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -205,12 +310,14 @@ mod tests {
 
     #[test]
     fn deadlines_round_up_and_current_ticks_round_down() {
-        let timer = Timer::<Probe>::new();
+        let timer = Timer::<Probe>::new(Clock::System);
         let at = timer.start + Duration::from_micros(1_500);
         assert_eq!(timer.tick_at(at), 1);
         assert_eq!(timer.tick_from(at), 2);
         assert_eq!(timer.tick_from(timer.start + TICK), 1);
-        assert_eq!(timer.instant_of(3), timer.start + 3 * TICK);
+        assert_eq!(timer.instant_of(3), Some(timer.start + 3 * TICK));
+        assert_eq!(timer.instant_of(u64::MAX), None);
+        assert!(timer.instant_or_far(u64::MAX) > timer.start + Duration::from_secs(1 << 30));
     }
 }
 
@@ -242,7 +349,7 @@ mod loom_models {
 
     /// A timer, one shard whose channel holds one message, and the timer thread running.
     fn running_timer() -> (Arc<Timer<Routed>>, Arc<Vec<Shard>>, thread::JoinHandle<()>) {
-        let timer = Arc::new(Timer::new());
+        let timer = Arc::new(Timer::new(Clock::System));
         let (tx, rx) = crossbeam_channel::bounded(1);
         let shards = Arc::new(vec![Shard {
             gate: CachePadded::new(Gate::new()),

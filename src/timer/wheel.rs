@@ -114,6 +114,18 @@ impl<T> Wheel<T> {
         }
     }
 
+    /// The earliest deadline of all entries (`None`: the wheel is empty). The earliest entry
+    /// is in the next occupied slot of the lowest occupied level, or in the overflow list.
+    pub fn earliest(&self) -> Option<u64> {
+        let due = self.due.iter().map(|(d, _)| *d).min();
+        let wheel = (0..LEVELS).find_map(|l| {
+            let (slot, _) = self.next_in_level(l)?;
+            self.levels[l].slots[slot].iter().map(|(d, _)| *d).min()
+        });
+        let overflow = (!self.overflow.is_empty()).then_some(self.overflow_min);
+        [due, wheel, overflow].into_iter().flatten().min()
+    }
+
     /// The next occupied slot of `level` and the tick at which it starts.
     fn next_in_level(&self, level: usize) -> Option<(usize, u64)> {
         let occupied = self.levels[level].occupied;
@@ -378,8 +390,10 @@ mod tests {
         wheel.schedule(100 + 5_000, 'a');
         let next = wheel.next_tick().unwrap();
         assert!(next <= 5_100 && next > 100);
+        assert_eq!(wheel.earliest(), Some(5_100));
         wheel.schedule(90, 'b');
         assert_eq!(wheel.next_tick(), Some(100));
+        assert_eq!(wheel.earliest(), Some(90));
         let mut out = Vec::new();
         wheel.advance(100, &mut out);
         assert_eq!(out, vec!['b']);

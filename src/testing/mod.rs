@@ -15,6 +15,11 @@ use parking_lot::{Condvar, Mutex};
 use crate::bus::Bus;
 use crate::event::{Envelope, Event};
 
+mod context;
+
+pub use self::context::{Deferral, TestContext, TestContextBuilder};
+pub use crate::clock::{AdvanceError, ManualClock};
+
 /// Every event of type `E` published on a bus since [`Bus::record`] made it — by any service,
 /// handlers included, whether anything subscribed to it or not — with its envelope, in the
 /// order the bus saw them: an accepted event when the worker that takes it starts on it (so

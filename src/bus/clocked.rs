@@ -1,0 +1,146 @@
+//! A bus on a manual clock: how [`ManualClock::advance`](crate::testing::ManualClock::advance)
+//! drives it, and how `flush` tells that only the clock moving can make progress.
+//!
+//! Ground rules: under a manual clock the timer thread leaves the wheel alone; each step of an
+//! advance takes what is due on it at the clock's time and offers it to its shards from the
+//! advancing thread, asks the breakers and the stall watch what is due, and then waits until
+//! the bus has settled: every delivery outstanding is on the wheel, parked, waiting behind its
+//! key's head or deferred — or, when deliveries that were running before the advance still
+//! run, every other worker is idle with nothing queued.
+
+use super::*;
+use crate::clock::Drive;
+use crate::shard::offer_due;
+
+/// When a wait for quiescence stops before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Early {
+    /// When all that is left cannot run before the deadline (shutdown).
+    Unreachable,
+    /// Under a manual clock, when all that is left waits for the clock to move (`flush`).
+    OnClock,
+}
+
+impl Core {
+    /// When the next thing waiting on the clock falls due: a delivery on the wheel, or a
+    /// breaker holding parked deliveries half-opening.
+    pub(super) fn next_due(&self) -> Option<Instant> {
+        let breakers = self
+            .shards
+            .iter()
+            .filter_map(|s| s.worker.breaker_due())
+            .min();
+        match (self.timer.earliest(), breakers) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Under a manual clock, when nothing outstanding can run until the clock moves: the next
+    /// time something falls due.
+    pub(super) fn waiting_on_clock(&self) -> Option<Instant> {
+        self.clock.manual()?;
+        if !self.parked_past(None) {
+            return None;
+        }
+        self.next_due()
+    }
+
+    /// Deliveries outstanding that no worker can run now: on the wheel, parked, waiting
+    /// behind their keys' heads, or deferred.
+    fn held(&self) -> i64 {
+        let (wheel, _) = self.timer.parked();
+        let held: usize = self.shards.iter().map(|s| s.worker.held_back()).sum();
+        (wheel + held + self.deferrals.outstanding()) as i64
+    }
+
+    /// Waits until the work an advance's step made due has run (see the module's docs).
+    fn settle_step(&self, running: &[Option<u64>]) {
+        let mut step = 0;
+        let mut quiet_before: Option<(i64, Vec<u64>)> = None;
+        while !self.stopped.load(Ordering::SeqCst) {
+            let before = self.outstanding_now();
+            // A worker told to release what it parked has yet to run it.
+            let releasing = self.shards.iter().any(|s| {
+                s.worker.release.load(Ordering::SeqCst) || s.worker.releasing.load(Ordering::SeqCst)
+            });
+            if !releasing && !self.timer.reoffering() {
+                if before == self.held() && self.outstanding_now() == before {
+                    return;
+                }
+                // Deliveries that were running before the advance began may hold work up
+                // behind them: settled once every other worker has been idle with nothing
+                // queued, twice in a row with nothing begun in between.
+                let old = |index: usize, shard: &Shard| {
+                    shard.worker.running()
+                        && running.get(index).copied().flatten()
+                            == Some(shard.worker.begun.load(Ordering::Acquire))
+                };
+                let any_old = self.shards.iter().enumerate().any(|(i, s)| old(i, s));
+                let quiet = any_old
+                    && self.shards.iter().enumerate().all(|(i, s)| {
+                        old(i, s)
+                            || (!s.worker.running()
+                                && s.rx.is_empty()
+                                && s.worker.spill_len.load(Ordering::Relaxed) == 0)
+                    });
+                if quiet {
+                    let begun: Vec<u64> = self
+                        .shards
+                        .iter()
+                        .map(|s| s.worker.begun.load(Ordering::Acquire))
+                        .collect();
+                    if quiet_before.as_ref() == Some(&(before, begun.clone())) {
+                        return;
+                    }
+                    quiet_before = Some((before, begun));
+                    std::thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+            }
+            quiet_before = None;
+            backoff(&mut step);
+        }
+    }
+}
+
+impl Drive for Core {
+    fn is_own_thread(&self) -> bool {
+        OwnThread::is_own(self.id)
+    }
+
+    fn running(&self) -> Vec<Option<u64>> {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.worker
+                    .running()
+                    .then(|| s.worker.begun.load(Ordering::Acquire))
+            })
+            .collect()
+    }
+
+    fn step(&self, running: &[Option<u64>]) -> Option<Instant> {
+        let this = self.this.upgrade()?;
+        if self.stopped.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut due = Vec::new();
+        self.timer.take_due(&mut due);
+        for routed in due {
+            offer_due(&self.shards, routed);
+        }
+        let breakers = super::breakers::watch_breakers(&this);
+        let stalls = super::stalls::watch_stalls(&this);
+        self.settle_step(running);
+        // The stall watch looks again only while something runs.
+        let stalls = stalls.filter(|_| self.shards.iter().any(|s| s.worker.running()));
+        let now = self.clock.now();
+        // What the work scheduled meanwhile falls due at the wheel's next tick at the soonest.
+        [self.timer.next_due_after_now(), stalls, breakers]
+            .into_iter()
+            .flatten()
+            .filter(|at| *at > now)
+            .min()
+    }
+}

@@ -77,62 +77,115 @@ impl Trace {
         ids
     }
 
-    fn print(&self, f: &mut fmt::Formatter<'_>, event: EventId, depth: usize) -> fmt::Result {
+    /// The conversation as lines, one per handler run, in the order of its tree (see the
+    /// `Display`): each event's runs in the order they started, then the events their
+    /// handlers published, indented two spaces per level. A line names the event, its
+    /// source, the handler that ran (`service/handler`), the attempt and the outcome — no ids
+    /// or times, so that a test can assert a flow's shape:
+    ///
+    /// ```text
+    /// OrderPlaced from orders: payments/charge #1 failed: gateway down
+    /// OrderPlaced from orders: payments/charge #2 ok
+    ///   PaymentCaptured from payments: shipping/ship #1 ok
+    /// ```
+    ///
+    /// With one worker per lane the lines repeat from run to run; with more, runs of one
+    /// event by different handlers (and sibling events) may start in another order.
+    pub fn path(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let _ = self.walk(&mut |depth, runs| {
+            for run in runs {
+                lines.push(format!(
+                    "{}{} from {}: {}/{} #{}: {}",
+                    "  ".repeat(depth),
+                    run.event,
+                    run.source,
+                    run.service,
+                    run.handler,
+                    run.attempt,
+                    outcome(&run.outcome)
+                ));
+            }
+            Ok(())
+        });
+        lines
+    }
+
+    /// Visits each event of the tree, depth first, with its depth and its runs (roots: no
+    /// cause, or a cause the ring no longer holds).
+    fn walk(&self, visit: &mut dyn FnMut(usize, &[&TraceEntry]) -> fmt::Result) -> fmt::Result {
+        let events = self.events();
+        let cause_of = |event: EventId| {
+            self.entries
+                .iter()
+                .find(|e| e.event_id == event)
+                .and_then(|e| e.causation_id)
+        };
+        for &event in &events {
+            if cause_of(event).is_none_or(|cause| !events.contains(&cause)) {
+                self.visit(event, 0, &events, &cause_of, visit)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn visit(
+        &self,
+        event: EventId,
+        depth: usize,
+        events: &[EventId],
+        cause_of: &dyn Fn(EventId) -> Option<EventId>,
+        visit: &mut dyn FnMut(usize, &[&TraceEntry]) -> fmt::Result,
+    ) -> fmt::Result {
         let runs: Vec<&TraceEntry> = self
             .entries
             .iter()
             .filter(|e| e.event_id == event)
             .collect();
-        let Some(first) = runs.first() else {
+        if runs.is_empty() {
             return Ok(());
-        };
-        let indent = "    ".repeat(depth);
-        writeln!(
-            f,
-            "{indent}{} {} from {}",
-            first.event, first.event_id, first.source
-        )?;
-        for run in &runs {
-            let outcome = match &run.outcome {
-                TraceOutcome::Succeeded => "ok".to_owned(),
-                TraceOutcome::Failed(error) => format!("failed: {error}"),
-                TraceOutcome::Deferred => "deferred".to_owned(),
-            };
-            writeln!(
-                f,
-                "{indent}  - {} / {} (attempt {}, {:?}): {outcome}",
-                run.service, run.handler, run.attempt, run.took
-            )?;
         }
-        for child in self.events() {
-            let caused_by = self
-                .entries
-                .iter()
-                .find(|e| e.event_id == child)
-                .and_then(|e| e.causation_id);
-            if caused_by == Some(event) {
-                self.print(f, child, depth + 1)?;
+        visit(depth, &runs)?;
+        for &child in events {
+            if cause_of(child) == Some(event) {
+                self.visit(child, depth + 1, events, cause_of, visit)?;
             }
         }
         Ok(())
     }
 }
 
+fn outcome(outcome: &TraceOutcome) -> String {
+    match outcome {
+        TraceOutcome::Succeeded => "ok".to_owned(),
+        TraceOutcome::Failed(error) => format!("failed: {error}"),
+        TraceOutcome::Deferred => "deferred".to_owned(),
+    }
+}
+
 impl fmt::Display for Trace {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let events = self.events();
-        for &event in &events {
-            let caused_by = self
-                .entries
-                .iter()
-                .find(|e| e.event_id == event)
-                .and_then(|e| e.causation_id);
-            // Roots: no causation, or a cause the ring no longer holds.
-            if caused_by.is_none_or(|cause| !events.contains(&cause)) {
-                self.print(f, event, 0)?;
+        self.walk(&mut |depth, runs| {
+            let first = runs[0];
+            let indent = "    ".repeat(depth);
+            writeln!(
+                f,
+                "{indent}{} {} from {}",
+                first.event, first.event_id, first.source
+            )?;
+            for run in runs {
+                writeln!(
+                    f,
+                    "{indent}  - {} / {} (attempt {}, {:?}): {}",
+                    run.service,
+                    run.handler,
+                    run.attempt,
+                    run.took,
+                    outcome(&run.outcome)
+                )?;
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 

@@ -343,3 +343,140 @@ fn flush_waits_as_usual_for_what_no_clock_holds_and_shutdown_does_not_wait_for_t
     );
     assert_eq!(report.stats.delivered, 1_001);
 }
+
+/// Orders → payments (fails twice, then succeeds) → shipping and notifications, on one
+/// worker and a manual clock: the handler sequence and the trace's shape.
+fn run_the_flow() -> (Vec<String>, Vec<String>) {
+    // A fixed start: the times in ids repeat too (the ids themselves do not).
+    let clock =
+        ManualClock::starting_at(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    let bus = Bus::builder()
+        .workers(1)
+        .clock(&clock)
+        .trace_capacity(1_000)
+        .build()
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let note = |log: &Arc<Mutex<Vec<String>>>, ctx: &Context, what: String| {
+        log.lock().unwrap().push(format!(
+            "{}/{} {what} #{} published at {:?}",
+            ctx.service(),
+            ctx.handler_name(),
+            ctx.attempt(),
+            ctx.event_id()
+                .published_at()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+        ));
+    };
+    {
+        let log = log.clone();
+        bus.service("payments")
+            .unwrap()
+            .subscribe_with(
+                SubscribeOptions::new().named("charge"),
+                move |n: &Numbered, ctx: &Context| -> HandlerResult {
+                    note(&log, ctx, format!("order {}", n.seq));
+                    if n.seq.is_multiple_of(2) && ctx.attempt() < 3 {
+                        return Err(HandlerError::msg("gateway down"));
+                    }
+                    ctx.publish_with(Keyed { key: n.seq, seq: 1 }, Publish::new().key(n.seq))?;
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
+    {
+        let log = log.clone();
+        bus.service("shipping")
+            .unwrap()
+            .subscribe_with(
+                SubscribeOptions::new().named("ship"),
+                move |k: &Keyed, ctx: &Context| -> HandlerResult {
+                    note(&log, ctx, format!("paid {}", k.key));
+                    ctx.publish(common::FollowUp {
+                        parent: k.key,
+                        index: 0,
+                    })?;
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
+    {
+        let log = log.clone();
+        bus.service("notifications")
+            .unwrap()
+            .subscribe_with(
+                SubscribeOptions::new().named("email"),
+                move |k: &Keyed, ctx: &Context| -> HandlerResult {
+                    note(&log, ctx, format!("paid {}", k.key));
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
+    {
+        let log = log.clone();
+        bus.service("notifications")
+            .unwrap()
+            .subscribe_with(
+                SubscribeOptions::new().named("shipped"),
+                move |f: &common::FollowUp, ctx: &Context| -> HandlerResult {
+                    note(&log, ctx, format!("shipped {}", f.parent));
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
+    let orders = bus.service("orders").unwrap();
+    let mut ids = Vec::new();
+    for seq in 0..4 {
+        ids.push(orders.publish(numbered(seq)).unwrap());
+    }
+    clock.advance(Duration::from_secs(60)).unwrap();
+    bus.flush(WAIT).unwrap();
+    let mut path = Vec::new();
+    for id in ids {
+        path.extend(bus.trace(id).path());
+    }
+    let log = log.lock().unwrap().clone();
+    (log, path)
+}
+
+#[test]
+fn the_same_flow_twice_on_one_worker_and_a_manual_clock_runs_the_same_way() {
+    let (first_log, first_path) = run_the_flow();
+    assert_eq!(first_log.len(), 4 + 2 * 2 + 4 * 3);
+    assert_eq!(
+        first_log[..3],
+        [
+            "payments/charge order 0 #1 published at 1700000000s",
+            "payments/charge order 1 #1 published at 1700000000s",
+            "payments/charge order 2 #1 published at 1700000000s",
+        ]
+    );
+    // Order 0's third attempt, 15 s on: what it publishes carries that time.
+    assert!(
+        first_log.contains(&"shipping/ship paid 0 #1 published at 1700000015s".to_owned()),
+        "{first_log:#?}"
+    );
+    for _ in 0..3 {
+        let (log, path) = run_the_flow();
+        assert_eq!(log, first_log);
+        assert_eq!(path, first_path);
+    }
+    let order_0: Vec<&str> = first_path[..7].iter().map(String::as_str).collect();
+    assert_eq!(
+        order_0,
+        [
+            "Numbered from orders: payments/charge #1: failed: gateway down",
+            "Numbered from orders: payments/charge #2: failed: gateway down",
+            "Numbered from orders: payments/charge #3: ok",
+            "  Keyed from payments: shipping/ship #1: ok",
+            "  Keyed from payments: notifications/email #1: ok",
+            "    FollowUp from shipping: notifications/shipped #1: ok",
+            "Numbered from orders: payments/charge #1: ok",
+        ]
+    );
+}

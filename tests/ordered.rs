@@ -152,8 +152,10 @@ fn each_key_keeps_its_order_with_every_attempt_through_failures() {
 
 #[test]
 fn a_retry_holds_back_its_key_only() {
+    let clock = microbus::testing::ManualClock::new();
     let bus = Bus::builder()
         .workers(1)
+        .clock(&clock)
         .retry(RetryPolicy::fixed(Duration::from_millis(50)).max_attempts(2))
         .build()
         .unwrap();
@@ -180,6 +182,11 @@ fn a_retry_holds_back_its_key_only() {
         seq: 0,
     })
     .unwrap();
+    // Everything but key 0 runs; key 0 waits for its retry, 50 ms on.
+    clock.advance(Duration::ZERO).unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 5);
+    assert!(bus.flush(WAIT).unwrap_err().is_waiting_on_clock());
+    clock.advance(Duration::from_millis(50)).unwrap();
     bus.flush(WAIT).unwrap();
     let seen = seen.lock().unwrap().clone();
     let key0: Vec<(u64, u32)> = seen
@@ -188,7 +195,7 @@ fn a_retry_holds_back_its_key_only() {
         .map(|s| (s.1, s.2))
         .collect();
     assert_eq!(key0, [(0, 1), (0, 2), (1, 1), (2, 1)]);
-    // Everything else ran before the retry (50 ms later) did.
+    // Everything else ran before the retry did.
     let retry_at = seen.iter().position(|s| *s == (0, 0, 2)).unwrap();
     assert_eq!(retry_at, 5, "{seen:?}");
     assert_eq!(bus.stats().succeeded, 7);

@@ -191,8 +191,10 @@ fn flush_waits_for_retries_and_says_when_the_next_is_due() {
 
 #[test]
 fn a_retry_for_a_subscription_that_ended_is_cancelled() {
+    let clock = microbus::testing::ManualClock::new();
     let bus = Bus::builder()
         .workers(1)
+        .clock(&clock)
         .retry(RetryPolicy::fixed(Duration::from_millis(100)).max_attempts(2))
         .build()
         .unwrap();
@@ -208,8 +210,10 @@ fn a_retry_for_a_subscription_that_ended_is_cancelled() {
         seq: 0,
     })
     .unwrap();
-    failed_rx.recv().unwrap();
+    clock.advance(Duration::ZERO).unwrap();
+    failed_rx.try_recv().unwrap();
     sub.unsubscribe();
+    clock.advance(Duration::from_millis(100)).unwrap();
     bus.flush(WAIT).unwrap();
     assert_eq!(sub.stats().failed, 1);
     assert_eq!(sub.stats().cancelled, 1);

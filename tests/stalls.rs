@@ -110,43 +110,54 @@ fn a_stalled_handler_is_reported_once_with_its_ids_and_listed_while_it_runs() {
 
 #[test]
 fn a_subscriptions_own_stall_after_overrides_the_buses() {
+    let clock = microbus::testing::ManualClock::new();
     let (stalls_tx, stalls) = crossbeam_channel::unbounded::<Stall>();
     let bus = Bus::builder()
         .workers(2)
+        .clock(&clock)
         .on_stall(move |stall| stalls_tx.send(stall.clone()).unwrap())
         .build()
         .unwrap();
+    let (started_tx, started) = crossbeam_channel::unbounded::<()>();
     let (release, released) = crossbeam_channel::bounded::<()>(2);
     for (name, options) in [
         ("watched", SubscribeOptions::new().stall_after(STALL)),
         ("default", SubscribeOptions::new()),
     ] {
-        let released = released.clone();
+        let (released, started_tx) = (released.clone(), started_tx.clone());
         bus.subscribe_with(
             options.named(name),
             move |_: &Numbered, _: &Context| -> HandlerResult {
+                started_tx.send(()).unwrap();
                 released.recv().unwrap();
                 Ok(())
             },
         )
         .unwrap();
     }
-    // One event for each worker: both handlers block, on one worker after the other.
+    // One event: both handlers block, on one worker after the other.
     bus.publish(Numbered {
         publisher: 0,
         seq: 0,
     })
     .unwrap();
+    started.recv_timeout(WAIT).unwrap();
+    clock.advance(STALL - Duration::from_millis(1)).unwrap();
+    assert_eq!(bus.stats().stalled, 0);
+    clock.advance(STALL).unwrap();
     let stall = stalls.recv_timeout(WAIT).unwrap();
     assert_eq!(stall.handler, "watched");
+    assert!(stall.running_for >= STALL && stall.running_for < 2 * STALL);
     release.send(()).unwrap();
-    // The second handler now blocks; the bus's default (a minute) does not report it.
-    let start = Instant::now();
-    while start.elapsed() < 3 * STALL {
-        std::thread::yield_now();
-    }
+    // The second handler now blocks; the bus's default (a minute) does not report it within
+    // 59 s, and does at a minute.
+    started.recv_timeout(WAIT).unwrap();
+    clock.advance(Duration::from_secs(59)).unwrap();
     assert!(stalls.try_recv().is_err());
     assert_eq!(bus.stats().stalled, 1);
+    clock.advance(Duration::from_secs(2)).unwrap();
+    assert_eq!(stalls.recv_timeout(WAIT).unwrap().handler, "default");
+    assert_eq!(bus.stats().stalled, 2);
     release.send(()).unwrap();
     bus.flush(WAIT).unwrap();
     assert!(bus.shutdown().unwrap().is_balanced());

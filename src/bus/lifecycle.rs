@@ -129,10 +129,11 @@ impl Core {
             return false;
         }
         let (waiting, next_due) = self.timer.parked();
+        // Parked past it, or waiting behind a key's head (which is outstanding itself).
         let paused: usize = self
             .shards
             .iter()
-            .map(|s| s.worker.parked_past(deadline))
+            .map(|s| s.worker.parked_past(deadline) + s.worker.waiting.lock().len())
             .sum();
         let past = |due: Instant| deadline.is_none_or(|d| due > d);
         before == (waiting + paused) as i64

@@ -1,16 +1,17 @@
 //! A bus on a manual clock: how [`ManualClock::advance`](crate::testing::ManualClock::advance)
 //! drives it, and how `flush` tells that only the clock moving can make progress.
 //!
-//! Ground rules: under a manual clock the timer thread leaves the wheel alone; each step of an
-//! advance takes what is due on it at the clock's time and offers it to its shards from the
-//! advancing thread, asks the breakers and the stall watch what is due, and then waits until
-//! the bus has settled: every delivery outstanding is on the wheel, parked, waiting behind its
-//! key's head or deferred — or, when deliveries that were running before the advance still
-//! run, every other worker is idle with nothing queued.
+//! Ground rules: under a manual clock the timer thread leaves the wheel alone. Each step of an
+//! advance, at one instant, waits for the bus to settle, takes what is due on the wheel and
+//! hands it to its shards' workers (one hand-over per shard, which the worker runs before
+//! anything it publishes), asks the breakers and the stall watch what is due, and waits for
+//! the bus to settle again. Settled: every delivery outstanding is on the wheel, parked,
+//! waiting behind its key's head or deferred, and no worker has a release to run — or, when
+//! deliveries that were running before the advance still run, every other worker is idle
+//! with nothing queued, twice in a row with nothing begun in between.
 
 use super::*;
 use crate::clock::Drive;
-use crate::shard::offer_due;
 
 /// When a wait for quiescence stops before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +95,9 @@ impl Core {
                         return;
                     }
                     quiet_before = Some((before, begun));
-                    std::thread::sleep(Duration::from_micros(200));
+                    for _ in 0..4 {
+                        std::thread::yield_now();
+                    }
                     continue;
                 }
             }
@@ -125,10 +128,23 @@ impl Drive for Core {
         if self.stopped.load(Ordering::SeqCst) {
             return None;
         }
+        // What was in motion before this instant runs first (a publish just before the
+        // advance), so that what falls due now finds the workers idle.
+        self.settle_step(running);
         let mut due = Vec::new();
         self.timer.take_due(&mut due);
+        // Each shard gets what falls due for it in one hand-over, which its worker runs before
+        // anything the first of them publishes: the order does not depend on how fast this
+        // thread hands them over.
+        let mut by_shard: Vec<Vec<Routed>> = self.shards.iter().map(|_| Vec::new()).collect();
         for routed in due {
-            offer_due(&self.shards, routed);
+            by_shard[routed.shard].push(routed);
+        }
+        for (shard, items) in self.shards.iter().zip(by_shard) {
+            if !items.is_empty() {
+                shard.worker.hand_over_all(items);
+                let _ = shard.tx.try_send(Msg::Wake);
+            }
         }
         let breakers = super::breakers::watch_breakers(&this);
         let stalls = super::stalls::watch_stalls(&this);

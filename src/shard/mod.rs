@@ -423,6 +423,13 @@ impl WorkerShared {
         self.spill_len.store(spill.len(), Ordering::SeqCst);
     }
 
+    /// Appends `items` to the spill queue at once (see [`hand_over`](Self::hand_over)).
+    pub(crate) fn hand_over_all(&self, items: Vec<Routed>) {
+        let mut spill = self.spill.lock();
+        spill.extend(items);
+        self.spill_len.store(spill.len(), Ordering::SeqCst);
+    }
+
     /// Takes everything spilled (at shutdown, once the worker has stopped).
     pub(crate) fn take_spill(&self) -> VecDeque<Routed> {
         let mut spill = self.spill.lock();

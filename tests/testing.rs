@@ -163,6 +163,35 @@ fn a_handlers_event_that_nobody_hears_is_published_once_and_only_if_it_succeeds(
     assert_eq!((counts.published, counts.unmatched), (1, 1));
 }
 
+#[test]
+fn a_handlers_batch_that_nobody_hears_is_published_once_when_it_succeeds() {
+    use common::FollowUp;
+    use microbus::{HandlerError, RetryPolicy};
+    let bus = Bus::builder()
+        .workers(1)
+        .retry(RetryPolicy::fixed(Duration::from_millis(1)).max_attempts(3))
+        .build()
+        .unwrap();
+    let follow_ups = bus.record::<FollowUp>();
+    bus.subscribe(|k: &Keyed, ctx: &Context| -> HandlerResult {
+        ctx.publish_batch((0..3).map(|index| FollowUp {
+            parent: k.seq,
+            index,
+        }))?;
+        if ctx.attempt() == 1 {
+            return Err(HandlerError::msg("after staging"));
+        }
+        Ok(())
+    })
+    .unwrap();
+    bus.publish(Keyed { key: 0, seq: 9 }).unwrap();
+    bus.flush(WAIT).unwrap();
+    // Recorded by the time flush returns, once: the failed first attempt published nothing.
+    let seen: Vec<u8> = follow_ups.events().iter().map(|f| f.index).collect();
+    assert_eq!(seen, [0, 1, 2]);
+    assert_eq!(bus.stats().unmatched, 3);
+}
+
 mod test_context {
     use super::*;
     use common::FollowUp;

@@ -778,8 +778,8 @@ impl Core {
         let envelope = stamp.envelope(self.clock.unix_nanos(), source);
         let id = envelope.id();
         if route.deliveries == 0 {
-            // Staged like any other, and sent only if the handler succeeds: the worker that
-            // takes it counts it as unmatched and shows it to the taps.
+            // Staged like any other: when the handler succeeds its worker counts it as
+            // unmatched and shows it to the taps (a delayed one, the worker it falls due on).
             let shard = self.lanes[0].shard_for(&envelope);
             let task = Task::new(envelope, route.generation, 0, event);
             stage(Routed {

@@ -117,6 +117,7 @@ pub(crate) struct TaskOps {
     pub(super) type_id: fn() -> TypeId,
     pub(super) needs_drop: bool,
     pub(super) never_ran: fn(Work, u8, &Snapshot, &mut Vec<Done>) -> Vec<Retry>,
+    pub(super) unmatched: fn(&mut Worker<'_>, &Task),
 }
 
 pub(super) struct OpsOf<E>(PhantomData<E>);
@@ -134,6 +135,7 @@ impl<E: Event> OpsOf<E> {
         type_id: TypeId::of::<E>,
         needs_drop: std::mem::needs_drop::<E>(),
         never_ran: never_ran::<E>,
+        unmatched: show_unmatched::<E>,
     };
 }
 
@@ -278,6 +280,20 @@ pub(super) fn run_fanout<E: Event>(worker: &mut Worker<'_>, fanout: &Fanout) -> 
     flow
 }
 
+/// Publishes an event of type `E` that a handler staged and no subscription matched, as the
+/// handler succeeds: counted as unmatched and shown to the taps, on the handler's worker
+/// (so before the handler's delivery settles, and before a `flush` can return).
+fn show_unmatched<E: Event>(worker: &mut Worker<'_>, task: &Task) {
+    let Some(event) = task.payload.downcast_ref::<E>() else {
+        unreachable!("a task's functions match its payload")
+    };
+    let core = worker.core;
+    core.unmatched.fetch_add(1, Ordering::Relaxed);
+    if core.taps.on() {
+        core.show_taps(&task.envelope, event, worker);
+    }
+}
+
 /// Runs the deliveries of an event of type `E`.
 pub(super) fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
     let Some(event) = task.payload.downcast_ref::<E>() else {
@@ -293,7 +309,7 @@ pub(super) fn run_task<E: Event>(worker: &mut Worker<'_>, task: &Task) -> Flow {
         );
     }
     if task.deliveries() == 0 {
-        // A handler's event that matched no subscription, published as the handler succeeded.
+        // A handler's delayed event that matched no subscription, now due.
         worker.core.unmatched.fetch_add(1, Ordering::Relaxed);
     }
     run_event(

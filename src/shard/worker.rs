@@ -511,7 +511,21 @@ impl Worker<'_> {
     pub(super) fn send_staged(&mut self) {
         self.shared.staged.store(false, Ordering::Relaxed);
         std::mem::swap(&mut *self.shared.outbox.lock(), &mut self.scratch);
-        for (routed, delay) in self.scratch.drain(..) {
+        let mut staged = std::mem::take(&mut self.scratch);
+        let mut items = staged.drain(..);
+        for (routed, delay) in items.by_ref() {
+            if delay.is_none()
+                && let Work::Task(task) = &routed.work
+                && task.deliveries() == 0
+            {
+                (task.ops.unmatched)(self, task);
+                drop_with(self, routed);
+                if self.detached {
+                    // Shutdown took the worker over while a tap ran: the rest is never sent.
+                    break;
+                }
+                continue;
+            }
             let deliveries = routed.work.deliveries();
             self.core.shards[routed.shard].gate.accept(deliveries);
             let left = match delay {
@@ -523,6 +537,10 @@ impl Worker<'_> {
             };
             self.shared.settle_left_accepted(left);
         }
+        for (routed, _) in items {
+            drop_with(self, routed);
+        }
+        self.scratch = staged;
     }
 
     /// Offers spilled events again; runs the ones bound for this worker's own shard.

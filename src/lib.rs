@@ -254,6 +254,44 @@
 //! [`BusBuilder::trace_capacity`] the bus keeps its last handler runs, and [`Bus::trace`] returns
 //! one conversation, which prints as a causal tree.
 //!
+//! # Testing
+//!
+//! [`testing`] holds the test kit. A [`ManualClock`](testing::ManualClock) given to
+//! [`BusBuilder::clock`] is the one clock the bus reads — ids, delays, cool-downs, stall
+//! detection, dead-letter times, latencies, deadlines — and
+//! [`advance`](testing::ManualClock::advance) steps through each due instant and returns once
+//! the work that fell due has run, so a test of retries minutes apart takes microseconds;
+//! [`Bus::flush`] says at once when only the clock can finish
+//! ([`FlushError::is_waiting_on_clock`]). A [`TestContext`](testing::TestContext) calls a
+//! handler without a bus and tells what it published and whether it deferred;
+//! [`Bus::record`] keeps every event of a type that flows through the bus; and
+//! [`Trace::path`] gives a conversation's shape for `assert_eq!`. With one worker per lane and
+//! a manual clock, a flow runs the same way every time.
+//!
+//! ```
+//! use microbus::testing::ManualClock;
+//! use microbus::{Bus, Context, Event, HandlerError, HandlerResult};
+//! use serde::{Deserialize, Serialize};
+//! use std::time::Duration;
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Charge { order: u64 }
+//! impl Event for Charge { const NAME: &'static str = "Charge"; }
+//!
+//! let clock = ManualClock::new();
+//! let bus = Bus::builder().workers(1).clock(&clock).build()?;
+//! bus.subscribe(|_: &Charge, _: &Context| -> HandlerResult {
+//!     Err(HandlerError::msg("declined"))
+//! })?;
+//! bus.publish(Charge { order: 1 })?;
+//! // The default policy: 4 attempts, 5 s, 10 s and 20 s apart, then a dead letter.
+//! clock.advance(Duration::from_secs(35))?;
+//! bus.flush(Duration::from_secs(5))?;
+//! assert_eq!(bus.stats().failed, 4);
+//! assert_eq!(bus.dead_letters().len(), 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Shutdown
 //!
 //! [`Bus::flush`] waits until everything accepted has been handled. [`Bus::shutdown`] closes
@@ -330,6 +368,7 @@
 //! | `ledger.rs` | the shard's gate word and quiescence |
 //! | `handler.rs` | [`HandlerResult`], [`HandlerError`] |
 //! | `retry.rs` | [`RetryPolicy`] and its jitter |
+//! | `clock.rs` | the one clock a bus reads: the system's, or a [`ManualClock`](testing::ManualClock) |
 //! | `timer/` | the hashed timing wheel and the delay thread that fires due items |
 //! | `meta.rs`, `registry.rs` | a subscription's identity and counters; the handler tables |
 //! | `dead_letter.rs` | the ring, its entries and their file format |
@@ -337,12 +376,13 @@
 //!
 //! The engine, above them: `bus/core.rs` (the state one bus shares, its lanes), `bus/intake.rs`
 //! (every publish path), `bus/lanes.rs` (an event for several lanes, shedding),
-//! `bus/lifecycle.rs` (flush, statistics, shutdown), `bus/redrive.rs` and
+//! `bus/lifecycle.rs` (flush, statistics, shutdown), `bus/clocked.rs` (a bus driven by a
+//! manual clock), `bus/redrive.rs` and
 //! `bus/rebuild.rs` (dead letters back to their subscriptions), `shard/` (the work
 //! vocabulary, the worker, deferred settlement), `context.rs` ([`Context`], [`Handler`]),
 //! `defer.rs` ([`Deferred`]). The public handles on top: `bus/mod.rs` ([`Bus`]),
 //! `bus/builder.rs`, `bus/dead_letters.rs` ([`DeadLetters`]), `subscription.rs`, `par.rs`
-//! (rayon) and `bridge/` (Redis Streams).
+//! (rayon), `bridge/` (Redis Streams) and `testing/` (the test kit).
 
 #![deny(unsafe_code)]
 #![warn(

@@ -732,11 +732,11 @@ impl Stamp {
         }
     }
 
-    /// The envelope: a new one stamped at `nanos` (since the Unix epoch), or the one given.
-    #[inline]
-    pub(crate) fn envelope(self, nanos: u64, source: NameId) -> Envelope {
+    /// The envelope: a new one stamped with `clock`'s time, or the one given.
+    #[inline(always)]
+    pub(crate) fn envelope(self, clock: &crate::clock::Clock, source: NameId) -> Envelope {
         match self {
-            Stamp::New(options) => Envelope::stamp_at(nanos, source, options),
+            Stamp::New(options) => Envelope::stamp_at(clock.unix_nanos(), source, options),
             Stamp::Given(envelope) => envelope,
         }
     }
@@ -804,7 +804,7 @@ mod tests {
             .delay(Duration::from_secs(1));
         let (stamp, delay) = options.clone().into_parts();
         assert_eq!(delay, Some(Duration::from_secs(1)));
-        let envelope = stamp.envelope(unix_nanos(), NameId::intern("event-tests-other"));
+        let envelope = stamp.envelope(&Default::default(), NameId::intern("event-tests-other"));
         assert_eq!(envelope.id(), given.id());
         assert_eq!(envelope.source(), "event-tests-origin");
         assert_eq!(envelope.key().map(PartitionKey::get), Some(7));
@@ -818,7 +818,7 @@ mod tests {
         let (stamp, _) = tracked.clone().into_parts();
         assert!(
             stamp
-                .envelope(unix_nanos(), NameId::intern("x"))
+                .envelope(&Default::default(), NameId::intern("x"))
                 .tracker()
                 .is_none()
         );

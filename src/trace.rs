@@ -91,6 +91,44 @@ impl Trace {
     ///
     /// With one worker per lane the lines repeat from run to run; with more, runs of one
     /// event by different handlers (and sibling events) may start in another order.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use microbus::{Bus, Context, Event, HandlerResult, SubscribeOptions};
+    /// use serde::{Deserialize, Serialize};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct OrderPlaced { order: u64 }
+    /// impl Event for OrderPlaced { const NAME: &'static str = "OrderPlaced"; }
+    /// #[derive(Serialize, Deserialize)]
+    /// struct PaymentCaptured { order: u64 }
+    /// impl Event for PaymentCaptured { const NAME: &'static str = "PaymentCaptured"; }
+    ///
+    /// let bus = Bus::builder().workers(1).trace_capacity(100).build()?;
+    /// bus.service("payments")?.subscribe_with(
+    ///     SubscribeOptions::new().named("charge"),
+    ///     |o: &OrderPlaced, ctx: &Context| -> HandlerResult {
+    ///         ctx.publish(PaymentCaptured { order: o.order })?;
+    ///         Ok(())
+    ///     },
+    /// )?;
+    /// bus.service("shipping")?.subscribe_with(
+    ///     SubscribeOptions::new().named("ship"),
+    ///     |_: &PaymentCaptured, _: &Context| -> HandlerResult { Ok(()) },
+    /// )?;
+    /// let id = bus.service("orders")?.publish(OrderPlaced { order: 1 })?;
+    /// bus.flush(Duration::from_secs(5))?;
+    /// assert_eq!(
+    ///     bus.trace(id).path(),
+    ///     [
+    ///         "OrderPlaced from orders: payments/charge #1: ok",
+    ///         "  PaymentCaptured from payments: shipping/ship #1: ok",
+    ///     ]
+    /// );
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn path(&self) -> Vec<String> {
         let mut lines = Vec::new();
         let _ = self.walk(&mut |depth, runs| {

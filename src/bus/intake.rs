@@ -193,7 +193,7 @@ impl Core {
             self.uncount(Counted::of::<E>(source, 1));
             return Err((why, event));
         }
-        let envelope = stamp.envelope(self.clock.unix_nanos(), source);
+        let envelope = stamp.envelope(&self.clock, source);
         let id = envelope.id();
         if route.deliveries == 0 {
             return self.publish_unmatched(source, event, envelope);
@@ -501,7 +501,7 @@ impl Core {
         if deliveries == 0 {
             for (event, stamp, _) in items {
                 self.registry.count::<E>(source, 1, true);
-                self.count_unmatched(&event, stamp.envelope(self.clock.unix_nanos(), source));
+                self.count_unmatched(&event, stamp.envelope(&self.clock, source));
             }
             return Ok(());
         }
@@ -775,7 +775,7 @@ impl Core {
             return Err(event);
         }
         let route = self.registry.route::<E>(source, 1);
-        let envelope = stamp.envelope(self.clock.unix_nanos(), source);
+        let envelope = stamp.envelope(&self.clock, source);
         let id = envelope.id();
         if route.deliveries == 0 {
             // Staged like any other: when the handler succeeds its worker counts it as

@@ -230,7 +230,10 @@ impl ManualClock {
     /// end and that work has run. `advance(Duration::ZERO)` runs what is due now.
     ///
     /// It does not wait for deliveries that were running when it was called (a handler
-    /// blocked on something the test does next), nor for deferred deliveries to be completed.
+    /// blocked on something the test does next), nor for deferred deliveries to be completed,
+    /// nor for reports to user callbacks (stalls, breaker changes), which run on the bus's
+    /// report thread. It does wait for every delivery that falls due while it runs: one that
+    /// blocks until the test does something after `advance` returns never lets it return.
     /// Events published from other threads meanwhile are run if they are due.
     ///
     /// # Errors

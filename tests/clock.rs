@@ -357,78 +357,62 @@ fn run_the_flow() -> (Vec<String>, Vec<String>) {
         .build()
         .unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
-    let note = |log: &Arc<Mutex<Vec<String>>>, ctx: &Context, what: String| {
-        log.lock().unwrap().push(format!(
-            "{}/{} {what} #{} published at {:?}",
-            ctx.service(),
-            ctx.handler_name(),
-            ctx.attempt(),
-            ctx.event_id()
-                .published_at()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-        ));
-    };
-    {
+    // Subscribes `service`'s handler `name`, which logs each call, then runs `then`.
+    fn on<E: microbus::Event>(
+        bus: &Bus,
+        log: &Arc<Mutex<Vec<String>>>,
+        (service, name): (&str, &str),
+        then: impl Fn(&E, &Context) -> HandlerResult + Send + Sync + 'static,
+    ) {
         let log = log.clone();
-        bus.service("payments")
+        bus.service(service)
             .unwrap()
             .subscribe_with(
-                SubscribeOptions::new().named("charge"),
-                move |n: &Numbered, ctx: &Context| -> HandlerResult {
-                    note(&log, ctx, format!("order {}", n.seq));
-                    if n.seq.is_multiple_of(2) && ctx.attempt() < 3 {
-                        return Err(HandlerError::msg("gateway down"));
-                    }
-                    ctx.publish_with(Keyed { key: n.seq, seq: 1 }, Publish::new().key(n.seq))?;
-                    Ok(())
+                SubscribeOptions::new().named(name),
+                move |e: &E, ctx: &Context| -> HandlerResult {
+                    log.lock().unwrap().push(format!(
+                        "{}/{} {} {} #{} published at {:?}",
+                        ctx.service(),
+                        ctx.handler_name(),
+                        E::NAME,
+                        serde_json::to_string(e).unwrap(),
+                        ctx.attempt(),
+                        ctx.event_id()
+                            .published_at()
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .unwrap()
+                    ));
+                    then(e, ctx)
                 },
             )
             .unwrap();
     }
-    {
-        let log = log.clone();
-        bus.service("shipping")
-            .unwrap()
-            .subscribe_with(
-                SubscribeOptions::new().named("ship"),
-                move |k: &Keyed, ctx: &Context| -> HandlerResult {
-                    note(&log, ctx, format!("paid {}", k.key));
-                    ctx.publish(common::FollowUp {
-                        parent: k.key,
-                        index: 0,
-                    })?;
-                    Ok(())
-                },
-            )
-            .unwrap();
-    }
-    {
-        let log = log.clone();
-        bus.service("notifications")
-            .unwrap()
-            .subscribe_with(
-                SubscribeOptions::new().named("email"),
-                move |k: &Keyed, ctx: &Context| -> HandlerResult {
-                    note(&log, ctx, format!("paid {}", k.key));
-                    Ok(())
-                },
-            )
-            .unwrap();
-    }
-    {
-        let log = log.clone();
-        bus.service("notifications")
-            .unwrap()
-            .subscribe_with(
-                SubscribeOptions::new().named("shipped"),
-                move |f: &common::FollowUp, ctx: &Context| -> HandlerResult {
-                    note(&log, ctx, format!("shipped {}", f.parent));
-                    Ok(())
-                },
-            )
-            .unwrap();
-    }
+    on(&bus, &log, ("payments", "charge"), |n: &Numbered, ctx| {
+        if n.seq.is_multiple_of(2) && ctx.attempt() < 3 {
+            return Err(HandlerError::msg("gateway down"));
+        }
+        ctx.publish_with(Keyed { key: n.seq, seq: 1 }, Publish::new().key(n.seq))?;
+        Ok(())
+    });
+    on(&bus, &log, ("shipping", "ship"), |k: &Keyed, ctx| {
+        ctx.publish(common::FollowUp {
+            parent: k.key,
+            index: 0,
+        })?;
+        Ok(())
+    });
+    on(
+        &bus,
+        &log,
+        ("notifications", "email"),
+        |_: &Keyed, _| Ok(()),
+    );
+    on(
+        &bus,
+        &log,
+        ("notifications", "shipped"),
+        |_: &common::FollowUp, _| Ok(()),
+    );
     let orders = bus.service("orders").unwrap();
     let mut ids = Vec::new();
     for seq in 0..4 {
@@ -451,14 +435,16 @@ fn the_same_flow_twice_on_one_worker_and_a_manual_clock_runs_the_same_way() {
     assert_eq!(
         first_log[..3],
         [
-            "payments/charge order 0 #1 published at 1700000000s",
-            "payments/charge order 1 #1 published at 1700000000s",
-            "payments/charge order 2 #1 published at 1700000000s",
+            r#"payments/charge Numbered {"publisher":0,"seq":0} #1 published at 1700000000s"#,
+            r#"payments/charge Numbered {"publisher":0,"seq":1} #1 published at 1700000000s"#,
+            r#"payments/charge Numbered {"publisher":0,"seq":2} #1 published at 1700000000s"#,
         ]
     );
     // Order 0's third attempt, 15 s on: what it publishes carries that time.
     assert!(
-        first_log.contains(&"shipping/ship paid 0 #1 published at 1700000015s".to_owned()),
+        first_log.contains(
+            &r#"shipping/ship Keyed {"key":0,"seq":1} #1 published at 1700000015s"#.to_owned()
+        ),
         "{first_log:#?}"
     );
     for _ in 0..3 {

@@ -147,6 +147,7 @@ pub(crate) const DEFERRED: &str = "deferred";
 impl Slot {
     /// How a slot that was never armed (a [`TestContext`](crate::testing::TestContext)'s)
     /// was completed: `None` while it was not; the error's text for a failure.
+    #[cfg(feature = "testing")]
     pub(crate) fn completed(&self) -> Option<Result<(), String>> {
         match &*self.state.lock() {
             State::Open(Some(result)) => {

@@ -256,7 +256,8 @@
 //!
 //! # Testing
 //!
-//! [`testing`] holds the test kit. A [`ManualClock`](testing::ManualClock) given to
+//! [`testing`] holds the test kit, behind the `testing` cargo feature (for
+//! `[dev-dependencies]`; off, the bus reads the system's clock with no branch for another). A [`ManualClock`](testing::ManualClock) given to
 //! [`BusBuilder::clock`] is the one clock the bus reads — ids, delays, cool-downs, stall
 //! detection, dead-letter times, latencies, deadlines — and
 //! [`advance`](testing::ManualClock::advance) steps through each due instant and returns once
@@ -419,6 +420,7 @@ mod stats;
 mod subscription;
 mod sync;
 mod tap;
+#[cfg(feature = "testing")]
 pub mod testing;
 mod timer;
 mod trace;

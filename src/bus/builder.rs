@@ -25,7 +25,7 @@ impl fmt::Debug for BusBuilder {
             .field("dead_letter_file", &self.dead_letter_file)
             .field("on_dead_letter", &self.on_dead_letter.is_some())
             .field("on_stall", &self.on_stall.is_some())
-            .field("manual_clock", &self.clock.manual().is_some())
+            .field("manual_clock", &self.clock.is_manual())
             .finish()
     }
 }
@@ -193,6 +193,7 @@ impl BusBuilder {
     /// dead-letter times, latencies, handler deadlines — and what waits on it runs only when
     /// [`ManualClock::advance`](crate::testing::ManualClock::advance) moves it there. Timeouts
     /// a caller passes stay real time. See the README's "Testing your services".
+    #[cfg(feature = "testing")]
     pub fn clock(mut self, clock: &crate::clock::ManualClock) -> Self {
         self.clock = crate::clock::Clock::Manual(clock.inner.clone());
         self
@@ -357,6 +358,7 @@ impl BusBuilder {
             })
             .map_err(spawn_error)?;
         *core.timer_thread.lock() = Some(thread);
+        #[cfg(feature = "testing")]
         if let Some(manual) = core.clock.manual() {
             let driver: Arc<dyn crate::clock::Drive> = core.clone();
             manual.register(Arc::downgrade(&driver));

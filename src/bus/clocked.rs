@@ -11,7 +11,6 @@
 //! with nothing queued, twice in a row with nothing begun in between.
 
 use super::*;
-use crate::clock::Drive;
 
 /// When a wait for quiescence stops before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,13 +39,18 @@ impl Core {
     /// Under a manual clock, when nothing outstanding can run until the clock moves: the next
     /// time something falls due.
     pub(super) fn waiting_on_clock(&self) -> Option<Instant> {
-        self.clock.manual()?;
+        if !self.clock.is_manual() {
+            return None;
+        }
         if !self.parked_past(None) {
             return None;
         }
         self.next_due()
     }
+}
 
+#[cfg(feature = "testing")]
+impl Core {
     /// Deliveries outstanding that no worker can run now: on the wheel, parked, waiting
     /// behind their keys' heads, or deferred.
     fn held(&self) -> i64 {
@@ -107,7 +111,8 @@ impl Core {
     }
 }
 
-impl Drive for Core {
+#[cfg(feature = "testing")]
+impl crate::clock::Drive for Core {
     fn is_own_thread(&self) -> bool {
         OwnThread::is_own(self.id)
     }

@@ -144,7 +144,7 @@ impl Core {
     /// Waits until the bus is quiescent or `deadline` passes (`None`: no deadline), or
     /// `early` says to stop. Returns whether the bus was quiescent.
     pub(super) fn wait_quiescent(&self, deadline: Option<Instant>, early: Early) -> bool {
-        let manual = self.clock.manual().is_some();
+        let manual = self.clock.is_manual();
         self.idle_waiters.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.idle_lock.lock();
         let quiet = loop {
@@ -224,10 +224,11 @@ impl Core {
                 .sum(),
             running: self.shards.iter().filter(|s| s.worker.running()).count(),
             waiting: self.timer.len(),
-            next_due_in: match self.clock.manual() {
+            next_due_in: if self.clock.is_manual() {
                 // What the clock must reach: a breaker's cool-down as well.
-                Some(_) => self.next_due(),
-                None => self.timer.earliest(),
+                self.next_due()
+            } else {
+                self.timer.earliest()
             }
             .map(|due| due.saturating_duration_since(now)),
             deferred: self.deferrals.outstanding(),

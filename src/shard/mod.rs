@@ -424,6 +424,7 @@ impl WorkerShared {
     }
 
     /// Appends `items` to the spill queue at once (see [`hand_over`](Self::hand_over)).
+    #[cfg(feature = "testing")]
     pub(crate) fn hand_over_all(&self, items: Vec<Routed>) {
         let mut spill = self.spill.lock();
         spill.extend(items);

@@ -52,6 +52,7 @@ impl Parked {
 impl WorkerShared {
     /// How many deliveries are held back on the shard: parked (by a paused subscription or an
     /// open breaker), or waiting behind their keys' heads.
+    #[cfg(feature = "testing")]
     pub(crate) fn held_back(&self) -> usize {
         let parked: usize = self.parked.lock().queues.iter().map(|(_, q)| q.len()).sum();
         parked + self.waiting.lock().len()

@@ -156,6 +156,7 @@ pub(crate) struct Task {
 
 impl Task {
     /// Its event, if it is an `E`.
+    #[cfg(feature = "testing")]
     pub(crate) fn event<E: Event>(&self) -> Option<&E> {
         (*self.payload).downcast_ref::<E>()
     }

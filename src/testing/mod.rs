@@ -1,8 +1,10 @@
-//! Helpers for testing an application's services: a [`Recorder`] of every event of a type that
-//! flows through a bus.
+//! Helpers for testing an application's services (the `testing` cargo feature): a
+//! [`ManualClock`] a test moves by hand, a [`TestContext`] to call a handler without a bus,
+//! and a [`Recorder`] of every event of a type that flows through a bus.
 //!
-//! Ground rules: nothing here touches the delivery path. A recorder is a tap that keeps the
-//! events of its type (as JSON, decoded when asked for, so that an event need not be `Clone`);
+//! Ground rules: a manual clock is the clock the bus reads (see `clock`), and a test context
+//! owns a small bus of its own; a recorder touches nothing on the delivery path: it is a tap
+//! that keeps the events of its type (as JSON, decoded when asked for, so that an event need not be `Clone`);
 //! it holds its records weakly from the bus's side, so dropping the recorder stops the
 //! recording.
 

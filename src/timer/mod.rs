@@ -132,7 +132,7 @@ impl<T: Delayed> Timer<T> {
     /// whatever the clock). `Err` gives it back when the timer has stopped.
     #[allow(clippy::result_large_err)] // The error is the item itself, handed back.
     pub(crate) fn reoffer(&self, item: T) -> Result<(), T> {
-        if self.clock.manual().is_none() {
+        if !self.clock.is_manual() {
             return self.schedule(item, REOFFER_DELAY);
         }
         let mut state = self.state.lock();
@@ -150,6 +150,7 @@ impl<T: Delayed> Timer<T> {
     }
 
     /// Whether re-offers wait (under a manual clock): work in motion, not waiting on it.
+    #[cfg(feature = "testing")]
     pub(crate) fn reoffering(&self) -> bool {
         !self.state.lock().soon.is_empty()
     }
@@ -169,6 +170,7 @@ impl<T: Delayed> Timer<T> {
 
     /// Takes what is due at the clock's time now (under a manual clock, which the thread
     /// leaves the wheel to).
+    #[cfg(feature = "testing")]
     pub(crate) fn take_due(&self, due: &mut Vec<T>) {
         let mut state = self.state.lock();
         let now = self.tick_at(self.clock.now());
@@ -180,6 +182,7 @@ impl<T: Delayed> Timer<T> {
 
     /// When [`take_due`](Self::take_due) next has something to take: the start of a tick
     /// after the one in progress (`None`: nothing waits, or not within an `Instant`'s reach).
+    #[cfg(feature = "testing")]
     pub(crate) fn next_due_after_now(&self) -> Option<Instant> {
         let state = self.state.lock();
         let now = self.tick_at(self.clock.now());
@@ -214,7 +217,7 @@ impl<T: Delayed> Timer<T> {
     /// returned has come (and once at the start, and after a [`nudge`](Self::nudge)): `None`
     /// means not again until nudged.
     pub(crate) fn run(&self, mut fire: impl FnMut(T), mut watch: impl FnMut() -> Option<Instant>) {
-        if self.clock.manual().is_some() {
+        if self.clock.is_manual() {
             return self.run_reoffers(fire);
         }
         let mut due = Vec::new();

@@ -1,13 +1,5 @@
-//! The one clock a bus reads: the system's (the TSC, scaled against one wall-clock anchor), or
-//! a [`ManualClock`] a test moves by hand.
-//!
-//! Ground rules: every time the bus keeps — ids and so envelope publish times, retry and
-//! publish delays, breaker cool-downs, stall detection, dead-letter times, latencies, handler
-//! deadlines — comes from the bus's [`Clock`]. Timeouts a caller passes (`flush`, shutdown,
-//! `publish_timeout`, `Tracker::wait`, a recorder's `wait_for`) are real time, whatever the
-//! clock. A manual clock stands still until [`ManualClock::advance`] moves it; the buses built
-//! on it register a [`Drive`] with it, through which `advance` fires what falls due at each
-//! instant it steps to and waits for that work to run.
+//! The manual clock (the `testing` feature): [`ManualClock`], and the [`Drive`] through which
+//! its `advance` moves the buses built on it.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,56 +8,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
-/// Where a bus reads the time.
-#[derive(Clone, Default)]
-pub(crate) enum Clock {
-    /// The system's clock.
-    #[default]
-    System,
-    /// A test's clock.
-    Manual(Arc<Manual>),
-}
-
-impl Clock {
-    /// The monotonic time now.
-    #[inline]
-    pub(crate) fn now(&self) -> Instant {
-        match self {
-            Clock::System => crate::sync::clock_now(),
-            Clock::Manual(manual) => manual.instant(),
-        }
-    }
-
-    /// Nanoseconds since the Unix epoch now (what ids carry).
-    #[inline(always)]
-    pub(crate) fn unix_nanos(&self) -> u64 {
-        match self {
-            Clock::System => crate::id::unix_nanos(),
-            Clock::Manual(manual) => manual_nanos(manual),
-        }
-    }
-
-    /// The wall-clock time now.
-    pub(crate) fn system_time(&self) -> SystemTime {
-        match self {
-            Clock::System => SystemTime::now(),
-            Clock::Manual(manual) => UNIX_EPOCH + Duration::from_nanos(manual.unix_nanos()),
-        }
-    }
-
-    /// The manual clock, if this is one.
-    pub(crate) fn manual(&self) -> Option<&Arc<Manual>> {
-        match self {
-            Clock::System => None,
-            Clock::Manual(manual) => Some(manual),
-        }
-    }
-}
-
 /// A manual clock's time, kept out of the system clock's path.
 #[cold]
 #[inline(never)]
-fn manual_nanos(manual: &Manual) -> u64 {
+pub(super) fn manual_nanos(manual: &Manual) -> u64 {
     manual.unix_nanos()
 }
 
@@ -96,7 +42,7 @@ pub(crate) struct Manual {
 
 impl Manual {
     #[inline]
-    fn instant(&self) -> Instant {
+    pub(super) fn instant(&self) -> Instant {
         self.at(self.offset.load(Ordering::Acquire))
     }
 
@@ -109,6 +55,11 @@ impl Manual {
             }
             step /= 2;
         }
+    }
+
+    /// The wall-clock time it stands at.
+    pub(super) fn system_time(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.unix_nanos())
     }
 
     #[inline]
@@ -300,6 +251,7 @@ impl std::error::Error for AdvanceError {}
 
 #[cfg(test)]
 mod tests {
+    use super::super::Clock;
     use super::*;
 
     #[test]

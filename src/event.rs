@@ -599,6 +599,11 @@ impl Envelope {
         self.extra.as_ref()?.tracker.as_deref()
     }
 
+    /// Takes the tracking of a tracked publish out of the envelope.
+    pub(crate) fn take_tracker(&mut self) -> Option<Arc<Tracking>> {
+        self.extra.as_mut()?.tracker.take()
+    }
+
     /// The event's unique id.
     pub fn id(&self) -> EventId {
         self.id

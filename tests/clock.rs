@@ -466,3 +466,24 @@ fn the_same_flow_twice_on_one_worker_and_a_manual_clock_runs_the_same_way() {
         ]
     );
 }
+
+#[test]
+fn a_delayed_event_nobody_hears_is_recorded_by_the_time_advance_returns() {
+    let clock = ManualClock::new();
+    let bus = Bus::builder().workers(2).clock(&clock).build().unwrap();
+    let recorded = bus.record::<Numbered>();
+    for seq in 0..100 {
+        bus.publish_with(numbered(seq), Publish::new().delay(SECOND))
+            .unwrap();
+    }
+    // Tracked, it completes at once: nothing is to be delivered.
+    let tracker = bus
+        .publish_with(numbered(100), Publish::new().delay(SECOND).tracked())
+        .unwrap();
+    assert!(tracker.completion().is_some());
+    clock.advance(Duration::from_millis(999)).unwrap();
+    assert!(recorded.is_empty(), "shown to the taps when it falls due");
+    clock.advance(Duration::from_millis(1)).unwrap();
+    assert_eq!(recorded.len(), 101);
+    assert_eq!(bus.stats().unmatched, 101);
+}

@@ -70,7 +70,13 @@ impl Core {
                 s.worker.release.load(Ordering::SeqCst) || s.worker.releasing.load(Ordering::SeqCst)
             });
             if !releasing && !self.timer.reoffering() {
-                if before == self.held() && self.outstanding_now() == before {
+                // (An event nobody subscribed to, due now, is in a spill queue without a
+                // delivery to count.)
+                let spilled = self
+                    .shards
+                    .iter()
+                    .any(|s| s.worker.spill_len.load(Ordering::SeqCst) > 0);
+                if !spilled && before == self.held() && self.outstanding_now() == before {
                     return;
                 }
                 // Deliveries that were running before the advance began may hold work up

@@ -196,7 +196,10 @@ impl Core {
         let envelope = stamp.envelope(&self.clock, source);
         let id = envelope.id();
         if route.deliveries == 0 {
-            return self.publish_unmatched(source, event, envelope);
+            return match delay {
+                None => self.publish_unmatched(source, event, envelope),
+                Some(delay) => self.publish_unmatched_later(source, event, envelope, delay),
+            };
         }
         let (generation, deliveries) = (route.generation, route.deliveries);
         match (route.lanes, delay) {
@@ -270,6 +273,46 @@ impl Core {
         let id = envelope.id();
         self.count_unmatched(&event, envelope);
         Ok(id)
+    }
+
+    /// A delayed publish of an event that no subscription matched: its tracker completes now
+    /// (nothing is to be delivered); it is counted as unmatched and shown to the taps when it
+    /// falls due, by the worker it falls due on.
+    #[cold]
+    fn publish_unmatched_later<E: Event>(
+        &self,
+        source: NameId,
+        event: E,
+        mut envelope: Envelope,
+        delay: Duration,
+    ) -> Result<EventId, (Refusal, E)> {
+        let refuse = |event: E| {
+            self.registry.uncount(TypeId::of::<E>(), source, 1, true);
+            Err((Refusal::Shutdown, event))
+        };
+        if self.is_closing() {
+            return refuse(event);
+        }
+        let id = envelope.id();
+        if let Some(tracker) = envelope.take_tracker()
+            && let Some(done) = tracker.arm(id, 0)
+        {
+            done.run(&mut &self.panics);
+        }
+        let shard = self.lanes[0].shard_for(&envelope);
+        let routed = Routed {
+            shard,
+            work: Work::Task(Task::new(envelope, 0, 0, event)),
+        };
+        match self.timer.schedule(routed, delay) {
+            Ok(()) => Ok(id),
+            Err(routed) => {
+                let Work::Task(task) = routed.work else {
+                    unreachable!("scheduled as a task")
+                };
+                refuse(task.into_event())
+            }
+        }
     }
 
     /// A publish to another lane than the default one, to several, or with a delay.

@@ -26,7 +26,8 @@ pub use crate::clock::{AdvanceError, ManualClock};
 /// handlers included, whether anything subscribed to it or not — with its envelope, in the
 /// order the bus saw them: an accepted event when the worker that takes it starts on it (so
 /// each publishing thread's events of one key in publish order), an event nobody subscribed
-/// to when it is published.
+/// to when it is published (a delayed one when it falls due; a handler's when the handler
+/// succeeds).
 ///
 /// # Examples
 ///

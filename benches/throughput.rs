@@ -172,6 +172,14 @@ fn one_to_one(c: &mut Criterion) {
         1,
         publish_each,
     );
+    // The configuration a bus gets with no settings but these: metrics on, sampled.
+    bench_bus(
+        &mut g,
+        BenchmarkId::new("microbus_default", &params),
+        Bus::builder().workers(1).channel_capacity(CAPACITY),
+        1,
+        publish_each,
+    );
     bench_bus(
         &mut g,
         BenchmarkId::new("microbus_metrics_1in16", &params),

@@ -235,7 +235,7 @@
 //! Counters are exact. Each worker records into its own histograms, without a lock, and hands
 //! them over when a snapshot asks; the publish time comes from the event id, so a timed
 //! delivery reads the TSC twice. [`BusBuilder::metrics_sample_every`] times one delivery in
-//! `n` (the snapshot states `n`); [`BusBuilder::metrics`]`(false)` turns recording off, and a
+//! `n` — by default one in [`DEFAULT_METRICS_SAMPLE_EVERY`] (16), and the snapshot states `n`; [`BusBuilder::metrics`]`(false)` turns recording off, and a
 //! delivery then takes no timestamp. Memory is per use and given back: a worker counts each
 //! handler's three latencies (1 ns to 68.7 s, two significant digits) as a short list of
 //! buckets while few are used (a few hundred bytes), and in arrays of every bucket, 92,160
@@ -430,8 +430,9 @@ pub use crate::breaker::{BreakerChange, BreakerState, CircuitBreaker};
 pub use crate::bus::{Bus, BusBuilder, DeadLetters, LoadSummary, RedriveCutShort};
 pub use crate::config::{
     Backpressure, DEFAULT_CHANNEL_CAPACITY, DEFAULT_DEAD_LETTER_CAPACITY, DEFAULT_LANE,
-    DEFAULT_SERVICE_NAME, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STALL_AFTER, Lane,
-    MAX_CHANNEL_CAPACITY, MAX_CHANNEL_MEMORY, MAX_LANES, MAX_NAME_LEN, MAX_WORKERS, WaitStrategy,
+    DEFAULT_METRICS_SAMPLE_EVERY, DEFAULT_SERVICE_NAME, DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_STALL_AFTER, Lane, MAX_CHANNEL_CAPACITY, MAX_CHANNEL_MEMORY, MAX_LANES, MAX_NAME_LEN,
+    MAX_WORKERS, WaitStrategy,
 };
 pub use crate::context::{Context, Handler};
 pub use crate::dead_letter::{

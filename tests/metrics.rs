@@ -253,7 +253,11 @@ fn sampled_latency_counts_one_delivery_in_n() {
 #[test]
 fn percentiles_of_a_handler_that_sleeps_land_in_range() {
     const SLEEP: Duration = Duration::from_millis(3);
-    let bus = Bus::builder().workers(1).build().unwrap();
+    let bus = Bus::builder()
+        .workers(1)
+        .metrics_sample_every(1)
+        .build()
+        .unwrap();
     bus.subscribe(|_: &Numbered, _: &Context| -> HandlerResult {
         std::thread::sleep(SLEEP);
         Ok(())

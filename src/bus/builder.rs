@@ -180,8 +180,9 @@ impl BusBuilder {
         self
     }
 
-    /// Records latencies for one delivery in `n` (default 1: every delivery). Counters stay
-    /// exact; the snapshot states `n`.
+    /// Records latencies for one delivery in `n` (default
+    /// [`DEFAULT_METRICS_SAMPLE_EVERY`](crate::DEFAULT_METRICS_SAMPLE_EVERY), 16; 1 times every
+    /// delivery). Counters stay exact; the snapshot states `n`.
     pub fn metrics_sample_every(mut self, n: u32) -> Self {
         self.config.metrics_sample_every = n;
         self

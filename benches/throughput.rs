@@ -15,6 +15,10 @@
 //! - `workers`: unkeyed events over 1, 2 and 4 workers.
 //! - `batch`: events in batches of 64: microbus `publish_batch`, disruptor `batch_publish`,
 //!   crossbeam carrying 64 events per message; microbus single publish for reference.
+//! - `burst`: bursts of 1, 10 and 100 events, each waited for until the handler has seen its
+//!   last event (the time per burst; per event, divide by the burst): crossbeam (a consumer
+//!   as in `1p1s`), the disruptor publishing one by one and with `batch_publish`, microbus
+//!   `publish` one by one and `publish_batch`.
 //! - `failures`: microbus with 1% of deliveries failing once (retried) against none.
 //! - `lanes`: fan-out to 3 subscriptions on one lane of 3 workers against 3 lanes of 1 worker
 //!   (deliveries/s); and the head-of-line case: a fast subscription while another service
@@ -26,10 +30,11 @@ mod common;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{
     CAPACITY, NaiveBus, RawChannel, StdChannel, Tick, counting_bus, counting_bus_with, timed,
+    wait_for,
 };
 use criterion::measurement::WallTime;
 use criterion::{
@@ -450,6 +455,108 @@ fn batch(c: &mut Criterion) {
     g.finish();
 }
 
+/// Runs `iters` bursts of `burst` events: `publish(first, burst)` sends one, then the run waits
+/// until `handled` has counted its last event.
+fn in_bursts(
+    iters: u64,
+    burst: u64,
+    handled: &AtomicU64,
+    mut publish: impl FnMut(u64, u64),
+) -> Duration {
+    let mut target = handled.load(Ordering::Acquire);
+    let start = Instant::now();
+    for i in 0..iters {
+        target += burst;
+        publish(i * burst, burst);
+        wait_for(handled, target);
+    }
+    start.elapsed()
+}
+
+fn burst(c: &mut Criterion) {
+    let mut g = group(c, "burst");
+    for burst in [1u64, 10, 100] {
+        g.throughput(Throughput::Elements(burst));
+        let params = format!("burst{burst}");
+
+        let (tx, rx) = crossbeam_channel::bounded::<u64>(CAPACITY);
+        let handled = Arc::new(AtomicU64::new(0));
+        let consumer = {
+            let handled = handled.clone();
+            std::thread::spawn(move || {
+                while let Ok(v) = rx.recv() {
+                    black_box(v);
+                    handled.fetch_add(1, Ordering::Release);
+                    while let Ok(v) = rx.try_recv() {
+                        black_box(v);
+                        handled.fetch_add(1, Ordering::Release);
+                    }
+                }
+            })
+        };
+        g.bench_function(BenchmarkId::new("crossbeam", &params), |b| {
+            b.iter_custom(|iters| {
+                in_bursts(iters, burst, &handled, |first, n| {
+                    for i in first..first + n {
+                        tx.send(black_box(i)).unwrap();
+                    }
+                })
+            })
+        });
+        drop(tx);
+        consumer.join().unwrap();
+
+        let handled = Arc::new(AtomicU64::new(0));
+        let mut producer = disruptor::build_single_producer(CAPACITY, Slot::default, BusySpin)
+            .handle_events_with(counter(&handled))
+            .build();
+        g.bench_function(BenchmarkId::new("disruptor", &params), |b| {
+            b.iter_custom(|iters| {
+                in_bursts(iters, burst, &handled, |first, n| {
+                    for i in first..first + n {
+                        producer.publish(|slot| slot.0 = black_box(i));
+                    }
+                })
+            })
+        });
+        g.bench_function(BenchmarkId::new("disruptor_batch_publish", &params), |b| {
+            b.iter_custom(|iters| {
+                in_bursts(iters, burst, &handled, |first, n| {
+                    let mut i = first;
+                    producer.batch_publish(n as usize, |slots| {
+                        for slot in slots {
+                            slot.0 = black_box(i);
+                            i += 1;
+                        }
+                    });
+                })
+            })
+        });
+        drop(producer);
+
+        let (bus, handled) = counting_bus(builder(1), 1);
+        g.bench_function(BenchmarkId::new("microbus_publish", &params), |b| {
+            b.iter_custom(|iters| {
+                in_bursts(iters, burst, &handled, |first, n| {
+                    for i in first..first + n {
+                        bus.publish(Tick(black_box(i))).unwrap();
+                    }
+                })
+            })
+        });
+        g.bench_function(BenchmarkId::new("microbus_publish_batch", &params), |b| {
+            b.iter_custom(|iters| {
+                in_bursts(iters, burst, &handled, |first, n| {
+                    bus.publish_batch((first..first + n).map(|i| Tick(black_box(i))))
+                        .unwrap();
+                })
+            })
+        });
+        bus.shutdown().unwrap();
+    }
+    g.finish();
+}
+
 /// The same flow with deliveries failing once and retried, against none failing.
 fn failures(c: &mut Criterion) {
     let mut g = group(c, "failures");
@@ -576,6 +683,6 @@ fn lanes(c: &mut Criterion) {
 }
 
 criterion_group!(
-    benches, one_to_one, two_to_one, fan_out, keyed, workers, batch, failures, lanes
+    benches, one_to_one, two_to_one, fan_out, keyed, workers, batch, burst, failures, lanes
 );
 criterion_main!(benches);

@@ -487,3 +487,41 @@ fn a_delayed_event_nobody_hears_is_recorded_by_the_time_advance_returns() {
     assert_eq!(recorded.len(), 101);
     assert_eq!(bus.stats().unmatched, 101);
 }
+
+#[test]
+fn advance_returns_while_a_handler_that_was_running_holds_its_worker_and_a_release() {
+    let clock = ManualClock::new();
+    let bus = Bus::builder().workers(1).clock(&clock).build().unwrap();
+    let (started_tx, started) = crossbeam_channel::unbounded::<()>();
+    let (release, released) = crossbeam_channel::unbounded::<()>();
+    bus.subscribe(move |_: &Keyed, _: &Context| -> HandlerResult {
+        started_tx.send(()).unwrap();
+        released.recv().unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let handled = Arc::new(AtomicU32::new(0));
+    let paused = {
+        let handled = handled.clone();
+        bus.subscribe(move |_: &Numbered, _: &Context| -> HandlerResult {
+            handled.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap()
+    };
+    paused.pause();
+    for seq in 0..3 {
+        bus.publish(numbered(seq)).unwrap();
+    }
+    clock.advance(Duration::ZERO).unwrap();
+    assert_eq!(bus.metrics().handlers[1].parked, 3);
+    bus.publish(Keyed { key: 0, seq: 0 }).unwrap();
+    started.recv_timeout(WAIT).unwrap();
+    // The release waits behind the blocked handler; advance does not wait for either.
+    paused.resume();
+    clock.advance(SECOND).unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
+    release.send(()).unwrap();
+    bus.flush(WAIT).unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 3);
+}

@@ -61,40 +61,39 @@ impl Core {
 
     /// Waits until the work an advance's step made due has run (see the module's docs).
     fn settle_step(&self, running: &[Option<u64>]) {
+        // A delivery that was running before the advance began (and still is): not waited
+        // for, nor what its worker has queued or been told to release behind it.
+        let old = |index: usize, shard: &Shard| {
+            shard.worker.running()
+                && running.get(index).copied().flatten()
+                    == Some(shard.worker.begun.load(Ordering::Acquire))
+        };
         let mut step = 0;
         let mut quiet_before: Option<(i64, Vec<u64>)> = None;
         while !self.stopped.load(Ordering::SeqCst) {
             let before = self.outstanding_now();
-            // A worker told to release what it parked has yet to run it.
-            let releasing = self.shards.iter().any(|s| {
-                s.worker.release.load(Ordering::SeqCst) || s.worker.releasing.load(Ordering::SeqCst)
-            });
-            if !releasing && !self.timer.reoffering() {
-                // (An event nobody subscribed to, due now, is in a spill queue without a
-                // delivery to count.)
-                let spilled = self
-                    .shards
-                    .iter()
-                    .any(|s| s.worker.spill_len.load(Ordering::SeqCst) > 0);
-                if !spilled && before == self.held() && self.outstanding_now() == before {
+            let any_old = self.shards.iter().enumerate().any(|(i, s)| old(i, s));
+            // Work in motion that no delivery counts: a release a worker has yet to run, an
+            // event nobody subscribed to in a spill queue, a re-offer.
+            let moving = self.timer.reoffering()
+                || self.shards.iter().enumerate().any(|(i, s)| {
+                    !old(i, s)
+                        && (s.worker.release.load(Ordering::SeqCst)
+                            || s.worker.releasing.load(Ordering::SeqCst)
+                            || s.worker.spill_len.load(Ordering::SeqCst) > 0)
+                });
+            if !moving && !any_old {
+                if before == self.held() && self.outstanding_now() == before {
                     return;
                 }
-                // Deliveries that were running before the advance began may hold work up
-                // behind them: settled once every other worker has been idle with nothing
-                // queued, twice in a row with nothing begun in between.
-                let old = |index: usize, shard: &Shard| {
-                    shard.worker.running()
-                        && running.get(index).copied().flatten()
-                            == Some(shard.worker.begun.load(Ordering::Acquire))
-                };
-                let any_old = self.shards.iter().enumerate().any(|(i, s)| old(i, s));
-                let quiet = any_old
-                    && self.shards.iter().enumerate().all(|(i, s)| {
-                        old(i, s)
-                            || (!s.worker.running()
-                                && s.rx.is_empty()
-                                && s.worker.spill_len.load(Ordering::Relaxed) == 0)
-                    });
+            } else if !moving {
+                // Settled once every other worker has been idle with nothing queued, twice in
+                // a row with nothing begun in between.
+                let quiet = self
+                    .shards
+                    .iter()
+                    .enumerate()
+                    .all(|(i, s)| old(i, s) || (!s.worker.running() && s.rx.is_empty()));
                 if quiet {
                     let begun: Vec<u64> = self
                         .shards

@@ -376,11 +376,12 @@
 //! | `guard.rs`, `track.rs`, `tap.rs`, `trace.rs`, `metrics/` | the guard for user code, trackers, taps, traces, metrics |
 //!
 //! The engine, above them: `bus/core.rs` (the state one bus shares, its lanes), `bus/intake.rs`
-//! (every publish path), `bus/lanes.rs` (an event for several lanes, shedding),
+//! (every publish path), `bus/unmatched.rs` (events no subscription matched, and the
+//! taps), `bus/lanes.rs` (an event for several lanes, shedding),
 //! `bus/lifecycle.rs` (flush, statistics, shutdown), `bus/clocked.rs` (a bus driven by a
 //! manual clock), `bus/redrive.rs` and
 //! `bus/rebuild.rs` (dead letters back to their subscriptions), `shard/` (the work
-//! vocabulary, the worker, deferred settlement), `context.rs` ([`Context`], [`Handler`]),
+//! vocabulary, the worker, deferred settlement, dead letters made and read back), `context.rs` ([`Context`], [`Handler`]),
 //! `defer.rs` ([`Deferred`]). The public handles on top: `bus/mod.rs` ([`Bus`]),
 //! `bus/builder.rs`, `bus/dead_letters.rs` ([`DeadLetters`]), `subscription.rs`, `par.rs`
 //! (rayon), `bridge/` (Redis Streams) and `testing/` (the test kit).

@@ -62,6 +62,7 @@ mod lifecycle;
 mod rebuild;
 mod redrive;
 mod stalls;
+mod unmatched;
 
 use self::clocked::Early;
 use self::core::*;

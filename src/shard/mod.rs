@@ -54,6 +54,7 @@ use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::trace::{TraceEntry, TraceOutcome};
 use crate::track::{Done, Settled};
 
+mod burial;
 mod follow_up;
 mod ordered;
 mod park;
@@ -61,6 +62,7 @@ mod settle;
 mod work;
 mod worker;
 
+pub(crate) use self::burial::*;
 pub(crate) use self::ordered::*;
 pub(crate) use self::park::*;
 pub(crate) use self::settle::*;

@@ -381,8 +381,8 @@
 //! `bus/lifecycle.rs` (flush, statistics, shutdown), `bus/clocked.rs` (a bus driven by a
 //! manual clock), `bus/redrive.rs` and
 //! `bus/rebuild.rs` (dead letters back to their subscriptions), `shard/` (the work
-//! vocabulary, the worker, deferred settlement, dead letters made and read back), `context.rs` ([`Context`], [`Handler`]),
-//! `defer.rs` ([`Deferred`]). The public handles on top: `bus/mod.rs` ([`Bus`]),
+//! vocabulary, the worker, deferred settlement, dead letters made and read back),
+//! `context.rs` ([`Context`], [`Handler`]), `defer.rs` ([`Deferred`]). The public handles on top: `bus/mod.rs` ([`Bus`]),
 //! `bus/builder.rs`, `bus/dead_letters.rs` ([`DeadLetters`]), `subscription.rs`, `par.rs`
 //! (rayon), `bridge/` (Redis Streams) and `testing/` (the test kit).
 

@@ -66,10 +66,102 @@ pub trait Handler<E: Event>: Send + Sync + 'static {
 
 pub(crate) type HandlerFn<E> = Box<dyn Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync>;
 
-/// A subscription as the engine keeps it: what it is, and its handler.
+/// A batch handler, as the engine keeps it.
+pub(crate) type BatchFn<E> = dyn Fn(&Batch<'_, E>, &Context<'_>) -> HandlerResult + Send + Sync;
+
+/// A subscription as the engine keeps it: what it is, and its handler. A batch subscription's
+/// `handler` calls `batch` with one event.
 pub(crate) struct Sub<E> {
     pub(crate) meta: Arc<SubMeta>,
     pub(crate) handler: HandlerFn<E>,
+    pub(crate) batch: Option<Arc<BatchFn<E>>>,
+}
+
+/// The events one call of a batch handler gets, each with its envelope, in the order they were
+/// published (see [`Bus::subscribe_batch`](crate::Bus::subscribe_batch)): everything one
+/// channel message carried (up to 64 events of a `publish_batch`, or of a handler's), or one
+/// event. Never empty.
+pub struct Batch<'a, E> {
+    items: Items<'a, E>,
+}
+
+enum Items<'a, E> {
+    One(&'a Envelope, &'a E),
+    Many(&'a [(Envelope, E)]),
+}
+
+impl<E> Clone for Items<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<E> Copy for Items<'_, E> {}
+
+impl<E> Clone for Batch<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<E> Copy for Batch<'_, E> {}
+
+impl<'a, E> Batch<'a, E> {
+    pub(crate) fn one(envelope: &'a Envelope, event: &'a E) -> Batch<'a, E> {
+        Batch {
+            items: Items::One(envelope, event),
+        }
+    }
+
+    pub(crate) fn many(items: &'a [(Envelope, E)]) -> Batch<'a, E> {
+        Batch {
+            items: Items::Many(items),
+        }
+    }
+
+    /// How many events.
+    pub fn len(&self) -> usize {
+        match self.items {
+            Items::One(..) => 1,
+            Items::Many(items) => items.len(),
+        }
+    }
+
+    /// Whether there are none (never: a batch has at least one event).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Event `index` with its envelope.
+    pub fn get(&self, index: usize) -> Option<(&'a Envelope, &'a E)> {
+        match self.items {
+            Items::One(envelope, event) => (index == 0).then_some((envelope, event)),
+            Items::Many(items) => items.get(index).map(|(envelope, event)| (envelope, event)),
+        }
+    }
+
+    /// The events with their envelopes, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&'a Envelope, &'a E)> + 'a
+    where
+        E: 'a,
+    {
+        let batch = *self;
+        (0..self.len()).map(move |i| batch.get(i).expect("within the batch"))
+    }
+
+    /// The events, in order.
+    pub fn events(&self) -> impl ExactSizeIterator<Item = &'a E> + 'a
+    where
+        E: 'a,
+    {
+        self.iter().map(|(_, event)| event)
+    }
+}
+
+impl<E> fmt::Debug for Batch<'_, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batch").field("len", &self.len()).finish()
+    }
 }
 
 impl<E: Event> crate::registry::Subscriber for Sub<E> {

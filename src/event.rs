@@ -350,6 +350,14 @@ impl<T: Track> Publish<T> {
         self
     }
 
+    /// Continues the conversation of the event `cause` is the envelope of: its correlation,
+    /// and it as the cause (for an event a batch handler publishes about one event of its
+    /// [`Batch`](crate::Batch)).
+    pub fn caused_by(self, cause: &Envelope) -> Publish<T> {
+        self.correlation(cause.correlation_id())
+            .causation(cause.id())
+    }
+
     /// Sets a header.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Publish<T> {
         let extra = match &mut self.stamp {

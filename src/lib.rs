@@ -435,7 +435,7 @@ pub use crate::config::{
     DEFAULT_STALL_AFTER, Lane, MAX_CHANNEL_CAPACITY, MAX_CHANNEL_MEMORY, MAX_LANES, MAX_NAME_LEN,
     MAX_WORKERS, WaitStrategy,
 };
-pub use crate::context::{Context, Handler};
+pub use crate::context::{Batch, Context, Handler};
 pub use crate::dead_letter::{
     DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterSink, RedriveError,
 };

@@ -538,6 +538,7 @@ mod loom_models {
         Sub {
             meta,
             handler: Box::new(|_: &Probe, _: &Context<'_>| Ok(())),
+            batch: None,
         }
     }
 

@@ -19,7 +19,7 @@ use crossbeam_utils::CachePadded;
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::{Backpressure, Config, WaitStrategy, check_name};
-use crate::context::{Context, Handler, HandlerFn, Sub};
+use crate::context::{BatchFn, Context, Handler, HandlerFn, Sub};
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink, RedriveError, Ring};
 use crate::defer::Deferrals;
 use crate::error::{
@@ -51,6 +51,7 @@ use crate::timer::Timer;
 use crate::trace::{Trace, TraceRing};
 use crate::track::{Settled, Tracker, Tracking};
 
+mod batches;
 mod breakers;
 mod builder;
 mod clocked;
@@ -411,8 +412,15 @@ impl Bus {
         options: SubscribeOptions,
         default_name: &str,
         handler: HandlerFn<E>,
+        batch: Option<Arc<BatchFn<E>>>,
     ) -> Result<Subscription, SubscribeError> {
         let core = self.core();
+        if batch.is_some() && options.ordered {
+            return Err(SubscribeError::Invalid {
+                option: "ordered",
+                reason: "a batch subscription cannot be ordered",
+            });
+        }
         if core.is_closing() {
             return Err(SubscribeError::Shutdown);
         }
@@ -500,7 +508,11 @@ impl Bus {
             core.timer.nudge();
         }
         core.rebuilders.add_decoder::<E>();
-        let meta = core.registry.insert(Sub { meta, handler });
+        let meta = core.registry.insert(Sub {
+            meta,
+            handler,
+            batch,
+        });
         Ok(Subscription {
             core: core.clone(),
             meta,
@@ -555,7 +567,7 @@ impl Bus {
         E: Event,
         F: Fn(&E, &Context<'_>) -> HandlerResult + Send + Sync + 'static,
     {
-        self.subscribe_boxed(options, std::any::type_name::<F>(), Box::new(handler))
+        self.subscribe_boxed(options, std::any::type_name::<F>(), Box::new(handler), None)
     }
 
     /// Subscribes a [`Handler`] type, named by [`Handler::name`].
@@ -590,6 +602,7 @@ impl Bus {
             options,
             &name,
             Box::new(move |event: &E, ctx: &Context<'_>| handler.handle(event, ctx)),
+            None,
         )
     }
 

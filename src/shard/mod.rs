@@ -54,6 +54,7 @@ use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
 use crate::trace::{TraceEntry, TraceOutcome};
 use crate::track::{Done, Settled};
 
+mod batch_sub;
 mod burial;
 mod follow_up;
 mod ordered;

@@ -366,6 +366,7 @@ pub(super) fn run_event<E: Event>(
         event,
         generation,
         deliveries,
+        &[],
     );
     worker.snapshot = Some(snapshot);
     flow
@@ -380,17 +381,17 @@ pub(super) fn deliver_all<E: Event>(
     event: &E,
     generation: u32,
     deliveries: usize,
+    batched: &[u64],
 ) -> Flow {
     let source = envelope.source_id();
     let lane = worker.lane;
     let mut flow = Flow::Continue;
     let mut remaining = deliveries;
     if let Some(table) = table {
-        for sub in table
-            .subs
-            .iter()
-            .filter(|s| s.meta.matched(lane, generation, source))
-        {
+        for sub in table.subs.iter().filter(|s| {
+            s.meta.matched(lane, generation, source)
+                && (batched.is_empty() || !batched.contains(&s.meta.id))
+        }) {
             debug_assert!(remaining > 0, "more subscriptions than were matched");
             remaining -= 1;
             flow = worker.deliver(envelope, sub, event, remaining, 1, true);
@@ -493,7 +494,34 @@ pub(super) fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow
     let snapshot = worker.snapshot_for(batch.generation);
     let table = snapshot.table::<Sub<E>>();
     let tapped = worker.core.taps.on();
-    let mut items = items.into_inner().into_iter();
+    let items = items.into_inner();
+    // Batch subscriptions first: one call each for all the events, which settles their
+    // deliveries to it, or leaves them to run one by one below.
+    let mut batched: Vec<u64> = Vec::new();
+    if let Some(table) = table {
+        let lane = worker.lane;
+        for sub in table
+            .subs
+            .iter()
+            .filter(|s| s.batch.is_some() && s.meta.matched(lane, batch.generation, batch.source))
+        {
+            match worker.deliver_batch(sub, &items, per_event, rest) {
+                None => {}
+                Some(Flow::Continue) => {
+                    batched.push(sub.meta.id);
+                    rest -= items.len();
+                }
+                Some(flow) => {
+                    worker.admitted = false;
+                    worker.snapshot = Some(snapshot);
+                    drop_with(worker, items);
+                    return flow;
+                }
+            }
+        }
+    }
+    let per_event = per_event - batched.len();
+    let mut items = items.into_iter();
     while let Some((envelope, event)) = items.next() {
         rest -= per_event;
         // Shutdown reads these if it gives up on a delivery of this event.
@@ -516,6 +544,7 @@ pub(super) fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow
                 &event,
                 batch.generation,
                 per_event,
+                &batched,
             );
         }
         worker.count_in_batch();

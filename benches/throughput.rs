@@ -13,12 +13,13 @@
 //! - `keyed`: keyed against unkeyed events over 2 workers, and keyed events to an ordered
 //!   subscription (one delivery per key in progress) that never fails.
 //! - `workers`: unkeyed events over 1, 2 and 4 workers.
-//! - `batch`: events in batches of 64: microbus `publish_batch`, disruptor `batch_publish`,
-//!   crossbeam carrying 64 events per message; microbus single publish for reference.
+//! - `batch`: events in batches of 64: microbus `publish_batch` to a subscription and to a
+//!   batch subscription, disruptor `batch_publish`, crossbeam carrying 64 events per message;
+//!   microbus single publish for reference.
 //! - `burst`: bursts of 1, 10 and 100 events, each waited for until the handler has seen its
 //!   last event (the time per burst; per event, divide by the burst): crossbeam (a consumer
 //!   as in `1p1s`), the disruptor publishing one by one and with `batch_publish`, microbus
-//!   `publish` one by one and `publish_batch`.
+//!   `publish` one by one and `publish_batch`, and `publish_batch` to a batch subscription.
 //! - `failures`: microbus with 1% of deliveries failing once (retried) against none.
 //! - `lanes`: fan-out to 3 subscriptions on one lane of 3 workers against 3 lanes of 1 worker
 //!   (deliveries/s); and the head-of-line case: a fast subscription while another service
@@ -42,7 +43,7 @@ use criterion::{
 };
 use disruptor::{BusySpin, Producer};
 use microbus::{
-    Bus, BusBuilder, Context, HandlerError, HandlerResult, Lane, Publish, RetryPolicy,
+    Batch, Bus, BusBuilder, Context, HandlerError, HandlerResult, Lane, Publish, RetryPolicy,
     SubscribeOptions, WaitStrategy,
 };
 
@@ -445,6 +446,12 @@ fn batch(c: &mut Criterion) {
             }
         },
     );
+    let (bus, handled) = batch_counting_bus(builder(1));
+    g.bench_function(
+        BenchmarkId::new("microbus_batch_subscription", &params),
+        |b| b.iter_custom(|iters| timed(iters, &handled, 1, |n| publish_in_batches(&bus, 0, n))),
+    );
+    bus.shutdown().unwrap();
     bench_bus(
         &mut g,
         BenchmarkId::new("microbus_publish", "single"),
@@ -453,6 +460,32 @@ fn batch(c: &mut Criterion) {
         publish_each,
     );
     g.finish();
+}
+
+/// A bus whose one batch subscription counts the events it gets.
+fn batch_counting_bus(builder: BusBuilder) -> (Bus, Arc<AtomicU64>) {
+    let bus = builder.build().unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    let counter = handled.clone();
+    bus.subscribe_batch(move |batch: &Batch<Tick>, _: &Context| -> HandlerResult {
+        for tick in batch.events() {
+            black_box(tick);
+        }
+        counter.fetch_add(batch.len() as u64, Ordering::Release);
+        Ok(())
+    })
+    .unwrap();
+    (bus, handled)
+}
+
+fn publish_in_batches(bus: &Bus, first: u64, n: u64) {
+    let mut i = first;
+    while i < first + n {
+        let end = (i + BATCH).min(first + n);
+        bus.publish_batch((i..end).map(|v| Tick(black_box(v))))
+            .unwrap();
+        i = end;
+    }
 }
 
 /// Runs `iters` bursts of `burst` events: `publish(first, burst)` sends one, then the run waits
@@ -552,6 +585,18 @@ fn burst(c: &mut Criterion) {
                 })
             })
         });
+        bus.shutdown().unwrap();
+        let (bus, handled) = batch_counting_bus(builder(1));
+        g.bench_function(
+            BenchmarkId::new("microbus_batch_subscription", &params),
+            |b| {
+                b.iter_custom(|iters| {
+                    in_bursts(iters, burst, &handled, |first, n| {
+                        publish_in_batches(&bus, first, n)
+                    })
+                })
+            },
+        );
         bus.shutdown().unwrap();
     }
     g.finish();

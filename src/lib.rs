@@ -76,8 +76,10 @@
 //!
 //! [`Bus::service`] gives a handle for another service of the program. [`Bus::subscribe`]
 //! takes a closure (only the event type needs writing); [`Bus::subscribe_from`] listens to one
-//! source service; [`Bus::subscribe_handler`] takes a [`Handler`] type. The returned
-//! [`Subscription`] can [`unsubscribe`](Subscription::unsubscribe); dropping it does not.
+//! source service; [`Bus::subscribe_handler`] takes a [`Handler`] type;
+//! [`Bus::subscribe_batch`] takes a handler of a [`Batch`] of events (a channel message's, up to
+//! 64), settled with one result. The returned [`Subscription`] can
+//! [`unsubscribe`](Subscription::unsubscribe); dropping it does not.
 //!
 //! Handlers publish follow-up events through [`Context::publish`]: they inherit the
 //! correlation id, name the handled event as their causation, and leave only when the handler

@@ -244,3 +244,87 @@ fn ordered_batch_subscriptions_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn a_batch_handler_publishes_about_each_event_and_its_calls_are_timed() {
+    let bus = Bus::builder()
+        .workers(1)
+        .metrics_sample_every(1)
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    {
+        let calls = calls.clone();
+        bus.service("audit")
+            .unwrap()
+            .subscribe_batch(
+                move |batch: &Batch<Numbered>, ctx: &Context| -> HandlerResult {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    for (envelope, n) in batch.iter() {
+                        ctx.publish_with(
+                            Keyed { key: n.seq, seq: 0 },
+                            Publish::new().caused_by(envelope),
+                        )?;
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
+    let follow_ups = bus.record::<Keyed>();
+    let ids: Vec<_> = (0..100)
+        .map(|seq| Numbered { publisher: 0, seq })
+        .collect::<Vec<_>>();
+    bus.publish_batch(ids).unwrap();
+    bus.flush(WAIT).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "64 and 36");
+    let recorded = follow_ups.recorded();
+    assert_eq!(recorded.len(), 100);
+    for (k, envelope) in &recorded {
+        assert_eq!(envelope.source(), "audit");
+        assert!(envelope.causation_id().is_some());
+        assert_eq!(
+            Some(envelope.correlation_id()),
+            envelope.causation_id(),
+            "{k:?}"
+        );
+    }
+    let causes: std::collections::HashSet<_> =
+        recorded.iter().map(|(_, e)| e.causation_id()).collect();
+    assert_eq!(causes.len(), 100, "each names its own event");
+    let handler = bus.metrics().handlers[0].clone();
+    assert_eq!((handler.delivered, handler.succeeded), (100, 100));
+    assert_eq!(handler.handler_time.count, 2, "one timing a call");
+}
+
+#[test]
+fn a_paused_batch_subscription_parks_each_event_and_runs_them_after_resume() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let subscription = {
+        let sizes = sizes.clone();
+        bus.subscribe_batch(move |batch: &Batch<Keyed>, _: &Context| -> HandlerResult {
+            sizes
+                .lock()
+                .unwrap()
+                .push(batch.events().map(|k| k.seq).collect::<Vec<_>>());
+            Ok(())
+        })
+        .unwrap()
+    };
+    subscription.pause();
+    keyed_batch(&bus, 1, 50);
+    let start = std::time::Instant::now();
+    while bus.metrics().handlers[0].parked < 50 {
+        assert!(start.elapsed() < WAIT, "never parked");
+        std::thread::yield_now();
+    }
+    assert!(sizes.lock().unwrap().is_empty());
+    subscription.resume();
+    bus.flush(WAIT).unwrap();
+    let sizes = sizes.lock().unwrap();
+    let seqs: Vec<u64> = sizes.iter().flatten().copied().collect();
+    assert_eq!(seqs, (0..50).collect::<Vec<_>>());
+    assert!(sizes.iter().all(|s| s.len() == 1));
+    assert_eq!(bus.stats().succeeded, 50);
+}

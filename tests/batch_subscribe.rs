@@ -328,3 +328,27 @@ fn a_paused_batch_subscription_parks_each_event_and_runs_them_after_resume() {
     assert!(sizes.iter().all(|s| s.len() == 1));
     assert_eq!(bus.stats().succeeded, 50);
 }
+
+#[test]
+fn a_batch_that_defers_runs_its_events_one_by_one_where_each_may_defer() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    {
+        let sizes = sizes.clone();
+        bus.subscribe_batch(
+            move |batch: &Batch<Numbered>, ctx: &Context| -> HandlerResult {
+                sizes.lock().unwrap().push(batch.len());
+                ctx.defer().succeed();
+                Ok(())
+            },
+        )
+        .unwrap();
+    }
+    bus.publish_batch((0..5).map(|seq| Numbered { publisher: 0, seq }))
+        .unwrap();
+    bus.flush(WAIT).unwrap();
+    assert_eq!(*sizes.lock().unwrap(), [5, 1, 1, 1, 1, 1]);
+    let stats = bus.stats();
+    assert_eq!((stats.succeeded, stats.failed), (5, 0));
+    assert!(bus.shutdown().unwrap().is_balanced());
+}

@@ -50,11 +50,7 @@ impl Worker<'_> {
                 .timeout
                 .and_then(|timeout| self.core.clock.now().checked_add(timeout)),
         };
-        let traced = self
-            .core
-            .traces
-            .on()
-            .then(|| (self.core.clock.system_time(), self.core.clock.now()));
+        let traced = self.trace_start();
         let sampled = match &mut self.recorder {
             Some(recorder) => recorder.sample().then(|| self.core.clock.unix_nanos()),
             None => None,

@@ -291,11 +291,7 @@ impl Worker<'_> {
             );
             #[cfg(feature = "tracing")]
             let _entered = span.enter();
-            let traced = self
-                .core
-                .traces
-                .on()
-                .then(|| (self.core.clock.system_time(), self.core.clock.now()));
+            let traced = self.trace_start();
             let sampled = match &mut self.recorder {
                 Some(recorder) => {
                     recorder.starts(&sub.meta, attempt == 1);
@@ -454,6 +450,16 @@ impl Worker<'_> {
     #[inline(never)]
     pub(super) fn dispose_slow(&mut self, work: Work) {
         drop_with(self, work);
+    }
+
+    /// When a handler run starts, in wall-clock and monotonic time, if the trace ring is on.
+    #[inline]
+    pub(super) fn trace_start(&self) -> Option<(SystemTime, Instant)> {
+        let clock = &self.core.clock;
+        self.core
+            .traces
+            .on()
+            .then(|| (clock.system_time(), clock.now()))
     }
 
     /// Adds a handler run to the trace ring.

@@ -352,3 +352,40 @@ fn a_batch_that_defers_runs_its_events_one_by_one_where_each_may_defer() {
     assert_eq!((stats.succeeded, stats.failed), (5, 0));
     assert!(bus.shutdown().unwrap().is_balanced());
 }
+
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Dropped(u64);
+
+impl microbus::Event for Dropped {
+    const NAME: &'static str = "Dropped";
+}
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        DROPPED.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn events_only_batch_subscriptions_take_are_dropped_once_each() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let seen = Arc::new(AtomicU64::new(0));
+    {
+        let seen = seen.clone();
+        bus.subscribe_batch(
+            move |batch: &Batch<Dropped>, _: &Context| -> HandlerResult {
+                seen.fetch_add(batch.events().map(|d| d.0).sum::<u64>(), Ordering::SeqCst);
+                Ok(())
+            },
+        )
+        .unwrap();
+    }
+    bus.publish_batch((0..100).map(Dropped)).unwrap();
+    bus.flush(WAIT).unwrap();
+    assert_eq!(seen.load(Ordering::SeqCst), 4_950);
+    assert_eq!(DROPPED.load(Ordering::SeqCst), 100);
+    assert!(bus.shutdown().unwrap().is_balanced());
+    assert_eq!(DROPPED.load(Ordering::SeqCst), 100);
+}

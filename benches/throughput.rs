@@ -14,7 +14,8 @@
 //!   subscription (one delivery per key in progress) that never fails.
 //! - `workers`: unkeyed events over 1, 2 and 4 workers.
 //! - `batch`: events in batches of 64: microbus `publish_batch` to a subscription and to a
-//!   batch subscription, disruptor `batch_publish`, crossbeam carrying 64 events per message;
+//!   batch subscription (blocking, and spinning 50 µs before it parks), disruptor
+//!   `batch_publish`, crossbeam carrying 64 events per message;
 //!   microbus single publish for reference.
 //! - `burst`: bursts of 1, 10 and 100 events, each waited for until the handler has seen its
 //!   last event (the time per burst; per event, divide by the burst): crossbeam (a consumer
@@ -446,12 +447,20 @@ fn batch(c: &mut Criterion) {
             }
         },
     );
-    let (bus, handled) = batch_counting_bus(builder(1));
-    g.bench_function(
-        BenchmarkId::new("microbus_batch_subscription", &params),
-        |b| b.iter_custom(|iters| timed(iters, &handled, 1, |n| publish_in_batches(&bus, 0, n))),
-    );
-    bus.shutdown().unwrap();
+    for (name, builder) in [
+        ("microbus_batch_subscription", builder(1)),
+        // The worker polls a while before it parks, as the disruptor's consumer spins.
+        (
+            "microbus_batch_subscription_spin",
+            builder(1).wait_strategy(WaitStrategy::spin_then_park(Duration::from_micros(50))),
+        ),
+    ] {
+        let (bus, handled) = batch_counting_bus(builder);
+        g.bench_function(BenchmarkId::new(name, &params), |b| {
+            b.iter_custom(|iters| timed(iters, &handled, 1, |n| publish_in_batches(&bus, 0, n)))
+        });
+        bus.shutdown().unwrap();
+    }
     bench_bus(
         &mut g,
         BenchmarkId::new("microbus_publish", "single"),

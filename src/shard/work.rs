@@ -521,14 +521,6 @@ pub(super) fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow
         }
     }
     let per_event = per_event - batched.len();
-    if per_event == 0 && !tapped {
-        // Batch subscriptions took every delivery: nothing runs event by event.
-        worker.admitted = false;
-        worker.snapshot = Some(snapshot);
-        // The events' and envelopes' `Drop` (a tracker's too) may be user code.
-        drop_with(worker, items);
-        return Flow::Continue;
-    }
     let mut items = items.into_iter();
     while let Some((envelope, event)) = items.next() {
         rest -= per_event;

@@ -389,3 +389,49 @@ fn events_only_batch_subscriptions_take_are_dropped_once_each() {
     assert!(bus.shutdown().unwrap().is_balanced());
     assert_eq!(DROPPED.load(Ordering::SeqCst), 100);
 }
+
+static DROPS: AtomicU64 = AtomicU64::new(0);
+
+/// An event whose `Drop` panics when its number is a multiple of 32.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Brittle(u64);
+
+impl microbus::Event for Brittle {
+    const NAME: &'static str = "Brittle";
+}
+
+impl Drop for Brittle {
+    fn drop(&mut self) {
+        DROPS.fetch_add(1, Ordering::SeqCst);
+        if self.0 % 32 == 0 {
+            panic!("brittle {}", self.0);
+        }
+    }
+}
+
+#[test]
+fn events_whose_drop_panics_twice_in_one_message_are_each_dropped_once_and_counted() {
+    let bus = Bus::builder().workers(1).build().unwrap();
+    let seen = Arc::new(AtomicU64::new(0));
+    {
+        let seen = seen.clone();
+        bus.subscribe_batch(
+            move |batch: &Batch<Brittle>, _: &Context| -> HandlerResult {
+                seen.fetch_add(batch.len() as u64, Ordering::SeqCst);
+                Ok(())
+            },
+        )
+        .unwrap();
+    }
+    // Twenty messages of 64 events (each with two that panic as they drop): the worker's
+    // emptied buffers go back to the publisher and carry the next messages.
+    for round in 0..20 {
+        bus.publish_batch((round * 64..(round + 1) * 64).map(Brittle))
+            .unwrap();
+    }
+    bus.flush(WAIT).unwrap();
+    assert_eq!(seen.load(Ordering::SeqCst), 1_280);
+    assert_eq!(DROPS.load(Ordering::SeqCst), 1_280);
+    assert_eq!(bus.stats().callback_panics.drop, 40);
+    assert!(bus.shutdown().unwrap().is_balanced());
+}

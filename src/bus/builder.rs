@@ -226,13 +226,7 @@ impl BusBuilder {
             .flat_map(|(index, lane)| (0..lane.workers).map(move |_| (index, lane)))
             .map(|(index, lane)| {
                 let (tx, rx) = crossbeam_channel::bounded(lane.channel_capacity);
-                Shard {
-                    gate: CachePadded::new(Gate::new()),
-                    tx,
-                    rx,
-                    worker: CachePadded::new(WorkerShared::default()),
-                    lane: index as u8,
-                }
+                Shard::new(tx, rx, index as u8)
             })
             .collect();
         let lanes = lanes.into_iter().map(LaneState::new).collect();

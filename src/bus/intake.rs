@@ -489,7 +489,7 @@ impl Core {
             };
             let group = &mut groups[index];
             if group.capacity() == 0 {
-                group.reserve_exact(MAX_GROUP);
+                *group = self.shards[start + index].spares.take();
             }
             group.push((envelope, event));
             if group.len() == MAX_GROUP {

@@ -29,7 +29,7 @@ use crate::error::{
 use crate::event::{Envelope, Event, EventId, NameId, Publish, Stamp, Track};
 use crate::guard::{Leftovers, Panics, Runner, drop_with};
 use crate::handler::HandlerResult;
-use crate::ledger::{Gate, Quiescence, net_sum, outstanding};
+use crate::ledger::{Quiescence, net_sum, outstanding};
 use crate::metrics::{BridgeCounters, Collect, Metrics, MetricsSnapshot};
 
 /// Reads one bridge's counters for a metrics snapshot; `None` once the bridge is gone.

@@ -60,6 +60,7 @@ mod follow_up;
 mod ordered;
 mod park;
 mod settle;
+mod spares;
 mod work;
 mod worker;
 
@@ -67,6 +68,7 @@ pub(crate) use self::burial::*;
 pub(crate) use self::ordered::*;
 pub(crate) use self::park::*;
 pub(crate) use self::settle::*;
+pub(crate) use self::spares::*;
 pub(crate) use self::work::*;
 pub(crate) use self::worker::*;
 
@@ -450,9 +452,23 @@ pub(crate) struct Shard {
     pub(crate) worker: CachePadded<WorkerShared>,
     /// The lane it belongs to.
     pub(crate) lane: u8,
+    /// Emptied batch buffers its worker hands back to publishers.
+    pub(crate) spares: Spares,
 }
 
 impl Shard {
+    /// A shard of lane `lane` whose channel is `(tx, rx)`.
+    pub(crate) fn new(tx: Sender<Msg>, rx: Receiver<Msg>, lane: u8) -> Shard {
+        Shard {
+            gate: CachePadded::new(Gate::new()),
+            tx,
+            rx,
+            worker: CachePadded::new(WorkerShared::default()),
+            lane,
+            spares: Spares::new(),
+        }
+    }
+
     /// Offers work bound for this shard to its channel without waiting; gives it back when the
     /// channel is full (or gone), for the caller to spill, hand over or put on the timer.
     #[inline]

@@ -521,8 +521,17 @@ pub(super) fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow
         }
     }
     let per_event = per_event - batched.len();
-    let mut items = items.into_iter();
-    while let Some((envelope, event)) = items.next() {
+    if per_event == 0 && !tapped {
+        // Batch subscriptions took every delivery: nothing runs event by event.
+        worker.admitted = false;
+        worker.snapshot = Some(snapshot);
+        // The events' and envelopes' `Drop` (a tracker's too) may be user code.
+        recycle(worker, items);
+        return Flow::Continue;
+    }
+    let mut items = items;
+    let mut events = items.drain(..);
+    while let Some((envelope, event)) = events.next() {
         rest -= per_event;
         // Shutdown reads these if it gives up on a delivery of this event.
         worker.rest = rest;
@@ -566,13 +575,15 @@ pub(super) fn run_batch<E: Event>(worker: &mut Worker<'_>, batch: Batch) -> Flow
             }
             worker.snapshot = Some(snapshot);
             // The events that did not run (their `Drop` may be user code).
-            drop_with(worker, items);
+            drop_with(worker, events);
             return flow;
         }
     }
+    drop(events);
     worker.rest = 0;
     worker.admitted = false;
     worker.snapshot = Some(snapshot);
+    recycle(worker, items);
     Flow::Continue
 }
 

@@ -354,13 +354,7 @@ mod loom_models {
     fn running_timer() -> (Arc<Timer<Routed>>, Arc<Vec<Shard>>, thread::JoinHandle<()>) {
         let timer = Arc::new(Timer::new(Clock::System));
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let shards = Arc::new(vec![Shard {
-            gate: CachePadded::new(Gate::new()),
-            tx,
-            rx,
-            worker: CachePadded::new(WorkerShared::default()),
-            lane: 0,
-        }]);
+        let shards = Arc::new(vec![Shard::new(tx, rx, 0)]);
         let runner = {
             let (timer, shards) = (timer.clone(), shards.clone());
             thread::spawn(move || timer.run(|routed| offer_due(&shards, routed), || None))

@@ -403,7 +403,7 @@ impl microbus::Event for Brittle {
 impl Drop for Brittle {
     fn drop(&mut self) {
         DROPS.fetch_add(1, Ordering::SeqCst);
-        if self.0 % 32 == 0 {
+        if self.0.is_multiple_of(32) {
             panic!("brittle {}", self.0);
         }
     }

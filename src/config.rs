@@ -45,8 +45,13 @@ pub const DEFAULT_LANE: &str = "default";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum WaitStrategy {
-    /// Park at once in the channel (the default): an idle worker uses no CPU, and a publisher
-    /// that finds it parked pays for waking it (a system call), which the event waits for.
+    /// Park in the channel (the default): an idle worker uses no CPU, and a publisher that
+    /// finds it parked pays for waking it (a system call), which the event waits for. Before it
+    /// parks, a worker that found its channel empty looks twice more, 1.5 µs apart, yielding its
+    /// CPU and otherwise staying off the channel in between: a publisher running flat out
+    /// then fills the channel a few events ahead of the worker instead of handing it each
+    /// event's cache lines as it writes them (unpinned single publish ran 1.6× faster), and
+    /// an event that comes within those 3 µs needs no wake-up.
     #[default]
     Block,
     /// Poll the channel, busy-waiting, for up to the given time, and park after that. Events

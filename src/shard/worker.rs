@@ -599,6 +599,8 @@ impl Worker<'_> {
                 let lane = &self.core.lanes[self.lane as usize];
                 if let WaitStrategy::SpinThenPark(spin) = lane.wait_strategy {
                     received = spin_for(rx, spin);
+                } else {
+                    received = look_again(rx);
                 }
             }
             if let Err(TryRecvError::Empty) = received {
@@ -655,6 +657,36 @@ pub(super) fn take_deferral(shared: &WorkerShared, result: Outcome) -> Outcome {
         }
         (None, result) => result,
     }
+}
+
+/// How many more times a worker that found its channel empty looks at it before it parks
+/// ([`WaitStrategy::Block`]); see [`look_again`].
+const IDLE_LOOKS: u32 = 2;
+
+/// The time between those looks, in nanoseconds.
+const IDLE_GAP: u64 = 1_500;
+
+/// Looks at `rx` [`IDLE_LOOKS`] more times before a worker under [`WaitStrategy::Block`] parks
+/// in it, [`IDLE_GAP`] apart: between looks it stays off the channel's lines, which the
+/// publisher is writing (a worker that polls them without a pause takes each one away from the
+/// publisher as it writes, event after event, and drains the channel one event at a time).
+/// Each gap starts with a yield of the CPU, to a publisher that shares it: when that runs it
+/// for the whole gap, the worker looks at once.
+pub(super) fn look_again(rx: &Receiver<Msg>) -> Result<Msg, TryRecvError> {
+    for _ in 0..IDLE_LOOKS {
+        let until = unix_nanos().saturating_add(IDLE_GAP);
+        std::thread::yield_now();
+        while unix_nanos() < until {
+            for _ in 0..16 {
+                std::hint::spin_loop();
+            }
+        }
+        match rx.try_recv() {
+            Err(TryRecvError::Empty) => {}
+            other => return other,
+        }
+    }
+    Err(TryRecvError::Empty)
 }
 
 /// Polls `rx` for up to `spin` before the worker parks, busy-waiting between polls.

@@ -46,12 +46,11 @@ pub const DEFAULT_LANE: &str = "default";
 #[non_exhaustive]
 pub enum WaitStrategy {
     /// Park in the channel (the default): an idle worker uses no CPU, and a publisher that
-    /// finds it parked pays for waking it (a system call), which the event waits for. Before it
-    /// parks, a worker that found its channel empty looks twice more, 1.5 µs apart, yielding its
-    /// CPU and otherwise staying off the channel in between: a publisher running flat out
-    /// then fills the channel a few events ahead of the worker instead of handing it each
-    /// event's cache lines as it writes them (unpinned single publish ran 1.6× faster), and
-    /// an event that comes within those 3 µs needs no wake-up.
+    /// finds it parked pays for waking it (a system call), which the event waits for. A worker
+    /// that sees its channel fill faster than it drains it one message at a time (a publisher
+    /// running flat out on another core) looks again after 3 µs, staying off the channel
+    /// meanwhile, before it parks: the channel then fills some events ahead of the worker
+    /// instead of handing it each event's cache lines as the publisher writes them.
     #[default]
     Block,
     /// Poll the channel, busy-waiting, for up to the given time, and park after that. Events

@@ -57,6 +57,7 @@ use crate::track::{Done, Settled};
 mod batch_sub;
 mod burial;
 mod follow_up;
+mod idle;
 mod ordered;
 mod park;
 mod settle;
@@ -65,6 +66,7 @@ mod work;
 mod worker;
 
 pub(crate) use self::burial::*;
+use self::idle::*;
 pub(crate) use self::ordered::*;
 pub(crate) use self::park::*;
 pub(crate) use self::settle::*;

@@ -43,6 +43,8 @@ pub(crate) struct Worker<'a> {
     pub(super) admitted: bool,
     /// The keys of ordered subscriptions in progress on this shard.
     pub(super) keys: Keys,
+    /// How it waits when its channel is empty.
+    pub(super) pacing: Pacing,
 }
 
 /// User code a worker runs once what it concerns is settled.
@@ -600,7 +602,7 @@ impl Worker<'_> {
                 if let WaitStrategy::SpinThenPark(spin) = lane.wait_strategy {
                     received = spin_for(rx, spin);
                 } else {
-                    received = look_again(rx);
+                    received = self.pacing.wait(rx);
                 }
             }
             if let Err(TryRecvError::Empty) = received {
@@ -612,6 +614,9 @@ impl Worker<'_> {
                 } else {
                     rx.recv().map_err(|_| TryRecvError::Disconnected)
                 };
+            }
+            if received.is_ok() {
+                self.pacing.received();
             }
             match &received {
                 Ok(Msg::Work(Work::Batch(_))) => {
@@ -659,54 +664,6 @@ pub(super) fn take_deferral(shared: &WorkerShared, result: Outcome) -> Outcome {
     }
 }
 
-/// How many more times a worker that found its channel empty looks at it before it parks
-/// ([`WaitStrategy::Block`]); see [`look_again`].
-const IDLE_LOOKS: u32 = 2;
-
-/// The time between those looks, in nanoseconds.
-const IDLE_GAP: u64 = 1_500;
-
-/// Looks at `rx` [`IDLE_LOOKS`] more times before a worker under [`WaitStrategy::Block`] parks
-/// in it, [`IDLE_GAP`] apart: between looks it stays off the channel's lines, which the
-/// publisher is writing (a worker that polls them without a pause takes each one away from the
-/// publisher as it writes, event after event, and drains the channel one event at a time).
-/// Each gap starts with a yield of the CPU, to a publisher that shares it: when that runs it
-/// for the whole gap, the worker looks at once.
-pub(super) fn look_again(rx: &Receiver<Msg>) -> Result<Msg, TryRecvError> {
-    for _ in 0..IDLE_LOOKS {
-        let until = unix_nanos().saturating_add(IDLE_GAP);
-        std::thread::yield_now();
-        while unix_nanos() < until {
-            for _ in 0..16 {
-                std::hint::spin_loop();
-            }
-        }
-        match rx.try_recv() {
-            Err(TryRecvError::Empty) => {}
-            other => return other,
-        }
-    }
-    Err(TryRecvError::Empty)
-}
-
-/// Polls `rx` for up to `spin` before the worker parks, busy-waiting between polls.
-pub(super) fn spin_for(rx: &Receiver<Msg>, spin: Duration) -> Result<Msg, TryRecvError> {
-    let spin = u64::try_from(spin.as_nanos()).unwrap_or(u64::MAX);
-    let deadline = unix_nanos().saturating_add(spin);
-    let mut polls = 0u32;
-    loop {
-        match rx.try_recv() {
-            Err(TryRecvError::Empty) => {}
-            other => return other,
-        }
-        std::hint::spin_loop();
-        polls = polls.wrapping_add(1);
-        if polls.is_multiple_of(64) && unix_nanos() >= deadline {
-            return Err(TryRecvError::Empty);
-        }
-    }
-}
-
 /// The body of worker thread `index`.
 pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
     let _current = crate::bus::OwnThread::enter(core.id, Some(index));
@@ -736,6 +693,7 @@ pub(crate) fn run_worker(core: Arc<Core>, index: usize) {
         probing: None,
         admitted: false,
         keys: Keys::default(),
+        pacing: Pacing::default(),
     };
     worker.run_loop(&shard.rx);
     worker.close_batch();

@@ -24,7 +24,7 @@ const GAP: u64 = 3_000;
 const STREAMING_RUN: u32 = 16;
 
 /// How often, in idle spells, a worker that is not using gaps tries them.
-const TRY_EVERY: u32 = 256;
+const TRY_EVERY: u32 = 1_024;
 
 /// A worker's idle pacing under [`WaitStrategy::Block`].
 #[derive(Default)]
@@ -49,11 +49,21 @@ impl Pacing {
     /// The worker found its channel empty: looks at it again after a gap, if that pays, before
     /// the caller parks in it.
     pub(super) fn wait(&mut self, rx: &Receiver<Msg>) -> Result<Msg, TryRecvError> {
-        if self.gap() {
-            look_again(rx)
-        } else {
-            Err(TryRecvError::Empty)
+        if !self.gap() {
+            return Err(TryRecvError::Empty);
         }
+        let received = look_again(rx);
+        if let Err(TryRecvError::Empty) = received {
+            self.missed();
+        }
+        received
+    }
+
+    /// Nothing came within the gap: the run that follows (after the worker parked and was
+    /// woken, or a publisher that shares its CPU ran) says nothing about gaps.
+    fn missed(&mut self) {
+        self.gapped = false;
+        self.trying = false;
     }
 
     /// Whether this idle spell waits in a gap: while the run since the last one shows a
@@ -77,12 +87,12 @@ impl Pacing {
 }
 
 /// Looks at `rx` [`LOOKS`] more times, each after [`GAP`], staying off the channel's lines
-/// until then. Each gap starts with a yield of the CPU, to a publisher that shares it: when that
-/// runs it for the whole gap, the worker looks at once.
+/// until then. The gap is spun, not yielded: a yield can hand the CPU to another process for a
+/// whole time slice. (A publisher that shares the worker's CPU never makes it keep its gaps:
+/// nothing comes in while the worker spins.)
 fn look_again(rx: &Receiver<Msg>) -> Result<Msg, TryRecvError> {
     for _ in 0..LOOKS {
         let until = unix_nanos().saturating_add(GAP);
-        std::thread::yield_now();
         while unix_nanos() < until {
             for _ in 0..16 {
                 std::hint::spin_loop();
@@ -156,5 +166,13 @@ mod tests {
         }
         assert!(spell(&mut pacing, 1), "the next try");
         assert!(!spell(&mut pacing, 3), "a short run after it");
+        // A try whose gap brought nothing (the worker then parked, or its CPU went to a
+        // publisher that shares it): the long run after the wake-up does not turn gaps on.
+        for _ in 2..TRY_EVERY {
+            assert!(!spell(&mut pacing, 1));
+        }
+        assert!(spell(&mut pacing, 1), "a try");
+        pacing.missed();
+        assert!(!spell(&mut pacing, 1_024));
     }
 }

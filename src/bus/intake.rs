@@ -8,6 +8,9 @@ use crate::registry::Route;
 /// the bus has stopped.
 const ACCEPTED_RETRY: Duration = Duration::from_millis(10);
 
+/// The most shards a lane can have for a batch publish to group its events on the stack.
+const INLINE_GROUPS: usize = 8;
+
 /// How long a publisher on a rayon worker thread waits for a full shard whose worker makes no
 /// progress before it uses the shard's overflow queue.
 #[cfg(feature = "rayon")]
@@ -454,7 +457,17 @@ impl Core {
             return Ok(());
         }
         let LaneState { start, workers, .. } = self.lanes[lane];
-        let mut groups: Vec<Vec<(Envelope, E)>> = (0..workers).map(|_| Vec::new()).collect();
+        // One group per shard of the lane: on the stack for lanes of up to `INLINE_GROUPS`
+        // workers (an empty `Vec` allocates nothing; a group takes a spare buffer when it
+        // gets its first event).
+        let mut inline: [Vec<(Envelope, E)>; INLINE_GROUPS] = Default::default();
+        let mut spilled: Vec<Vec<(Envelope, E)>>;
+        let groups: &mut [Vec<(Envelope, E)>] = if workers <= INLINE_GROUPS {
+            &mut inline[..workers]
+        } else {
+            spilled = (0..workers).map(|_| Vec::new()).collect();
+            &mut spilled
+        };
         let mut unkeyed = next_in_turn(workers);
         let mut failed = None;
         let mut now = 0;
@@ -502,7 +515,7 @@ impl Core {
                 }
             }
         }
-        let mut groups = groups.into_iter().enumerate();
+        let mut groups = groups.iter_mut().map(std::mem::take).enumerate();
         if failed.is_none() {
             failed = groups
                 .by_ref()
